@@ -1,0 +1,23 @@
+"""Attention Lab: attention-control methods for Stable Diffusion as ComfyUI nodes.
+
+ComfyUI loads this folder as a custom-node package and calls ``comfy_entrypoint``.
+Outside ComfyUI (pytest collecting the repository, the demo) there is nothing to register.
+"""
+
+try:
+    from comfy_api.latest import ComfyExtension, io
+except ImportError:  # not running inside ComfyUI
+    ComfyExtension = None
+
+if ComfyExtension is not None:
+    from .nodes.capture import AttentionCapture, AttentionMapView
+    from .nodes.shapesworld import ShapesWorldLoader
+
+    NODES = [AttentionCapture, AttentionMapView, ShapesWorldLoader]
+
+    class AttentionLabExtension(ComfyExtension):
+        async def get_node_list(self) -> list[type[io.ComfyNode]]:
+            return list(NODES)
+
+    async def comfy_entrypoint() -> AttentionLabExtension:
+        return AttentionLabExtension()

@@ -1,0 +1,63 @@
+"""Explicit attention that exposes its probabilities, chunked over queries.
+
+Shape legend (einops style):
+    b  attention batch (chunks x items)     h  heads          d  head dim
+    n  query tokens (h*w pixels)            m  key tokens (77*k text tokens or h*w pixels)
+    q: (b, n, h*d)   k, v: (b, m, h*d)   probs: (b, h, n_chunk, m)   out: (b, n, h*d)
+
+Heads are split exactly as ComfyUI does (``view(b, -1, h, d).transpose(1, 2)``) and the
+scores are computed in float32, so the output equals ComfyUI's optimized attention to
+float rounding.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import torch
+
+# Probability chunks are kept under this many float32 elements (256 MiB).
+DEFAULT_CHUNK_ELEMENTS = 64 * 1024 * 1024
+
+ProbsHook = Callable[[torch.Tensor, slice], torch.Tensor]
+
+
+def split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    b, n, inner = t.shape
+    return t.view(b, n, heads, inner // heads).transpose(1, 2)  # (b, h, n, d)
+
+
+def query_chunks(b: int, heads: int, n: int, m: int, max_elements: int) -> Iterator[slice]:
+    per_query = max(b * heads * m, 1)
+    size = max(1, min(n, max_elements // per_query))
+    for start in range(0, n, size):
+        yield slice(start, min(n, start + size))
+
+
+def attention_with_probs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+                         probs_hook: ProbsHook | None = None,
+                         max_elements: int = DEFAULT_CHUNK_ELEMENTS) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v, calling ``probs_hook(probs, query_slice)`` on each chunk.
+
+    The hook may return modified probabilities (an edit) or the same tensor (a capture).
+    """
+    b, n, inner = q.shape
+    d = inner // heads
+    qh, kh, vh = split_heads(q, heads), split_heads(k, heads), split_heads(v, heads)
+    scale = d ** -0.5
+    out = torch.empty(b, heads, n, vh.shape[-1], dtype=q.dtype, device=q.device)
+    kt = kh.float().transpose(-1, -2)
+    for sl in query_chunks(b, heads, n, kh.shape[2], max_elements):
+        probs = (qh[:, :, sl].float() @ kt).mul_(scale).softmax(dim=-1)  # (b, h, n_chunk, m)
+        if probs_hook is not None:
+            probs = probs_hook(probs, sl)
+        out[:, :, sl] = (probs.to(vh.dtype) @ vh)
+    return out.transpose(1, 2).reshape(b, n, heads * vh.shape[-1])
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """Plain torch attention with ComfyUI's layout; the default fast path outside ComfyUI."""
+    b, n, _ = q.shape
+    out = torch.nn.functional.scaled_dot_product_attention(
+        split_heads(q, heads), split_heads(k, heads), split_heads(v, heads))
+    return out.transpose(1, 2).reshape(b, n, -1)

@@ -1,0 +1,126 @@
+"""Loading the committed ShapesWorld weights and running the model outside ComfyUI.
+
+``ShapesWorldModel`` bundles the UNet, the text encoder and the tokenizer, and calls the
+UNet with ComfyUI's transformer_options contract (``cond_or_uncond``, ``sigmas``,
+``sample_sigmas``, ``patches_replace``), so controllers behave exactly as in ComfyUI.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ..controller import ControlledAttention
+from ..sampling import cfg_combine, sample_euler
+from ..schedule import sigma_to_t, train_sigmas
+from .text import ShapesTokenizer
+from .train import build_models
+from .unet import ShapesUNet
+
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
+DEFAULT_WEIGHTS = ASSETS / "shapesworld.safetensors"
+REBUILD_HINT = ("rebuild it with `python -m attention.shapesworld.train --out {path}` "
+                "(about 150 minutes on 2 CPU cores) or restore it with `git checkout -- {path}`")
+
+
+class WeightsError(RuntimeError):
+    pass
+
+
+def read_weights(path: Path | str = DEFAULT_WEIGHTS) -> tuple[dict, dict, dict]:
+    """(state dict, config, training metadata) of a ShapesWorld weights file, or a clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"ShapesWorld weights file {path} is missing; " + REBUILD_HINT.format(path=path))
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+        config = json.loads(meta["config"])
+        training = json.loads(meta.get("training", "{}"))
+    except Exception as e:  # noqa: BLE001 - any parse failure means a corrupt file
+        raise WeightsError(f"ShapesWorld weights file {path} is corrupt or not a ShapesWorld file ({e}); "
+                           + REBUILD_HINT.format(path=path)) from e
+    return sd, config, training
+
+
+class ShapesWorldModel:
+    def __init__(self, path: Path | str = DEFAULT_WEIGHTS, device: str = "cpu"):
+        sd, self.config, self.training = read_weights(path)
+        self.unet, self.text = build_models(self.config)
+        try:
+            self.unet.load_state_dict({k[5:]: v.float() for k, v in sd.items() if k.startswith("unet.")})
+            self.text.load_state_dict({k[5:]: v.float() for k, v in sd.items() if k.startswith("text.")})
+        except RuntimeError as e:
+            raise WeightsError(f"ShapesWorld weights file {path} does not match the model "
+                               f"({str(e).splitlines()[0]}); " + REBUILD_HINT.format(path=path)) from e
+        self.unet.eval().to(device), self.text.eval().to(device)
+        self.device = device
+        self.tokenizer = ShapesTokenizer()
+        self.sigmas = train_sigmas()
+        self.size = int(self.config["image_size"])
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        """(B, CONTEXT, width) conditioning for each prompt (first chunk, weights ignored)."""
+        return self.text(self.tokenizer.encode_batch(prompts).to(self.device))
+
+    def eps(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor,
+            transformer_options: dict | None = None) -> torch.Tensor:
+        """Epsilon for the k-diffusion state x at ``sigma`` (one per row)."""
+        xin = x / (sigma.view(-1, 1, 1, 1) ** 2 + 1).sqrt()
+        t = sigma_to_t(sigma, self.sigmas)
+        return self.unet(xin, t, context, transformer_options=transformer_options)
+
+    def denoiser(self, cond: torch.Tensor, uncond: torch.Tensor | None, cfg: float,
+                 patches: dict | None = None, sample_sigmas: torch.Tensor | None = None,
+                 extra: dict | None = None):
+        """A ``denoiser(x, sigma) -> x0`` with CFG, batching [uncond, cond] as ComfyUI does."""
+        def fn(x, sigma):
+            items = x.shape[0]
+            use_uncond = uncond is not None and cfg != 1.0
+            cou = [1, 0] if use_uncond else [0]
+            ctx = torch.cat([uncond, cond]) if use_uncond else cond
+            xb = torch.cat([x] * len(cou))
+            sb = torch.cat([sigma] * len(cou))
+            to = dict(extra or {})
+            to.update(cond_or_uncond=cou, sigmas=sigma[:1], sample_sigmas=sample_sigmas,
+                      patches_replace=patches or {})
+            eps = self.eps(xb, sb, ctx, to)
+            x0 = xb - eps * sb.view(-1, 1, 1, 1)
+            if not use_uncond:
+                return x0
+            u, c = x0[:items], x0[items:]
+            return cfg_combine(c, u, cfg)
+        return fn
+
+    def noise(self, n: int, seed: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        return torch.randn(n, 3, self.size, self.size, generator=g).to(self.device)
+
+    def generate(self, prompts: list[str], seed: int = 0, steps: int = 20, cfg: float = 5.0,
+                 patches: dict | None = None, negative: str = "", noise: torch.Tensor | None = None,
+                 sigmas: torch.Tensor | None = None) -> torch.Tensor:
+        """Images (B, 3, S, S) in [0, 1] for ``prompts`` with the Euler/DDIM loop."""
+        from ..schedule import karras_free_simple_sigmas
+        sigmas = karras_free_simple_sigmas(steps) if sigmas is None else sigmas
+        cond = self.encode(prompts)
+        uncond = self.encode([negative] * len(prompts))
+        x = (noise if noise is not None else self.noise(len(prompts), seed)) * sigmas[0]
+        den = self.denoiser(cond, uncond, cfg, patches, sigmas)
+        out = sample_euler(den, x, sigmas.to(self.device))
+        return ((out + 1) / 2).clamp(0, 1)
+
+
+def patches_for(controller, cross_layers=True, self_layers=True, model: ShapesWorldModel | None = None) -> dict:
+    """patches_replace dict installing ``controller`` on every attention layer (2-tuple keys)."""
+    blocks = [(lid.kind, lid.number) for lid in ShapesUNet.attention_layer_ids()]
+    out: dict = {}
+    if self_layers:
+        out["attn1"] = {b: ControlledAttention((controller,), False) for b in blocks}
+    if cross_layers:
+        out["attn2"] = {b: ControlledAttention((controller,), True) for b in blocks}
+    return out

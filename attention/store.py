@@ -1,0 +1,175 @@
+"""AttentionStore: head-averaged attention maps of the cond rows, summed on the fly.
+
+Memory is one running sum per selected layer and batch item, independent of the number
+of steps. Shapes:
+    cross[layer]: (items, n, m)   n = h*w query pixels, m = text tokens (77*k)
+    self[layer]:  (items, n, n)   only for layers with n <= self_max_tokens
+Maps are averaged over heads, over the calls in the step range and over the positive
+conditioning chunks (several positive entries are averaged together).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from . import logger
+from .context import AttnContext
+from .controller import AttentionController
+from .layers import LayerId, LayerInfo, LayerSelection, parse_layer_selection
+
+
+@dataclass
+class _Accum:
+    total: torch.Tensor      # (items, n, m) float32 running sum
+    count: int = 0           # number of (call, cond chunk) contributions
+    height: int = 0
+    width: int = 0
+
+
+@dataclass
+class StoreConfig:
+    selection: LayerSelection = field(default_factory=lambda: parse_layer_selection("all"))
+    capture_cross: bool = True
+    capture_self: bool = True
+    self_max_tokens: int = 32 * 32     # self-attention only at 32x32 or smaller unless raised
+    step_start: float = 0.0            # fraction of the schedule, inclusive
+    step_end: float = 1.0              # fraction of the schedule, exclusive
+    device: str = "cpu"                # where the sums live
+
+
+class AttentionStore(AttentionController):
+    def __init__(self, config: StoreConfig | None = None):
+        self.config = config or StoreConfig()
+        self._lock = threading.Lock()
+        self.reset()
+
+    def __deepcopy__(self, memo):
+        return self  # one store per capture node, also through downstream MODEL clones
+
+    # ------------------------------------------------------------------ lifecycle
+    def reset(self) -> None:
+        with self._lock:
+            self.cross: dict[LayerId, _Accum] = {}
+            self.self_: dict[LayerId, _Accum] = {}
+            self.seen: dict[LayerId, tuple[int, int]] = {}   # every layer met, selected or not
+            self.steps_recorded: set[int] = set()
+            self.n_steps: int | None = None
+            self.items: int | None = None
+            self.runs = getattr(self, "runs", 0) + 1
+            self.finished = False
+
+    def finish(self) -> None:
+        self.finished = True
+
+    @property
+    def empty(self) -> bool:
+        return not self.cross and not self.self_
+
+    def nbytes(self) -> int:
+        return sum(a.total.numel() * a.total.element_size()
+                   for d in (self.cross, self.self_) for a in d.values())
+
+    # ------------------------------------------------------------------ controller
+    def _in_range(self, ctx: AttnContext) -> bool:
+        p = ctx.progress
+        if p is None:
+            return True
+        c = self.config
+        return c.step_start <= p < c.step_end or (c.step_end >= 1.0 and p >= c.step_start)
+
+    def wants_probs(self, ctx: AttnContext) -> bool:
+        self.seen[ctx.layer] = (ctx.height, ctx.width)
+        c = self.config
+        if ctx.is_cross and not c.capture_cross:
+            return False
+        if not ctx.is_cross and (not c.capture_self or ctx.height * ctx.width > c.self_max_tokens):
+            return False
+        if 0 not in ctx.cond_or_uncond:
+            return False
+        return self._in_range(ctx) and c.selection.matches(ctx.layer, ctx.height, ctx.width)
+
+    def edit_probs(self, probs: torch.Tensor, ctx: AttnContext, query_slice: slice) -> torch.Tensor:
+        rows = ctx.rows(0)
+        idx = torch.tensor([r for r, _ in rows], device=probs.device)
+        mean_heads = probs.detach().index_select(0, idx).mean(dim=1)  # (cond rows, n_chunk, m)
+        mean_heads = mean_heads.view(-1, ctx.items, *mean_heads.shape[1:]).sum(0)  # (items, n_chunk, m)
+        n_cond_chunks = len(rows) // ctx.items
+        target = self.cross if ctx.is_cross else self.self_
+        with self._lock:
+            acc = target.get(ctx.layer)
+            n, m = ctx.height * ctx.width, probs.shape[-1]
+            if acc is None or acc.total.shape != (ctx.items, n, m):
+                if acc is not None:
+                    logger.warning("attention store: layer %s changed shape %s -> %s; restarting its sum",
+                                   ctx.layer, tuple(acc.total.shape), (ctx.items, n, m))
+                acc = _Accum(torch.zeros(ctx.items, n, m, device=self.config.device),
+                             0, ctx.height, ctx.width)
+                target[ctx.layer] = acc
+            acc.total[:, query_slice] += mean_heads.to(acc.total.device, torch.float32)
+            if query_slice.start == 0:
+                acc.count += n_cond_chunks
+                if ctx.step is not None:
+                    self.steps_recorded.add(ctx.step)
+                    self.n_steps = ctx.n_steps
+                self.items = ctx.items
+        return probs
+
+    # ------------------------------------------------------------------ reading
+    def layers(self, cross: bool = True) -> list[LayerInfo]:
+        src = self.cross if cross else self.self_
+        return [LayerInfo(lid, a.height, a.width) for lid, a in sorted(src.items())]
+
+    def layer_map(self, layer: LayerId, cross: bool = True) -> torch.Tensor:
+        """Mean map of one layer: (items, h*w, m)."""
+        acc = (self.cross if cross else self.self_)[layer]
+        return acc.total / max(acc.count, 1)
+
+    def resolutions(self, cross: bool = True) -> list[tuple[int, int]]:
+        return sorted({(i.height, i.width) for i in self.layers(cross)}, reverse=True)
+
+    def aggregate(self, size: tuple[int, int] | None = None, cross: bool = True,
+                  layers: set[LayerId] | None = None) -> torch.Tensor:
+        """Average of the layers at ``size`` (all captured layers, resized to the largest, if None).
+
+        Returns (items, h, w, m).
+        """
+        infos = [i for i in self.layers(cross) if layers is None or i.layer in layers]
+        if size is not None:
+            infos = [i for i in infos if (i.height, i.width) == tuple(size)]
+        if not infos:
+            raise ValueError(f"no captured {'cross' if cross else 'self'}-attention layer at size {size}; "
+                             f"captured sizes: {self.resolutions(cross)}")
+        th, tw = size or max(((i.height, i.width) for i in infos), key=lambda s: s[0] * s[1])
+        if not cross:  # self maps of different sizes have different key counts: never mix them
+            infos = [i for i in infos if (i.height, i.width) == (th, tw)]
+        total = None
+        for info in infos:
+            m = self.layer_map(info.layer, cross)                       # (items, n, m)
+            items, _, mt = m.shape
+            grid = m.view(items, info.height, info.width, mt)
+            if (info.height, info.width) != (th, tw):
+                grid = F.interpolate(grid.permute(0, 3, 1, 2), size=(th, tw), mode="bilinear",
+                                     align_corners=False).permute(0, 2, 3, 1)
+            total = grid if total is None else total + grid
+        return total / len(infos)
+
+
+def word_maps(store: AttentionStore, positions: list[tuple[int, ...]], size: tuple[int, int] | None,
+              item: int = 0) -> torch.Tensor:
+    """Cross-attention of each word (mean over its tokens) at ``size``: (n_words, h, w)."""
+    agg = store.aggregate(size, cross=True)                          # (items, h, w, m)
+    if not 0 <= item < agg.shape[0]:
+        raise IndexError(f"batch item {item} is out of range 0..{agg.shape[0] - 1} of the captured batch")
+    m = agg.shape[-1]
+    out = []
+    for pos in positions:
+        bad = [p for p in pos if p >= m]
+        if bad:
+            raise IndexError(f"token positions {bad} are beyond the {m} keys that were captured; was the "
+                             f"store filled with a different prompt?")
+        out.append(agg[item, :, :, list(pos)].mean(-1))
+    return torch.stack(out)

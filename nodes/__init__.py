@@ -1,0 +1,1 @@
+"""ComfyUI glue: the only package of Attention Lab that imports ``comfy``."""

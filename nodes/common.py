@@ -1,0 +1,110 @@
+"""Shared ComfyUI glue: socket types, layer discovery, patch installation, word lookup."""
+
+from __future__ import annotations
+
+import comfy.patcher_extension
+from comfy.ldm.modules.attention import SpatialTransformer, optimized_attention
+from comfy_api.latest import io
+
+from ..attention.controller import AttentionController, chain_patch
+from ..attention.layers import LayerId
+from ..attention.tokens import find_word_tokens, split_words
+
+AttentionStoreType = io.Custom("ATTENTION_STORE")
+CATEGORY = "attention_lab"
+SUPPORTED_MODELS = "SD1.x, SD2.x and SDXL UNet checkpoints, and the ShapesWorld model"
+
+
+class UnsupportedModelError(TypeError):
+    pass
+
+
+def comfy_attention(q, k, v, heads):
+    return optimized_attention(q, k, v, heads)
+
+
+def model_layer_ids(model) -> list[LayerId]:
+    """Every (kind, number, depth) attention layer of the MODEL's diffusion model."""
+    dm = model.get_model_object("diffusion_model")
+    if hasattr(dm, "attention_layer_ids"):
+        return list(dm.attention_layer_ids())
+    if not all(hasattr(dm, a) for a in ("input_blocks", "middle_block", "output_blocks")):
+        raise UnsupportedModelError(
+            f"Attention Lab cannot patch a {type(dm).__name__} diffusion model; supported: {SUPPORTED_MODELS}. "
+            f"Load one of those with a checkpoint loader.")
+    ids = []
+    groups = (("input", list(dm.input_blocks)), ("middle", [dm.middle_block]), ("output", list(dm.output_blocks)))
+    for kind, blocks in groups:
+        for number, block in enumerate(blocks):
+            for layer in block:
+                if isinstance(layer, SpatialTransformer):
+                    ids += [LayerId(kind, number, d) for d in range(len(layer.transformer_blocks))]
+    if not ids:
+        raise UnsupportedModelError(f"the {type(dm).__name__} model has no cross-attention transformer "
+                                    f"layers; supported: {SUPPORTED_MODELS}")
+    return ids
+
+
+def install_controller(m, controller: AttentionController, layers: list[LayerId],
+                       self_attn: bool = True, cross_attn: bool = True) -> None:
+    """Put ``controller`` on ``layers`` of the (already cloned) ModelPatcher ``m``, chaining onto
+    whatever replace patch is there (ours, another pack's, or ComfyUI's 2-tuple fallback)."""
+    replaces = m.model_options.get("transformer_options", {}).get("patches_replace", {})
+    for lid in layers:
+        for name, is_cross, wanted in (("attn1", False, self_attn), ("attn2", True, cross_attn)):
+            if not wanted:
+                continue
+            existing = replaces.get(name, {})
+            prev = existing.get((lid.kind, lid.number, lid.depth)) or existing.get((lid.kind, lid.number))
+            patch = chain_patch(prev, controller, is_cross, comfy_attention)
+            m.set_model_patch_replace(patch, name, lid.kind, lid.number, lid.depth)
+
+
+def add_outer_sample_wrapper(m, key: str, before=None, after=None) -> None:
+    """Run ``before()`` when a sampling run starts and ``after(ok)`` when it ends (also on errors)."""
+    def wrapper(executor, *args, **kwargs):
+        if before is not None:
+            before()
+        ok = False
+        try:
+            out = executor(*args, **kwargs)
+            ok = True
+            return out
+        finally:
+            if after is not None:
+                after(ok)
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, key, wrapper)
+
+
+def _token_key(tokens: dict) -> str:
+    return "l" if "l" in tokens else next(iter(tokens))
+
+
+def prompt_token_chunks(clip, prompt: str) -> tuple[list[list[int]], str]:
+    tokens = clip.tokenize(prompt)
+    key = _token_key(tokens)
+    chunks = [[t[0] if isinstance(t[0], int) else -1 for t in chunk] for chunk in tokens[key]]
+    return chunks, key
+
+
+def word_ids(clip, word: str, key: str) -> list[int]:
+    """Token ids of ``word`` alone, without BOS/EOS/padding, for any ComfyUI tokenizer."""
+    empty = clip.tokenize("")[key][0]
+    eos = empty[1][0]
+    out = []
+    for t in clip.tokenize(word)[key][0][1:]:
+        if t[0] == eos:
+            break
+        out.append(t[0])
+    return out
+
+
+def word_positions(clip, prompt: str, words_text: str) -> tuple[list[str], list[tuple[int, ...]]]:
+    """Words from a comma-separated list and their key positions in ``prompt``."""
+    words = split_words(words_text)
+    if not words:
+        raise ValueError(f"no words given ({words_text!r}); write the words to show, comma separated, "
+                         f"e.g. 'cat, bicycle'")
+    chunks, key = prompt_token_chunks(clip, prompt)
+    positions = [find_word_tokens(chunks, word_ids(clip, w, key), w, prompt).positions for w in words]
+    return words, positions

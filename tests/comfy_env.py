@@ -1,0 +1,124 @@
+"""Tier-2 helpers: import a real ComfyUI checkout (COMFYUI_PATH) and this pack inside it.
+
+Every tier-2 test module calls ``comfy_or_skip()`` at import; without COMFYUI_PATH the
+module is skipped, so CI (which has no ComfyUI) runs tier 1 only.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+PACK_NAME = "attention_lab"
+_state: dict = {}
+
+
+def comfy_or_skip():
+    path = os.environ.get("COMFYUI_PATH")
+    if not path or not (Path(path) / "comfy").is_dir():
+        pytest.skip("tier 2: set COMFYUI_PATH to a ComfyUI checkout to run the node tests",
+                    allow_module_level=True)
+    if "pack" in _state:
+        return _state["pack"]
+    sys.path.insert(0, path)
+    cwd = os.getcwd()
+    os.chdir(path)
+    argv = sys.argv
+    sys.argv = [argv[0], "--cpu"]
+    try:
+        import comfy.options
+        comfy.options.enable_args_parsing()
+        import comfy.model_management  # noqa: F401  (parses args)
+    finally:
+        sys.argv = argv
+        os.chdir(cwd)
+    spec = importlib.util.spec_from_file_location(PACK_NAME, ROOT / "__init__.py",
+                                                  submodule_search_locations=[str(ROOT)])
+    pack = importlib.util.module_from_spec(spec)
+    sys.modules[PACK_NAME] = pack
+    spec.loader.exec_module(pack)
+    _state["pack"] = pack
+    return pack
+
+
+CTX = 64
+
+
+def tiny_sd15():
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+    cfg = {'use_checkpoint': False, 'image_size': 32, 'out_channels': 4, 'use_spatial_transformer': True,
+           'legacy': False, 'adm_in_channels': None, 'dtype': torch.float32, 'in_channels': 4,
+           'model_channels': 32, 'num_res_blocks': [1, 1], 'transformer_depth': [1, 1], 'channel_mult': [1, 2],
+           'transformer_depth_middle': 1, 'use_linear_in_transformer': False, 'context_dim': CTX,
+           'transformer_depth_output': [1, 1, 1, 1], 'use_temporal_attention': False,
+           'use_temporal_resblock': False}
+    mc = comfy.supported_models.SD15(cfg)
+    mc.set_inference_dtype(torch.float32, None)
+    model = mc.get_model({})
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.diffusion_model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+def tiny_sdxl():
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+    cfg = {'use_checkpoint': False, 'image_size': 32, 'out_channels': 4, 'use_spatial_transformer': True,
+           'legacy': False, 'num_classes': 'sequential', 'adm_in_channels': 2816, 'in_channels': 4,
+           'model_channels': 64, 'num_res_blocks': [1, 1], 'transformer_depth': [0, 2], 'channel_mult': [1, 2],
+           'transformer_depth_middle': 2, 'use_linear_in_transformer': True, 'context_dim': 2048,
+           'num_head_channels': 32, 'transformer_depth_output': [0, 0, 2, 2], 'use_temporal_attention': False,
+           'use_temporal_resblock': False, 'dtype': torch.float32}
+    mc = comfy.supported_models.SDXL(cfg)
+    mc.set_inference_dtype(torch.float32, None)
+    model = mc.get_model({})
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.diffusion_model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+def tiny_clip():
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.supported_models_base
+    target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
+    te_cfg = {"hidden_size": CTX, "intermediate_size": 128, "num_attention_heads": 2,
+              "num_hidden_layers": 2, "projection_dim": CTX}
+    clip = comfy.sd.CLIP(target=target, model_options={"clip_l_model_config": te_cfg})
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in clip.cond_stage_model.parameters():
+            p.copy_((torch.randn(p.shape, generator=g) * 0.02).to(p.dtype))
+    return clip
+
+
+def encode(clip, text):
+    return clip.encode_from_tokens_scheduled(clip.tokenize(text))
+
+
+def sdxl_cond(seed: int, tokens: int = 77):
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(1, tokens, 2048, generator=g),
+             {"pooled_output": torch.randn(1, 1280, generator=g), "width": 256, "height": 256}]]
+
+
+def sample(model, positive, negative, latent, cfg=7.0, sampler="euler", steps=4, seed=0, scheduler="normal"):
+    import comfy.sample
+    noise = comfy.sample.prepare_noise(latent, seed)
+    return comfy.sample.sample(model, noise, steps, cfg, sampler, scheduler, positive, negative, latent,
+                               disable_pbar=True, seed=seed)
