@@ -6,11 +6,14 @@ A controller sees each attention call of the layers it is installed on, with q, 
 
 1. ``edit_qkv``   each controller may swap keys/values/queries (prompt mixing,
                   StructureDiffusion values) and passes them to the next one;
-2. ``wants_probs`` if any controller needs the probabilities (capture, Prompt-to-Prompt),
+2. ``wants_probs`` if a controller that edits probabilities (Prompt-to-Prompt) wants them,
                   they are computed explicitly in query chunks and every such
-                  controller's ``edit_probs`` runs on each chunk in order;
-                  otherwise the fast attention function (or the patch that was on the
-                  layer before us) produces the output;
+                  controller's ``edit_probs`` runs on each chunk in order (readers
+                  observe the edited result); otherwise the fast attention function
+                  (or the patch that was on the layer before us) produces the output
+                  and read-only controllers (``edits_probs = False``, e.g. capture)
+                  get the probabilities of just the rows they ask for through
+                  ``observe_probs`` - so a capture never changes the output;
 3. ``edit_output`` a last look at the (b, n, h*d) output before ``to_out``.
 """
 
@@ -21,7 +24,7 @@ from typing import Callable, Sequence
 import torch
 
 from .context import AttnContext, context_from_extra_options
-from .explicit import attention_with_probs, sdpa_attention
+from .explicit import attention_with_probs, probs_chunks, sdpa_attention
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
@@ -29,8 +32,17 @@ AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Te
 class AttentionController:
     """Base class: the identity controller. Subclasses override what they need."""
 
+    edits_probs = True  # False for controllers that only read the probabilities
+
     def wants_probs(self, ctx: AttnContext) -> bool:
         return False
+
+    def probs_rows(self, ctx: AttnContext) -> list[int] | None:
+        """Rows of the attention batch a reader needs (None = all)."""
+        return None
+
+    def observe_probs(self, probs: torch.Tensor, ctx: AttnContext, query_slice: slice, rows: list[int]) -> None:
+        """Read-only look at probabilities (len(rows), h, n_chunk, m) of batch ``rows``."""
 
     def edit_qkv(self, q, k, v, ctx: AttnContext):
         return q, k, v
@@ -48,17 +60,38 @@ def run_attention(q, k, v, ctx: AttnContext, controllers: Sequence[AttentionCont
     for c in controllers:
         q, k, v = c.edit_qkv(q, k, v, ctx)
     active = [c for c in controllers if c.wants_probs(ctx)]
-    if active:
+    editors = [c for c in active if c.edits_probs]
+    readers = [c for c in active if not c.edits_probs]
+    if editors:
+        all_rows = list(range(q.shape[0]))
+
         def hook(probs, sl):
-            for c in active:
+            for c in editors:
                 probs = c.edit_probs(probs, ctx, sl)
+            for c in readers:
+                c.observe_probs(probs, ctx, sl, all_rows)
             return probs
         out = attention_with_probs(q, k, v, ctx.heads, hook)
     else:
         out = base(q, k, v)
+        if readers:
+            _observe(q, k, ctx, readers)
     for c in controllers:
         out = c.edit_output(out, ctx)
     return out
+
+
+def _observe(q, k, ctx: AttnContext, readers: list[AttentionController]) -> None:
+    wanted = set()
+    for c in readers:
+        r = c.probs_rows(ctx)
+        wanted |= set(range(q.shape[0]) if r is None else r)
+    rows = sorted(wanted)
+    idx = torch.tensor(rows, device=q.device)
+    with torch.no_grad():
+        for sl, probs in probs_chunks(q.detach().index_select(0, idx), k.detach().index_select(0, idx), ctx.heads):
+            for c in readers:
+                c.observe_probs(probs, ctx, sl, rows)
 
 
 class ControlledAttention:

@@ -55,6 +55,17 @@ def attention_with_probs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head
     return out.transpose(1, 2).reshape(b, n, heads * vh.shape[-1])
 
 
+def probs_chunks(q: torch.Tensor, k: torch.Tensor, heads: int,
+                 max_elements: int = DEFAULT_CHUNK_ELEMENTS) -> Iterator[tuple[slice, torch.Tensor]]:
+    """Only the probabilities, (b, h, n_chunk, m) per query chunk, for read-only observers."""
+    b, n, inner = q.shape
+    d = inner // heads
+    qh, kh = split_heads(q, heads), split_heads(k, heads)
+    kt = kh.float().transpose(-1, -2)
+    for sl in query_chunks(b, heads, n, kh.shape[2], max_elements):
+        yield sl, (qh[:, :, sl].float() * d ** -0.5 @ kt).softmax(dim=-1)
+
+
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
     """Plain torch attention with ComfyUI's layout; the default fast path outside ComfyUI."""
     b, n, _ = q.shape

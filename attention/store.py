@@ -92,12 +92,19 @@ class AttentionStore(AttentionController):
             return False
         return self._in_range(ctx) and c.selection.matches(ctx.layer, ctx.height, ctx.width)
 
-    def edit_probs(self, probs: torch.Tensor, ctx: AttnContext, query_slice: slice) -> torch.Tensor:
-        rows = ctx.rows(0)
-        idx = torch.tensor([r for r, _ in rows], device=probs.device)
-        mean_heads = probs.detach().index_select(0, idx).mean(dim=1)  # (cond rows, n_chunk, m)
+    edits_probs = False  # a capture only reads: the output stays the fast kernel's
+
+    def probs_rows(self, ctx: AttnContext) -> list[int]:
+        return [r for r, _ in ctx.rows(0)]
+
+    def observe_probs(self, probs: torch.Tensor, ctx: AttnContext, query_slice: slice, rows: list[int]) -> None:
+        cond = [r for r, _ in ctx.rows(0)]
+        if rows != cond:  # probabilities of every row (an editor ran): pick the cond rows
+            pos = {r: i for i, r in enumerate(rows)}
+            probs = probs.index_select(0, torch.tensor([pos[r] for r in cond], device=probs.device))
+        mean_heads = probs.detach().mean(dim=1)                            # (cond rows, n_chunk, m)
         mean_heads = mean_heads.view(-1, ctx.items, *mean_heads.shape[1:]).sum(0)  # (items, n_chunk, m)
-        n_cond_chunks = len(rows) // ctx.items
+        n_cond_chunks = len(cond) // ctx.items
         target = self.cross if ctx.is_cross else self.self_
         with self._lock:
             acc = target.get(ctx.layer)
@@ -116,7 +123,6 @@ class AttentionStore(AttentionController):
                     self.steps_recorded.add(ctx.step)
                     self.n_steps = ctx.n_steps
                 self.items = ctx.items
-        return probs
 
     # ------------------------------------------------------------------ reading
     def layers(self, cross: bool = True) -> list[LayerInfo]:

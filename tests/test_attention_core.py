@@ -58,6 +58,21 @@ def test_identity_controllers_change_nothing():
         assert torch.allclose(patch(q, k, v, opts()), ref, atol=1e-5)
 
 
+def test_capture_rows_only_and_output_is_fast_path():
+    q, k, v = qkv(b=4, n=64)
+    store = AttentionStore()
+    calls = []
+    def base(q_, k_, v_, extra):
+        calls.append(q_.shape[0])
+        return sdpa_attention(q_, k_, v_, 4)
+    patch = chain_patch(base, store, True)
+    out = patch(q, k, v, opts(cou=(1, 0)))
+    assert calls == [4] and torch.allclose(out, sdpa_attention(q, k, v, 4))
+    qh, kh = q.view(4, 64, 4, 8).transpose(1, 2), k.view(4, 77, 4, 8).transpose(1, 2)
+    ref = (qh @ kh.transpose(-1, -2) / 8 ** 0.5).softmax(-1)[2:4].mean(1)  # cond rows, mean heads
+    assert torch.allclose(store.layer_map(LayerId("output", 3, 0)), ref, atol=1e-5)
+
+
 def test_chain_keeps_foreign_patch_and_composes():
     q, k, v = qkv(b=2, n=64)
     foreign = lambda q, k, v, extra: torch.zeros_like(q)  # noqa: E731
@@ -101,7 +116,7 @@ def test_store_averages_cond_rows_heads_and_steps():
         ctx = context_from_extra_options(opts(cou=(1, 0), sigma=sigma, sched=sched), True, torch.zeros(4, 64, 16))
         assert store.wants_probs(ctx)
         for sl in (slice(0, 40), slice(40, 64)):  # chunked like the explicit attention
-            store.edit_probs(probs[:, :, sl], ctx, sl)
+            store.observe_probs(probs[2:4, :, sl], ctx, sl, [2, 3])
         expected += probs[2:4].mean(1)  # cond rows are the second chunk
     lid = LayerId("output", 3, 0)
     assert torch.allclose(store.layer_map(lid), expected / 3, atol=1e-6)
@@ -131,7 +146,7 @@ def test_word_maps_and_aggregate_known_answer():
     probs[1, 0, :32, 2] = 1.0   # top half looks at token 2 (cond row)
     probs[1, 0, 32:, 3] = 1.0   # bottom half at token 3
     ctx = context_from_extra_options(opts(cou=(1, 0), sched=sched), True, torch.zeros(2, 64, 16))
-    store.edit_probs(probs, ctx, slice(0, 64))
+    store.observe_probs(probs, ctx, slice(0, 64), [0, 1])
     maps = word_maps(store, [(2,), (3,), (2, 3)], (8, 8))
     assert maps.shape == (3, 8, 8)
     assert maps[0, :4].min() == 1 and maps[0, 4:].max() == 0

@@ -2,8 +2,9 @@
 
     python -m attention.shapesworld.train --out assets/shapesworld.safetensors
 
-Recipe: epsilon prediction on SD's discrete schedule, min-SNR-5 loss weighting (0 turns it
-off), offset noise 0.1 (without it the model reads the background colour from the faint
+Recipe: epsilon prediction on SD's discrete schedule, min-SNR-5 loss weighting with an x0
+floor of 0.25 (so the high-noise steps, which fix the background colour, still learn), offset
+noise 0.1 (without it the model reads the background colour from the faint
 signal left at t=999 and invents colours from pure noise at sampling time), AdamW
 (lr 3e-4, 200 warm-up steps, cosine decay to 10%), EMA 0.999, batch 64, 10% caption
 dropout for classifier-free guidance. Batch ``i`` is drawn from a generator seeded with
@@ -101,7 +102,9 @@ def train(args) -> None:
         log.info("initialised from %s", args.init)
     acp = alphas_cumprod().to(device)
     snr = acp / (1 - acp)
-    weight = snr.clamp(max=args.min_snr_gamma) / snr
+    # min-SNR-gamma in x0 terms, with a floor so high-noise steps still learn the global layout
+    # (background colour) that SD's schedule fixes in its first sampling steps; 0 = plain min-SNR
+    weight = snr.clamp(max=args.min_snr_gamma).clamp(min=args.x0_floor) / snr
     stream = BatchStream(args.seed, args.batch, args.p_uncond, MODEL_CONFIG["image_size"])
     loader = torch.utils.data.DataLoader(stream, batch_size=None, sampler=range(start, args.steps),
                                          num_workers=args.workers, persistent_workers=False,
@@ -147,7 +150,7 @@ def train(args) -> None:
                         "elapsed": total}, ckpt)
             meta = {"steps": done, "batch": args.batch, "seed": args.seed, "lr": args.lr,
                     "init": Path(args.init).name if args.init else None, "warmup": args.warmup,
-                    "offset_noise": args.offset_noise, "min_snr_gamma": args.min_snr_gamma,
+                    "offset_noise": args.offset_noise, "x0_floor": args.x0_floor, "min_snr_gamma": args.min_snr_gamma,
                     "device": str(device), "seconds": round(total, 1)}
             save_weights(Path(args.out), ema_unet, ema_text, meta)
             log.info("saved %s (step %d, %.0f s)", args.out, done, total)
@@ -162,6 +165,8 @@ def main(argv=None) -> None:
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--min-snr-gamma", type=float, default=5.0)
+    p.add_argument("--x0-floor", type=float, default=0.25,
+                   help="lower bound of the x0-space loss weight (high-noise steps); 0 = plain min-SNR")
     p.add_argument("--offset-noise", type=float, default=0.1)
     p.add_argument("--p-uncond", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)

@@ -1,0 +1,109 @@
+"""Tier 2: whole graphs through ComfyUI's own executor, with the ShapesWorld loader."""
+
+import asyncio
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from comfy_env import ROOT, comfy_or_skip
+
+pack = comfy_or_skip()
+
+import execution  # noqa: E402
+import folder_paths  # noqa: E402
+import nodes  # noqa: E402
+
+from attention_lab.attention.shapesworld.harness import colour_blobs  # noqa: E402
+from attention_lab.nodes.shapesworld import ShapesWorldLoader  # noqa: E402
+
+
+class StubServer:
+    client_id = None
+    last_node_id = None
+    last_prompt_id = None
+
+    def send_sync(self, event, data, sid=None):
+        pass
+
+
+@pytest.fixture(scope="module")
+def comfy_nodes(tmp_path_factory):
+    out = tmp_path_factory.mktemp("comfy_out")
+    folder_paths.set_output_directory(str(out / "output"))
+    folder_paths.set_temp_directory(str(out / "temp"))
+
+    async def setup():
+        await nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False)
+        assert await nodes.load_custom_node(str(ROOT))
+    asyncio.run(setup())
+    for name in ("AttentionCapture", "AttentionMapView", "ShapesWorldLoader"):
+        assert name in nodes.NODE_CLASS_MAPPINGS, name
+    return out
+
+
+def graph(prompt: str, words: str, seed: int = 3) -> dict:
+    return {
+        "1": {"class_type": "ShapesWorldLoader", "inputs": {"weights": ""}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": prompt, "clip": ["1", 1]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+        "4": {"class_type": "AttentionCapture", "inputs": {"model": ["1", 0], "layers": "all", "capture_self": True,
+                                                           "self_max_size": 32, "start": 0.0, "end": 1.0}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 256, "height": 256, "batch_size": 1}},
+        "6": {"class_type": "KSampler", "inputs": {"model": ["4", 0], "seed": seed, "steps": 20, "cfg": 5.0,
+                                                   "sampler_name": "euler", "scheduler": "simple", "positive": ["2", 0],
+                                                   "negative": ["3", 0], "latent_image": ["5", 0], "denoise": 1.0}},
+        "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}},
+        "8": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": "attnlab"}},
+        "9": {"class_type": "AttentionMapView", "inputs": {
+            "store": ["4", 1], "clip": ["1", 1], "prompt": prompt, "words": words, "samples": ["6", 0],
+            "resolution": "all", "threshold": 0.5, "batch_index": 0, "tile_size": 32, "image": ["7", 0]}},
+    }
+
+
+def run(executor, prompt: dict) -> dict:
+    pid = str(uuid.uuid4())
+    ok, err, outputs, node_errors = asyncio.run(execution.validate_prompt(pid, prompt, None))
+    assert ok, (err, node_errors)
+    executor.execute(prompt, pid, {}, outputs)
+    errors = [d for ev, d in executor.status_messages if ev == "execution_error"]
+    assert executor.success, errors[0]["exception_message"] if errors else executor.status_messages
+    return executor.history_result["outputs"]
+
+
+def load_png(out_dir: Path, entry: dict) -> np.ndarray:
+    base = out_dir / ("output" if entry["type"] == "output" else "temp")
+    return np.asarray(Image.open(base / entry["subfolder"] / entry["filename"]))
+
+
+def new_executor():
+    return execution.PromptExecutor(StubServer(), cache_type=execution.CacheType.CLASSIC,
+                                    cache_args={"lru": 0, "ram": 0})
+
+
+def test_txt2img_and_capture_twice_shows_each_runs_maps(comfy_nodes):
+    ex = new_executor()
+    a = run(ex, graph("a red circle and a blue square on a white background", "circle, square"))
+    img = load_png(comfy_nodes, a["8"]["images"][0])
+    assert img.shape[:2] == (32, 32)
+    picture = torch.from_numpy(img).permute(2, 0, 1).float() / 255
+    assert colour_blobs(picture, "red") and colour_blobs(picture, "blue"), "the stock txt2img graph drew no shapes"
+    heat_a = load_png(comfy_nodes, a["9"]["images"][0])
+    b = run(ex, graph("a green star on a black background", "star"))
+    heat_b = load_png(comfy_nodes, b["9"]["images"][0])
+    assert heat_a.shape != heat_b.shape or not np.array_equal(heat_a, heat_b)
+    fresh = run(new_executor(), graph("a green star on a black background", "star"))
+    # the second run of the sequence shows exactly what a fresh run shows: nothing stale
+    assert np.array_equal(heat_b, load_png(comfy_nodes, fresh["9"]["images"][0]))
+
+
+def test_loader_refuses_missing_and_corrupt_weights(tmp_path):
+    with pytest.raises(Exception, match="missing.*python -m attention.shapesworld.train"):
+        ShapesWorldLoader.execute(str(tmp_path / "nope.safetensors"))
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(Exception, match="corrupt"):
+        ShapesWorldLoader.execute(str(bad))
