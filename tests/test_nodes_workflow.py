@@ -107,3 +107,28 @@ def test_loader_refuses_missing_and_corrupt_weights(tmp_path):
     bad.write_bytes(b"not a safetensors file")
     with pytest.raises(Exception, match="corrupt"):
         ShapesWorldLoader.execute(str(bad))
+
+
+WORKFLOWS = ROOT / "workflows"
+FRONTEND_ONLY = {"Note", "MarkdownNote", "PrimitiveNode", "Reroute"}
+
+
+@pytest.mark.parametrize("path", sorted(WORKFLOWS.glob("*.json")), ids=lambda p: p.name)
+def test_workflow_files_use_only_registered_nodes(comfy_nodes, path):
+    import json
+    data = json.loads(path.read_text())
+    types = ([n["type"] for n in data["nodes"]] if "nodes" in data
+             else [n["class_type"] for n in data.values()])
+    missing = [t for t in types if t not in nodes.NODE_CLASS_MAPPINGS and t not in FRONTEND_ONLY]
+    assert not missing, f"{path.name} needs nodes ComfyUI does not have: {missing}"
+    if "nodes" in data:  # UI format: every link's ends exist
+        ids = {n["id"] for n in data["nodes"]}
+        assert all(link[1] in ids and link[3] in ids for link in data["links"])
+
+
+def test_shapesworld_api_workflow_runs(comfy_nodes):
+    import json
+    prompt = {k: {kk: vv for kk, vv in v.items() if kk != "_meta"}
+              for k, v in json.loads((WORKFLOWS / "attention_capture_shapesworld_api.json").read_text()).items()}
+    out = run(new_executor(), prompt)
+    assert out["9"]["images"] and out["8"]["images"] and out["10"]["images"]

@@ -1,0 +1,142 @@
+"""Build the workflow JSON files (UI format for the graph editor, API format for /prompt).
+
+    python tools/build_workflows.py
+
+Each workflow is described once here as nodes with their widget values and links; the UI file
+(LiteGraph format, version 0.4) and its API twin are written from that description so they
+never drift apart.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parents[1] / "workflows"
+
+
+@dataclass
+class Node:
+    id: int
+    type: str
+    widgets: dict                        # widget name -> value, in the node's widget order
+    inputs: dict = field(default_factory=dict)   # input name -> (source node id, output slot)
+    outputs: list = field(default_factory=list)  # [(name, type)]
+    input_types: dict = field(default_factory=dict)  # input name -> socket type
+    pos: tuple = (0, 0)
+    size: tuple = (320, 160)
+    title: str | None = None
+
+
+def ui_format(nodes: list[Node], notes: list[tuple[str, tuple]]) -> dict:
+    links, ui_nodes = [], []
+    link_id = 0
+    out_links: dict[tuple[int, int], list[int]] = {}
+    in_links: dict[tuple[int, str], int] = {}
+    for n in nodes:
+        for name, (src, slot) in n.inputs.items():
+            link_id += 1
+            src_type = next(x for x in nodes if x.id == src).outputs[slot][1]
+            links.append([link_id, src, slot, n.id, list(n.inputs).index(name), src_type])
+            out_links.setdefault((src, slot), []).append(link_id)
+            in_links[(n.id, name)] = link_id
+    for order, n in enumerate(nodes):
+        widgets = []
+        for k, v in n.widgets.items():
+            widgets.append(v)
+            if k in ("seed", "noise_seed"):
+                widgets.append("fixed")  # control_after_generate
+        node = {"id": n.id, "type": n.type, "pos": list(n.pos), "size": list(n.size), "flags": {},
+                "order": order, "mode": 0,
+                "inputs": [{"name": k, "type": n.input_types.get(k, "*"), "link": in_links[(n.id, k)]}
+                           for k in n.inputs],
+                "outputs": [{"name": name, "type": t, "slot_index": i, "links": out_links.get((n.id, i), [])}
+                            for i, (name, t) in enumerate(n.outputs)],
+                "properties": {"Node name for S&R": n.type}, "widgets_values": widgets}
+        if n.title:
+            node["title"] = n.title
+        ui_nodes.append(node)
+    nid = max(n.id for n in nodes)
+    for i, (text, pos) in enumerate(notes):
+        ui_nodes.append({"id": nid + 1 + i, "type": "Note", "pos": list(pos), "size": [420, 200], "flags": {},
+                         "order": len(ui_nodes), "mode": 0, "inputs": [], "outputs": [],
+                         "properties": {"text": ""}, "widgets_values": [text]})
+    return {"id": "00000000-0000-4000-8000-000000000001", "revision": 0,
+            "last_node_id": nid + len(notes), "last_link_id": link_id, "nodes": ui_nodes, "links": links,
+            "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}
+
+
+def api_format(nodes: list[Node]) -> dict:
+    out = {}
+    for n in nodes:
+        inputs = dict(n.widgets)
+        inputs.update({k: [str(src), slot] for k, (src, slot) in n.inputs.items()})
+        out[str(n.id)] = {"class_type": n.type, "inputs": inputs, "_meta": {"title": n.title or n.type}}
+    return out
+
+
+def capture_graph(shapesworld: bool) -> tuple[list[Node], list]:
+    prompt = ("a red circle and a blue square on a gray background" if shapesworld
+              else "a photo of a cat riding a bicycle on a sunny street")
+    words = "circle, square, background" if shapesworld else "cat, bicycle, street"
+    size = 256 if shapesworld else 512
+    if shapesworld:
+        loader = Node(1, "ShapesWorldLoader", {"weights": ""},
+                      outputs=[("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")], pos=(0, 0), size=(300, 100))
+    else:
+        loader = Node(1, "CheckpointLoaderSimple", {"ckpt_name": "v1-5-pruned-emaonly.safetensors"},
+                      outputs=[("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")], pos=(0, 0), size=(300, 100))
+    nodes = [
+        loader,
+        Node(2, "CLIPTextEncode", {"text": prompt}, {"clip": (1, 1)}, [("CONDITIONING", "CONDITIONING")],
+             {"clip": "CLIP"}, (360, 0), (400, 160), "Positive prompt"),
+        Node(3, "CLIPTextEncode", {"text": ""}, {"clip": (1, 1)}, [("CONDITIONING", "CONDITIONING")],
+             {"clip": "CLIP"}, (360, 200), (400, 120), "Negative prompt"),
+        Node(4, "AttentionCapture", {"layers": "all", "capture_self": True, "self_max_size": 32, "start": 0.0,
+                                     "end": 1.0}, {"model": (1, 0)},
+             [("model", "MODEL"), ("store", "ATTENTION_STORE")], {"model": "MODEL"}, (360, 360), (320, 200)),
+        Node(5, "EmptyLatentImage", {"width": size, "height": size, "batch_size": 1}, {},
+             [("LATENT", "LATENT")], {}, (0, 400), (300, 110)),
+        Node(6, "KSampler", {"seed": 7, "steps": 20, "cfg": 5.0 if shapesworld else 7.5, "sampler_name": "euler",
+                             "scheduler": "simple" if shapesworld else "normal", "denoise": 1.0},
+             {"model": (4, 0), "positive": (2, 0), "negative": (3, 0), "latent_image": (5, 0)},
+             [("LATENT", "LATENT")], {"model": "MODEL", "positive": "CONDITIONING", "negative": "CONDITIONING",
+                                      "latent_image": "LATENT"}, (800, 0), (320, 270)),
+        Node(7, "VAEDecode", {}, {"samples": (6, 0), "vae": (1, 2)}, [("IMAGE", "IMAGE")],
+             {"samples": "LATENT", "vae": "VAE"}, (1160, 0), (220, 50)),
+        Node(8, "SaveImage", {"filename_prefix": "attention_lab"}, {"images": (7, 0)}, [], {"images": "IMAGE"},
+             (1420, 0), (300, 300)),
+        Node(9, "AttentionMapView", {"prompt": prompt, "words": words, "resolution": "all", "threshold": 0.5,
+                                     "batch_index": 0, "tile_size": 256},
+             {"store": (4, 1), "clip": (1, 1), "samples": (6, 0), "image": (7, 0)},
+             [("heatmaps", "IMAGE"), ("overlays", "IMAGE"), ("masks", "MASK")],
+             {"store": "ATTENTION_STORE", "clip": "CLIP", "samples": "LATENT", "image": "IMAGE"},
+             (800, 330), (360, 380)),
+        Node(10, "PreviewImage", {}, {"images": (9, 1)}, [], {"images": "IMAGE"}, (1220, 360), (300, 300),
+             "Overlays"),
+    ]
+    note = ("Attention maps. Change the positive prompt AND the 'prompt' of Attention Map View together "
+            "(they must be the same text), and list the words to show in 'words'. The heatmap grid has a row "
+            "per word and a column per feature size (then their mean); overlays are previewed on the right. "
+            "'layers' on Attention Capture narrows what is recorded ('16', 'output.3-5'). Expected: each "
+            "noun's map lights up on its object.")
+    if shapesworld:
+        note += (" ShapesWorld is pixel-space: the 256x256 empty latent gives 32x32 images; runs on a CPU in "
+                 "seconds.")
+    else:
+        note += " Pick your SD1.5 or SDXL checkpoint in the loader."
+    return nodes, [(note, (0, 600))]
+
+
+def main():
+    OUT.mkdir(exist_ok=True)
+    for name, sw in (("attention_capture", False), ("attention_capture_shapesworld", True)):
+        nodes, notes = capture_graph(sw)
+        (OUT / f"{name}.json").write_text(json.dumps(ui_format(nodes, notes), indent=1) + "\n")
+        (OUT / f"{name}_api.json").write_text(json.dumps(api_format(nodes), indent=1) + "\n")
+        print("wrote", name)
+
+
+if __name__ == "__main__":
+    main()
