@@ -156,3 +156,30 @@ def test_unsupported_model_is_named():
             return torch.nn.Linear(2, 2)
     with pytest.raises(TypeError, match="SD1.x, SD2.x and SDXL"):
         run_capture(Fake())
+
+
+def test_interrupted_sampling_leaves_no_state(sd15):
+    import comfy.model_management as mm
+    import comfy.sample
+    model, clip = sd15
+    before = copy.deepcopy(model.model_options)
+    pos, neg = encode(clip, "a cat"), encode(clip, "")
+    lat = latent()
+    with torch.inference_mode():
+        m, store = run_capture(model)
+        sample(m, pos, neg, lat)
+        assert store.finished
+
+        def interrupt(step, x0, x, total):
+            if step == 1:
+                raise mm.InterruptProcessingException()
+        noise = comfy.sample.prepare_noise(lat, 0)
+        with pytest.raises(mm.InterruptProcessingException):
+            comfy.sample.sample(m, noise, 4, 7.0, "euler", "normal", pos, neg, lat, callback=interrupt,
+                                disable_pbar=True, seed=0)
+    assert not store.finished  # the viewer refuses half-filled maps
+    with pytest.raises(RuntimeError, match="did not finish"):
+        view(store, clip, "a cat", "cat")
+    assert model.model_options == before
+    with torch.inference_mode():  # the unpatched model still samples exactly as before
+        assert torch.allclose(sample(model, pos, neg, lat), sample(tiny_sd15(), pos, neg, lat), atol=1e-5)
