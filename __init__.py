@@ -11,9 +11,10 @@ except ImportError:  # not running inside ComfyUI
 
 if ComfyExtension is not None:
     from .nodes.capture import AttentionCapture, AttentionMapView
+    from .nodes.cluster import SelfAttnCluster
     from .nodes.shapesworld import ShapesWorldLoader
 
-    NODES = [AttentionCapture, AttentionMapView, ShapesWorldLoader]
+    NODES = [AttentionCapture, AttentionMapView, SelfAttnCluster, ShapesWorldLoader]
 
     class AttentionLabExtension(ComfyExtension):
         async def get_node_list(self) -> list[type[io.ComfyNode]]:

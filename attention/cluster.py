@@ -1,0 +1,88 @@
+"""Self-attention clustering labelled by cross-attention (MnM and DPL's background masks).
+
+Method of Patashnik et al. 2023, "Localizing Object-level Shape Variations with
+Text-to-Image Diffusion Models", as in the official code
+https://github.com/orpatashnik/local-prompt-mixing (src/attention_based_segmentation.py,
+commit 5edbdedcb37a3a66e6738c271d84213582ef1216; the repository states no licence, so
+nothing is copied: this is our implementation of the published procedure and defaults).
+DPL (wangkai930418/DPL) reuses it with threshold 0.2 for its background mask.
+
+Procedure: KMeans (n_init 10, seeded) over the rows of the head/step-averaged
+self-attention map at one resolution (default 32x32); each noun's cross-attention map (default
+16x16) is resized to that resolution and normalized as upstream, (m - |min m|) / max m; a
+cluster's score for a noun is sum(A * M) / sum(M) over the cluster mask M, and the cluster
+takes the best noun when its score exceeds the threshold, else it is background.
+
+Shapes: self_attn (n, n) with n = r*r; word_maps (w, h, w') -> resized to (w, r, r).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.cluster import KMeans
+
+
+@dataclass
+class Clustering:
+    labels: torch.Tensor          # (r, r) cluster index per pixel
+    cluster_word: list[int]       # per cluster: index of its word, or -1 for background
+    scores: torch.Tensor          # (clusters, words) agreement scores
+    resolution: int
+
+    def word_mask(self, word: int) -> torch.Tensor:
+        """(r, r) float mask of the clusters labelled with ``word``."""
+        ids = [c for c, w in enumerate(self.cluster_word) if w == word]
+        return torch.isin(self.labels, torch.tensor(ids, dtype=self.labels.dtype)).float()
+
+    def background_mask(self) -> torch.Tensor:
+        return self.word_mask(-1)
+
+
+def cluster_self_attention(self_attn: torch.Tensor, n_clusters: int, seed: int = 1) -> torch.Tensor:
+    """KMeans over the rows of a (n, n) self-attention map; returns (r, r) labels."""
+    n = self_attn.shape[0]
+    r = int(round(n ** 0.5))
+    if r * r != n:
+        raise ValueError(f"self-attention map of {n} pixels is not square")
+    if not 1 <= n_clusters <= n:
+        raise ValueError(f"cluster count {n_clusters} is out of range 1..{n} for a {r}x{r} self-attention map; "
+                         f"lower 'clusters' or pick a larger resolution")
+    km = KMeans(n_clusters=n_clusters, n_init=10, random_state=seed)
+    labels = km.fit_predict(self_attn.detach().float().cpu().numpy().astype(np.float64))
+    return torch.from_numpy(labels.reshape(r, r).astype(np.int64))
+
+
+def label_clusters(labels: torch.Tensor, word_maps: torch.Tensor, threshold: float) -> Clustering:
+    """Score every cluster against every word's cross-attention map and label it."""
+    r = labels.shape[0]
+    maps = F.interpolate(word_maps[None].float(), size=(r, r), mode="nearest")[0]      # (words, r, r)
+    flat = maps.flatten(1)
+    norm = (flat - flat.min(1, keepdim=True).values.abs()) / flat.max(1, keepdim=True).values.clamp(min=1e-12)
+    maps = norm.view_as(maps)
+    k = int(labels.max()) + 1
+    scores = torch.zeros(k, maps.shape[0])
+    words: list[int] = []
+    for c in range(k):
+        m = (labels == c).float()
+        scores[c] = (maps * m).flatten(1).sum(1) / m.sum().clamp(min=1)
+        best = int(scores[c].argmax())
+        words.append(best if float(scores[c, best]) > threshold else -1)
+    return Clustering(labels, words, scores, r)
+
+
+def cluster_colours(labels: torch.Tensor) -> torch.Tensor:
+    """(r, r) labels -> (r, r, 3) distinct colours (golden-angle hues)."""
+    k = int(labels.max()) + 1
+    hues = (torch.arange(k) * 0.618033988749895) % 1.0
+    h6 = hues * 6
+    x = 1 - (h6 % 2 - 1).abs()
+    zero, one = torch.zeros(k), torch.ones(k)
+    table = torch.stack([one, x, zero], 1)
+    sector = h6.long() % 6
+    perms = torch.tensor([[0, 1, 2], [1, 0, 2], [2, 0, 1], [2, 1, 0], [1, 2, 0], [0, 2, 1]])
+    rgb = torch.stack([table[i, perms[sector[i]]] for i in range(k)]) * 0.85 + 0.1
+    return rgb[labels]

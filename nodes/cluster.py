@@ -1,0 +1,98 @@
+"""SelfAttnCluster: object and background masks from captured self- and cross-attention."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from comfy_api.latest import io, ui
+
+from ..attention import logger
+from ..attention.cluster import cluster_colours, cluster_self_attention, label_clusters
+from ..attention.render import grid
+from ..attention.store import AttentionStore, word_maps
+from .common import CATEGORY, AttentionStoreType, word_positions
+
+
+def nearest_size(wanted: int, sizes: list[tuple[int, int]], what: str) -> tuple[int, int]:
+    if not sizes:
+        raise ValueError(f"no {what} maps were captured; enable them on Attention Capture "
+                         f"(capture_self and self_max_size for self-attention)")
+    best = min(sizes, key=lambda s: (abs(s[0] - wanted), -s[0]))
+    if best[0] != wanted:
+        logger.info("SelfAttnCluster: no %dx%d %s maps, using the nearest captured size %dx%d",
+                    wanted, wanted, what, *best)
+    return best
+
+
+class SelfAttnCluster(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SelfAttnCluster",
+            display_name="Self-Attention Cluster",
+            category=CATEGORY,
+            description=(
+                "Segments a generated (or inverted) image from its captured attention, as in 'Localizing "
+                "Object-level Shape Variations' and DPL: KMeans over self-attention, each cluster labelled with "
+                "the word whose cross-attention covers it best, or background. Outputs a MASK per word, the "
+                "background MASK and a picture of the clusters."),
+            inputs=[
+                AttentionStoreType.Input("store", tooltip="From Attention Capture, with capture_self on."),
+                io.Clip.Input("clip", tooltip="The CLIP that encoded the prompt."),
+                io.String.Input("prompt", multiline=True, default="", tooltip="The positive prompt that was sampled."),
+                io.String.Input("words", default="", tooltip="The nouns to label clusters with, comma separated."),
+                io.Latent.Input("samples", tooltip="The sampler's LATENT: orders this node after sampling and "
+                                                    "sets the mask size when no image is given."),
+                io.Int.Input("clusters", default=5, min=1, max=64, tooltip="KMeans cluster count (1-64; official 5)."),
+                io.Float.Input("threshold", default=0.3, min=0.0, max=1.0, step=0.01, tooltip=(
+                    "A cluster takes a word when its mean normalized cross-attention exceeds this (0-1; 0.3 in "
+                    "prompt mixing, 0.2 in DPL); otherwise it is background.")),
+                io.Int.Input("self_resolution", default=32, min=4, max=128, tooltip=(
+                    "Self-attention map size to cluster (px of the feature map; the nearest captured size is "
+                    "used, 32 as in the official code).")),
+                io.Int.Input("cross_resolution", default=16, min=4, max=128, tooltip=(
+                    "Cross-attention map size used for the labels (nearest captured size; 16 officially).")),
+                io.Int.Input("seed", default=1, min=0, max=2**31 - 1, tooltip="KMeans seed; same seed, same masks."),
+                io.Int.Input("batch_index", default=0, min=0, max=4095, tooltip="Which image of the batch."),
+                io.Image.Input("image", optional=True, tooltip="If given, masks and picture take its size."),
+            ],
+            outputs=[
+                io.Mask.Output(display_name="word_masks", tooltip="One mask per word, in the order given."),
+                io.Mask.Output(display_name="background", tooltip="Pixels of clusters no word claimed."),
+                io.Image.Output(display_name="clusters", tooltip="The clusters in distinct colours."),
+            ],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, store, clip, prompt, words, samples, clusters, threshold, self_resolution,
+                cross_resolution, seed, batch_index, image=None) -> io.NodeOutput:
+        if not isinstance(store, AttentionStore) or store.empty:
+            raise RuntimeError("the attention store is empty: sample with Attention Capture's MODEL first and "
+                               "connect the sampler's LATENT to 'samples'")
+        names, positions = word_positions(clip, prompt, words)
+        s_size = nearest_size(self_resolution, store.resolutions(cross=False), "self-attention")
+        c_size = nearest_size(cross_resolution, store.resolutions(cross=True), "cross-attention")
+        self_map = store.aggregate(s_size, cross=False)                  # (items, h, w, n)
+        if not 0 <= batch_index < self_map.shape[0]:
+            raise IndexError(f"batch_index {batch_index} is out of range 0..{self_map.shape[0] - 1}")
+        n = s_size[0] * s_size[1]
+        if clusters > n:
+            raise ValueError(f"clusters = {clusters} is more than the {n} pixels of the {s_size[0]}x{s_size[1]} "
+                             f"self-attention map; use at most {n}")
+        labels = cluster_self_attention(self_map[batch_index].reshape(n, n), clusters, seed)
+        result = label_clusters(labels, word_maps(store, positions, c_size, batch_index), threshold)
+        hw = tuple(image.shape[1:3]) if image is not None else tuple(samples["samples"].shape[-2:])
+        def up(m):
+            return F.interpolate(m[None, None], size=hw, mode="nearest")[0, 0]
+        masks = torch.stack([up(result.word_mask(i)) for i in range(len(names))])
+        background = up(result.background_mask())[None]
+        picture = F.interpolate(cluster_colours(labels).permute(2, 0, 1)[None], size=hw, mode="nearest")
+        picture = picture.permute(0, 2, 3, 1)
+        labelled = {names[w] if w >= 0 else "background": [] for w in result.cluster_word}
+        for c, w in enumerate(result.cluster_word):
+            labelled[names[w] if w >= 0 else "background"].append(c)
+        text = "; ".join(f"{k}: clusters {v}" for k, v in labelled.items())
+        logger.info("SelfAttnCluster %dx%d self / %dx%d cross: %s", *s_size, *c_size, text)
+        preview = grid(torch.cat([picture, masks[..., None].expand(-1, -1, -1, 3)]), cols=len(names) + 1)
+        return io.NodeOutput(masks, background, picture, ui=ui.PreviewImage(preview, cls=cls))
