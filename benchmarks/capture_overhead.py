@@ -51,7 +51,7 @@ def main(argv=None):
     for _ in range(args.repeats):
         for name, patches in runs.items():
             store.reset()
-            times[name].append(timed(lambda: model.generate(PROMPTS, seed=0, steps=args.steps, patches=patches)))
+            times[name].append(timed(lambda p=patches: model.generate(PROMPTS, seed=0, steps=args.steps, patches=p)))
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"ShapesWorld, batch {len(PROMPTS)}, {args.steps} steps, CFG 5, {args.threads} threads, "
           f"median of {args.repeats} interleaved runs")

@@ -9,8 +9,14 @@ from ..attention import logger
 from ..attention.layers import LayerSelectionError, parse_layer_selection
 from ..attention.render import colorize, grid, masks_from_maps, normalize, overlay, upsample
 from ..attention.store import AttentionStore, StoreConfig, word_maps
-from .common import (CATEGORY, AttentionStoreType, add_outer_sample_wrapper, install_controller,
-                     model_layer_ids, word_positions)
+from .common import (
+    CATEGORY,
+    AttentionStoreType,
+    add_outer_sample_wrapper,
+    install_controller,
+    model_layer_ids,
+    word_positions,
+)
 
 
 class AttentionCapture(io.ComfyNode):
@@ -88,7 +94,8 @@ class AttentionMapView(io.ComfyNode):
                 io.Clip.Input("clip", tooltip="The CLIP that encoded the prompt; used to find the words' tokens."),
                 io.String.Input("prompt", multiline=True, default="", tooltip=(
                     "The positive prompt that was sampled, exactly as encoded (weights such as (cat:1.2) allowed).")),
-                io.String.Input("words", default="", tooltip="Words or phrases of the prompt to show, comma separated."),
+                io.String.Input("words", default="",
+                                tooltip="Words or phrases of the prompt to show, comma separated."),
                 io.Latent.Input("samples", tooltip=(
                     "The sampler's output LATENT. Only used to run this node after the sampler and again "
                     "whenever it samples anew.")),
@@ -101,13 +108,17 @@ class AttentionMapView(io.ComfyNode):
                 io.Int.Input("batch_index", default=0, min=0, max=4095, tooltip=(
                     "Which image of the sampled batch to show (0 = first).")),
                 io.Int.Input("tile_size", default=256, min=16, max=2048, tooltip=(
-                    "Heatmap tile size in pixels when no image is given (16-2048).")),
-                io.Image.Input("image", optional=True, tooltip="The decoded image, for overlays; sets the output size."),
+                    "Size of each heatmap tile of the grid in pixels (16-2048); overlays and masks take the "
+                    "image's size, or this size when no image is given.")),
+                io.Image.Input("image", optional=True,
+                               tooltip="The decoded image, for overlays; sets the output size."),
             ],
             outputs=[
-                io.Image.Output(display_name="heatmaps", tooltip="Grid: rows are words, columns feature sizes then mean."),
+                io.Image.Output(display_name="heatmaps",
+                                tooltip="Grid: rows are words, columns feature sizes then mean."),
                 io.Image.Output(display_name="overlays", tooltip="One image per word with its map over the image."),
-                io.Mask.Output(display_name="masks", tooltip="One mask per word: normalized map >= threshold."),
+                io.Mask.Output(display_name="masks",
+                               tooltip="One mask per word: normalized map >= threshold."),
             ],
             is_output_node=True,
         )
@@ -137,9 +148,10 @@ class AttentionMapView(io.ComfyNode):
         mean_maps = word_maps(store, positions, None, batch_index)
         chosen = mean_maps if size is None else word_maps(store, positions, size, batch_index)
         tiles = []
+        tile_hw = (tile_size, tile_size)
         for w in range(len(names)):
             for col in columns + [mean_maps]:
-                tiles.append(colorize(normalize(upsample(col[w], out_hw))))
+                tiles.append(colorize(normalize(upsample(col[w], tile_hw))))
         heat = grid(torch.stack(tiles), cols=len(columns) + 1)
         maps01 = normalize(upsample(chosen, out_hw))                      # (words, H, W)
         over = overlay(base.expand(len(names), *base.shape).cpu(), maps01)

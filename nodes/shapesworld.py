@@ -102,7 +102,8 @@ def load_shapesworld(path: Path | str = DEFAULT_WEIGHTS):
     sd, config, _ = read_weights(path)
     unet, _ = build_models(config)
     unet.load_state_dict({k[5:]: v.float() for k, v in sd.items() if k.startswith("unet.")})
-    bm = comfy.model_base.BaseModel(ShapesWorldConfig({"disable_unet_model_creation": True}), comfy.model_base.ModelType.EPS)
+    config_obj = ShapesWorldConfig({"disable_unet_model_creation": True})
+    bm = comfy.model_base.BaseModel(config_obj, comfy.model_base.ModelType.EPS)
     bm.diffusion_model = unet.eval()
     model = comfy.model_patcher.ModelPatcher(bm, load_device=mm.get_torch_device(),
                                              offload_device=mm.unet_offload_device())

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from attention.context import AttnContext, context_from_extra_options, step_from_sigma
+from attention.context import context_from_extra_options, step_from_sigma
 from attention.controller import AttentionController, ControlledAttention, chain_patch
 from attention.explicit import attention_with_probs, sdpa_attention
 from attention.layers import LayerId, LayerInfo, LayerSelectionError, parse_layer_selection

@@ -4,16 +4,14 @@ import copy
 
 import pytest
 import torch
-
 from comfy_env import comfy_or_skip, encode, sample, sdxl_cond, tiny_clip, tiny_sd15, tiny_sdxl
 
 pack = comfy_or_skip()
 
 import comfy.model_management  # noqa: E402
-
 from attention_lab.attention.layers import LayerId  # noqa: E402
-from attention_lab.nodes.common import model_layer_ids  # noqa: E402
 from attention_lab.nodes.capture import AttentionCapture, AttentionMapView  # noqa: E402
+from attention_lab.nodes.common import model_layer_ids  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from comfy_env import comfy_or_skip, encode, sample, tiny_clip, tiny_sd15
 
 pack = comfy_or_skip()

@@ -7,18 +7,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from comfy_env import ROOT, comfy_or_skip
+from PIL import Image
 
 pack = comfy_or_skip()
 
 import execution  # noqa: E402
 import folder_paths  # noqa: E402
-import nodes  # noqa: E402
-
 from attention_lab.attention.shapesworld.harness import colour_blobs  # noqa: E402
 from attention_lab.nodes.shapesworld import ShapesWorldLoader  # noqa: E402
+
+import nodes  # noqa: E402
 
 
 class StubServer:

@@ -5,8 +5,7 @@ import torch
 
 from attention.controller import AttentionController
 from attention.shapesworld.model import ShapesWorldModel, WeightsError, patches_for
-from attention.shapesworld.world import (BACKGROUNDS, COLOURS, SHAPES, ImpossibleSceneError, SceneSpec,
-                                         ShapesWorld)
+from attention.shapesworld.world import BACKGROUNDS, COLOURS, SHAPES, ImpossibleSceneError, SceneSpec, ShapesWorld
 from attention.store import AttentionStore, StoreConfig
 
 

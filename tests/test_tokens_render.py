@@ -7,6 +7,7 @@ from attention.render import colorize, grid, masks_from_maps, normalize, overlay
 from attention.shapesworld.text import BOS, CONTEXT, EOS, ShapesTokenizer
 from attention.tokens import WordNotInPromptError, find_word_tokens, plain_prompt_words, split_words
 
+
 # A CLIP-like layout: BOS=1, EOS=2, pad with EOS; a 'word' may be several tokens.
 def chunk(ids, length=10):
     c = [1] + ids + [2]

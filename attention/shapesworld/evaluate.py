@@ -82,7 +82,7 @@ def attention_localization(model: ShapesWorldModel, n: int = 40, seed: int = 123
             den = model.denoiser(cond, None, 1.0, patches_for(store, self_layers=False))
             den(x, sigma)
             seen: dict[str, int] = {}
-            for j, ob in enumerate(scene.objects):
+            for ob in scene.objects:
                 occ = seen.get(ob.shape, 0)
                 seen[ob.shape] = occ + 1
                 pos = find_word_tokens(tok_chunks, model.tokenizer.word_ids(ob.shape), ob.shape,

@@ -76,8 +76,9 @@ def load_classifier(path: Path = CLASSIFIER_WEIGHTS) -> RegionClassifier:
 
 def classifier_accuracy(path: Path = CLASSIFIER_WEIGHTS) -> dict:
     """The classifier's own held-out accuracy, recorded in its weights file when it was trained."""
-    from safetensors import safe_open
     import json
+
+    from safetensors import safe_open
     with safe_open(str(path), framework="pt") as f:
         return json.loads(f.metadata()["accuracy"])
 
