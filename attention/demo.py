@@ -3,8 +3,9 @@
     python -m attention.demo --out demo_output
 
 Writes PNGs and ``report.md`` with the quality harness's figures. Pipelines so far:
-text-to-image with the embedded model, and attention capture (per-word maps, overlays,
-masks) through the same controllers the ComfyUI nodes install.
+text-to-image with the embedded model, attention capture (per-word maps, overlays,
+masks) through the same controllers the ComfyUI nodes install, and SelfAttnCluster's
+self-attention clustering on the same capture.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from .cluster import cluster_colours, cluster_self_attention, label_clusters
 from .render import colorize, grid, masks_from_maps, normalize, overlay, upsample
 from .shapesworld.evaluate import attention_localization, generation_quality
 from .shapesworld.harness import classifier_accuracy, colour_blobs, iou_curve
@@ -71,6 +73,26 @@ def capture_demo(model: ShapesWorldModel, out: Path, prompt: str, words: list[st
         iou = f"{float(iou_curve(m, blobs[0])[10]):.2f}" if blobs else "n/a (no blob)"
         lines.append(f"| {w} | {iou} |")
     del colours
+    # SelfAttnCluster on the same capture: KMeans over self-attention, labelled by cross-attention
+    s_size = max(store.resolutions(cross=False))
+    n = s_size[0] * s_size[1]
+    labels = cluster_self_attention(store.aggregate(s_size, cross=False)[0].reshape(n, n), 4, seed=1)
+    result = label_clusters(labels, word_maps(store, positions[:2], min(sizes)), threshold=0.3)
+    pic = cluster_colours(labels)
+    word_masks = torch.stack([result.word_mask(i) for i in range(2)] + [result.background_mask()])
+    up = torch.nn.functional.interpolate(word_masks[:, None], size=hw, mode="nearest")[:, 0]
+    pic_up = torch.nn.functional.interpolate(pic.permute(2, 0, 1)[None], size=hw, mode="nearest")[0]
+    save(grid(torch.cat([pic_up.permute(1, 2, 0)[None], up[..., None].expand(-1, -1, -1, 3)]), cols=4),
+         out / "clusters.png")
+    lines += ["", f"SelfAttnCluster ({s_size[0]}x{s_size[1]} self-attention, 4 clusters, threshold 0.3): clusters, "
+              f"then the masks of {words[0]}, {words[1]} and the background.", "", "![clusters](clusters.png)"]
+    for i, w in enumerate(words[:2]):
+        colour = next(c for c in ("red", "blue") if f"{c} {w}" in prompt)
+        blobs = colour_blobs(image, colour)
+        if blobs:
+            inter = (up[i].bool() & blobs[0]).sum().item()
+            union = (up[i].bool() | blobs[0]).sum().item()
+            lines.append(f"* {w}: IoU of the cluster mask with the {colour} blob {inter / max(union, 1):.2f}")
     return lines
 
 
