@@ -113,6 +113,48 @@ def attention_localization(model: ShapesWorldModel, n: int = 40, seed: int = 123
     return {"scenes": n, "iou": table, "leakage_coarsest": mean_leak}
 
 
+@torch.no_grad()
+def cluster_localization(model: ShapesWorldModel, n: int = 20, seed: int = 321, t: int = 400,
+                         clusters: int = 5, threshold: float = 0.3) -> dict:
+    """SelfAttnCluster's word and background masks against the ground truth (IoU) on held-out scenes."""
+    from ..cluster import cluster_self_attention, label_clusters
+    world = ShapesWorld(seed=seed)
+    word_ious, bg_ious = [], []
+    for i in range(n):
+        scene = world.sample(SceneSpec([(None, None)] * (1 + i % 3)))
+        chunks = [[tk for tk, _ in c] for c in model.tokenizer.chunks(scene.caption)]
+        store = AttentionStore(StoreConfig(self_max_tokens=32 * 32))
+        sigma = model.sigmas[t].view(1).to(model.device)
+        g = torch.Generator().manual_seed(seed + i)
+        x0 = scene.image[None].to(model.device) * 2 - 1
+        model.denoiser(model.encode([scene.caption]), None, 1.0, patches_for(store))(
+            x0 + sigma * torch.randn(x0.shape, generator=g).to(model.device), sigma)
+        seen: dict[str, int] = {}
+        positions = []
+        for ob in scene.objects:
+            occ = seen.get(ob.shape, 0)
+            seen[ob.shape] = occ + 1
+            positions.append(find_word_tokens(chunks, model.tokenizer.word_ids(ob.shape), ob.shape, scene.caption,
+                                              occurrence=occ).positions)
+        s_size = max(store.resolutions(cross=False))
+        k = s_size[0] * s_size[1]
+        labels = cluster_self_attention(store.aggregate(s_size, cross=False)[0].reshape(k, k), clusters)
+        result = label_clusters(labels, word_maps(store, positions, min(store.resolutions())).cpu(), threshold)
+        size = tuple(scene.background_mask.shape)
+
+        def up(m):
+            return torch.nn.functional.interpolate(m[None, None], size=size, mode="nearest")[0, 0].bool()
+
+        def iou(a, b):
+            return (a & b).sum().item() / max((a | b).sum().item(), 1)
+        for j, ob in enumerate(scene.objects):
+            word_ious.append(iou(up(result.word_mask(j)), ob.mask))
+        bg_ious.append(iou(up(result.background_mask()), scene.background_mask))
+    return {"scenes": n, "t": t, "clusters": clusters, "threshold": threshold,
+            "word_mask_iou": round(sum(word_ious) / len(word_ious), 3),
+            "background_mask_iou": round(sum(bg_ious) / len(bg_ious), 3)}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", default=str(DEFAULT_WEIGHTS))
@@ -123,6 +165,7 @@ def main(argv=None):
     model = ShapesWorldModel(args.weights)
     out = {"generation": generation_quality(model, args.prompts),
            "localization": attention_localization(model, args.scenes),
+           "clustering": cluster_localization(model),
            "classifier": classifier_accuracy()}
     log.info(json.dumps(out, indent=1))
 
