@@ -142,7 +142,7 @@ def cluster_localization(model: ShapesWorldModel, n: int = 20, seed: int = 321, 
         result = label_clusters(labels, word_maps(store, positions, min(store.resolutions())).cpu(), threshold)
         size = tuple(scene.background_mask.shape)
 
-        def up(m):
+        def up(m, size=size):
             return torch.nn.functional.interpolate(m[None, None], size=size, mode="nearest")[0, 0].bool()
 
         def iou(a, b):
