@@ -87,9 +87,13 @@ def _observe(q, k, ctx: AttnContext, readers: list[AttentionController]) -> None
         r = c.probs_rows(ctx)
         wanted |= set(range(q.shape[0]) if r is None else r)
     rows = sorted(wanted)
-    idx = torch.tensor(rows, device=q.device)
     with torch.no_grad():
-        for sl, probs in probs_chunks(q.detach().index_select(0, idx), k.detach().index_select(0, idx), ctx.heads):
+        if rows == list(range(rows[0], rows[-1] + 1)):  # one contiguous block (the usual cond chunk)
+            qs, ks = q.detach()[rows[0]:rows[-1] + 1], k.detach()[rows[0]:rows[-1] + 1]
+        else:
+            idx = torch.tensor(rows, device=q.device)
+            qs, ks = q.detach().index_select(0, idx), k.detach().index_select(0, idx)
+        for sl, probs in probs_chunks(qs, ks, ctx.heads):
             for c in readers:
                 c.observe_probs(probs, ctx, sl, rows)
 

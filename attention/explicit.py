@@ -60,10 +60,10 @@ def probs_chunks(q: torch.Tensor, k: torch.Tensor, heads: int,
     """Only the probabilities, (b, h, n_chunk, m) per query chunk, for read-only observers."""
     b, n, inner = q.shape
     d = inner // heads
-    qh, kh = split_heads(q, heads), split_heads(k, heads)
-    kt = kh.float().transpose(-1, -2)
-    for sl in query_chunks(b, heads, n, kh.shape[2], max_elements):
-        yield sl, (qh[:, :, sl].float() * d ** -0.5 @ kt).softmax(dim=-1)
+    qh = split_heads(q.float() * d ** -0.5, heads)           # scale the smaller operand once
+    kt = split_heads(k.float(), heads).transpose(-1, -2)
+    for sl in query_chunks(b, heads, n, kt.shape[-1], max_elements):
+        yield sl, torch.matmul(qh[:, :, sl], kt).softmax(dim=-1)
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
