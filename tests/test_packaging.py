@@ -1,8 +1,9 @@
 """Tier 1: packaging metadata stays consistent."""
 
 import re
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
