@@ -131,3 +131,33 @@ def test_shapesworld_api_workflow_runs(comfy_nodes):
               for k, v in json.loads((WORKFLOWS / "attention_capture_shapesworld_api.json").read_text()).items()}
     out = run(new_executor(), prompt)
     assert out["9"]["images"] and out["8"]["images"] and out["10"]["images"]
+
+
+def with_sampler(prompt_text: str, kind: str) -> dict:
+    """The capture graph with node 6 replaced by another stock sampler node."""
+    g = graph(prompt_text, "circle")
+    if kind == "KSamplerAdvanced":
+        g["6"] = {"class_type": "KSamplerAdvanced", "inputs": {
+            "model": ["4", 0], "add_noise": "enable", "noise_seed": 3, "steps": 12, "cfg": 5.0,
+            "sampler_name": "dpmpp_2m", "scheduler": "karras", "positive": ["2", 0], "negative": ["3", 0],
+            "latent_image": ["5", 0], "start_at_step": 0, "end_at_step": 10000, "return_with_leftover_noise": "disable"}}
+    else:  # SamplerCustomAdvanced with a CFGGuider
+        g.update({
+            "11": {"class_type": "RandomNoise", "inputs": {"noise_seed": 3}},
+            "12": {"class_type": "CFGGuider", "inputs": {"model": ["4", 0], "positive": ["2", 0],
+                                                         "negative": ["3", 0], "cfg": 5.0}},
+            "13": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler_ancestral"}},
+            "14": {"class_type": "BasicScheduler", "inputs": {"model": ["4", 0], "scheduler": "simple",
+                                                              "steps": 12, "denoise": 1.0}},
+            "6": {"class_type": "SamplerCustomAdvanced", "inputs": {
+                "noise": ["11", 0], "guider": ["12", 0], "sampler": ["13", 0], "sigmas": ["14", 0],
+                "latent_image": ["5", 0]}},
+        })
+    return g
+
+
+@pytest.mark.parametrize("kind", ["KSamplerAdvanced", "SamplerCustomAdvanced"])
+def test_capture_with_other_sampler_nodes(comfy_nodes, kind):
+    out = run(new_executor(), with_sampler("a red circle on a white background", kind))
+    heat = load_png(comfy_nodes, out["9"]["images"][0])
+    assert heat.shape[:2] == (32, 3 * 32 + 2 * 2) and heat.std() > 0  # 16x16, 8x8, mean tiles of one word
