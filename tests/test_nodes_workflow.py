@@ -140,7 +140,8 @@ def with_sampler(prompt_text: str, kind: str) -> dict:
         g["6"] = {"class_type": "KSamplerAdvanced", "inputs": {
             "model": ["4", 0], "add_noise": "enable", "noise_seed": 3, "steps": 12, "cfg": 5.0,
             "sampler_name": "dpmpp_2m", "scheduler": "karras", "positive": ["2", 0], "negative": ["3", 0],
-            "latent_image": ["5", 0], "start_at_step": 0, "end_at_step": 10000, "return_with_leftover_noise": "disable"}}
+            "latent_image": ["5", 0], "start_at_step": 0, "end_at_step": 10000,
+            "return_with_leftover_noise": "disable"}}
     else:  # SamplerCustomAdvanced with a CFGGuider
         g.update({
             "11": {"class_type": "RandomNoise", "inputs": {"noise_seed": 3}},
