@@ -181,3 +181,19 @@ def test_interrupted_sampling_leaves_no_state(sd15):
     assert model.model_options == before
     with torch.inference_mode():  # the unpatched model still samples exactly as before
         assert torch.allclose(sample(model, pos, neg, lat), sample(tiny_sd15(), pos, neg, lat), atol=1e-5)
+
+
+def test_long_prompt_word_in_second_chunk(sd15):
+    model, clip = sd15
+    prompt = " ".join(["a quiet street with old houses"] * 14) + " and a (giraffe:1.3)"
+    chunks = clip.tokenize(prompt)["l"]
+    assert len(chunks) == 2  # longer than 77 tokens
+    with torch.inference_mode():
+        m, store = run_capture(model)
+        sample(m, encode(clip, prompt), encode(clip, ""), latent())
+    assert store.layer_map(LayerId("middle", 0, 0)).shape[-1] == 154
+    from attention_lab.nodes.common import word_positions
+    _, positions = word_positions(clip, prompt, "giraffe")
+    assert all(p >= 77 for p in positions[0])
+    heat, over, masks = view(store, clip, prompt, "giraffe, street").result
+    assert masks.shape == (2, 32, 32)
