@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from sklearn.cluster import KMeans
 
+from .store import AttentionStore, word_maps
+
 
 @dataclass
 class Clustering:
@@ -49,8 +51,8 @@ def cluster_self_attention(self_attn: torch.Tensor, n_clusters: int, seed: int =
     if r * r != n:
         raise ValueError(f"self-attention map of {n} pixels is not square")
     if not 1 <= n_clusters <= n:
-        raise ValueError(f"cluster count {n_clusters} is out of range 1..{n} for a {r}x{r} self-attention map; "
-                         f"lower 'clusters' or pick a larger resolution")
+        raise ValueError(f"cluster count {n_clusters} is out of range 1..{n} (no more than the {n} pixels of the "
+                         f"{r}x{r} self-attention map); lower 'clusters' or pick a larger resolution")
     km = KMeans(n_clusters=n_clusters, n_init=10, random_state=seed)
     labels = km.fit_predict(self_attn.detach().float().cpu().numpy().astype(np.float64))
     return torch.from_numpy(labels.reshape(r, r).astype(np.int64))
@@ -72,6 +74,15 @@ def label_clusters(labels: torch.Tensor, word_maps: torch.Tensor, threshold: flo
         best = int(scores[c].argmax())
         words.append(best if float(scores[c, best]) > threshold else -1)
     return Clustering(labels, words, scores, r)
+
+
+def cluster_store(store: AttentionStore, positions: list[tuple[int, ...]], item: int, n_clusters: int,
+                  threshold: float, self_size: tuple[int, int], cross_size: tuple[int, int],
+                  seed: int = 1) -> Clustering:
+    """Cluster batch ``item``'s self-attention at ``self_size``, labelled by the words at ``cross_size``."""
+    n = self_size[0] * self_size[1]
+    labels = cluster_self_attention(store.aggregate(self_size, cross=False)[item].reshape(n, n), n_clusters, seed)
+    return label_clusters(labels, word_maps(store, positions, cross_size, item).cpu(), threshold)
 
 
 def cluster_colours(labels: torch.Tensor) -> torch.Tensor:

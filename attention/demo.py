@@ -19,13 +19,13 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .cluster import cluster_colours, cluster_self_attention, label_clusters
+from .cluster import cluster_colours, cluster_store
 from .render import colorize, grid, masks_from_maps, normalize, overlay, upsample
 from .shapesworld.evaluate import attention_localization, cluster_localization, generation_quality
-from .shapesworld.harness import classifier_accuracy, colour_blobs, iou_curve
+from .shapesworld.harness import classifier_accuracy, colour_blobs, iou_curve, mask_iou
 from .shapesworld.model import DEFAULT_WEIGHTS, ShapesWorldModel, patches_for
+from .shapesworld.world import COLOURS
 from .store import AttentionStore, StoreConfig, word_maps
-from .tokens import find_word_tokens
 
 log = logging.getLogger("attention_lab.demo")
 
@@ -47,8 +47,7 @@ def save(images: torch.Tensor, path: Path, scale: int = 4) -> None:
 def capture_demo(model: ShapesWorldModel, out: Path, prompt: str, words: list[str], seed: int) -> list[str]:
     store = AttentionStore(StoreConfig(self_max_tokens=32 * 32))
     image = model.generate([prompt], seed=seed, steps=20, cfg=5.0, patches=patches_for(store))[0].cpu()
-    chunks = [[t for t, _ in c] for c in model.tokenizer.chunks(prompt)]
-    positions = [find_word_tokens(chunks, model.tokenizer.word_ids(w), w, prompt).positions for w in words]
+    positions = [model.word_positions(prompt, w) for w in words]
     sizes = store.resolutions()
     hw = tuple(image.shape[1:])
     rows = []
@@ -65,34 +64,26 @@ def capture_demo(model: ShapesWorldModel, out: Path, prompt: str, words: list[st
     lines = [f"Prompt: `{prompt}` (seed {seed}); columns: {', '.join('%dx%d' % s for s in sizes)}, mean; "
              f"rows: {', '.join(words)}.", "", "![maps](attention_maps.png) ![overlays](overlays.png)", "",
              "| word | IoU of its 0.5-mask with the object's colour blob in the generated image |", "|---|---|"]
-    colours = {w.split()[0]: w for w in words}
+    word_colour = {w: next((c for c in COLOURS if f"{c} {w}" in prompt), None) for w in words}
     for w, m in zip(words, mean):
-        colour = next((c for c in ("red", "blue", "green", "yellow", "purple", "orange", "cyan")
-                       if f"{c} {w}" in prompt), None)
-        blobs = colour_blobs(image, colour) if colour else []
+        blobs = colour_blobs(image, word_colour[w]) if word_colour[w] else []
         iou = f"{float(iou_curve(m, blobs[0])[10]):.2f}" if blobs else "n/a (no blob)"
         lines.append(f"| {w} | {iou} |")
-    del colours
     # SelfAttnCluster on the same capture: KMeans over self-attention, labelled by cross-attention
     s_size = max(store.resolutions(cross=False))
-    n = s_size[0] * s_size[1]
-    labels = cluster_self_attention(store.aggregate(s_size, cross=False)[0].reshape(n, n), 4, seed=1)
-    result = label_clusters(labels, word_maps(store, positions[:2], min(sizes)), threshold=0.3)
-    pic = cluster_colours(labels)
+    result = cluster_store(store, positions[:2], 0, 4, 0.3, s_size, min(sizes), seed=1)
     word_masks = torch.stack([result.word_mask(i) for i in range(2)] + [result.background_mask()])
-    up = torch.nn.functional.interpolate(word_masks[:, None], size=hw, mode="nearest")[:, 0]
-    pic_up = torch.nn.functional.interpolate(pic.permute(2, 0, 1)[None], size=hw, mode="nearest")[0]
+    up = upsample(word_masks, hw, "nearest")
+    pic_up = upsample(cluster_colours(result.labels).permute(2, 0, 1), hw, "nearest")
     save(grid(torch.cat([pic_up.permute(1, 2, 0)[None], up[..., None].expand(-1, -1, -1, 3)]), cols=4),
          out / "clusters.png")
     lines += ["", f"SelfAttnCluster ({s_size[0]}x{s_size[1]} self-attention, 4 clusters, threshold 0.3): clusters, "
               f"then the masks of {words[0]}, {words[1]} and the background.", "", "![clusters](clusters.png)"]
     for i, w in enumerate(words[:2]):
-        colour = next(c for c in ("red", "blue") if f"{c} {w}" in prompt)
-        blobs = colour_blobs(image, colour)
+        blobs = colour_blobs(image, word_colour[w])
         if blobs:
-            inter = (up[i].bool() & blobs[0]).sum().item()
-            union = (up[i].bool() | blobs[0]).sum().item()
-            lines.append(f"* {w}: IoU of the cluster mask with the {colour} blob {inter / max(union, 1):.2f}")
+            lines.append(f"* {w}: IoU of the cluster mask with the {word_colour[w]} blob "
+                         f"{mask_iou(up[i], blobs[0]):.2f}")
     return lines
 
 

@@ -16,6 +16,7 @@ import torch
 
 from .context import AttnContext, context_from_extra_options
 from .controller import AttentionController
+from .render import upsample
 from .store import AttentionStore
 
 
@@ -100,6 +101,5 @@ class SelfAttentionInjection(AttentionController):
 
 def blend_mask(var_mask: torch.Tensor, orig_mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Union of the two foreground masks, upsampled (nearest) to ``size`` and dilated 3x3."""
-    m = torch.maximum(var_mask.float(), orig_mask.float())[None, None]
-    m = torch.nn.functional.interpolate(m, size=size, mode="nearest")
-    return torch.nn.functional.max_pool2d(m, 3, 1, 1)[0, 0]
+    m = upsample(torch.maximum(var_mask.float(), orig_mask.float()), size, "nearest")
+    return torch.nn.functional.max_pool2d(m[None, None], 3, 1, 1)[0, 0]

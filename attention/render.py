@@ -23,11 +23,11 @@ def normalize(maps: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     return ((flat - lo) / (hi - lo + eps)).view_as(maps)
 
 
-def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(..., h, w) -> (..., H, W) bilinear."""
+def upsample(maps: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
+    """(..., h, w) -> (..., H, W), bilinear for maps or "nearest" for masks and labels."""
     lead = maps.shape[:-2]
     x = maps.reshape(-1, 1, *maps.shape[-2:]).float()
-    x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    x = F.interpolate(x, size=size, mode=mode, align_corners=False if mode == "bilinear" else None)
     return x.view(*lead, *size)
 
 

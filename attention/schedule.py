@@ -33,16 +33,7 @@ def sigma_to_t(sigma: torch.Tensor, sigmas: torch.Tensor | None = None) -> torch
     return (1 - w) * low + w * (low + 1)
 
 
-def ddim_sigmas(steps: int) -> torch.Tensor:
-    """The 'ddim_uniform'-style schedule used by the reference code: t = 999 - k*1000/steps ... plus 0."""
-    sig = train_sigmas()
-    ts = torch.arange(steps) * (N_TRAIN_STEPS // steps)
-    ts = ts + 1 if N_TRAIN_STEPS // steps > 1 else ts
-    s = sig[ts.clamp(max=N_TRAIN_STEPS - 1)].flip(0)
-    return torch.cat([s, s.new_zeros(1)])
-
-
-def karras_free_simple_sigmas(steps: int) -> torch.Tensor:
+def simple_sigmas(steps: int) -> torch.Tensor:
     """ComfyUI's 'simple' scheduler: evenly spaced over the 1000 training sigmas, then 0."""
     sig = train_sigmas()
     stride = len(sig) / steps

@@ -55,7 +55,6 @@ class AttentionStore(AttentionController):
         with self._lock:
             self.cross: dict[LayerId, _Accum] = {}
             self.self_: dict[LayerId, _Accum] = {}
-            self.seen: dict[LayerId, tuple[int, int]] = {}   # every layer met, selected or not
             self.steps_recorded: set[int] = set()
             self.n_steps: int | None = None
             self.items: int | None = None
@@ -82,7 +81,6 @@ class AttentionStore(AttentionController):
         return c.step_start <= p < c.step_end or (c.step_end >= 1.0 and p >= c.step_start)
 
     def wants_probs(self, ctx: AttnContext) -> bool:
-        self.seen[ctx.layer] = (ctx.height, ctx.width)
         c = self.config
         if ctx.is_cross and not c.capture_cross:
             return False

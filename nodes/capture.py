@@ -15,6 +15,7 @@ from .common import (
     add_outer_sample_wrapper,
     install_controller,
     model_layer_ids,
+    require_finished_store,
     word_positions,
 )
 
@@ -126,15 +127,7 @@ class AttentionMapView(io.ComfyNode):
     @classmethod
     def execute(cls, store, clip, prompt, words, samples, resolution, threshold, batch_index, tile_size,
                 image=None) -> io.NodeOutput:
-        if not isinstance(store, AttentionStore):
-            raise TypeError(f"'store' must come from Attention Capture, got {type(store).__name__}")
-        if store.empty:
-            raise RuntimeError(
-                "the attention store is empty: nothing was sampled with Attention Capture's MODEL yet. Sample "
-                "with that MODEL and connect the sampler's LATENT output to this node's 'samples' input.")
-        if not store.finished:
-            raise RuntimeError("the last sampling run with this store did not finish (interrupted or failed); "
-                               "queue the workflow again")
+        require_finished_store(store)
         names, positions = word_positions(clip, prompt, words)
         sizes = store.resolutions(cross=True)
         size = _parse_resolution(resolution, sizes)

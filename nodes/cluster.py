@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from comfy_api.latest import io, ui
 
 from ..attention import logger
-from ..attention.cluster import cluster_colours, cluster_self_attention, label_clusters
-from ..attention.render import grid
-from ..attention.store import AttentionStore, word_maps
-from .common import CATEGORY, AttentionStoreType, word_positions
+from ..attention.cluster import cluster_colours, cluster_store
+from ..attention.render import grid, upsample
+from .common import CATEGORY, AttentionStoreType, require_finished_store, word_positions
 
 
 def nearest_size(wanted: int, sizes: list[tuple[int, int]], what: str) -> tuple[int, int]:
@@ -67,28 +65,17 @@ class SelfAttnCluster(io.ComfyNode):
     @classmethod
     def execute(cls, store, clip, prompt, words, samples, clusters, threshold, self_resolution,
                 cross_resolution, seed, batch_index, image=None) -> io.NodeOutput:
-        if not isinstance(store, AttentionStore) or store.empty:
-            raise RuntimeError("the attention store is empty: sample with Attention Capture's MODEL first and "
-                               "connect the sampler's LATENT to 'samples'")
+        require_finished_store(store)
         names, positions = word_positions(clip, prompt, words)
         s_size = nearest_size(self_resolution, store.resolutions(cross=False), "self-attention")
         c_size = nearest_size(cross_resolution, store.resolutions(cross=True), "cross-attention")
-        self_map = store.aggregate(s_size, cross=False)                  # (items, h, w, n)
-        if not 0 <= batch_index < self_map.shape[0]:
-            raise IndexError(f"batch_index {batch_index} is out of range 0..{self_map.shape[0] - 1}")
-        n = s_size[0] * s_size[1]
-        if clusters > n:
-            raise ValueError(f"clusters = {clusters} is more than the {n} pixels of the {s_size[0]}x{s_size[1]} "
-                             f"self-attention map; use at most {n}")
-        labels = cluster_self_attention(self_map[batch_index].reshape(n, n), clusters, seed)
-        result = label_clusters(labels, word_maps(store, positions, c_size, batch_index), threshold)
+        if not 0 <= batch_index < store.items:
+            raise IndexError(f"batch_index {batch_index} is out of range 0..{store.items - 1} of the captured batch")
+        result = cluster_store(store, positions, batch_index, clusters, threshold, s_size, c_size, seed)
         hw = tuple(image.shape[1:3]) if image is not None else tuple(samples["samples"].shape[-2:])
-        def up(m):
-            return F.interpolate(m[None, None], size=hw, mode="nearest")[0, 0]
-        masks = torch.stack([up(result.word_mask(i)) for i in range(len(names))])
-        background = up(result.background_mask())[None]
-        picture = F.interpolate(cluster_colours(labels).permute(2, 0, 1)[None], size=hw, mode="nearest")
-        picture = picture.permute(0, 2, 3, 1)
+        masks = upsample(torch.stack([result.word_mask(i) for i in range(len(names))]), hw, "nearest")
+        background = upsample(result.background_mask(), hw, "nearest")[None]
+        picture = upsample(cluster_colours(result.labels).permute(2, 0, 1), hw, "nearest").permute(1, 2, 0)[None]
         labelled = {names[w] if w >= 0 else "background": [] for w in result.cluster_word}
         for c, w in enumerate(result.cluster_word):
             labelled[names[w] if w >= 0 else "background"].append(c)

@@ -8,6 +8,7 @@ from comfy_api.latest import io
 
 from ..attention.controller import AttentionController, chain_patch
 from ..attention.layers import LayerId
+from ..attention.store import AttentionStore
 from ..attention.tokens import find_word_tokens, split_words
 
 AttentionStoreType = io.Custom("ATTENTION_STORE")
@@ -74,6 +75,20 @@ def add_outer_sample_wrapper(m, key: str, before=None, after=None) -> None:
             if after is not None:
                 after(ok)
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, key, wrapper)
+
+
+def require_finished_store(store) -> AttentionStore:
+    """The store of a finished sampling run, or an error that says how to wire the graph."""
+    if not isinstance(store, AttentionStore):
+        raise TypeError(f"'store' must come from Attention Capture, got {type(store).__name__}")
+    if store.empty:
+        raise RuntimeError(
+            "the attention store is empty: nothing was sampled with Attention Capture's MODEL yet. Sample "
+            "with that MODEL and connect the sampler's LATENT output to this node's 'samples' input.")
+    if not store.finished:
+        raise RuntimeError("the last sampling run with this store did not finish (interrupted or failed); "
+                           "queue the workflow again")
+    return store
 
 
 def _token_key(tokens: dict) -> str:

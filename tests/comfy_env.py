@@ -50,9 +50,22 @@ def comfy_or_skip():
 CTX = 64
 
 
-def tiny_sd15():
+def _tiny_unet(model_config_class, cfg: dict, seed: int, std: float):
+    """A ModelPatcher around a UNet of ``cfg`` with seeded random weights (comfy ops skip init)."""
     import comfy.model_management as mm
     import comfy.model_patcher
+    mc = model_config_class(cfg)
+    mc.set_inference_dtype(torch.float32, None)
+    model = mc.get_model({})
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.diffusion_model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+def tiny_sd15():
     import comfy.supported_models
     cfg = {'use_checkpoint': False, 'image_size': 32, 'out_channels': 4, 'use_spatial_transformer': True,
            'legacy': False, 'adm_in_channels': None, 'dtype': torch.float32, 'in_channels': 4,
@@ -60,20 +73,10 @@ def tiny_sd15():
            'transformer_depth_middle': 1, 'use_linear_in_transformer': False, 'context_dim': CTX,
            'transformer_depth_output': [1, 1, 1, 1], 'use_temporal_attention': False,
            'use_temporal_resblock': False}
-    mc = comfy.supported_models.SD15(cfg)
-    mc.set_inference_dtype(torch.float32, None)
-    model = mc.get_model({})
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.diffusion_model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
-                                            offload_device=mm.unet_offload_device())
+    return _tiny_unet(comfy.supported_models.SD15, cfg, seed=0, std=0.05)
 
 
 def tiny_sdxl():
-    import comfy.model_management as mm
-    import comfy.model_patcher
     import comfy.supported_models
     cfg = {'use_checkpoint': False, 'image_size': 32, 'out_channels': 4, 'use_spatial_transformer': True,
            'legacy': False, 'num_classes': 'sequential', 'adm_in_channels': 2816, 'in_channels': 4,
@@ -81,15 +84,7 @@ def tiny_sdxl():
            'transformer_depth_middle': 2, 'use_linear_in_transformer': True, 'context_dim': 2048,
            'num_head_channels': 32, 'transformer_depth_output': [0, 0, 2, 2], 'use_temporal_attention': False,
            'use_temporal_resblock': False, 'dtype': torch.float32}
-    mc = comfy.supported_models.SDXL(cfg)
-    mc.set_inference_dtype(torch.float32, None)
-    model = mc.get_model({})
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.diffusion_model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
-                                            offload_device=mm.unet_offload_device())
+    return _tiny_unet(comfy.supported_models.SDXL, cfg, seed=1, std=0.02)
 
 
 def tiny_clip():

@@ -6,7 +6,7 @@ from comfy_env import comfy_or_skip, encode, sample, tiny_clip, tiny_sd15
 
 pack = comfy_or_skip()
 
-from attention_lab.attention.shapesworld.harness import colour_blobs  # noqa: E402
+from attention_lab.attention.shapesworld.harness import colour_blobs, mask_iou  # noqa: E402
 from attention_lab.nodes.capture import AttentionCapture  # noqa: E402
 from attention_lab.nodes.cluster import SelfAttnCluster  # noqa: E402
 from attention_lab.nodes.shapesworld import load_shapesworld  # noqa: E402
@@ -56,7 +56,5 @@ def test_shapesworld_masks_find_the_objects():
         for mask, colour in zip(masks, ("red", "blue")):
             blobs = colour_blobs(image, colour)
             if blobs:
-                inter = (mask.bool() & blobs[0]).sum().item()
-                union = (mask.bool() | blobs[0]).sum().item()
-                hits += inter / union > 0.3
+                hits += mask_iou(mask, blobs[0]) > 0.3
     assert hits >= 5, hits  # of 8 (object, seed) pairs

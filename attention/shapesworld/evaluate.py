@@ -15,9 +15,10 @@ import logging
 
 import torch
 
+from ..cluster import cluster_store
+from ..render import upsample
 from ..store import AttentionStore, StoreConfig, word_maps
-from ..tokens import find_word_tokens
-from .harness import IoUReport, classifier_accuracy, colour_blobs, iou_curve, leakage, load_classifier
+from .harness import IoUReport, classifier_accuracy, colour_blobs, iou_curve, leakage, load_classifier, mask_iou
 from .model import DEFAULT_WEIGHTS, ShapesWorldModel, patches_for
 from .world import COLOURS, SHAPES, SceneSpec, ShapesWorld, caption_for
 
@@ -61,53 +62,50 @@ def generation_quality(model: ShapesWorldModel, n: int = 50, seed: int = 0, step
             "objects": shape_total, "steps": steps, "cfg": cfg}
 
 
+def capture_noised(model: ShapesWorldModel, scene, cond: torch.Tensor, t: int, store: AttentionStore,
+                   seed: int) -> None:
+    """One conditional denoiser call on ``scene`` noised to timestep ``t``, recorded into ``store``."""
+    sigma = model.sigmas[t].view(1).to(model.device)
+    g = torch.Generator().manual_seed(seed)
+    x0 = scene.image[None].to(model.device) * 2 - 1
+    den = model.denoiser(cond, None, 1.0, patches_for(store, self_layers=store.config.capture_self))
+    den(x0 + sigma * torch.randn(x0.shape, generator=g).to(model.device), sigma)
+
+
 @torch.no_grad()
 def attention_localization(model: ShapesWorldModel, n: int = 40, seed: int = 123,
                            bands: tuple[int, ...] = (200, 400, 600, 800)) -> dict:
     """Cross-attention IoU of each shape word against its object's mask on held-out scenes."""
     world = ShapesWorld(seed=seed)
-    curves: dict[tuple[tuple[int, int] | str, int], list[torch.Tensor]] = {}
+    curves: dict[tuple[str, int], list[torch.Tensor]] = {}   # (maps name, t) -> IoU curves
     leaks: list[dict] = []
     for i in range(n):
-        k = 1 + i % 3
-        scene = world.sample(SceneSpec([(None, None)] * k))
-        tok_chunks = [[t for t, _ in c] for c in model.tokenizer.chunks(scene.caption)]
+        scene = world.sample(SceneSpec([(None, None)] * (1 + i % 3)))
+        positions = model.object_positions(scene)
         cond = model.encode([scene.caption])
-        x0 = scene.image[None].to(model.device) * 2 - 1
         for t in bands:
             store = AttentionStore(StoreConfig(capture_self=False))
-            sigma = model.sigmas[t].view(1).to(model.device)
-            g = torch.Generator().manual_seed(seed * 1000 + i * 10 + t)
-            x = x0 + sigma * torch.randn(x0.shape, generator=g).to(model.device)
-            den = model.denoiser(cond, None, 1.0, patches_for(store, self_layers=False))
-            den(x, sigma)
-            seen: dict[str, int] = {}
-            for ob in scene.objects:
-                occ = seen.get(ob.shape, 0)
-                seen[ob.shape] = occ + 1
-                pos = find_word_tokens(tok_chunks, model.tokenizer.word_ids(ob.shape), ob.shape,
-                                       scene.caption, occurrence=occ).positions
-                others = torch.zeros_like(ob.mask)
-                for o2 in scene.objects:
-                    if o2 is not ob:
-                        others |= o2.mask
+            capture_noised(model, scene, cond, t, store, seed * 1000 + i * 10 + t)
+            for ob, pos in zip(scene.objects, positions):
                 for size in store.resolutions():
                     wm = word_maps(store, [pos], size)[0].cpu()
-                    curves.setdefault((size, t), []).append(iou_curve(wm, ob.mask))
+                    curves.setdefault((f"{size[0]}x{size[1]}", t), []).append(iou_curve(wm, ob.mask))
                 wm = word_maps(store, [pos], None)[0].cpu()
                 curves.setdefault(("mean", t), []).append(iou_curve(wm, ob.mask))
                 if t == bands[len(bands) // 2]:
+                    others = torch.zeros_like(ob.mask)
+                    for o2 in scene.objects:
+                        if o2 is not ob:
+                            others |= o2.mask
                     leaks.append(leakage(word_maps(store, [pos], min(store.resolutions()))[0].cpu(),
                                          ob.mask, others, scene.background_mask))
-    table = {}
-    for (size, t), cs in sorted(curves.items(), key=lambda kv: (str(kv[0][0]), kv[0][1])):
-        name = size if isinstance(size, str) else f"{size[0]}x{size[1]}"
+    table: dict[str, dict] = {}
+    for (name, t), cs in sorted(curves.items()):
         rep = IoUReport.from_curves(cs)
         table.setdefault(name, {})[f"t={t}"] = {"best_iou": round(rep.best_iou, 3),
                                                 "threshold": round(rep.best_threshold, 2)}
     for name, row in table.items():
-        allc = [c for (size, _), cs in curves.items() for c in cs
-                if (size if isinstance(size, str) else f"{size[0]}x{size[1]}") == name]
+        allc = [c for (nm, _), cs in curves.items() if nm == name for c in cs]
         row["all_bands"] = {"best_iou": round(IoUReport.from_curves(allc).best_iou, 3)}
     mean_leak = {k: round(sum(d[k] for d in leaks) / len(leaks), 3) for k in leaks[0]}
     return {"scenes": n, "iou": table, "leakage_coarsest": mean_leak}
@@ -117,39 +115,18 @@ def attention_localization(model: ShapesWorldModel, n: int = 40, seed: int = 123
 def cluster_localization(model: ShapesWorldModel, n: int = 20, seed: int = 321, t: int = 400,
                          clusters: int = 5, threshold: float = 0.3) -> dict:
     """SelfAttnCluster's word and background masks against the ground truth (IoU) on held-out scenes."""
-    from ..cluster import cluster_self_attention, label_clusters
     world = ShapesWorld(seed=seed)
     word_ious, bg_ious = [], []
     for i in range(n):
         scene = world.sample(SceneSpec([(None, None)] * (1 + i % 3)))
-        chunks = [[tk for tk, _ in c] for c in model.tokenizer.chunks(scene.caption)]
         store = AttentionStore(StoreConfig(self_max_tokens=32 * 32))
-        sigma = model.sigmas[t].view(1).to(model.device)
-        g = torch.Generator().manual_seed(seed + i)
-        x0 = scene.image[None].to(model.device) * 2 - 1
-        model.denoiser(model.encode([scene.caption]), None, 1.0, patches_for(store))(
-            x0 + sigma * torch.randn(x0.shape, generator=g).to(model.device), sigma)
-        seen: dict[str, int] = {}
-        positions = []
-        for ob in scene.objects:
-            occ = seen.get(ob.shape, 0)
-            seen[ob.shape] = occ + 1
-            positions.append(find_word_tokens(chunks, model.tokenizer.word_ids(ob.shape), ob.shape, scene.caption,
-                                              occurrence=occ).positions)
-        s_size = max(store.resolutions(cross=False))
-        k = s_size[0] * s_size[1]
-        labels = cluster_self_attention(store.aggregate(s_size, cross=False)[0].reshape(k, k), clusters)
-        result = label_clusters(labels, word_maps(store, positions, min(store.resolutions())).cpu(), threshold)
+        capture_noised(model, scene, model.encode([scene.caption]), t, store, seed + i)
+        result = cluster_store(store, model.object_positions(scene), 0, clusters, threshold,
+                               max(store.resolutions(cross=False)), min(store.resolutions()))
         size = tuple(scene.background_mask.shape)
-
-        def up(m, size=size):
-            return torch.nn.functional.interpolate(m[None, None], size=size, mode="nearest")[0, 0].bool()
-
-        def iou(a, b):
-            return (a & b).sum().item() / max((a | b).sum().item(), 1)
         for j, ob in enumerate(scene.objects):
-            word_ious.append(iou(up(result.word_mask(j)), ob.mask))
-        bg_ious.append(iou(up(result.background_mask()), scene.background_mask))
+            word_ious.append(mask_iou(upsample(result.word_mask(j), size, "nearest"), ob.mask))
+        bg_ious.append(mask_iou(upsample(result.background_mask(), size, "nearest"), scene.background_mask))
     return {"scenes": n, "t": t, "clusters": clusters, "threshold": threshold,
             "word_mask_iou": round(sum(word_ious) / len(word_ious), 3),
             "background_mask_iou": round(sum(bg_ious) / len(bg_ious), 3)}

@@ -39,6 +39,12 @@ def iou_curve(word_map: torch.Tensor, mask: torch.Tensor, thresholds: torch.Tens
     return torch.tensor(out)
 
 
+def mask_iou(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Intersection over union of two boolean masks (0 when both are empty)."""
+    a, b = a.bool(), b.bool()
+    return (a & b).sum().item() / max((a | b).sum().item(), 1)
+
+
 def leakage(word_map: torch.Tensor, own: torch.Tensor, others: torch.Tensor, background: torch.Tensor) -> dict:
     """Shares of the word's attention mass on its object, the other objects and the background."""
     m = upsample(word_map.float().clamp(min=0), tuple(own.shape))

@@ -15,7 +15,8 @@ from safetensors import safe_open
 
 from ..controller import ControlledAttention
 from ..sampling import cfg_combine, sample_euler
-from ..schedule import sigma_to_t, train_sigmas
+from ..schedule import sigma_to_t, simple_sigmas, train_sigmas
+from ..tokens import find_word_tokens
 from .text import ShapesTokenizer
 from .train import build_models
 from .unet import ShapesUNet
@@ -97,6 +98,20 @@ class ShapesWorldModel:
             return cfg_combine(c, u, cfg)
         return fn
 
+    def word_positions(self, prompt: str, word: str, occurrence: int | None = None) -> tuple[int, ...]:
+        """Key positions of ``word`` in ``prompt`` (all occurrences, or the ``occurrence``-th)."""
+        chunks = [[t for t, _ in c] for c in self.tokenizer.chunks(prompt)]
+        return find_word_tokens(chunks, self.tokenizer.word_ids(word), word, prompt, occurrence).positions
+
+    def object_positions(self, scene) -> list[tuple[int, ...]]:
+        """Positions of each object's shape word in its scene's caption (repeated shapes in order)."""
+        seen: dict[str, int] = {}
+        out = []
+        for ob in scene.objects:
+            out.append(self.word_positions(scene.caption, ob.shape, occurrence=seen.get(ob.shape, 0)))
+            seen[ob.shape] = seen.get(ob.shape, 0) + 1
+        return out
+
     def noise(self, n: int, seed: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(seed)
         return torch.randn(n, 3, self.size, self.size, generator=g).to(self.device)
@@ -105,8 +120,7 @@ class ShapesWorldModel:
                  patches: dict | None = None, negative: str = "", noise: torch.Tensor | None = None,
                  sigmas: torch.Tensor | None = None) -> torch.Tensor:
         """Images (B, 3, S, S) in [0, 1] for ``prompts`` with the Euler/DDIM loop."""
-        from ..schedule import karras_free_simple_sigmas
-        sigmas = karras_free_simple_sigmas(steps) if sigmas is None else sigmas
+        sigmas = simple_sigmas(steps) if sigmas is None else sigmas
         cond = self.encode(prompts)
         uncond = self.encode([negative] * len(prompts))
         x = (noise if noise is not None else self.noise(len(prompts), seed)) * sigmas[0]
@@ -115,12 +129,17 @@ class ShapesWorldModel:
         return ((out + 1) / 2).clamp(0, 1)
 
 
-def patches_for(controller, cross_layers=True, self_layers=True, model: ShapesWorldModel | None = None) -> dict:
-    """patches_replace dict installing ``controller`` on every attention layer (2-tuple keys)."""
+def layer_patches(self_controllers=(), cross_controllers=()) -> dict:
+    """patches_replace dict putting the controllers on every self / cross attention layer (2-tuple keys)."""
     blocks = [(lid.kind, lid.number) for lid in ShapesUNet.attention_layer_ids()]
     out: dict = {}
-    if self_layers:
-        out["attn1"] = {b: ControlledAttention((controller,), False) for b in blocks}
-    if cross_layers:
-        out["attn2"] = {b: ControlledAttention((controller,), True) for b in blocks}
+    if self_controllers:
+        out["attn1"] = {b: ControlledAttention(tuple(self_controllers), False) for b in blocks}
+    if cross_controllers:
+        out["attn2"] = {b: ControlledAttention(tuple(cross_controllers), True) for b in blocks}
     return out
+
+
+def patches_for(controller, cross_layers=True, self_layers=True) -> dict:
+    """patches_replace dict installing one ``controller`` on every attention layer."""
+    return layer_patches([controller] if self_layers else [], [controller] if cross_layers else [])

@@ -19,14 +19,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..cluster import cluster_self_attention, label_clusters
-from ..controller import ControlledAttention
+from ..cluster import cluster_store
 from ..prompt_mixing import ProxyValuePatch, SelfAttentionInjection, blend_mask, injection_masks
-from ..schedule import karras_free_simple_sigmas
-from ..store import AttentionStore, StoreConfig, word_maps
-from ..tokens import find_word_tokens
-from .model import ShapesWorldModel
-from .unet import ShapesUNet
+from ..sampling import sample_euler
+from ..schedule import simple_sigmas
+from ..store import AttentionStore, StoreConfig
+from .model import ShapesWorldModel, layer_patches
 
 
 @dataclass
@@ -39,24 +37,10 @@ class MixSettings:
     cluster_threshold: float = 0.3
 
 
-def _positions(model: ShapesWorldModel, prompt: str, word: str) -> tuple[int, ...]:
-    chunks = [[t for t, _ in c] for c in model.tokenizer.chunks(prompt)]
-    return find_word_tokens(chunks, model.tokenizer.word_ids(word), word, prompt).positions
-
-
 def _foreground(store: AttentionStore, item: int, positions: list[tuple[int, ...]], s: MixSettings) -> torch.Tensor:
-    size = max(store.resolutions(cross=False))
-    n = size[0] * size[1]
-    labels = cluster_self_attention(store.aggregate(size, cross=False)[item].reshape(n, n), s.clusters)
-    res = label_clusters(labels, word_maps(store, positions, min(store.resolutions()), item).cpu(),
-                         s.cluster_threshold)
+    res = cluster_store(store, positions, item, s.clusters, s.cluster_threshold,
+                        max(store.resolutions(cross=False)), min(store.resolutions()))
     return 1 - res.background_mask()
-
-
-def _patches(controllers_self, controllers_cross) -> dict:
-    blocks = [(lid.kind, lid.number) for lid in ShapesUNet.attention_layer_ids()]
-    return {"attn1": {b: ControlledAttention(tuple(controllers_self), False) for b in blocks},
-            "attn2": {b: ControlledAttention(tuple(controllers_cross), True) for b in blocks}}
 
 
 @torch.no_grad()
@@ -67,25 +51,19 @@ def prompt_mix(model: ShapesWorldModel, prompt: str, object_word: str, proxies: 
     s = settings or MixSettings()
     if not 0 <= s.window[0] <= s.window[1] <= 1:
         raise ValueError(f"mixing window {s.window} must satisfy 0 <= start <= end <= 1")
-    obj = _positions(model, prompt, object_word)
-    keep = [_positions(model, prompt, w) for w in preserve]
+    obj = model.word_positions(prompt, object_word)
+    keep = [model.word_positions(prompt, w) for w in preserve]
     proxy_prompts = [prompt.replace(object_word, p, 1) for p in proxies]
     for p, pp in zip(proxies, proxy_prompts):
         if len(model.tokenizer.word_ids(pp)) != len(model.tokenizer.word_ids(prompt)):
             raise ValueError(f"proxy {p!r} tokenizes to a different length than {object_word!r}")
-    sigmas = karras_free_simple_sigmas(steps).to(model.device)
+    sigmas = simple_sigmas(steps).to(model.device)
     noise = model.noise(1, seed)
-    uncond1 = model.encode([""])
-    cond1 = model.encode([prompt])
 
     # 1. the original, with its attention
     orig_store = AttentionStore(StoreConfig(self_max_tokens=32 * 32))
-    den = model.denoiser(cond1, uncond1, cfg, _patches([orig_store], [orig_store]), sigmas)
-    x = noise * sigmas[0]
-    for i in range(steps):
-        x0 = den(x, sigmas[i].expand(1))
-        x = x0 + (x - x0) * (sigmas[i + 1] / sigmas[i])
-    original = ((x + 1) / 2).clamp(0, 1)
+    original = model.generate([prompt], steps=steps, cfg=cfg, noise=noise, sigmas=sigmas,
+                              patches=layer_patches([orig_store], [orig_store]))
     orig_fg = _foreground(orig_store, 0, [obj] + keep, s)
 
     # 2. [original, variations] from the same noise
@@ -95,18 +73,18 @@ def prompt_mix(model: ShapesWorldModel, prompt: str, object_word: str, proxies: 
     injection = SelfAttentionInjection(injection_masks(orig_store, keep, obj, s.injection_threshold),
                                        s.self_injection_end)
     extra = {"patches": {"attn2_patch": [ProxyValuePatch(model.encode(proxy_prompts), *s.window)]}}
-    den = model.denoiser(cond1.expand(1 + k, -1, -1), uncond1.expand(1 + k, -1, -1), cfg,
-                         _patches([injection, var_store], [var_store]), sigmas, extra=extra)
-    x = (noise * sigmas[0]).expand(1 + k, -1, -1, -1).clone()
+    den = model.denoiser(model.encode([prompt]).expand(1 + k, -1, -1), model.encode([""]).expand(1 + k, -1, -1), cfg,
+                         layer_patches([injection, var_store], [var_store]), sigmas, extra=extra)
     masks = []
-    for i in range(steps):
-        x0 = den(x, sigmas[i].expand(1 + k))
-        x = x0 + (x - x0) * (sigmas[i + 1] / sigmas[i])
-        if blend_step is not None and i == blend_step:
+
+    def blend(i, x):
+        if i == blend_step:
             for b in range(1, 1 + k):
                 m = blend_mask(_foreground(var_store, b, [obj] + keep, s), orig_fg, tuple(x.shape[-2:]))
                 masks.append(m)
                 x[b] = m * x[b] + (1 - m) * x[0]
+        return x
+    x = sample_euler(den, (noise * sigmas[0]).expand(1 + k, -1, -1, -1).clone(), sigmas, blend)
     images = ((x + 1) / 2).clamp(0, 1)
     return {"original": original[0], "images": images, "blend_masks": masks, "original_foreground": orig_fg}
 
@@ -115,15 +93,16 @@ def prompt_mix(model: ShapesWorldModel, prompt: str, object_word: str, proxies: 
 def prompt_switch(model: ShapesWorldModel, prompt: str, object_word: str, proxy: str, seed: int, steps: int,
                   cfg: float, window: tuple[float, float]) -> torch.Tensor:
     """Baseline: the proxy prompt as the whole conditioning inside the window (no localization)."""
-    sigmas = karras_free_simple_sigmas(steps).to(model.device)
+    sigmas = simple_sigmas(steps).to(model.device)
     uncond = model.encode([""])
     plain = model.denoiser(model.encode([prompt]), uncond, cfg, None, sigmas)
     other = model.denoiser(model.encode([prompt.replace(object_word, proxy, 1)]), uncond, cfg, None, sigmas)
-    x = model.noise(1, seed) * sigmas[0]
-    for i in range(steps):
-        den = other if window[0] <= i / steps < window[1] else plain
-        x0 = den(x, sigmas[i].expand(1))
-        x = x0 + (x - x0) * (sigmas[i + 1] / sigmas[i])
+    step_of = {float(sig): i for i, sig in enumerate(sigmas[:-1])}
+
+    def switched(x, sigma):
+        inside = window[0] <= step_of[float(sigma[0])] / steps < window[1]
+        return (other if inside else plain)(x, sigma)
+    x = sample_euler(switched, model.noise(1, seed) * sigmas[0], sigmas)
     return ((x + 1) / 2).clamp(0, 1)[0]
 
 

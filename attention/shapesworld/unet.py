@@ -112,22 +112,19 @@ class SpatialTransformer(nn.Module):
 
 
 class Stage(nn.Module):
-    """One UNet block: a res block, optionally attention, optionally a resampler."""
+    """One UNet block: a res block, optionally attention, optionally a 2x nearest upsample."""
 
     def __init__(self, cin, cout, temb, context_dim=None, heads=0, resample=None):
         super().__init__()
-        self.res = ResBlock(cin, cout, temb) if cin is not None else None
+        self.res = ResBlock(cin, cout, temb)
         self.attn = SpatialTransformer(cout, context_dim, heads) if heads else None
         self.resample = resample
 
     def forward(self, x, emb, context, to):
-        if self.res is not None:
-            x = self.res(x, emb)
+        x = self.res(x, emb)
         if self.attn is not None:
             x = self.attn(x, context, to)
-        if self.resample == "down":
-            x = F.avg_pool2d(x, 2)
-        elif self.resample == "up":
+        if self.resample == "up":
             x = F.interpolate(x, scale_factor=2, mode="nearest")
         return x
 
