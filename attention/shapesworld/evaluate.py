@@ -136,11 +136,12 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", default=str(DEFAULT_WEIGHTS))
     p.add_argument("--prompts", type=int, default=50)
+    p.add_argument("--prompt-seed", type=int, default=0, help="seed of the prompt set and its noise")
     p.add_argument("--scenes", type=int, default=40)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     model = ShapesWorldModel(args.weights)
-    out = {"generation": generation_quality(model, args.prompts),
+    out = {"generation": generation_quality(model, args.prompts, seed=args.prompt_seed),
            "localization": attention_localization(model, args.scenes),
            "clustering": cluster_localization(model),
            "classifier": classifier_accuracy()}

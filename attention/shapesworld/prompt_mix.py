@@ -5,12 +5,13 @@ expressed as fractions of the steps: values window [7/50, 17/50), self-attention
 40/50 at threshold 0.05, background blend after step 35/50 with 5 clusters at threshold 0.3.
 
 Status (work in progress for the MnM issue): the invariants hold (tests/test_prompt_mixing.py),
-but on ShapesWorld the official window does not yet produce shape variations: with
-``mixing_quality`` (6 seeds x 4 proxies, 50 steps) 0 of 24 variations took the proxy's shape,
-for MnM and for plain prompt switching alike (PSNR outside the object 29.98 dB vs 29.61 dB);
-proxy values for the whole run (no localization) changed the shape in 8 of 12. Windows
-[0, 0.34), [0.3, 0.7) and [0.5, 0.9) gave 0 of 12. Why this model fixes shapes differently from
-SD is the open question before the node is built.
+but on ShapesWorld the official window does not yet produce shape variations.
+``python -m attention.shapesworld.prompt_mix`` (50 steps) prints: ``mixing_quality`` (6 seeds x 4
+proxies) 0 of 24 variations took the proxy's shape, for MnM and for plain prompt switching alike
+(PSNR outside the object 29.98 dB vs 29.61 dB); ``window_probe`` (3 seeds x 4 proxies) 0/12 for
+the windows [0.14, 0.34), [0, 0.34), [0.3, 0.7) and [0.5, 0.9), and 9/12 only for proxy values
+over the whole run [0, 1), with or without localization. Why this model fixes shapes differently
+from SD is the open question before the node is built.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from ..sampling import sample_euler
 from ..schedule import simple_sigmas
 from ..store import AttentionStore, StoreConfig
 from .model import ShapesWorldModel, layer_patches
+
+PROXIES = ["triangle", "star", "diamond", "cross"]   # proxies of the measurement prompt's circle
 
 
 @dataclass
@@ -110,7 +113,7 @@ def mixing_quality(model: ShapesWorldModel, seeds: int = 8, steps: int = 50, cfg
     """MnM against plain prompt switching on 'a red circle and a blue square on a gray background'."""
     from .harness import colour_blobs, load_classifier, psnr
     clf = load_classifier()
-    prompt, proxies = "a red circle and a blue square on a gray background", ["triangle", "star", "diamond", "cross"]
+    prompt, proxies = "a red circle and a blue square on a gray background", PROXIES
     stats = {name: {"proxy_shape": 0, "colour_kept": 0, "psnr_outside": [], "n": 0} for name in ("mnm", "switch")}
     for seed in range(seeds):
         out = prompt_mix(model, prompt, "circle", proxies, ["square"], seed=seed, steps=steps, cfg=cfg)
@@ -136,3 +139,49 @@ def mixing_quality(model: ShapesWorldModel, seeds: int = 8, steps: int = 50, cfg
                    "red_object_kept": round(st["colour_kept"] / st["n"], 3),
                    "psnr_outside_object_db": round(sum(st["psnr_outside"]) / len(st["psnr_outside"]), 2)}
             for name, st in stats.items()}
+
+
+def window_probe(model: ShapesWorldModel, windows: list[tuple[float, float]], seeds: int, steps: int,
+                 localize: bool, cfg: float = 5.0) -> dict:
+    """Share of variations of the circle that take the proxy's shape, per mixing window.
+
+    ``localize`` False turns off the self-attention injection and the background blend, leaving
+    only the proxy values.
+    """
+    from .harness import colour_blobs, load_classifier
+    clf = load_classifier()
+    prompt = "a red circle and a blue square on a gray background"
+    out = {}
+    for w in windows:
+        s = MixSettings(window=w) if localize else MixSettings(window=w, self_injection_end=0.0, blend_at=None)
+        hits = 0
+        for seed in range(seeds):
+            images = prompt_mix(model, prompt, "circle", PROXIES, ["square"], seed=seed, steps=steps, cfg=cfg,
+                                settings=s)["images"]
+            for j, proxy in enumerate(PROXIES):
+                blobs = colour_blobs(images[1 + j], "red")
+                hits += bool(blobs) and clf.predict(images[1 + j][None], blobs[0][None])[0][0] == proxy
+        out[f"[{w[0]:.2f}, {w[1]:.2f})"] = f"{hits}/{seeds * len(PROXIES)}"
+    return out
+
+
+def main(argv=None):
+    """python -m attention.shapesworld.prompt_mix: the MnM figures on ShapesWorld."""
+    import argparse
+    import json
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", type=int, default=6)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--probe-seeds", type=int, default=3)
+    args = p.parse_args(argv)
+    model = ShapesWorldModel()
+    print(json.dumps({"mixing_quality": mixing_quality(model, args.seeds, args.steps)}))
+    windows = [(7 / 50, 17 / 50), (0.0, 0.34), (0.3, 0.7), (0.5, 0.9), (0.0, 1.0)]
+    print(json.dumps({"takes_proxy_shape, MnM with localization":
+                      window_probe(model, windows, args.probe_seeds, args.steps, True),
+                      "takes_proxy_shape, proxy values only":
+                      window_probe(model, windows, args.probe_seeds, args.steps, False)}))
+
+
+if __name__ == "__main__":
+    main()
