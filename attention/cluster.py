@@ -44,6 +44,14 @@ class Clustering:
         return self.word_mask(-1)
 
 
+def nearest_size(wanted: int, sizes: list[tuple[int, int]], what: str) -> tuple[int, int]:
+    """The captured map size closest to ``wanted`` pixels a side (ties: the larger)."""
+    if not sizes:
+        raise ValueError(f"no {what} maps were captured; enable them on Attention Capture "
+                         f"(capture_self and self_max_size for self-attention)")
+    return min(sizes, key=lambda s: (abs(s[0] - wanted), -s[0]))
+
+
 def cluster_self_attention(self_attn: torch.Tensor, n_clusters: int, seed: int = 1) -> torch.Tensor:
     """KMeans over the rows of a (n, n) self-attention map; returns (r, r) labels."""
     n = self_attn.shape[0]

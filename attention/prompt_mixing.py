@@ -12,12 +12,114 @@ Shapes: value (rows, m, c) pre-projection text states; probs (rows, h, n_chunk, 
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 
+from .cluster import cluster_store, nearest_size
 from .context import AttnContext, context_from_extra_options
 from .controller import AttentionController
 from .render import upsample
 from .store import AttentionStore
+
+
+@dataclass
+class MixSettings:
+    """The official ``LPMConfig`` numbers as fractions of the step count (see the design notes)."""
+
+    window: tuple[float, float] = (7 / 50, 17 / 50)   # proxy values for steps in [start, end)
+    self_injection_end: float = 40 / 50               # original self-attention on kept objects until here
+    injection_threshold: float = 0.05                 # on min-max normalized cross-attention
+    blend_at: float | None = 35 / 50                  # one background blend after this step (None: off)
+    clusters: int = 5
+    cluster_threshold: float = 0.3
+    self_size: int = 32                               # clustered self-attention size (nearest captured)
+    cross_size: int = 16                              # labelling cross-attention size (nearest captured)
+
+    def validate(self) -> "MixSettings":
+        start, end = self.window
+        if not 0 <= start <= end <= 1:
+            raise ValueError(f"mixing window [{start}, {end}) must satisfy 0 <= start <= end <= 1 (fractions of "
+                             f"the steps; official [0.14, 0.34)); set mix_start below mix_end")
+        for name, v in (("self_injection_end", self.self_injection_end), ("injection_threshold",
+                        self.injection_threshold), ("cluster_threshold", self.cluster_threshold)):
+            if not 0 <= v <= 1:
+                raise ValueError(f"{name} = {v} is outside [0, 1]")
+        if self.blend_at is not None and not 0 <= self.blend_at <= 1:
+            raise ValueError(f"blend_at = {self.blend_at} is outside [0, 1] (official 0.7)")
+        if self.clusters < 1:
+            raise ValueError(f"clusters = {self.clusters} must be at least 1 (official 5)")
+        return self
+
+    def blend_step(self, steps: int) -> int | None:
+        return None if self.blend_at is None else min(int(round(self.blend_at * steps)), steps - 1)
+
+
+def proxy_prompt(prompt: str, word: str, proxy: str) -> str:
+    """``prompt`` with the first whole-word occurrence of ``word`` replaced by ``proxy``."""
+    out, n = re.subn(rf"(?<![\w]){re.escape(word)}(?![\w])", proxy, prompt, count=1, flags=re.IGNORECASE)
+    if n == 0:
+        raise ValueError(f"object word {word!r} is not in the prompt {prompt!r}; write it as it appears there")
+    return out
+
+
+def foreground(store: AttentionStore, item: int, positions: list[tuple[int, ...]], s: MixSettings) -> torch.Tensor:
+    """(r, r) 1 on clusters that any of ``positions``' words claims (the official Segmentor)."""
+    self_hw = nearest_size(s.self_size, store.resolutions(cross=False), "self-attention")
+    cross_hw = nearest_size(s.cross_size, store.resolutions(cross=True), "cross-attention")
+    res = cluster_store(store, positions, item, s.clusters, s.cluster_threshold, self_hw, cross_hw)
+    return 1 - res.background_mask()
+
+
+class BackgroundBlend:
+    """After-step hook: at ``step``, variations keep their foreground and take the original elsewhere.
+
+    The foreground of variation b is the union of its own clusters' foreground (from ``store``, filled
+    during this pass) and the original's; item 0 of the batch is the original (same x_T).
+    """
+
+    def __init__(self, store: AttentionStore, original_fg: torch.Tensor, positions: list[tuple[int, ...]],
+                 settings: MixSettings, step: int | None):
+        self.store, self.original_fg, self.positions = store, original_fg, positions
+        self.settings, self.step = settings, step
+        self.masks: list[torch.Tensor] = []              # one (h, w) latent-size mask per variation
+
+    def __call__(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        if i != self.step:
+            return x
+        x = x.clone()
+        for b in range(1, x.shape[0]):
+            fg = foreground(self.store, b, self.positions, self.settings)
+            m = blend_mask(fg, self.original_fg, tuple(x.shape[-2:])).to(x)
+            self.masks.append(m.cpu())
+            x[b] = m * x[b] + (1 - m) * x[0]
+        return x
+
+
+def suggest_proxies(encode_pooled: Callable[[list[str]], torch.Tensor], vocab: list[str], prompt: str,
+                    word: str, count: int, shortlist: int = 50, template: str = "a photo of a {word}",
+                    progress: Callable[[int, int], None] | None = None, batch: int = 256) -> list[str]:
+    """Proxy words as the official ``prompt_utils``: the ``shortlist`` vocabulary words whose
+    ``template`` prompt is closest (cosine of pooled text features) to the object word's, then the
+    ``count`` of those whose full prompt is closest to the prompt. ``vocab``: candidate words
+    (alphabetic, two letters or more; the object word itself is skipped)."""
+    words = [w for w in dict.fromkeys(vocab) if w.isalpha() and len(w) > 1 and w.lower() != word.lower()]
+    if count < 1 or not words:
+        return []
+
+    def ranked(fill: Callable[[str], str], candidates: list[str], k: int) -> list[str]:
+        ref = torch.nn.functional.normalize(encode_pooled([fill(word)]).float(), dim=-1)
+        feats = []
+        for i in range(0, len(candidates), batch):
+            feats.append(encode_pooled([fill(w) for w in candidates[i:i + batch]]).float())
+            if progress is not None:
+                progress(min(i + batch, len(candidates)), len(candidates))
+        sims = torch.nn.functional.normalize(torch.cat(feats), dim=-1) @ ref[0]
+        return [candidates[j] for j in sims.argsort(descending=True)[:k].tolist()]
+    short = ranked(lambda w: template.format(word=w), words, shortlist)
+    return ranked(lambda w: proxy_prompt(prompt, word, w), short, count)
 
 
 class ProxyValuePatch:

@@ -21,6 +21,9 @@ from .context import AttnContext
 from .controller import AttentionController
 from .layers import LayerId, LayerInfo, LayerSelection, parse_layer_selection
 
+# transformer_options flag of helper evaluations (optimization steps) that stores must not record
+QUIET_KEY = "attention_lab_quiet"
+
 
 @dataclass
 class _Accum:
@@ -86,7 +89,7 @@ class AttentionStore(AttentionController):
             return False
         if not ctx.is_cross and (not c.capture_self or ctx.height * ctx.width > c.self_max_tokens):
             return False
-        if 0 not in ctx.cond_or_uncond:
+        if 0 not in ctx.cond_or_uncond or ctx.extra.get(QUIET_KEY):
             return False
         return self._in_range(ctx) and c.selection.matches(ctx.layer, ctx.height, ctx.width)
 

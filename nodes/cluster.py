@@ -7,15 +7,13 @@ from comfy_api.latest import io, ui
 
 from ..attention import logger
 from ..attention.cluster import cluster_colours, cluster_store
+from ..attention.cluster import nearest_size as nearest_captured
 from ..attention.render import grid, upsample
 from .common import CATEGORY, AttentionStoreType, require_finished_store, word_positions
 
 
 def nearest_size(wanted: int, sizes: list[tuple[int, int]], what: str) -> tuple[int, int]:
-    if not sizes:
-        raise ValueError(f"no {what} maps were captured; enable them on Attention Capture "
-                         f"(capture_self and self_max_size for self-attention)")
-    best = min(sizes, key=lambda s: (abs(s[0] - wanted), -s[0]))
+    best = nearest_captured(wanted, sizes, what)
     if best[0] != wanted:
         logger.info("SelfAttnCluster: no %dx%d %s maps, using the nearest captured size %dx%d",
                     wanted, wanted, what, *best)

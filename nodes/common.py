@@ -12,6 +12,7 @@ from ..attention.store import AttentionStore
 from ..attention.tokens import find_word_tokens, split_words
 
 AttentionStoreType = io.Custom("ATTENTION_STORE")
+InversionType = io.Custom("ATTENTION_LAB_INVERSION")
 CATEGORY = "attention_lab"
 SUPPORTED_MODELS = "SD1.x, SD2.x and SDXL UNet checkpoints, and the ShapesWorld model"
 
@@ -93,6 +94,29 @@ def require_finished_store(store) -> AttentionStore:
 
 def _token_key(tokens: dict) -> str:
     return "l" if "l" in tokens else next(iter(tokens))
+
+
+def token_key(clip) -> str:
+    """The tokenizer key whose positions address cross-attention ('l' for SD/SDXL)."""
+    return _token_key(clip.tokenize(""))
+
+
+def encode_prompt(clip, prompt: str) -> list:
+    """CONDITIONING of ``prompt``, exactly as CLIPTextEncode makes it."""
+    return clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
+
+
+def tokenizer_words(clip) -> list[str]:
+    """Whole words of the CLIP's tokenizer vocabulary (candidates for proxy suggestions)."""
+    tok = clip.tokenizer
+    for holder in [tok] + [getattr(tok, a) for a in ("clip_l", "clip_g", "tok") if hasattr(tok, a)]:
+        inner = getattr(holder, "tokenizer", holder)
+        if hasattr(inner, "get_vocab"):
+            return [w[:-4] for w in inner.get_vocab() if w.endswith("</w>") and w[:-4].isalpha()]
+        if isinstance(getattr(inner, "vocab", None), (list, tuple)):
+            return [w for w in inner.vocab if w.isalpha()]
+    raise TypeError(f"cannot read a vocabulary from the {type(tok).__name__} tokenizer to suggest proxies; "
+                    f"give the proxy words yourself")
 
 
 def prompt_token_chunks(clip, prompt: str) -> tuple[list[list[int]], str]:

@@ -20,7 +20,7 @@ import torch
 from comfy_api.latest import io
 
 from ..attention.shapesworld.model import DEFAULT_WEIGHTS, read_weights
-from ..attention.shapesworld.text import ShapesTokenizer
+from ..attention.shapesworld.text import EOS, ShapesTokenizer
 from ..attention.shapesworld.train import build_models
 from .common import CATEGORY
 
@@ -94,7 +94,7 @@ class ComfyShapesTextModel(torch.nn.Module):
             empty = self._encode([[t for t, _ in ShapesTokenizer().chunks("")[0]]])
             z = empty + (z - empty) * weights[..., None]
         cond = z.reshape(1, -1, z.shape[-1])
-        pooled = z[0, 0:1]
+        pooled = z[0, ids[0].index(EOS)][None]    # CLIP's pooled output is the EOS state
         return cond.float().cpu(), pooled.float().cpu()
 
 

@@ -129,10 +129,69 @@ def capture_graph(shapesworld: bool) -> tuple[list[Node], list]:
     return nodes, [(note, (0, 600))]
 
 
+def prompt_mix_graph(shapesworld: bool) -> tuple[list[Node], list]:
+    if shapesworld:
+        loader = Node(1, "ShapesWorldLoader", {"weights": ""},
+                      outputs=[("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")], pos=(0, 0), size=(300, 100))
+        prompt, obj, proxies, keep = SW_MIX
+        size, cfg, scheduler, window = 256, 5.0, "simple", (0.34, 1.0)
+    else:
+        loader = Node(1, "CheckpointLoaderSimple", {"ckpt_name": "v1-5-pruned-emaonly.safetensors"},
+                      outputs=[("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")], pos=(0, 0), size=(300, 100))
+        prompt, obj, proxies, keep = ("a hamburger and a cup of coffee on a wooden table", "hamburger", "",
+                                      "cup, table")
+        size, cfg, scheduler, window = 512, 7.5, "ddim_uniform", (0.14, 0.34)
+    nodes = [
+        loader,
+        Node(2, "CLIPTextEncode", {"text": ""}, {"clip": (1, 1)}, [("CONDITIONING", "CONDITIONING")],
+             {"clip": "CLIP"}, (0, 160), (300, 120), "Negative prompt"),
+        Node(3, "EmptyLatentImage", {"width": size, "height": size, "batch_size": 1}, {},
+             [("LATENT", "LATENT")], {}, (0, 330), (300, 110)),
+        Node(4, "PromptMixSampler",
+             {"prompt": prompt, "object_word": obj, "proxy_words": proxies, "suggestions": 4,
+              "preserve_words": keep, "seed": 7, "steps": 50, "cfg": cfg, "scheduler": scheduler,
+              "mix_start": window[0], "mix_end": window[1], "self_injection_end": 0.8, "injection_threshold": 0.05,
+              "blend_at": 0.7, "clusters": 5, "cluster_threshold": 0.3},
+             {"model": (1, 0), "clip": (1, 1), "negative": (2, 0), "latent_image": (3, 0)},
+             [("latents", "LATENT"), ("blend_masks", "MASK"), ("proxies", "STRING")],
+             {"model": "MODEL", "clip": "CLIP", "negative": "CONDITIONING", "latent_image": "LATENT"},
+             (360, 0), (380, 620)),
+        Node(5, "VAEDecode", {}, {"samples": (4, 0), "vae": (1, 2)}, [("IMAGE", "IMAGE")],
+             {"samples": "LATENT", "vae": "VAE"}, (800, 0), (220, 50)),
+        Node(6, "SaveImage", {"filename_prefix": "attention_lab_mnm"}, {"images": (5, 0)}, [], {"images": "IMAGE"},
+             (1060, 0), (420, 300), "Original, then one variation per proxy"),
+        Node(7, "MaskToImage", {}, {"mask": (4, 1)}, [("IMAGE", "IMAGE")], {"mask": "MASK"}, (800, 360), (220, 50)),
+        Node(8, "PreviewImage", {}, {"images": (7, 0)}, [], {"images": "IMAGE"}, (1060, 360), (420, 260),
+             "Blend masks (white = kept from the variation)"),
+        Node(9, "PreviewAny", {}, {"source": (4, 2)}, [], {"source": "*"}, (800, 460), (220, 120),
+             "Proxy words used"),
+    ]
+    note = ("Prompt mixing (MnM, 'Localizing Object-level Shape Variations'). Change 'prompt' and 'object_word' "
+            "together (the word must be in the prompt); 'proxy_words' lists the shapes to try, one variation each "
+            "(leave it empty to have 'suggestions' words proposed from the vocabulary); 'preserve_words' are the "
+            "other objects to keep. The window [mix_start, mix_end) is where the proxy's cross-attention values "
+            "are used: earlier = bigger changes. Expected: the first image is the plain generation; in the "
+            "others the object changes shape while the rest stays (the background is copied back at 'blend_at').")
+    if shapesworld:
+        note += (" ShapesWorld fixes a small object's shape late, so this variant mixes over [0.34, 1) instead of "
+                 "the paper's [0.14, 0.34) for SD 1.4 (measured: python -m attention.shapesworld.prompt_mix). "
+                 "Runs on a CPU in seconds; 256x256 empty latent = 32x32 images.")
+    else:
+        note += (" Official settings for SD 1.4/1.5 at 512 px (50 DDIM steps, cfg 7.5). Pick your checkpoint in "
+                 "the loader; proxy suggestion encodes the CLIP vocabulary once (fast on a GPU, minutes on a CPU).")
+    return nodes, [(note, (0, 660))]
+
+
+SW_MIX = ("a red circle and a blue square on a gray background", "circle", "triangle, star, diamond, cross",
+          "square")
+
+
 def main():
     OUT.mkdir(exist_ok=True)
-    for name, sw in (("attention_capture", False), ("attention_capture_shapesworld", True)):
-        nodes, notes = capture_graph(sw)
+    graphs = (("attention_capture", capture_graph, False), ("attention_capture_shapesworld", capture_graph, True),
+              ("prompt_mixing", prompt_mix_graph, False), ("prompt_mixing_shapesworld", prompt_mix_graph, True))
+    for name, build, sw in graphs:
+        nodes, notes = build(sw)
         (OUT / f"{name}.json").write_text(json.dumps(ui_format(nodes, notes), indent=1) + "\n")
         (OUT / f"{name}_api.json").write_text(json.dumps(api_format(nodes), indent=1) + "\n")
         print("wrote", name)

@@ -1,0 +1,141 @@
+"""DDIM inversion and Null-Text Inversion (Mokady et al. 2022) in k-diffusion sigma space.
+
+Procedure and defaults ported from the official notebook ``null_text_w_ptp.ipynb`` of
+https://github.com/google/prompt-to-prompt (commit 8186230f7fed9a0d5ee5bd5a7ad39a2b2e8c9e93,
+Apache-2.0): DDIM inversion with the conditional prompt only; then, from the noisiest step down,
+a fresh Adam per step on the null (unconditional) embedding with lr 1e-2 * (1 - i / 100), at most
+10 inner steps, early stop when the loss falls under 1e-5 + i * 2e-5, the embedding carried to the
+next step. The loss is the MSE between the guided DDIM step and the inverted trajectory, in the
+model's latent space (z = x / sqrt(1 + sigma^2)), as upstream.
+
+Sigma space (ComfyUI's convention, see ``sampling.py``): x = z / sqrt(acp) = x0 + sigma * eps.
+Sampling sigmas descend s_0 > ... > s_{N-1} > s_N = 0; sampling step i goes s_i -> s_{i+1}.
+Inversion runs the steps backwards, evaluating eps at the target sigma on the current state
+(upstream's ``next_step``): x_i = x_{i+1} + eps(x_{i+1}, s_i) * (s_i - s_{i+1}).
+
+Shapes: x (1, c, h, w); embeddings (1, m, d); trajectory[i] is the state at s_i (trajectory[N] = x_0).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+log = logging.getLogger("attention_lab.inversion")
+
+EpsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]   # (x, sigma, context) -> eps
+
+
+@dataclass
+class NullTextSettings:
+    guidance: float = 7.5
+    inner_steps: int = 10
+    lr: float = 1e-2
+    epsilon: float = 1e-5
+
+
+@dataclass
+class Inversion:
+    """What an inversion hands to the editors."""
+
+    sigmas: torch.Tensor                     # (N+1,) descending, last 0
+    trajectory: list[torch.Tensor]           # N+1 states (1, c, h, w); [0] is x_T, [N] the clean latent
+    cond: torch.Tensor                       # (1, m, d) the source prompt's context
+    nulls: list[torch.Tensor] | None         # per step (1, m, d) null embeddings, or None (use the negative)
+    prompt: str
+    mode: str
+    guidance: float
+    unet_forward: int = 0                    # UNet evaluations (one per batch row)
+    unet_backward: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def x_T(self) -> torch.Tensor:
+        return self.trajectory[0]
+
+
+def z_scale(sigma: torch.Tensor) -> torch.Tensor:
+    return 1 / torch.sqrt(1 + sigma ** 2)
+
+
+@torch.no_grad()
+def ddim_invert(eps: EpsFn, x0: torch.Tensor, sigmas: torch.Tensor, cond: torch.Tensor,
+                on_step: Callable[[int], None] | None = None) -> list[torch.Tensor]:
+    """The DDIM trajectory of ``x0`` under the conditional prompt only (guidance 1)."""
+    n = len(sigmas) - 1
+    states = [None] * (n + 1)
+    x = x0
+    states[n] = x0
+    for i in range(n - 1, -1, -1):
+        x = x + eps(x, sigmas[i], cond) * (sigmas[i] - sigmas[i + 1])
+        states[i] = x
+        if on_step is not None:
+            on_step(n - 1 - i)
+    return states
+
+
+def ddim_step(x: torch.Tensor, e: torch.Tensor, s: torch.Tensor, s_next: torch.Tensor) -> torch.Tensor:
+    """One DDIM (eta 0) step from sigma s to s_next given the guided eps."""
+    return x + e * (s_next - s)
+
+
+def null_text_optimize(eps: EpsFn, trajectory: list[torch.Tensor], sigmas: torch.Tensor, cond: torch.Tensor,
+                       null_init: torch.Tensor, s: NullTextSettings,
+                       on_inner: Callable[[int, int, float], None] | None = None
+                       ) -> tuple[list[torch.Tensor], dict, torch.Tensor]:
+    """Per-step null embeddings that make guided DDIM retrace ``trajectory``.
+
+    ``eps`` must be differentiable with respect to its context argument. Returns the embeddings,
+    counts {forward, backward, inner_steps} (UNet rows evaluated) and the reconstruction (the last
+    guided state, which is what sampling with these embeddings gives).
+    """
+    n = len(sigmas) - 1
+    null = null_init.detach().clone()
+    nulls, counts = [], {"forward": 0, "backward": 0, "inner_steps": 0}
+    x = trajectory[0].detach()
+    for i in range(n):
+        sig, sig_next = sigmas[i], sigmas[i + 1]
+        target = trajectory[i + 1].detach()
+        with torch.no_grad():
+            e_cond = eps(x, sig, cond)
+        counts["forward"] += 1
+        null = null.detach().clone().requires_grad_(True)
+        opt = torch.optim.Adam([null], lr=s.lr * (1.0 - i / 100.0))
+        threshold = s.epsilon + i * 2e-5
+        for j in range(s.inner_steps):
+            e_u = eps(x, sig, null)
+            e = e_u + s.guidance * (e_cond - e_u)
+            rec = ddim_step(x, e, sig, sig_next)
+            loss = torch.nn.functional.mse_loss(rec * z_scale(sig_next), target * z_scale(sig_next))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            counts["forward"] += 1
+            counts["backward"] += 1
+            counts["inner_steps"] += 1
+            value = float(loss.detach())
+            if on_inner is not None:
+                on_inner(i, j, value)
+            if value < threshold:
+                break
+        null = null.detach()
+        nulls.append(null.clone())
+        with torch.no_grad():
+            e_u = eps(x, sig, null)
+            x = ddim_step(x, e_u + s.guidance * (e_cond - e_u), sig, sig_next)
+        counts["forward"] += 1
+    return nulls, counts, x
+
+
+@torch.no_grad()
+def reconstruct(eps: EpsFn, inv: Inversion, null_fallback: torch.Tensor) -> torch.Tensor:
+    """Guided DDIM from x_T with the inversion's nulls (or ``null_fallback``): the reconstruction."""
+    x = inv.x_T
+    for i in range(len(inv.sigmas) - 1):
+        u = inv.nulls[i] if inv.nulls is not None else null_fallback
+        e_c, e_u = eps(x, inv.sigmas[i], inv.cond), eps(x, inv.sigmas[i], u)
+        x = ddim_step(x, e_u + inv.guidance * (e_c - e_u), inv.sigmas[i], inv.sigmas[i + 1])
+    return x

@@ -1,0 +1,347 @@
+"""Prompt-to-Prompt editing controllers (Hertz et al. 2022): replace, refine, reweight, LocalBlend.
+
+Ported from https://github.com/google/prompt-to-prompt (Apache-2.0; ``prompt-to-prompt_stable.ipynb``,
+``null_text_w_ptp.ipynb`` at commit 35da05ed3766cfafbf1a07df4818b0ff05ede3b5, ``seq_aligner.py``,
+``ptp_utils.py``): the same mappers (word swap by token, refinement by global alignment with gap 0,
+match 1, mismatch -1), per-word cross-replace alphas over the steps, self-attention replacement for
+steps in ``self_replace_steps``, an equalizer for reweighting that can sit on a replace/refine edit,
+and LocalBlend (summed cross-attention of chosen words, 3x3 max-pool, max-normalized, threshold
+0.3, union with the source's mask, from ``start_blend`` of the steps on). Our code, their math.
+
+Batch convention: item 0 is the source, items 1..k the edits; only cond rows are edited, as upstream.
+Shapes (einops legend): probs (rows, h, n, m) with m text tokens; mapper (k, m, m) for replace,
+(k, m) indices for refine; alphas (k, m); equalizer (k, m); word alpha (steps+1, k, m).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .context import AttnContext
+from .controller import AttentionController
+from .layers import LayerId
+
+# ---- token alignment (seq_aligner) -------------------------------------------------------------
+
+def global_align(x: list[int], y: list[int]) -> list[tuple[int, int]]:
+    """Needleman-Wunsch (gap 0, match 1, mismatch -1): for each y token, its x index or -1."""
+    nx, ny = len(x), len(y)
+    score = [[0] * (ny + 1) for _ in range(nx + 1)]
+    back = [[0] * (ny + 1) for _ in range(nx + 1)]
+    for j in range(1, ny + 1):
+        back[0][j] = 1
+    for i in range(1, nx + 1):
+        back[i][0] = 2
+    back[0][0] = 4
+    for i in range(1, nx + 1):
+        for j in range(1, ny + 1):
+            left, up = score[i][j - 1], score[i - 1][j]
+            diag = score[i - 1][j - 1] + (1 if x[i - 1] == y[j - 1] else -1)
+            best = max(left, up, diag)
+            score[i][j] = best
+            back[i][j] = 1 if best == left else 2 if best == up else 3
+    i, j, pairs = nx, ny, []
+    while i > 0 or j > 0:
+        if back[i][j] == 3:
+            i, j = i - 1, j - 1
+            pairs.append((j, i))
+        elif back[i][j] == 1:
+            j -= 1
+            pairs.append((j, -1))
+        elif back[i][j] == 2:
+            i -= 1
+        else:
+            break
+    return pairs[::-1]
+
+
+def refine_mapper(src: list[int], dst: list[int], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``src``/``dst``: token ids with BOS/EOS (not padded). Returns mapper (length,) and alphas (length,)."""
+    pairs = global_align(src, dst)
+    mapper = torch.zeros(length, dtype=torch.long)
+    alphas = torch.ones(length)
+    for j, (_, i) in enumerate(pairs[:length]):
+        mapper[j] = i
+        alphas[j] = float(i != -1)
+    n = len(pairs)
+    if n < length:
+        mapper[n:] = len(dst) + torch.arange(length - n)
+    return mapper.clamp(max=length - 1), alphas
+
+
+def replace_mapper(src_words: list[tuple[int, ...]], dst_words: list[tuple[int, ...]], length: int) -> torch.Tensor:
+    """(length, length) token map for a word swap: the tokens of source word i map onto those of target
+    word i (one to one for equal counts, spread evenly otherwise); all other tokens map to themselves
+    (shifted after a swap that changes the token count)."""
+    mapper = torch.zeros(length, length)
+    changed = {s[0]: (s, d) for s, d in zip(src_words, dst_words)}
+    i = j = 0
+    while i < length and j < length:
+        if i in changed:
+            s, d = changed[i]
+            if len(s) == len(d):
+                mapper[list(s), list(d)] = 1.0
+            else:
+                for t in d:
+                    mapper[list(s), t] = 1.0 / len(d)
+            i, j = i + len(s), j + len(d)
+        else:
+            mapper[i, j] = 1.0
+            i, j = i + 1, j + 1
+    return mapper
+
+
+def word_alpha(steps: int, edits: int, length: int, default: tuple[float, float],
+               per_word: dict[tuple[int, int], tuple[float, float]]) -> torch.Tensor:
+    """(steps+1, edits, length) 1 where the edit's cross-attention takes the source's.
+
+    ``per_word``: {(edit index, token position): (start, end)} overrides, as fractions of the steps.
+    """
+    alpha = torch.zeros(steps + 1, edits, length)
+
+    def put(b, tokens, bounds):
+        start, end = int(bounds[0] * (steps + 1)), int(bounds[1] * (steps + 1))
+        alpha[:, b, tokens] = 0
+        alpha[start:end, b, tokens] = 1
+    for b in range(edits):
+        put(b, slice(None), default)
+    for (b, t), bounds in per_word.items():
+        put(b, [t], bounds)
+    return alpha
+
+
+# ---- the editing controller ----------------------------------------------------------------------
+
+@dataclass
+class EditPlan:
+    kind: list[str]                          # per edit: "replace" | "refine" | "none"
+    replace: torch.Tensor | None             # (k, m, m) for replace edits (identity elsewhere)
+    refine: torch.Tensor | None              # (k, m) indices for refine edits
+    refine_alphas: torch.Tensor | None       # (k, m)
+    equalizer: torch.Tensor | None           # (k, m) reweight factors, 1 = unchanged
+    alpha: torch.Tensor                      # (steps+1, k, m)
+    self_replace: tuple[float, float]        # fractions of the steps
+    self_max_tokens: int                     # self-attention replaced only on layers up to this size
+
+
+class P2PController(AttentionController):
+    """Edits items 1..k of the cond rows from item 0 (the source), per upstream's AttentionControlEdit."""
+
+    edits_probs = True
+
+    def __init__(self, plan: EditPlan, steps: int):
+        self.plan, self.steps = plan, steps
+
+    def wants_probs(self, ctx: AttnContext) -> bool:
+        if 0 not in ctx.cond_or_uncond or ctx.items < 2 or ctx.step is None:
+            return False
+        if ctx.is_cross:
+            return True
+        lo, hi = self.plan.self_replace
+        in_window = int(lo * self.steps) <= ctx.step < int(hi * self.steps)
+        return ctx.height * ctx.width <= self.plan.self_max_tokens and in_window
+
+    def replace_cross(self, base: torch.Tensor, edits: torch.Tensor) -> torch.Tensor:
+        """base (h, n, m), edits (k, h, n, m) -> (k, h, n, m) from the source's map."""
+        p = self.plan
+        out = edits.clone()
+        for b, kind in enumerate(p.kind):
+            if kind == "replace":
+                out[b] = torch.einsum("hpw,wn->hpn", base, p.replace[b].to(base))
+            elif kind == "refine":
+                a = p.refine_alphas[b].to(base)
+                out[b] = base[:, :, p.refine[b].to(base.device)] * a + edits[b] * (1 - a)
+            else:
+                out[b] = base
+        if p.equalizer is not None:
+            out = out * p.equalizer.to(base)[:, None, None, :]
+        return out
+
+    def edit_probs(self, probs, ctx: AttnContext, query_slice: slice):
+        for start, item in ctx.rows(0):
+            if item != 0:
+                continue
+            k = min(ctx.items - 1, len(self.plan.kind))
+            base, edits = probs[start], probs[start + 1:start + 1 + k]
+            if ctx.is_cross:
+                alpha = self.plan.alpha[min(ctx.step, self.plan.alpha.shape[0] - 1), :k].to(probs)[:, None, None, :]
+                new = self.replace_cross(base, edits)
+                probs[start + 1:start + 1 + k] = new * alpha + edits * (1 - alpha)
+            else:
+                probs[start + 1:start + 1 + k] = base.expand_as(edits)
+        return probs
+
+
+# ---- LocalBlend --------------------------------------------------------------------------------
+
+class LocalBlend:
+    """After-step hook: edits change only where the chosen words' attention is (source or edit).
+
+    ``store``: an AttentionStore on the cross-attention layers (mean maps so far; upstream sums, the
+    max-normalization makes that the same); ``words``: per batch item, the token positions of its
+    blend words; the maps are those of the layers at ``size`` (upstream: the 16x16 layers of SD 1.x
+    at 512 px, i.e. a quarter of the latent), or the nearest captured size.
+    """
+
+    def __init__(self, store, words: list[list[int]], size: tuple[int, int], threshold: float = 0.3,
+                 start: int = 0):
+        self.store, self.words, self.size = store, words, size
+        self.threshold, self.start = threshold, start
+        self.layers: list[LayerId] = []
+        self.last_mask: torch.Tensor | None = None
+
+    def _resolve(self) -> None:
+        sizes = self.store.resolutions(cross=True)
+        if self.size not in sizes:
+            self.size = min(sizes, key=lambda s: (abs(s[0] - self.size[0]), -s[0]))
+        self.layers = [i.layer for i in self.store.layers(cross=True) if (i.height, i.width) == self.size]
+
+    def mask(self, hw: tuple[int, int]) -> torch.Tensor:
+        if not self.layers:
+            self._resolve()
+        avg = self.store.aggregate(self.size, cross=True, layers=set(self.layers))  # (items, h, w, m)
+        per_item = torch.stack([avg[b, ..., w].sum(-1) if w else torch.zeros(self.size)
+                                for b, w in enumerate(self.words)])               # (items, h, w)
+        pooled = F.max_pool2d(per_item[:, None], 3, 1, 1)
+        up = F.interpolate(pooled, size=hw, mode="nearest")
+        up = up / up.amax((2, 3), keepdim=True).clamp(min=1e-12)
+        m = up > self.threshold
+        return (m[:1] | m).float()                                                # (items, 1, H, W)
+
+    def __call__(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        if i < self.start or self.store.empty:
+            return x
+        m = self.mask(tuple(x.shape[-2:])).to(x)
+        self.last_mask = m
+        return x[:1] + m * (x - x[:1])
+
+
+# ---- plans from prompts (tokenizer-agnostic) --------------------------------------------------
+
+IdsFn = Callable[[str], list[int]]          # prompt -> token ids of all its chunks, BOS/EOS/padding included
+WordIdsFn = Callable[[str], list[int]]      # one word -> its token ids, no specials
+EDITS = ("auto", "replace", "refine")
+
+
+def prompt_words(prompt: str, ids: list[int], word_ids: WordIdsFn) -> list[tuple[str, tuple[int, ...]]]:
+    """Each whitespace-separated word of ``prompt`` (punctuation stripped) with its token positions."""
+    out, cursor = [], 0
+    for raw in prompt.split():
+        w = raw.strip(",.;:!?")
+        wid = word_ids(w) if w else []
+        for p in range(cursor, len(ids) - len(wid) + 1):
+            if wid and ids[p:p + len(wid)] == wid:
+                out.append((w, tuple(range(p, p + len(wid)))))
+                cursor = p + len(wid)
+                break
+    return out
+
+
+def eos_index(ids: list[int]) -> int:
+    """Index of the end of the prompt: the first repeat of the padding id (the last id)."""
+    last = ids[-1]
+    return next((i for i in range(1, len(ids)) if ids[i] == last), len(ids) - 1)
+
+
+def parse_pairs(text: str, what: str, example: str) -> dict[str, float]:
+    """'word:1.5, other:-1' -> {'word': 1.5, 'other': -1.0}."""
+    out = {}
+    for part in [p for p in (text or "").split(",") if p.strip()]:
+        m = re.fullmatch(r"\s*(.+?)\s*:\s*(-?\d*\.?\d+)\s*", part)
+        if not m:
+            raise ValueError(f"{what} entry {part.strip()!r} is not 'word:number'; write e.g. '{example}'")
+        out[m.group(1)] = float(m.group(2))
+    return out
+
+
+def build_plan(source: str, targets: list[str], edit: str, steps: int, cross_steps: float,
+               cross_words: dict[str, float], self_steps: float, reweight: dict[str, float], length: int,
+               self_max_tokens: int, ids_of: IdsFn, word_ids: WordIdsFn) -> EditPlan:
+    """The edit plan of upstream's ``make_controller``: replace (same word count) or refine per target,
+    an equalizer when ``reweight`` is given, per-word cross-replace ends."""
+    if edit not in EDITS:
+        raise ValueError(f"edit {edit!r} is not one of {list(EDITS)}")
+    src_ids = ids_of(source)
+    src_words = prompt_words(source, src_ids, word_ids)
+    kinds, replace, refine, ref_alpha, eq, per_word = [], [], [], [], [], {}
+    for b, tgt in enumerate(targets):
+        tgt_ids = ids_of(tgt)
+        tgt_words = prompt_words(tgt, tgt_ids, word_ids)
+        same_len = len(source.split()) == len(tgt.split())
+        kind = ("replace" if same_len else "refine") if edit == "auto" else edit
+        if kind == "replace" and not same_len:
+            raise ValueError(f"replace needs prompts with the same number of words: {source!r} has "
+                             f"{len(source.split())}, {tgt!r} has {len(tgt.split())}; use edit 'refine' or 'auto'")
+        kinds.append(kind)
+        if kind == "replace":
+            diff = [(s[1], d[1]) for s, d in zip(src_words, tgt_words) if s[0] != d[0]]
+            replace.append(replace_mapper([a for a, _ in diff], [d for _, d in diff], length))
+            refine.append(torch.arange(length))
+            ref_alpha.append(torch.ones(length))
+        else:
+            m, a = refine_mapper(src_ids[:eos_index(src_ids) + 1], tgt_ids[:eos_index(tgt_ids) + 1], length)
+            refine.append(m)
+            ref_alpha.append(a)
+            replace.append(torch.eye(length))
+        factors = torch.ones(length)
+        for word, f in reweight.items():
+            hits = [pos for w, pos in tgt_words if w == word]
+            if not hits:
+                raise ValueError(f"reweight word {word!r} is not in the target prompt {tgt!r}; its words: "
+                                 f"{[w for w, _ in tgt_words]}")
+            for pos in hits:
+                factors[list(pos)] = f
+        eq.append(factors)
+        for word, end in cross_words.items():
+            for w, pos in tgt_words:
+                if w == word:
+                    per_word.update({(b, t): (0.0, end) for t in pos})
+    return EditPlan(kind=kinds, replace=torch.stack(replace), refine=torch.stack(refine),
+                    refine_alphas=torch.stack(ref_alpha), equalizer=torch.stack(eq) if reweight else None,
+                    alpha=word_alpha(steps, len(targets), length, (0.0, cross_steps), per_word),
+                    self_replace=(0.0, self_steps), self_max_tokens=self_max_tokens)
+
+
+def blend_positions(prompts: list[str], names: list[str], ids_of: IdsFn, word_ids: WordIdsFn) -> list[list[int]]:
+    """Per prompt, the token positions of the blend words it contains (an unknown word is an error)."""
+    out, found = [], set()
+    for p in prompts:
+        pos = []
+        for w, tokens in prompt_words(p, ids_of(p), word_ids):
+            if w in names:
+                pos += list(tokens)
+                found.add(w)
+        out.append(pos)
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise ValueError(f"blend words {missing} are in none of the prompts {prompts}; use words of the source "
+                         f"or target prompts")
+    return out
+
+
+# ---- the batch sampler -------------------------------------------------------------------------
+
+BatchEps = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, list], torch.Tensor]  # (x, sigma, ctx, cou) -> eps
+
+
+@torch.no_grad()
+def p2p_sample(eps: BatchEps, x_T: torch.Tensor, sigmas: torch.Tensor, conds: torch.Tensor,
+               nulls: list[torch.Tensor] | torch.Tensor, cfg: float, after_step=None, on_step=None) -> torch.Tensor:
+    """DDIM (eta 0) on the batch [source, edits] from one x_T (1, c, h, w); ``conds`` (1+k, m, d);
+    ``nulls``: one (1, m, d) null per step (an inversion) or a single negative context."""
+    k1 = conds.shape[0]
+    x = x_T.expand(k1, -1, -1, -1).clone()
+    for i in range(len(sigmas) - 1):
+        u = (nulls[i] if isinstance(nulls, list) else nulls).to(conds).expand(k1, -1, -1)
+        e_c, e_u = eps(torch.cat([x, x]), sigmas[i], torch.cat([conds, u]), [0, 1]).chunk(2)
+        x = x + (e_u + cfg * (e_c - e_u)) * (sigmas[i + 1] - sigmas[i])
+        if after_step is not None:
+            x = after_step(i, x)
+        if on_step is not None:
+            on_step(i)
+    return x

@@ -1,0 +1,178 @@
+"""P2PEditSampler: Prompt-to-Prompt edits of a generated image (seed) or an inverted one.
+
+Glue only: controllers, mappers and LocalBlend are in ``attention/p2p.py`` (ported from
+google/prompt-to-prompt, Apache-2.0; see its header). The source and every edit are sampled in one
+batch by our DDIM (eta 0) loop, with per-step null embeddings when an inversion is given.
+"""
+
+from __future__ import annotations
+
+import comfy.model_management as mm
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import torch
+from comfy_api.latest import io, ui
+
+from ..attention import logger
+from ..attention.inversion import Inversion
+from ..attention.p2p import EDITS, LocalBlend, P2PController, blend_positions, build_plan, p2p_sample, parse_pairs
+from ..attention.store import AttentionStore, StoreConfig
+from ..attention.tokens import split_words
+from .common import (
+    CATEGORY,
+    InversionType,
+    encode_prompt,
+    install_controller,
+    model_layer_ids,
+    prompt_token_chunks,
+    token_key,
+    word_ids,
+)
+from .unet_calls import UNetCalls, run_with_pack_wrappers
+
+
+def tokenizer_fns(clip):
+    """(prompt -> flat token ids, word -> token ids) for this CLIP, as attention/p2p.py wants them."""
+    key = token_key(clip)
+
+    def ids_of(prompt: str) -> list[int]:
+        chunks, _ = prompt_token_chunks(clip, prompt)
+        return [t for c in chunks for t in c]
+    return ids_of, lambda w: word_ids(clip, w, key)
+
+
+class P2PEditSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="P2PEditSampler",
+            display_name="P2P Edit Sampler (Prompt-to-Prompt)",
+            category=CATEGORY,
+            description=(
+                "Prompt-to-Prompt editing (Hertz et al. 2022): samples the source prompt and each target prompt "
+                "in one batch, the edits taking the source's cross-attention (word swap 'replace', added words "
+                "'refine', 'reweight' factors) and self-attention for the first steps; LocalBlend keeps changes "
+                "where the blend words are. From a seed, or from a Null-Text Inversion of a real image. DDIM "
+                "only (eta 0; ancestral/SDE samplers cannot share attention between rows deterministically)."),
+            inputs=[
+                io.Model.Input("model", tooltip=(
+                    "SD1.x/SD2.x/SDXL or ShapesWorld model. Cloned; the input stays unpatched.")),
+                io.Clip.Input("clip", tooltip="The model's CLIP."),
+                io.String.Input("source_prompt", multiline=True,
+                                default="a red circle and a blue square on a gray background",
+                                tooltip="The source prompt (with an inversion: the prompt it was inverted with)."),
+                io.String.Input("target_prompts", multiline=True,
+                                default="a red triangle and a blue square on a gray background",
+                                tooltip="One edited prompt per line; each becomes one output image."),
+                io.Conditioning.Input("negative", tooltip="Negative conditioning when no inversion is given."),
+                io.Latent.Input("latent_image", tooltip="Size of a generated source (ignored with an inversion)."),
+                io.Combo.Input("edit", options=list(EDITS), default="auto", tooltip=(
+                    "auto: replace when the word counts match, else refine. replace: word swap (same word count). "
+                    "refine: words added or removed, aligned token by token.")),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Noise seed of the generated source (ignored with an inversion)."),
+                io.Int.Input("steps", default=50, min=2, max=1000,
+                             tooltip="DDIM steps (with an inversion: its steps)."),
+                io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1,
+                               tooltip="Guidance scale (with an inversion: its guidance)."),
+                io.Combo.Input("scheduler", options=list(comfy.samplers.SCHEDULER_NAMES), default="ddim_uniform",
+                               tooltip="Sigma schedule (with an inversion: its sigmas)."),
+                io.Float.Input("cross_replace_steps", default=0.8, min=0.0, max=1.0, step=0.01, tooltip=(
+                    "Fraction of the steps in which edits take the source's cross-attention (0-1; official "
+                    "examples 0.8).")),
+                io.String.Input("cross_replace_words", default="", tooltip=(
+                    "Per-word overrides 'word:fraction' for words of the target prompts, e.g. 'lasagne:0.2' "
+                    "(comma separated; empty = none).")),
+                io.Float.Input("self_replace_steps", default=0.4, min=0.0, max=1.0, step=0.01, tooltip=(
+                    "Fraction of the steps in which edits take the source's self-attention (0-1; official 0.4). "
+                    "Only on layers up to half the latent's size, as upstream's 32x32 at 512 px.")),
+                io.String.Input("reweight", default="", tooltip=(
+                    "Attention reweighting 'word:factor' for words of the target prompts, e.g. 'smiling:5' or "
+                    "'pink:-2' (comma separated; negative allowed; empty = none). Combines with replace/refine.")),
+                io.String.Input("blend_words", default="", tooltip=(
+                    "LocalBlend: words (of the source or a target) where changes are allowed, e.g. 'circle, "
+                    "triangle'; empty = no blend.")),
+                io.Float.Input("blend_threshold", default=0.3, min=0.0, max=1.0, step=0.01,
+                               tooltip="LocalBlend mask threshold on the max-normalized map (official 0.3; 0-1)."),
+                io.Float.Input("blend_start", default=0.2, min=0.0, max=1.0, step=0.01,
+                               tooltip="LocalBlend starts after this fraction of the steps (official 0.2; 0-1)."),
+                InversionType.Input("inversion", optional=True, tooltip="From Null-Text Inversion: edit a real image."),
+            ],
+            outputs=[
+                io.Latent.Output(display_name="latents", tooltip="Batch: the source (reconstruction), then each edit."),
+                io.Mask.Output(display_name="blend_mask", tooltip="The last LocalBlend mask per edit (latent size)."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, source_prompt, target_prompts, negative, latent_image, edit, seed, steps, cfg,
+                scheduler, cross_replace_steps, cross_replace_words, self_replace_steps, reweight, blend_words,
+                blend_threshold, blend_start, inversion=None) -> io.NodeOutput:
+        targets = [t.strip() for t in target_prompts.splitlines() if t.strip()]
+        if not targets:
+            raise ValueError("target_prompts is empty: write one edited prompt per line")
+        inv: Inversion | None = inversion
+        if inv is not None:
+            if inv.prompt.strip() != source_prompt.strip():
+                raise ValueError(f"the inversion was made with the prompt {inv.prompt!r}, not {source_prompt!r}; "
+                                 f"use the same source prompt on both nodes")
+            sigmas, cfg = inv.sigmas, inv.guidance
+        else:
+            sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).cpu()
+        steps = len(sigmas) - 1
+        positive = [encode_prompt(clip, p) for p in [source_prompt] + targets]
+        conds = [c[0][0] for c in positive]
+        bad = [(p, tuple(c.shape)) for p, c in zip([source_prompt] + targets, conds) if c.shape != conds[0].shape]
+        if bad:
+            raise ValueError(f"prompts encode to different lengths {bad} vs {tuple(conds[0].shape)}; keep every "
+                             f"prompt within the source's 77-token chunks")
+        length = conds[0].shape[1]
+        k = len(targets)
+        if inv is not None:
+            x_T = inv.x_T
+            nulls = inv.nulls
+        else:
+            lat = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"][:1])
+            noise = comfy.sample.prepare_noise(lat, seed)
+            ms = model.get_model_object("model_sampling")
+            x_T = ms.noise_scaling(sigmas[0], noise, model.model.process_latent_in(lat),
+                                   max_denoise=float(sigmas[0]) >= float(ms.sigma_max) - 1e-5)
+            nulls = None
+        neg = negative[0][0]
+        if neg.shape[1] != length:
+            neg = neg.repeat(1, length // neg.shape[1], 1)[:, :length]
+        latent_hw = tuple(x_T.shape[-2:])
+
+        ids_of, wids = tokenizer_fns(clip)
+        plan = build_plan(source_prompt, targets, edit, steps, cross_replace_steps,
+                          parse_pairs(cross_replace_words, "cross_replace_words", "lasagne:0.2"),
+                          self_replace_steps, parse_pairs(reweight, "reweight", "smiling:5"), length,
+                          (latent_hw[0] // 2) * (latent_hw[1] // 2), ids_of, wids)
+        m = model.clone()
+        ids = model_layer_ids(model)
+        install_controller(m, P2PController(plan, steps), ids)
+        blend = None
+        names = split_words(blend_words)
+        if names:
+            store = AttentionStore(StoreConfig(capture_self=False))
+            install_controller(m, store, ids, self_attn=False, cross_attn=True)
+            blend = LocalBlend(store, blend_positions([source_prompt] + targets, names, ids_of, wids),
+                               (max(latent_hw[0] // 4, 1), max(latent_hw[1] // 4, 1)), blend_threshold,
+                               int(blend_start * steps))
+        calls = UNetCalls(m, sigmas, positive[0][0][1])
+        dev = calls.device
+        pbar = comfy.utils.ProgressBar(steps)
+
+        def on_step(i):
+            mm.throw_exception_if_processing_interrupted()
+            pbar.update(1)
+        x = run_with_pack_wrappers(m, lambda: p2p_sample(
+            calls.eps, x_T.to(dev), sigmas.to(dev), torch.cat(conds).to(dev),
+            [n.to(dev) for n in nulls] if nulls is not None else neg.to(dev), cfg, blend, on_step))
+        out = model.model.process_latent_out(x.cpu())
+        mask = blend.last_mask[1:, 0].cpu() if blend is not None and blend.last_mask is not None \
+            else torch.ones(k, *latent_hw)
+        logger.info("P2PEditSampler: %d edits (%s) of %r, %d steps%s", k, ", ".join(plan.kind), source_prompt, steps,
+                    " from an inversion" if inv is not None else "")
+        return io.NodeOutput({"samples": out}, mask, ui=ui.PreviewMask(mask, cls=cls))

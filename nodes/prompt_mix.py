@@ -1,0 +1,233 @@
+"""PromptMixSampler: shape variations of one object by prompt mixing (MnM), localized.
+
+Glue only: the controllers, the blend and the proxy suggestion live in
+``attention/prompt_mixing.py`` (procedure and defaults of orpatashnik/local-prompt-mixing, see its
+header). Two passes with our own DDIM (Euler, eta 0) loop through ComfyUI's sampler plumbing:
+1. the original prompt alone, capturing its attention (injection masks, background clusters);
+2. the batch [original, variation per proxy] from the same noise, with proxy values in the window,
+   the original's self-attention injected on preserved objects and one background blend.
+"""
+
+from __future__ import annotations
+
+import comfy.model_management as mm
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import latent_preview
+import torch
+from comfy_api.latest import io, ui
+
+from ..attention import logger
+from ..attention.prompt_mixing import (
+    BackgroundBlend,
+    MixSettings,
+    ProxyValuePatch,
+    SelfAttentionInjection,
+    foreground,
+    injection_masks,
+    proxy_prompt,
+    suggest_proxies,
+)
+from ..attention.render import upsample
+from ..attention.sampling import sample_euler
+from ..attention.store import AttentionStore, StoreConfig
+from ..attention.tokens import split_words
+from .common import (
+    CATEGORY,
+    encode_prompt,
+    install_controller,
+    model_layer_ids,
+    token_key,
+    tokenizer_words,
+    word_ids,
+    word_positions,
+)
+
+SELF_MAX = 32 * 32          # official: self-attention of layers up to 32x32 (SD at 512 px)
+_SUGGESTION_CACHE: dict = {}
+
+
+def ddim_sampler(after_step=None, on_step=None):
+    """A SAMPLER running attention/sampling.py's DDIM loop with an after-step hook."""
+    def sample(model, x, sigmas, extra_args=None, callback=None, disable=None):
+        extra = extra_args or {}
+
+        def step(i, x_, x0):
+            mm.throw_exception_if_processing_interrupted()
+            if callback is not None:
+                callback({"x": x_, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": x0})
+        return sample_euler(lambda x_, s_: model(x_, s_, **extra), x, sigmas, after_step, step)
+    return comfy.samplers.KSAMPLER(sample)
+
+
+def _sample(model, noise, latent, positive, negative, cfg, sigmas, seed, after_step=None, label=""):
+    steps = len(sigmas) - 1
+    callback = latent_preview.prepare_callback(model, steps)
+    logger.info("PromptMixSampler: %s (%d images, %d steps)", label, noise.shape[0], steps)
+    return comfy.sample.sample_custom(model, noise, cfg, ddim_sampler(after_step), sigmas, positive, negative,
+                                      latent, callback=callback, seed=seed)
+
+
+def _proxies(clip, prompt: str, word: str, proxy_words: str, count: int) -> list[str]:
+    given = split_words(proxy_words)
+    if given:
+        return given
+    key = (id(clip.cond_stage_model), prompt, word, count)
+    if key not in _SUGGESTION_CACHE:
+        vocab = tokenizer_words(clip)
+        pbar = comfy.utils.ProgressBar(len(vocab))
+
+        def encode_pooled(texts):
+            out = [clip.encode_from_tokens(clip.tokenize(t), return_pooled=True)[1] for t in texts]
+            return torch.cat([o.reshape(1, -1).float().cpu() for o in out])
+        _SUGGESTION_CACHE[key] = suggest_proxies(encode_pooled, vocab, prompt, word, count,
+                                                 progress=lambda done, total: pbar.update_absolute(done, total))
+    words = _SUGGESTION_CACHE[key]
+    logger.info("PromptMixSampler: suggested proxies for %r: %s", word, words)
+    return words
+
+
+def _check_proxy(clip, key: str, word: str, proxy: str):
+    a, b = word_ids(clip, word, key), word_ids(clip, proxy, key)
+    if len(a) != len(b):
+        raise ValueError(
+            f"proxy word {proxy!r} is {len(b)} token(s) for this CLIP but the object word {word!r} is {len(a)}; "
+            f"values are swapped token by token, so a proxy must have the same token count. Pick another proxy "
+            f"(single words of common nouns are usually one token).")
+
+
+class PromptMixSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="PromptMixSampler",
+            display_name="Prompt Mix Sampler (MnM)",
+            category=CATEGORY,
+            description=(
+                "Shape variations of one object while the rest of the image stays (Patashnik et al. 2023, "
+                "'Localizing Object-level Shape Variations'). Samples the prompt, then one variation per proxy "
+                "word: inside the mixing window the cross-attention takes its values from the proxy prompt (keys "
+                "stay), the original's self-attention is injected on preserved objects, and the background is "
+                "blended back from the original. DDIM (eta 0). Output batch: original first, then variations."),
+            inputs=[
+                io.Model.Input("model", tooltip=(
+                    "SD1.x/SD2.x/SDXL or ShapesWorld model. Cloned; the input stays unpatched.")),
+                io.Clip.Input("clip", tooltip="The model's CLIP; encodes the prompt and the proxy prompts."),
+                io.String.Input("prompt", multiline=True, default="a red circle and a blue square on a gray background",
+                                tooltip="The positive prompt, containing the object word."),
+                io.Conditioning.Input("negative",
+                                      tooltip="Negative conditioning (an empty CLIPTextEncode as officially)."),
+                io.Latent.Input("latent_image", tooltip="Sets the size (EmptyLatentImage); its first item is used."),
+                io.String.Input("object_word", default="circle",
+                                tooltip="The word of the prompt whose shape varies (object of interest)."),
+                io.String.Input("proxy_words", default="triangle, star, diamond, cross", tooltip=(
+                    "Comma-separated proxies, one variation each; empty = suggest 'suggestions' words from the "
+                    "tokenizer vocabulary by text-encoder similarity (official prompt_utils; encodes the whole "
+                    "vocabulary once, minutes on a CPU for SD's CLIP, cached).")),
+                io.Int.Input("suggestions", default=4, min=1, max=16,
+                             tooltip="How many proxies to suggest when proxy_words is empty (1-16)."),
+                io.String.Input("preserve_words", default="square", tooltip=(
+                    "Other objects to keep exactly (comma separated, may be empty): their pixels take the "
+                    "original's self-attention.")),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Noise seed shared by the original and every variation."),
+                io.Int.Input("steps", default=50, min=2, max=1000, tooltip="DDIM steps (official 50)."),
+                io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1,
+                               tooltip="Classifier-free guidance scale (official 7.5; 5 for ShapesWorld)."),
+                io.Combo.Input("scheduler", options=list(comfy.samplers.SCHEDULER_NAMES), default="simple",
+                               tooltip="Sigma schedule of the DDIM loop."),
+                io.Float.Input("mix_start", default=0.14, min=0.0, max=1.0, step=0.01, tooltip=(
+                    "Start of the mixing window as a fraction of the steps (official 7/50 = 0.14). Earlier = "
+                    "larger changes (also position), later = finer ones. Range 0-1.")),
+                io.Float.Input("mix_end", default=0.34, min=0.0, max=1.0, step=0.01, tooltip=(
+                    "End of the mixing window, exclusive (official 17/50 = 0.34). Range 0-1, at least mix_start.")),
+                io.Float.Input("self_injection_end", default=0.8, min=0.0, max=1.0, step=0.01, tooltip=(
+                    "Preserved objects take the original's self-attention until this fraction of the steps "
+                    "(official 40/50 = 0.8; 0 = off). Range 0-1.")),
+                io.Float.Input("injection_threshold", default=0.05, min=0.0, max=1.0, step=0.01, tooltip=(
+                    "A pixel belongs to a preserved object when its normalized cross-attention exceeds this "
+                    "(official 0.05). Range 0-1.")),
+                io.Float.Input("blend_at", default=0.7, min=0.0, max=1.0, step=0.01, tooltip=(
+                    "After this fraction of the steps the background is copied from the original once "
+                    "(official 35/50 = 0.7). 1 = no blend. Range 0-1.")),
+                io.Int.Input("clusters", default=5, min=1, max=64,
+                             tooltip="KMeans clusters of the background segmentation (official 5; 1-64)."),
+                io.Float.Input("cluster_threshold", default=0.3, min=0.0, max=1.0, step=0.01, tooltip=(
+                    "A cluster is foreground when a noun's normalized cross-attention covers it above this "
+                    "(official 0.3). Range 0-1.")),
+            ],
+            outputs=[
+                io.Latent.Output(display_name="latents", tooltip="Batch: the original, then one variation per proxy."),
+                io.Mask.Output(display_name="blend_masks", tooltip=(
+                    "Per variation, the foreground kept from the variation at the blend "
+                    "(latent size; 1 = variation).")),
+                io.String.Output(display_name="proxies", tooltip="The proxy words used, in batch order."),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, mix_start, mix_end, **kwargs):
+        if mix_start > mix_end:
+            return (f"mix_start ({mix_start}) is above mix_end ({mix_end}); the window is [mix_start, mix_end) in "
+                    f"fractions of the steps, official [0.14, 0.34)")
+        return True
+
+    @classmethod
+    def execute(cls, model, clip, prompt, negative, latent_image, object_word, proxy_words, suggestions,
+                preserve_words, seed, steps, cfg, scheduler, mix_start, mix_end, self_injection_end,
+                injection_threshold, blend_at, clusters, cluster_threshold) -> io.NodeOutput:
+        s = MixSettings(window=(mix_start, mix_end), self_injection_end=self_injection_end,
+                        injection_threshold=injection_threshold, blend_at=None if blend_at >= 1 else blend_at,
+                        clusters=clusters, cluster_threshold=cluster_threshold).validate()
+        word = object_word.strip()
+        _, (obj,) = word_positions(clip, prompt, word)
+        keep_names = split_words(preserve_words)
+        keep = word_positions(clip, prompt, preserve_words)[1] if keep_names else []
+        proxies = _proxies(clip, prompt, word, proxy_words, suggestions)
+        key = token_key(clip)
+        for p in proxies:
+            _check_proxy(clip, key, word, p)
+        positive = encode_prompt(clip, prompt)
+        proxy_ctx = torch.cat([encode_prompt(clip, proxy_prompt(prompt, word, p))[0][0] for p in proxies])
+        if proxy_ctx.shape[1:] != positive[0][0].shape[1:]:
+            raise ValueError(f"proxy prompts encode to {tuple(proxy_ctx.shape[1:])} but the prompt to "
+                             f"{tuple(positive[0][0].shape[1:])}; keep the prompts within the same 77-token chunks")
+
+        latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"][:1])
+        noise = comfy.sample.prepare_noise(latent, seed)
+        sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).cpu()
+        ids = model_layer_ids(model)
+        k = len(proxies)
+
+        # 1. the original, with its attention
+        orig_store = AttentionStore(StoreConfig(self_max_tokens=SELF_MAX))
+        m1 = model.clone()
+        install_controller(m1, orig_store, ids)
+        orig_store.reset()
+        _sample(m1, noise, latent, positive, negative, cfg, sigmas, seed, label="original")
+        orig_store.finish()
+        orig_fg = foreground(orig_store, 0, [obj] + keep, s)
+
+        # 2. [original, variations] from the same noise
+        step = s.blend_step(steps)
+        m2 = model.clone()
+        m2.set_model_attn2_patch(ProxyValuePatch(proxy_ctx, *s.window))
+        masks = injection_masks(orig_store, keep, obj, s.injection_threshold, SELF_MAX)
+        if keep and s.self_injection_end > 0:
+            install_controller(m2, SelfAttentionInjection(masks, s.self_injection_end),
+                               [lid for lid in ids if lid in masks], self_attn=True, cross_attn=False)
+        var_store = AttentionStore(StoreConfig(self_max_tokens=SELF_MAX, step_end=((step or steps) + 1) / steps))
+        blend = BackgroundBlend(var_store, orig_fg, [obj] + keep, s, step)
+        if step is not None:
+            install_controller(m2, var_store, ids)
+        var_store.reset()
+        out = _sample(m2, noise.expand(1 + k, -1, -1, -1).clone(), latent.expand(1 + k, -1, -1, -1).clone(),
+                      positive, negative, cfg, sigmas, seed, after_step=blend, label="variations")
+        var_store.finish()
+        hw = tuple(out.shape[-2:])
+        blend_masks = torch.stack(blend.masks) if blend.masks else torch.ones(k, *hw)
+        preview = torch.cat([upsample(orig_fg, hw, "nearest")[None], blend_masks.float()])
+        logger.info("PromptMixSampler: %d variations of %r: %s", k, word, proxies)
+        return io.NodeOutput({"samples": out}, blend_masks, ", ".join(proxies),
+                             ui=ui.PreviewMask(preview, cls=cls))

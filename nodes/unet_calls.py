@@ -1,0 +1,90 @@
+"""Direct UNet evaluations for our own loops (inversion, null-text optimization, P2P batches).
+
+ComfyUI runs every node under ``torch.inference_mode`` with inference-tensor weights; the
+null-text and DPL optimizations need gradients with respect to the text context, so
+``autograd_safe`` temporarily swaps the diffusion model's inference tensors for normal copies
+(../shared/comfyui-notes.md section 6, fix 1) and always restores them.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.patcher_extension
+import torch
+
+from ..attention.store import QUIET_KEY
+
+
+@contextmanager
+def autograd_safe(module: torch.nn.Module):
+    """Inside: gradients flow through ``module`` (its weights stay frozen). Restored on exit."""
+    swapped = []
+    with torch.inference_mode(False):
+        try:
+            for mod in module.modules():
+                for store in ("_parameters", "_buffers"):
+                    table = getattr(mod, store)
+                    for name, t in list(table.items()):
+                        if t is not None and t.is_inference():
+                            copy = t.clone()
+                            table[name] = torch.nn.Parameter(copy, requires_grad=False) if store == "_parameters" \
+                                else copy
+                            swapped.append((table, name, t))
+            with torch.enable_grad():
+                yield
+        finally:
+            for table, name, t in reversed(swapped):
+                table[name] = t
+
+
+class UNetCalls:
+    """eps(x, sigma, context) of a ModelPatcher's model, with its patches, outside a sampler."""
+
+    def __init__(self, model, sample_sigmas: torch.Tensor, cond_dict: dict | None = None):
+        mm.load_models_gpu([model], force_full_load=True)
+        self.model = model
+        self.bm = model.model
+        self.device = model.load_device
+        self.sample_sigmas = sample_sigmas.to(self.device)
+        self.options = comfy.model_patcher.create_model_options_clone(model.model_options)
+        extra = dict(cond_dict or {})
+        pooled = extra.pop("pooled_output", None)
+        self.adm = None
+        if pooled is not None:
+            adm = self.bm.encode_adm(pooled_output=pooled.to(self.device), device=self.device, **extra)
+            self.adm = adm.to(self.device) if adm is not None else None
+
+    def quiet_eps(self, x, sigma, context):
+        return self.eps(x, sigma, context, quiet=True)
+
+    def eps(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor,
+            cond_or_uncond: list[int] | None = None, quiet: bool = False) -> torch.Tensor:
+        """x (b, c, h, w) at one ``sigma``; context (b, m, d). Rows are cond unless told otherwise;
+        ``quiet`` hides the call from attention stores (helper evaluations such as optimization)."""
+        b = x.shape[0]
+        sig = sigma.reshape(1).to(self.device, torch.float32).expand(b).clone()
+        to = dict(self.options.get("transformer_options", {}))
+        to.update(sigmas=sig, sample_sigmas=self.sample_sigmas, cond_or_uncond=cond_or_uncond or [0])
+        if quiet:
+            to[QUIET_KEY] = True
+        kwargs = {}
+        if self.adm is not None:
+            kwargs["y"] = self.adm.expand(b, -1)
+        x = x.to(self.device)
+        x0 = self.bm.apply_model(x, sig, c_crossattn=context.to(self.device), transformer_options=to, **kwargs)
+        return (x - x0) / sig.view(-1, 1, 1, 1)
+
+
+def run_with_pack_wrappers(model, fn):
+    """Run ``fn()`` inside this pack's OUTER_SAMPLE wrappers on ``model`` (Attention Capture's store
+    reset/finish), so our own loops fill a capture store exactly as a stock sampler does. Other
+    packs' wrappers expect a sampler's arguments and are not called."""
+    wrappers = model.model_options.get("transformer_options", {}).get("wrappers", {})
+    ours = [w for key, ws in wrappers.get(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, {}).items()
+            if key.startswith("attention_lab") for w in ws]
+    if not ours:
+        return fn()
+    return comfy.patcher_extension.WrapperExecutor.new_executor(lambda *a, **k: fn(), ours).execute()
