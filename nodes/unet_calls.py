@@ -82,8 +82,9 @@ def run_with_pack_wrappers(model, fn):
     """Run ``fn()`` inside this pack's OUTER_SAMPLE wrappers on ``model`` (Attention Capture's store
     reset/finish), so our own loops fill a capture store exactly as a stock sampler does. Other
     packs' wrappers expect a sampler's arguments and are not called."""
-    wrappers = model.model_options.get("transformer_options", {}).get("wrappers", {})
-    ours = [w for key, ws in wrappers.get(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, {}).items()
+    kind = comfy.patcher_extension.WrappersMP.OUTER_SAMPLE
+    tables = [getattr(model, "wrappers", {}), model.model_options.get("transformer_options", {}).get("wrappers", {})]
+    ours = [w for table in tables for key, ws in table.get(kind, {}).items()
             if key.startswith("attention_lab") for w in ws]
     if not ours:
         return fn()

@@ -1,0 +1,189 @@
+"""Null-Text Inversion and Prompt-to-Prompt on the ShapesWorld model (outside ComfyUI), and their figures.
+
+Same code as the nodes: ``attention/inversion.py`` (inversion, null-text optimization) and
+``attention/p2p.py`` (plans, controllers, LocalBlend, the batch sampler). "Real" images are drawn by
+the ShapesWorld generator (never seen by the model as such), so their masks are exact.
+
+    python -m attention.shapesworld.editing [--images 20] [--steps 50]
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..inversion import Inversion, NullTextSettings, ddim_invert, null_text_optimize, reconstruct
+from ..p2p import LocalBlend, P2PController, blend_positions, build_plan, p2p_sample, prompt_words
+from ..schedule import simple_sigmas
+from ..store import AttentionStore, StoreConfig
+from .model import ShapesWorldModel, layer_patches
+from .text import ShapesTokenizer
+from .world import SceneSpec, ShapesWorld
+
+SOURCE = "a red circle and a blue square on a gray background"
+TARGET = "a red triangle and a blue square on a gray background"
+
+
+def batch_eps(model: ShapesWorldModel, sigmas: torch.Tensor, patches: dict | None = None):
+    """eps(x, sigma, context, cond_or_uncond) with ComfyUI's transformer_options contract."""
+    def eps(x, sigma, context, cou=(0,)):
+        to = {"cond_or_uncond": list(cou), "sigmas": sigma.reshape(1), "sample_sigmas": sigmas,
+              "patches_replace": patches or {}}
+        return model.eps(x, sigma.reshape(1).expand(x.shape[0]), context, to)
+    return eps
+
+
+def invert(model: ShapesWorldModel, image: torch.Tensor, prompt: str, steps: int = 50, guidance: float = 7.5,
+           mode: str = "null-text", settings: NullTextSettings | None = None) -> tuple[Inversion, torch.Tensor]:
+    """Inversion of ``image`` (3, S, S) in [0, 1]; returns it and the reconstruction in [0, 1]."""
+    sigmas = simple_sigmas(steps)
+    eps = batch_eps(model, sigmas)
+    cond, null = model.encode([prompt]), model.encode([""])
+    x0 = image[None] * 2 - 1
+    traj = ddim_invert(eps, x0, sigmas, cond)
+    fwd, bwd = steps, 0
+    if mode == "null-text":
+        s = settings or NullTextSettings(guidance=guidance)
+        with torch.enable_grad():
+            nulls, counts, rec = null_text_optimize(eps, traj, sigmas, cond, null, s)
+        fwd, bwd = fwd + counts["forward"], counts["backward"]
+    else:
+        nulls = [cond] * steps if mode == "negative-prompt" else None
+    inv = Inversion(sigmas=sigmas, trajectory=traj, cond=cond, nulls=nulls, prompt=prompt, mode=mode,
+                    guidance=guidance, unet_forward=fwd, unet_backward=bwd)
+    if mode != "null-text":
+        rec = reconstruct(eps, inv, null)
+        inv.unet_forward += 2 * steps
+    return inv, ((rec[0] + 1) / 2).clamp(0, 1)
+
+
+def _tok_fns(model: ShapesWorldModel):
+    tok: ShapesTokenizer = model.tokenizer
+    return (lambda p: [t for c in tok.chunks(p) for t, _ in c]), tok.word_ids
+
+
+@torch.no_grad()
+def edit(model: ShapesWorldModel, source: str, targets: list[str], inversion: Inversion | None = None,
+         seed: int = 0, steps: int = 50, cfg: float = 5.0, cross_replace: float = 0.8, self_replace: float = 0.4,
+         reweight: dict | None = None, blend_words: list[str] | None = None, edit_kind: str = "auto",
+         store: AttentionStore | None = None) -> torch.Tensor:
+    """[source, edits] images (1+k, 3, S, S) in [0, 1] by P2P from a seed or an inversion."""
+    ids_of, wids = _tok_fns(model)
+    sigmas = inversion.sigmas if inversion is not None else simple_sigmas(steps)
+    steps = len(sigmas) - 1
+    cfg = inversion.guidance if inversion is not None else cfg
+    conds = model.encode([source] + targets)
+    length, s = conds.shape[1], model.size
+    plan = build_plan(source, targets, edit_kind, steps, cross_replace, {}, self_replace, reweight or {}, length,
+                      (s // 2) ** 2, ids_of, wids)
+    controllers = [P2PController(plan, steps)]
+    blend = None
+    if blend_words:
+        bstore = AttentionStore(StoreConfig(capture_self=False))
+        controllers.append(bstore)
+        blend = LocalBlend(bstore, blend_positions([source] + targets, blend_words, ids_of, wids),
+                           (s // 4, s // 4), 0.3, int(0.2 * steps))
+    if store is not None:
+        controllers.append(store)
+    patches = layer_patches(controllers[:1], controllers)
+    if inversion is not None:
+        x_T, nulls = inversion.x_T, inversion.nulls if inversion.nulls is not None else model.encode([""])
+    else:
+        x_T, nulls = model.noise(1, seed) * sigmas[0], model.encode([""])
+    x = p2p_sample(batch_eps(model, sigmas, patches), x_T, sigmas, conds, nulls, cfg, blend)
+    return ((x + 1) / 2).clamp(0, 1)
+
+
+def _scenes(n: int, seed: int = 0):
+    world = ShapesWorld(seed=seed)
+    return [world.sample(SceneSpec([("red", "circle"), ("blue", "square")], background="gray", name_background=True))
+            for _ in range(n)]
+
+
+def reconstruction_figures(model: ShapesWorldModel, images: int = 20, steps: int = 50, guidance: float = 7.5) -> dict:
+    """Reconstruction PSNR (dB, images in [0, 1]) and UNet evaluations per mode on generator images."""
+    from .harness import psnr
+    out = {}
+    scenes = _scenes(images)
+    for mode in ("ddim", "negative-prompt", "null-text"):
+        vals, fwd, bwd, t0 = [], 0, 0, time.time()
+        for sc in scenes:
+            inv, rec = invert(model, sc.image, sc.caption, steps, guidance, mode)
+            vals.append(psnr(rec, sc.image))
+            fwd, bwd = fwd + inv.unet_forward, bwd + inv.unet_backward
+        out[mode] = {"psnr_db": round(sum(vals) / len(vals), 2), "min_psnr_db": round(min(vals), 2),
+                     "unet_forward_per_image": fwd / len(scenes), "unet_backward_per_image": bwd / len(scenes),
+                     "seconds_per_image": round((time.time() - t0) / len(scenes), 2)}
+    out["plain_sampling_unet_forward_per_image"] = 2 * steps
+    return out
+
+
+def swap_figures(model: ShapesWorldModel, images: int = 8, steps: int = 50, guidance: float = 7.5) -> dict:
+    """circle -> triangle: the edited object's shape (classifier) and PSNR outside its mask, with and
+    without LocalBlend, on generated (seed) and on inverted generator images."""
+    from .harness import colour_blobs, load_classifier, psnr
+    clf = load_classifier()
+    rows = {}
+
+    def score(name, src_img, edited, obj_mask):
+        r = rows.setdefault(name, {"triangle": 0, "psnr_outside": [], "n": 0})
+        r["n"] += 1
+        blobs = colour_blobs(edited, "red")
+        if blobs:
+            r["triangle"] += clf.predict(edited[None], blobs[0][None])[0][0] == "triangle"
+        region = obj_mask | (blobs[0] if blobs else torch.zeros_like(obj_mask))
+        region = torch.nn.functional.max_pool2d(region.float()[None, None], 3, 1, 1)[0, 0] > 0
+        r["psnr_outside"].append(psnr(edited, src_img, ~region))
+    for i in range(images):
+        for blend in (None, ["circle", "triangle"]):
+            tag = "with LocalBlend" if blend else "without LocalBlend"
+            out = edit(model, SOURCE, [TARGET], seed=i, steps=steps, cfg=guidance, blend_words=blend)
+            src_blobs = colour_blobs(out[0], "red")
+            mask = src_blobs[0] if src_blobs else torch.zeros(out.shape[-2:], dtype=torch.bool)
+            score(f"generated, {tag}", out[0], out[1], mask)
+    for sc in _scenes(images, seed=1):
+        inv, _ = invert(model, sc.image, SOURCE, steps, guidance, "null-text")
+        for blend in (None, ["circle", "triangle"]):
+            tag = "with LocalBlend" if blend else "without LocalBlend"
+            out = edit(model, SOURCE, [TARGET], inversion=inv, blend_words=blend)
+            score(f"inverted (NTI), {tag}", sc.image, out[1], sc.objects[0].mask)
+    return {k: {"edits": r["n"], "takes_triangle": round(r["triangle"] / r["n"], 3),
+                "psnr_outside_object_db": round(sum(r["psnr_outside"]) / r["n"], 2)} for k, r in rows.items()}
+
+
+def reweight_figures(model: ShapesWorldModel, factors=(0.0, 0.5, 1.0, 2.0, 4.0), seeds: int = 3,
+                     steps: int = 20) -> dict:
+    """Mean cross-attention mass on 'red' in the edited row for each reweight factor."""
+    out = {}
+    ids_of, wids = _tok_fns(model)
+    pos = [p for w, p in prompt_words(SOURCE, ids_of(SOURCE), wids) if w == "red"][0]
+    for f in factors:
+        mass = 0.0
+        for seed in range(seeds):
+            store = AttentionStore(StoreConfig(capture_self=False))
+            edit(model, SOURCE, [SOURCE], seed=seed, steps=steps, reweight={"red": f}, store=store)
+            agg = store.aggregate(None, cross=True)                    # (items, h, w, m)
+            mass += float(agg[1, ..., list(pos)].sum(-1).mean())
+        out[str(f)] = round(mass / seeds, 4)
+    return out
+
+
+def main(argv=None):
+    import argparse
+    import json
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=20)
+    p.add_argument("--swap-images", type=int, default=8)
+    p.add_argument("--steps", type=int, default=50)
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    model = ShapesWorldModel()
+    print(json.dumps({"reweight: attention mass on 'red' by factor": reweight_figures(model)}), flush=True)
+    print(json.dumps({"word swap circle -> triangle": swap_figures(model, args.swap_images, args.steps)}), flush=True)
+    print(json.dumps({"reconstruction at guidance 7.5": reconstruction_figures(model, args.images, args.steps)}),
+          flush=True)
+
+
+if __name__ == "__main__":
+    main()
