@@ -4,8 +4,9 @@
 
 Writes PNGs and ``report.md`` with the quality harness's figures. Pipelines so far:
 text-to-image with the embedded model, attention capture (per-word maps, overlays,
-masks) through the same controllers the ComfyUI nodes install, and SelfAttnCluster's
-self-attention clustering on the same capture.
+masks) through the same controllers the ComfyUI nodes install, SelfAttnCluster's
+self-attention clustering on the same capture, prompt mixing (MnM), Null-Text Inversion
+and Prompt-to-Prompt editing (``demo_editing.py``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from PIL import Image
 
 from .cluster import cluster_colours, cluster_store
+from .demo_editing import mnm_section, p2p_section
 from .render import colorize, grid, masks_from_maps, normalize, overlay, upsample
 from .shapesworld.evaluate import attention_localization, cluster_localization, generation_quality
 from .shapesworld.harness import classifier_accuracy, colour_blobs, iou_curve, mask_iou
@@ -116,6 +118,11 @@ def main(argv=None):
     report += ["## Attention capture (AttentionCapture + AttentionMapView)", ""]
     report += capture_demo(model, out, SAMPLE_PROMPTS[0], ["circle", "square", "background"], seed=7) + [""]
     log.info("capture done")
+
+    report += mnm_section(model, out, save, args.quick)
+    log.info("prompt mixing done")
+    report += p2p_section(model, out, save, args.quick)
+    log.info("inversion and prompt-to-prompt done")
 
     n_prompts, n_scenes = (20, 12) if args.quick else (50, 40)
     gq = generation_quality(model, n_prompts)

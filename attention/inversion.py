@@ -1,7 +1,7 @@
 """DDIM inversion and Null-Text Inversion (Mokady et al. 2022) in k-diffusion sigma space.
 
 Procedure and defaults ported from the official notebook ``null_text_w_ptp.ipynb`` of
-https://github.com/google/prompt-to-prompt (commit 8186230f7fed9a0d5ee5bd5a7ad39a2b2e8c9e93,
+https://github.com/google/prompt-to-prompt (commit 35da05ed3766cfafbf1a07df4818b0ff05ede3b5,
 Apache-2.0): DDIM inversion with the conditional prompt only; then, from the noisiest step down,
 a fresh Adam per step on the null (unconditional) embedding with lr 1e-2 * (1 - i / 100), at most
 10 inner steps, early stop when the loss falls under 1e-5 + i * 2e-5, the embedding carried to the

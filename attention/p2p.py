@@ -273,13 +273,18 @@ def build_plan(source: str, targets: list[str], edit: str, steps: int, cross_ste
         tgt_ids = ids_of(tgt)
         tgt_words = prompt_words(tgt, tgt_ids, word_ids)
         same_len = len(source.split()) == len(tgt.split())
-        kind = ("replace" if same_len else "refine") if edit == "auto" else edit
+        diff = [(s[1], d[1]) for s, d in zip(src_words, tgt_words) if s[0] != d[0]]
+        same_tokens = all(len(a) == len(b) for a, b in diff)
+        kind = ("replace" if same_len and same_tokens else "refine") if edit == "auto" else edit
         if kind == "replace" and not same_len:
             raise ValueError(f"replace needs prompts with the same number of words: {source!r} has "
                              f"{len(source.split())}, {tgt!r} has {len(tgt.split())}; use edit 'refine' or 'auto'")
+        if kind == "replace" and not same_tokens:
+            bad = [(w, v) for (w, p), (v, q) in zip(src_words, tgt_words) if w != v and len(p) != len(q)]
+            raise ValueError(f"replace swaps token by token, but {bad} have different token counts in this "
+                             f"tokenizer; use edit 'refine' (or 'auto', which picks it)")
         kinds.append(kind)
         if kind == "replace":
-            diff = [(s[1], d[1]) for s, d in zip(src_words, tgt_words) if s[0] != d[0]]
             replace.append(replace_mapper([a for a, _ in diff], [d for _, d in diff], length))
             refine.append(torch.arange(length))
             ref_alpha.append(torch.ones(length))

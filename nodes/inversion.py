@@ -26,11 +26,28 @@ def source_latent(model, latent, image, vae) -> torch.Tensor:
     if latent is not None:
         raw = latent["samples"][:1]
     elif image is not None and vae is not None:
-        raw = vae.encode(image[:1, :, :, :3])
+        raw = vae.encode(_croppable(image[:1, :, :, :3], vae))
     else:
         raise ValueError("NullTextInvert needs an image to invert: connect 'latent' (a LATENT) or both 'image' "
                          "and 'vae' (e.g. LoadImage and the checkpoint's VAE)")
     return model.model.process_latent_in(raw.float())
+
+
+def _croppable(image: torch.Tensor, vae) -> torch.Tensor:
+    """Center-crop (1, H, W, 3) to multiples of 8 latent pixels, which every UNet's 3 downsamplings take."""
+    ratio = vae.spacial_compression_encode() if hasattr(vae, "spacial_compression_encode") else 8
+    m = int(ratio) * 8
+    h, w = image.shape[1], image.shape[2]
+    nh, nw = h // m * m, w // m * m
+    if nh == 0 or nw == 0:
+        raise ValueError(f"the image is {w}x{h} px; this VAE and UNet need at least {m}x{m} px (multiples of {m}: "
+                         f"{ratio}x VAE downscale times the UNet's 8x)")
+    if (nh, nw) != (h, w):
+        logger.info("NullTextInvert: the image is %dx%d px; using the centred %dx%d crop (multiples of %d px: the "
+                    "VAE's %dx downscale times the UNet's 3 halvings)", w, h, nw, nh, m, ratio)
+        top, left = (h - nh) // 2, (w - nw) // 2
+        image = image[:, top:top + nh, left:left + nw]
+    return image
 
 
 class NullTextInvert(io.ComfyNode):
@@ -117,6 +134,7 @@ class NullTextInvert(io.ComfyNode):
                         nulls=None if nulls is None else [n.detach().cpu() for n in nulls], prompt=prompt, mode=mode,
                         guidance=guidance, unet_forward=counts["forward"], unet_backward=counts["backward"])
         inv.extra["cond_dict"] = {k: v for k, v in positive[0][1].items()}
+        inv.extra["model_key"] = (id(model.model.diffusion_model), type(model.model.latent_format).__name__)
         if not optimize:
             with torch.no_grad():
                 rec = reconstruct(lambda x, s, c: (tick(), calls.quiet_eps(x, s, c))[1], inv, null0.cpu())

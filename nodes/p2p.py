@@ -42,6 +42,10 @@ def tokenizer_fns(clip):
     return ids_of, lambda w: word_ids(clip, w, key)
 
 
+def _model_key(model) -> tuple:
+    return (id(model.model.diffusion_model), type(model.model.latent_format).__name__)
+
+
 class P2PEditSampler(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -117,6 +121,15 @@ class P2PEditSampler(io.ComfyNode):
             if inv.prompt.strip() != source_prompt.strip():
                 raise ValueError(f"the inversion was made with the prompt {inv.prompt!r}, not {source_prompt!r}; "
                                  f"use the same source prompt on both nodes")
+            if steps != len(inv.sigmas) - 1:
+                raise ValueError(f"the inversion was made with {len(inv.sigmas) - 1} steps but steps is {steps}; set "
+                                 f"steps to {len(inv.sigmas) - 1} (the edit retraces the inversion step by step)")
+            if inv.extra.get("model_key") not in (None, _model_key(model)):
+                raise ValueError("the inversion was made with another model (diffusion model or latent format "
+                                 "differ); invert the image with the MODEL you edit with")
+            if cfg != inv.guidance:
+                logger.info("P2PEditSampler: using the inversion's guidance %.2f instead of cfg %.2f",
+                            inv.guidance, cfg)
             sigmas, cfg = inv.sigmas, inv.guidance
         else:
             sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).cpu()

@@ -102,6 +102,24 @@ def tiny_clip():
     return clip
 
 
+def tiny_sdxl_clip():
+    """SDXL's two text encoders with one layer each (widths 768 + 1280 = the UNet's 2048 context)."""
+    import comfy.sd
+    import comfy.sdxl_clip
+    import comfy.supported_models_base
+    target = comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel)
+    opts = {"clip_l_model_config": {"hidden_size": 768, "intermediate_size": 64, "num_attention_heads": 2,
+                                    "num_hidden_layers": 3, "projection_dim": 768},
+            "clip_g_model_config": {"hidden_size": 1280, "intermediate_size": 64, "num_attention_heads": 2,
+                                    "num_hidden_layers": 3, "projection_dim": 1280}}
+    clip = comfy.sd.CLIP(target=target, model_options=opts)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in clip.cond_stage_model.parameters():
+            p.copy_((torch.randn(p.shape, generator=g) * 0.02).to(p.dtype))
+    return clip
+
+
 def encode(clip, text):
     return clip.encode_from_tokens_scheduled(clip.tokenize(text))
 

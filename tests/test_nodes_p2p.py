@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from comfy_env import comfy_or_skip, encode, sample, tiny_clip, tiny_sd15
+from comfy_env import comfy_or_skip, encode, sample, tiny_clip, tiny_sd15, tiny_sdxl, tiny_sdxl_clip
 
 pack = comfy_or_skip()
 
@@ -128,3 +128,27 @@ def test_shapesworld_swap_with_local_blend():
     changed = (o[1] - o[0]).abs().amax(0) > 0.1
     assert changed.any() and mask.shape == (1, 32, 32)
     assert not (changed & (mask[0] < 0.5)).any()                  # nothing changed outside the blend mask
+
+
+def test_sdxl_equal_target_inversion_and_reconstruction():
+    with torch.inference_mode():
+        model, clip = tiny_sdxl(), tiny_sdxl_clip()
+    lat = torch.zeros(1, 4, 16, 16)
+    o = p2p(model, clip, [SRC, "a tiger and a dog in a garden"], lat, blend_words="cat, tiger")[0]["samples"]
+    assert o.shape == (3, 4, 16, 16) and torch.isfinite(o).all()
+    assert rel(o[1], o[0]) < 2e-6
+    inv_d, rec_d = invert(model, clip, o[:1], "ddim", steps=3)
+    inv_n, rec_n = invert(model, clip, o[:1], "null-text", steps=3)
+    err = [float(((r["samples"] - o[:1]) ** 2).mean()) for r in (rec_d, rec_n)]
+    assert err[1] < err[0], err
+    assert weights_are_pristine(model)
+
+
+def test_inversion_step_count_and_token_count_errors(sd):
+    model, clip = sd
+    lat = torch.zeros(1, 4, 16, 16)
+    inv, _ = invert(model, clip, lat, "ddim", steps=4)
+    with pytest.raises(ValueError, match="made with 4 steps but steps is 6"):
+        p2p(model, clip, [SRC], lat, inversion=inv, steps=6)
+    with pytest.raises(ValueError, match="different token counts"):
+        p2p(model, clip, ["a zxqvbnmkjh and a dog in a garden"], lat, edit="replace")

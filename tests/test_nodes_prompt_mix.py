@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from comfy_env import comfy_or_skip, encode, sample, tiny_clip, tiny_sd15
+from comfy_env import comfy_or_skip, encode, sample, tiny_clip, tiny_sd15, tiny_sdxl, tiny_sdxl_clip
 
 pack = comfy_or_skip()
 
@@ -76,7 +76,7 @@ def test_shapesworld_variations_take_the_proxy_shape_and_keep_the_rest():
     hits, psnrs = 0, []
     for seed in range(2):
         latents, masks, _ = run(model, clip, SW_PROMPT, lat, "circle", "triangle, star", "square", seed=seed,
-                                steps=25, cfg=5.0, mix_start=0.34, mix_end=1.0)
+                                steps=25, cfg=5.0, mix_start=0.34, mix_end=1.0, self_injection_end=1.0)
         images = ((latents["samples"] + 1) / 2).clamp(0, 1)
         for j, proxy in enumerate(("triangle", "star")):
             img = images[1 + j]
@@ -94,3 +94,10 @@ def test_proxy_suggestion_from_the_vocabulary():
                         suggestions=3, steps=4, cfg=5.0)
     words = proxies.split(", ")
     assert len(words) == 3 and "circle" not in words and len(set(words)) == 3
+
+
+def test_sdxl_proxy_equal_to_object_is_a_no_op():
+    with torch.inference_mode():
+        model, clip = tiny_sdxl(), tiny_sdxl_clip()
+    out = run(model, clip, SD_PROMPT, torch.zeros(1, 4, 16, 16), "cat", "cat, dog", "dog")[0]["samples"]
+    assert out.shape == (3, 4, 16, 16) and rel(out[1], out[0]) < 2e-6

@@ -162,3 +162,35 @@ def test_capture_with_other_sampler_nodes(comfy_nodes, kind):
     out = run(new_executor(), with_sampler("a red circle on a white background", kind))
     heat = load_png(comfy_nodes, out["9"]["images"][0])
     assert heat.shape[:2] == (32, 3 * 32 + 2 * 2) and heat.std() > 0  # 16x16, 8x8, mean tiles of one word
+
+
+def api_graph(name: str, steps: int) -> dict:
+    import json
+    g = {k: {kk: vv for kk, vv in v.items() if kk != "_meta"}
+         for k, v in json.loads((WORKFLOWS / f"{name}_api.json").read_text()).items()}
+    for node in g.values():
+        if "steps" in node["inputs"]:
+            node["inputs"]["steps"] = steps
+    return g
+
+
+@pytest.mark.parametrize("name", ["prompt_mixing_shapesworld", "p2p_edit_shapesworld"])
+def test_editing_api_workflows_run(comfy_nodes, name):
+    out = run(new_executor(), api_graph(name, 12))
+    assert out["6"]["images"] and out["8"]["images"]
+
+
+def test_nti_workflow_runs_and_a_second_run_reuses_the_inversion(comfy_nodes, monkeypatch):
+    import sys
+    inversion_node = sys.modules[nodes.NODE_CLASS_MAPPINGS["NullTextInvert"].__module__]  # the executor's copy
+    calls = []
+    real = inversion_node.ddim_invert
+    monkeypatch.setattr(inversion_node, "ddim_invert", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    ex = new_executor()
+    g = api_graph("nti_p2p_edit_shapesworld", 6)
+    out = run(ex, g)
+    assert out["6"]["images"] and out["8"]["images"] and len(calls) == 1
+    g["4"]["inputs"]["target_prompts"] = "a red star and a blue square on a gray background"
+    g["4"]["inputs"]["blend_words"] = "circle, star"
+    run(ex, g)                                          # only the edit changed: the inversion is cached
+    assert len(calls) == 1

@@ -134,13 +134,13 @@ def prompt_mix_graph(shapesworld: bool) -> tuple[list[Node], list]:
         loader = Node(1, "ShapesWorldLoader", {"weights": ""},
                       outputs=[("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")], pos=(0, 0), size=(300, 100))
         prompt, obj, proxies, keep = SW_MIX
-        size, cfg, scheduler, window = 256, 5.0, "simple", (0.34, 1.0)
+        size, cfg, scheduler, window, injection = 256, 5.0, "simple", (0.34, 1.0), 1.0
     else:
         loader = Node(1, "CheckpointLoaderSimple", {"ckpt_name": "v1-5-pruned-emaonly.safetensors"},
                       outputs=[("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")], pos=(0, 0), size=(300, 100))
         prompt, obj, proxies, keep = ("a hamburger and a cup of coffee on a wooden table", "hamburger", "",
                                       "cup, table")
-        size, cfg, scheduler, window = 512, 7.5, "ddim_uniform", (0.14, 0.34)
+        size, cfg, scheduler, window, injection = 512, 7.5, "ddim_uniform", (0.14, 0.34), 0.8
     nodes = [
         loader,
         Node(2, "CLIPTextEncode", {"text": ""}, {"clip": (1, 1)}, [("CONDITIONING", "CONDITIONING")],
@@ -150,7 +150,8 @@ def prompt_mix_graph(shapesworld: bool) -> tuple[list[Node], list]:
         Node(4, "PromptMixSampler",
              {"prompt": prompt, "object_word": obj, "proxy_words": proxies, "suggestions": 4,
               "preserve_words": keep, "seed": 7, "steps": 50, "cfg": cfg, "scheduler": scheduler,
-              "mix_start": window[0], "mix_end": window[1], "self_injection_end": 0.8, "injection_threshold": 0.05,
+              "mix_start": window[0], "mix_end": window[1], "self_injection_end": injection,
+              "injection_threshold": 0.05,
               "blend_at": 0.7, "clusters": 5, "cluster_threshold": 0.3},
              {"model": (1, 0), "clip": (1, 1), "negative": (2, 0), "latent_image": (3, 0)},
              [("latents", "LATENT"), ("blend_masks", "MASK"), ("proxies", "STRING")],
@@ -174,12 +175,122 @@ def prompt_mix_graph(shapesworld: bool) -> tuple[list[Node], list]:
             "others the object changes shape while the rest stays (the background is copied back at 'blend_at').")
     if shapesworld:
         note += (" ShapesWorld fixes a small object's shape late, so this variant mixes over [0.34, 1) instead of "
-                 "the paper's [0.14, 0.34) for SD 1.4 (measured: python -m attention.shapesworld.prompt_mix). "
+                 "the paper's [0.14, 0.34) for SD 1.4, with the self-attention injection through the window's end "
+                 "(measured: python -m attention.shapesworld.prompt_mix). "
                  "Runs on a CPU in seconds; 256x256 empty latent = 32x32 images.")
     else:
         note += (" Official settings for SD 1.4/1.5 at 512 px (50 DDIM steps, cfg 7.5). Pick your checkpoint in "
                  "the loader; proxy suggestion encodes the CLIP vocabulary once (fast on a GPU, minutes on a CPU).")
     return nodes, [(note, (0, 660))]
+
+
+def _loader(shapesworld: bool) -> Node:
+    if shapesworld:
+        return Node(1, "ShapesWorldLoader", {"weights": ""},
+                    outputs=[("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")], pos=(0, 0), size=(300, 100))
+    return Node(1, "CheckpointLoaderSimple", {"ckpt_name": "v1-5-pruned-emaonly.safetensors"},
+                outputs=[("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")], pos=(0, 0), size=(300, 100))
+
+
+P2P_SW = ("a red circle and a blue square on a gray background",
+          "a red triangle and a blue square on a gray background\n"
+          "a green circle and a blue square on a gray background", "circle, triangle")
+P2P_SD = ("a cat sitting next to a mirror", "a tiger sitting next to a mirror\na silver cat sculpture sitting next to "
+          "a mirror", "cat, tiger")
+
+
+def p2p_widgets(source, targets, blend, shapesworld, inverted):
+    return {"source_prompt": source, "target_prompts": targets, "edit": "auto", "seed": 5, "steps": 50,
+            "cfg": 5.0 if shapesworld else 7.5, "scheduler": "simple" if shapesworld else "ddim_uniform",
+            "cross_replace_steps": 0.8, "cross_replace_words": "", "self_replace_steps": 0.4 if not inverted else 0.5,
+            "reweight": "", "blend_words": blend, "blend_threshold": 0.3, "blend_start": 0.2}
+
+
+def p2p_graph(shapesworld: bool) -> tuple[list[Node], list]:
+    source, targets, blend = P2P_SW if shapesworld else P2P_SD
+    size = 256 if shapesworld else 512
+    nodes = [
+        _loader(shapesworld),
+        Node(2, "CLIPTextEncode", {"text": ""}, {"clip": (1, 1)}, [("CONDITIONING", "CONDITIONING")],
+             {"clip": "CLIP"}, (0, 160), (300, 120), "Negative prompt"),
+        Node(3, "EmptyLatentImage", {"width": size, "height": size, "batch_size": 1}, {},
+             [("LATENT", "LATENT")], {}, (0, 330), (300, 110)),
+        Node(4, "P2PEditSampler", p2p_widgets(source, targets, blend, shapesworld, False),
+             {"model": (1, 0), "clip": (1, 1), "negative": (2, 0), "latent_image": (3, 0)},
+             [("latents", "LATENT"), ("blend_mask", "MASK")],
+             {"model": "MODEL", "clip": "CLIP", "negative": "CONDITIONING", "latent_image": "LATENT"},
+             (360, 0), (400, 640)),
+        Node(5, "VAEDecode", {}, {"samples": (4, 0), "vae": (1, 2)}, [("IMAGE", "IMAGE")],
+             {"samples": "LATENT", "vae": "VAE"}, (800, 0), (220, 50)),
+        Node(6, "SaveImage", {"filename_prefix": "attention_lab_p2p"}, {"images": (5, 0)}, [], {"images": "IMAGE"},
+             (1060, 0), (420, 300), "Source, then one image per target prompt"),
+        Node(7, "MaskToImage", {}, {"mask": (4, 1)}, [("IMAGE", "IMAGE")], {"mask": "MASK"}, (800, 360), (220, 50)),
+        Node(8, "PreviewImage", {}, {"images": (7, 0)}, [], {"images": "IMAGE"}, (1060, 360), (420, 260),
+             "LocalBlend masks (white = may change)"),
+    ]
+    note = ("Prompt-to-Prompt on a generated image. 'source_prompt' is sampled from 'seed'; every line of "
+            "'target_prompts' is one edit: same word count = word swap (replace), otherwise refine (words added). "
+            "'reweight' takes 'word:factor' (e.g. 'smiling:4', negative allowed); 'blend_words' restricts changes to "
+            "where those words' attention is (LocalBlend). Lower 'cross_replace_steps' / 'self_replace_steps' for "
+            "bigger changes. Expected: the first image is the plain generation, the edits keep its layout.")
+    note += (" ShapesWorld: runs on a CPU in seconds." if shapesworld else
+             " Official settings for SD 1.x at 512 px; pick your checkpoint.")
+    return nodes, [(note, (0, 700))]
+
+
+def nti_p2p_graph(shapesworld: bool) -> tuple[list[Node], list]:
+    source, targets, blend = P2P_SW if shapesworld else P2P_SD
+    nodes = [_loader(shapesworld),
+             Node(2, "CLIPTextEncode", {"text": ""}, {"clip": (1, 1)}, [("CONDITIONING", "CONDITIONING")],
+                  {"clip": "CLIP"}, (0, 160), (300, 120), "Negative prompt")]
+    if shapesworld:  # the image to edit: a generation stands in for a photo
+        nodes += [
+            Node(10, "CLIPTextEncode", {"text": source}, {"clip": (1, 1)}, [("CONDITIONING", "CONDITIONING")],
+                 {"clip": "CLIP"}, (0, 320), (300, 120), "Image prompt"),
+            Node(11, "EmptyLatentImage", {"width": 256, "height": 256, "batch_size": 1}, {},
+                 [("LATENT", "LATENT")], {}, (0, 480), (300, 110)),
+            Node(12, "KSampler", {"seed": 11, "steps": 30, "cfg": 5.0, "sampler_name": "euler", "scheduler": "simple",
+                                  "denoise": 1.0},
+                 {"model": (1, 0), "positive": (10, 0), "negative": (2, 0), "latent_image": (11, 0)},
+                 [("LATENT", "LATENT")], {"model": "MODEL", "positive": "CONDITIONING", "negative": "CONDITIONING",
+                                          "latent_image": "LATENT"}, (0, 630), (300, 270), "The image to edit"),
+            Node(13, "VAEDecode", {}, {"samples": (12, 0), "vae": (1, 2)}, [("IMAGE", "IMAGE")],
+                 {"samples": "LATENT", "vae": "VAE"}, (0, 940), (220, 50)),
+        ]
+        image = (13, 0)
+    else:
+        nodes.append(Node(13, "LoadImage", {"image": "example.png", "upload": "image"}, {},
+                          [("IMAGE", "IMAGE"), ("MASK", "MASK")], {}, (0, 320), (300, 320), "The image to edit"))
+        image = (13, 0)
+    nodes += [
+        Node(3, "NullTextInvert", {"prompt": source, "mode": "null-text", "steps": 50, "guidance": 7.5,
+                                   "scheduler": "simple" if shapesworld else "ddim_uniform", "inner_steps": 10,
+                                   "early_stop": 1e-5},
+             {"model": (1, 0), "clip": (1, 1), "image": image, "vae": (1, 2)},
+             [("inversion", "ATTENTION_LAB_INVERSION"), ("reconstruction", "LATENT")],
+             {"model": "MODEL", "clip": "CLIP", "image": "IMAGE", "vae": "VAE"}, (360, 0), (380, 330)),
+        Node(4, "P2PEditSampler", p2p_widgets(source, targets, blend, shapesworld, True),
+             {"model": (1, 0), "clip": (1, 1), "negative": (2, 0), "latent_image": (3, 1), "inversion": (3, 0)},
+             [("latents", "LATENT"), ("blend_mask", "MASK")],
+             {"model": "MODEL", "clip": "CLIP", "negative": "CONDITIONING", "latent_image": "LATENT",
+              "inversion": "ATTENTION_LAB_INVERSION"}, (800, 0), (400, 640)),
+        Node(5, "VAEDecode", {}, {"samples": (4, 0), "vae": (1, 2)}, [("IMAGE", "IMAGE")],
+             {"samples": "LATENT", "vae": "VAE"}, (1240, 0), (220, 50)),
+        Node(6, "SaveImage", {"filename_prefix": "attention_lab_nti_p2p"}, {"images": (5, 0)}, [],
+             {"images": "IMAGE"}, (1500, 0), (420, 300), "Reconstruction, then one edit per target"),
+        Node(7, "VAEDecode", {}, {"samples": (3, 1), "vae": (1, 2)}, [("IMAGE", "IMAGE")],
+             {"samples": "LATENT", "vae": "VAE"}, (800, 700), (220, 50)),
+        Node(8, "PreviewImage", {}, {"images": (7, 0)}, [], {"images": "IMAGE"}, (1060, 700), (300, 300),
+             "Null-text reconstruction (should match the input)"),
+    ]
+    note = ("Null-Text Inversion + Prompt-to-Prompt on a real image. The image is inverted with 'prompt' on Null-Text "
+            "Inversion (which must equal P2P's 'source_prompt'); 'mode' null-text is the paper (best, slowest), "
+            "negative-prompt and ddim are 1x-cost alternatives. Then each line of 'target_prompts' is an edit of "
+            "that image. Expected: the reconstruction preview matches the input; edits change only the named "
+            "object (LocalBlend on 'blend_words').")
+    note += (" ShapesWorld: a generated image stands in for a photo; runs on a CPU in about a minute." if shapesworld
+             else " Put your photo in ComfyUI's input folder and pick it in Load Image; SD 1.x at 512 px.")
+    return nodes, [(note, (360, 1000))]
 
 
 SW_MIX = ("a red circle and a blue square on a gray background", "circle", "triangle, star, diamond, cross",
@@ -189,7 +300,9 @@ SW_MIX = ("a red circle and a blue square on a gray background", "circle", "tria
 def main():
     OUT.mkdir(exist_ok=True)
     graphs = (("attention_capture", capture_graph, False), ("attention_capture_shapesworld", capture_graph, True),
-              ("prompt_mixing", prompt_mix_graph, False), ("prompt_mixing_shapesworld", prompt_mix_graph, True))
+              ("prompt_mixing", prompt_mix_graph, False), ("prompt_mixing_shapesworld", prompt_mix_graph, True),
+              ("p2p_edit", p2p_graph, False), ("p2p_edit_shapesworld", p2p_graph, True),
+              ("nti_p2p_edit", nti_p2p_graph, False), ("nti_p2p_edit_shapesworld", nti_p2p_graph, True))
     for name, build, sw in graphs:
         nodes, notes = build(sw)
         (OUT / f"{name}.json").write_text(json.dumps(ui_format(nodes, notes), indent=1) + "\n")

@@ -34,8 +34,10 @@ from .model import ShapesWorldModel, layer_patches
 
 PROXIES = ["triangle", "star", "diamond", "cross"]   # proxies of the measurement prompt's circle
 # ShapesWorld fixes a small object's shape in the late, low-noise steps (see window_probe), so the
-# mixing window that varies shapes on it is [0.34, 1), not SD 1.4's [0.14, 0.34).
+# mixing window that varies shapes on it is [0.34, 1), not SD 1.4's [0.14, 0.34); the self-attention
+# injection then runs to the end too, covering the whole window as the official 0.8 covers [0.14, 0.34).
 SHAPESWORLD_WINDOW = (0.34, 1.0)
+SHAPESWORLD_INJECTION_END = 1.0
 
 
 @torch.no_grad()
@@ -101,7 +103,8 @@ def _centroid(mask: torch.Tensor) -> torch.Tensor:
 
 
 def mixing_quality(model: ShapesWorldModel, seeds: int = 8, steps: int = 50, cfg: float = 5.0,
-                   window: tuple[float, float] = MixSettings().window, blend_at: float | None = 35 / 50) -> dict:
+                   window: tuple[float, float] = MixSettings().window, blend_at: float | None = 35 / 50,
+                   self_injection_end: float = 40 / 50) -> dict:
     """MnM against plain prompt switching over the same window on 'a red circle and a blue square on
     a gray background' (circle -> each of PROXIES): share of variations whose red object takes the
     proxy's shape (classifier), share that keep a red object, its centroid shift in pixels, PSNR
@@ -114,7 +117,8 @@ def mixing_quality(model: ShapesWorldModel, seeds: int = 8, steps: int = 50, cfg
              for name in ("mnm", "switch")}
     for seed in range(seeds):
         out = prompt_mix(model, prompt, "circle", proxies, ["square"], seed=seed, steps=steps, cfg=cfg,
-                         settings=MixSettings(window=window, blend_at=blend_at))
+                         settings=MixSettings(window=window, blend_at=blend_at,
+                                              self_injection_end=self_injection_end))
         orig = out["original"]
         orig_blob = colour_blobs(orig, "red")
         other = colour_blobs(orig, "blue")
@@ -178,14 +182,18 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, default=6)
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--probe-seeds", type=int, default=3)
+    p.add_argument("--probe", action="store_true", help="also probe which mixing windows change the shape")
+    p.add_argument("--probe-seeds", type=int, default=2)
     args = p.parse_args(argv)
     model = ShapesWorldModel()
-    for name, w in (("official window [0.14, 0.34)", MixSettings().window),
-                    ("ShapesWorld window [0.34, 1)", SHAPESWORLD_WINDOW)):
-        print(json.dumps({f"mixing_quality, {name}": mixing_quality(model, args.seeds, args.steps, window=w)}),
-              flush=True)
-    windows = [(7 / 50, 17 / 50), (0.0, 0.34), (0.0, 0.8), (0.5, 0.9), (0.8, 1.0), (0.34, 1.0), (0.0, 1.0)]
+    for name, w, inj in (("official settings, window [0.14, 0.34)", MixSettings().window, 40 / 50),
+                         ("ShapesWorld settings, window [0.34, 1), injection to 1", SHAPESWORLD_WINDOW,
+                          SHAPESWORLD_INJECTION_END)):
+        q = mixing_quality(model, args.seeds, args.steps, window=w, self_injection_end=inj)
+        print(json.dumps({f"mixing_quality, {name}": q}), flush=True)
+    if not args.probe:
+        return
+    windows = [(7 / 50, 17 / 50), (0.14, 1.0), (0.34, 1.0), (0.6, 1.0), (0.8, 1.0), (0.0, 0.6), (0.0, 0.8)]
     print(json.dumps({"takes_proxy_shape, MnM with localization":
                       window_probe(model, windows, args.probe_seeds, args.steps, True),
                       "takes_proxy_shape, proxy values only":
