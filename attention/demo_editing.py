@@ -37,7 +37,7 @@ def mnm_section(model: ShapesWorldModel, out: Path, save, quick: bool) -> list[s
     res = prompt_mix(model, E.SOURCE, "circle", PROXIES, ["square"], seed=3, steps=50,
                      settings=MixSettings(window=SHAPESWORLD_WINDOW, self_injection_end=SHAPESWORLD_INJECTION_END))
     save(_row(res["images"]), out / "prompt_mixing.png")
-    seeds = 2 if quick else 4
+    seeds = 2 if quick else 3
     q = mixing_quality(model, seeds, 50, window=SHAPESWORLD_WINDOW, self_injection_end=SHAPESWORLD_INJECTION_END)
     lines = ["## Prompt mixing (PromptMixSampler, SelfAttnCluster)", "",
              f"`{E.SOURCE}`, object `circle`, proxies {', '.join(PROXIES)}, preserved `square`, 50 DDIM steps, "
@@ -66,7 +66,7 @@ def p2p_section(model: ShapesWorldModel, out: Path, save, quick: bool) -> list[s
     inv, rec = E.invert(model, scene.image, E.SOURCE, steps, 7.5, "null-text")
     edited = E.edit(model, E.SOURCE, [E.TARGET], inversion=inv, blend_words=["circle", "triangle"])
     save(_row(torch.stack([scene.image, rec, edited[1]])), out / "p2p_inverted.png")
-    figs = E.reconstruction_figures(model, 2 if quick else 4, steps)
+    figs = E.reconstruction_figures(model, 2 if quick else 3, steps)
     lines = ["## Null-Text Inversion and Prompt-to-Prompt (NullTextInvert, P2PEditSampler)", "",
              f"Generated source (seed 5, {steps} DDIM steps, CFG 5), then: circle -> triangle (replace), red -> green "
              f"(replace), circle -> triangle with LocalBlend on circle/triangle, and reweight square x0:", "",
@@ -75,7 +75,7 @@ def p2p_section(model: ShapesWorldModel, out: Path, save, quick: bool) -> list[s
              f"7.5; PSNR {psnr(rec, scene.image):.2f} dB, {inv.unet_forward} UNet forward and {inv.unet_backward} "
              f"backward evaluations), and the circle -> triangle edit with LocalBlend:", "",
              "![inverted](p2p_inverted.png)", "",
-             f"Reconstruction over {len(E._scenes(2 if quick else 4))} generator images at guidance 7.5 "
+             f"Reconstruction over {2 if quick else 3} generator images at guidance 7.5 "
              f"(plain sampling costs {figs.pop('plain_sampling_unet_forward_per_image')} UNet evaluations):", "",
              "| inversion | mean PSNR dB | min PSNR dB | UNet forward / image | backward / image | s / image |",
              "|---|---|---|---|---|---|"]

@@ -201,7 +201,8 @@ P2P_SD = ("a cat sitting next to a mirror", "a tiger sitting next to a mirror\na
 
 def p2p_widgets(source, targets, blend, shapesworld, inverted):
     return {"source_prompt": source, "target_prompts": targets, "edit": "auto", "seed": 5, "steps": 50,
-            "cfg": 5.0 if shapesworld else 7.5, "scheduler": "simple" if shapesworld else "ddim_uniform",
+            "cfg": 5.0 if shapesworld and not inverted else 7.5,
+            "scheduler": "simple" if shapesworld else "ddim_uniform",
             "cross_replace_steps": 0.8, "cross_replace_words": "", "self_replace_steps": 0.4 if not inverted else 0.5,
             "reweight": "", "blend_words": blend, "blend_threshold": 0.3, "blend_start": 0.2}
 
