@@ -19,6 +19,7 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..attention import logger
+from ..attention.p2p import p2p_sample
 from ..attention.prompt_mixing import (
     BackgroundBlend,
     MixSettings,
@@ -35,6 +36,7 @@ from ..attention.store import AttentionStore, StoreConfig
 from ..attention.tokens import split_words
 from .common import (
     CATEGORY,
+    InversionType,
     encode_prompt,
     install_controller,
     model_layer_ids,
@@ -43,6 +45,7 @@ from .common import (
     word_ids,
     word_positions,
 )
+from .unet_calls import UNetCalls
 
 SELF_MAX = 32 * 32          # official: self-attention of layers up to 32x32 (SD at 512 px)
 _SUGGESTION_CACHE: dict = {}
@@ -67,6 +70,27 @@ def _sample(model, noise, latent, positive, negative, cfg, sigmas, seed, after_s
     logger.info("PromptMixSampler: %s (%d images, %d steps)", label, noise.shape[0], steps)
     return comfy.sample.sample_custom(model, noise, cfg, ddim_sampler(after_step), sigmas, positive, negative,
                                       latent, callback=callback, seed=seed)
+
+
+def _sample_inverted(model, inv, cond, rows, negative, after_step=None, label=""):
+    """DDIM from an inversion's x_T with its per-step nulls (or the negative), ``rows`` copies of ``cond``."""
+    calls = UNetCalls(model, inv.sigmas, inv.extra.get("cond_dict"))
+    dev = calls.device
+    steps = len(inv.sigmas) - 1
+    pbar = comfy.utils.ProgressBar(steps)
+    logger.info("PromptMixSampler: %s from an inversion (%d images, %d steps)", label, rows, steps)
+    if inv.nulls is not None:
+        nulls = [n.to(dev) for n in inv.nulls]
+    else:
+        neg = negative[0][0]
+        nulls = neg.repeat(1, cond.shape[1] // neg.shape[1], 1)[:, :cond.shape[1]].to(dev)
+
+    def on_step(i):
+        mm.throw_exception_if_processing_interrupted()
+        pbar.update(1)
+    x = p2p_sample(calls.eps, inv.x_T.to(dev), inv.sigmas.to(dev), cond.to(dev).expand(rows, -1, -1), nulls,
+                   inv.guidance, after_step, on_step)
+    return model.model.process_latent_out(x.cpu())
 
 
 def _proxies(clip, prompt: str, word: str, proxy_words: str, count: int) -> list[str]:
@@ -109,7 +133,8 @@ class PromptMixSampler(io.ComfyNode):
                 "'Localizing Object-level Shape Variations'). Samples the prompt, then one variation per proxy "
                 "word: inside the mixing window the cross-attention takes its values from the proxy prompt (keys "
                 "stay), the original's self-attention is injected on preserved objects, and the background is "
-                "blended back from the original. DDIM (eta 0). Output batch: original first, then variations."),
+                "blended back from the original. From a seed, or from a Null-Text Inversion of a real image. DDIM "
+                "(eta 0). Output batch: original first, then variations."),
             inputs=[
                 io.Model.Input("model", tooltip=(
                     "SD1.x/SD2.x/SDXL or ShapesWorld model. Cloned; the input stays unpatched.")),
@@ -156,6 +181,9 @@ class PromptMixSampler(io.ComfyNode):
                 io.Float.Input("cluster_threshold", default=0.3, min=0.0, max=1.0, step=0.01, tooltip=(
                     "A cluster is foreground when a noun's normalized cross-attention covers it above this "
                     "(official 0.3). Range 0-1.")),
+                InversionType.Input("inversion", optional=True, tooltip=(
+                    "From Null-Text Inversion (made with this prompt): vary a real image. Its steps, sigmas and "
+                    "guidance replace steps, scheduler and cfg; seed and latent_image are then unused.")),
             ],
             outputs=[
                 io.Latent.Output(display_name="latents", tooltip="Batch: the original, then one variation per proxy."),
@@ -176,7 +204,7 @@ class PromptMixSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, prompt, negative, latent_image, object_word, proxy_words, suggestions,
                 preserve_words, seed, steps, cfg, scheduler, mix_start, mix_end, self_injection_end,
-                injection_threshold, blend_at, clusters, cluster_threshold) -> io.NodeOutput:
+                injection_threshold, blend_at, clusters, cluster_threshold, inversion=None) -> io.NodeOutput:
         s = MixSettings(window=(mix_start, mix_end), self_injection_end=self_injection_end,
                         injection_threshold=injection_threshold, blend_at=None if blend_at >= 1 else blend_at,
                         clusters=clusters, cluster_threshold=cluster_threshold).validate()
@@ -194,6 +222,12 @@ class PromptMixSampler(io.ComfyNode):
             raise ValueError(f"proxy prompts encode to {tuple(proxy_ctx.shape[1:])} but the prompt to "
                              f"{tuple(positive[0][0].shape[1:])}; keep the prompts within the same 77-token chunks")
 
+        inv = inversion
+        if inv is not None:
+            if inv.prompt.strip() != prompt.strip():
+                raise ValueError(f"the inversion was made with the prompt {inv.prompt!r}, not {prompt!r}; use the "
+                                 f"same prompt on both nodes")
+            steps = len(inv.sigmas) - 1
         latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"][:1])
         noise = comfy.sample.prepare_noise(latent, seed)
         sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).cpu()
@@ -205,7 +239,10 @@ class PromptMixSampler(io.ComfyNode):
         m1 = model.clone()
         install_controller(m1, orig_store, ids)
         orig_store.reset()
-        _sample(m1, noise, latent, positive, negative, cfg, sigmas, seed, label="original")
+        if inv is None:
+            _sample(m1, noise, latent, positive, negative, cfg, sigmas, seed, label="original")
+        else:
+            _sample_inverted(m1, inv, positive[0][0], 1, negative, label="original")
         orig_store.finish()
         orig_fg = foreground(orig_store, 0, [obj] + keep, s)
 
@@ -222,8 +259,11 @@ class PromptMixSampler(io.ComfyNode):
         if step is not None:
             install_controller(m2, var_store, ids)
         var_store.reset()
-        out = _sample(m2, noise.expand(1 + k, -1, -1, -1).clone(), latent.expand(1 + k, -1, -1, -1).clone(),
-                      positive, negative, cfg, sigmas, seed, after_step=blend, label="variations")
+        if inv is None:
+            out = _sample(m2, noise.expand(1 + k, -1, -1, -1).clone(), latent.expand(1 + k, -1, -1, -1).clone(),
+                          positive, negative, cfg, sigmas, seed, after_step=blend, label="variations")
+        else:
+            out = _sample_inverted(m2, inv, positive[0][0], 1 + k, negative, after_step=blend, label="variations")
         var_store.finish()
         hw = tuple(out.shape[-2:])
         blend_masks = torch.stack(blend.masks) if blend.masks else torch.ones(k, *hw)

@@ -101,3 +101,21 @@ def test_sdxl_proxy_equal_to_object_is_a_no_op():
         model, clip = tiny_sdxl(), tiny_sdxl_clip()
     out = run(model, clip, SD_PROMPT, torch.zeros(1, 4, 16, 16), "cat", "cat, dog", "dog")[0]["samples"]
     assert out.shape == (3, 4, 16, 16) and rel(out[1], out[0]) < 2e-6
+
+
+def test_shapesworld_mixing_from_an_inversion():
+    from attention_lab.nodes.inversion import NullTextInvert
+    model, clip, _ = load_shapesworld()
+    with torch.inference_mode():
+        image = sample(model, encode(clip, SW_PROMPT), encode(clip, ""), torch.zeros(1, 3, 32, 32), cfg=5.0,
+                       sampler="euler", steps=20, seed=4, scheduler="simple")
+        inv, rec = NullTextInvert.execute(model, clip, SW_PROMPT, "negative-prompt", 20, 5.0, "simple", 10, 1e-5,
+                                          latent={"samples": image}).result
+    out = run(model, clip, SW_PROMPT, torch.zeros(1, 3, 32, 32), "circle", "circle, triangle", "square",
+              mix_start=0.34, mix_end=1.0, self_injection_end=1.0, inversion=inv)[0]["samples"]
+    assert torch.allclose(out[0], rec["samples"][0], atol=1e-4)   # the original row reconstructs the image
+    assert torch.allclose(out[1], out[0], atol=1e-4)               # proxy == object word
+    assert (out[2] - out[0]).abs().max() > 0.3                     # the triangle proxy changes the object
+    with pytest.raises(ValueError, match="inversion was made with the prompt"):
+        run(model, clip, "a red circle on a gray background", torch.zeros(1, 3, 32, 32), "circle", "star", "",
+            inversion=inv)
