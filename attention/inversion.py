@@ -18,13 +18,10 @@ Shapes: x (1, c, h, w); embeddings (1, m, d); trajectory[i] is the state at s_i 
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-
-log = logging.getLogger("attention_lab.inversion")
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]   # (x, sigma, context) -> eps
 

@@ -119,7 +119,7 @@ def word_alpha(steps: int, edits: int, length: int, default: tuple[float, float]
 
 @dataclass
 class EditPlan:
-    kind: list[str]                          # per edit: "replace" | "refine" | "none"
+    kind: list[str]                          # per edit: "replace" | "refine"
     replace: torch.Tensor | None             # (k, m, m) for replace edits (identity elsewhere)
     refine: torch.Tensor | None              # (k, m) indices for refine edits
     refine_alphas: torch.Tensor | None       # (k, m)
@@ -153,11 +153,9 @@ class P2PController(AttentionController):
         for b, kind in enumerate(p.kind):
             if kind == "replace":
                 out[b] = torch.einsum("hpw,wn->hpn", base, p.replace[b].to(base))
-            elif kind == "refine":
+            else:
                 a = p.refine_alphas[b].to(base)
                 out[b] = base[:, :, p.refine[b].to(base.device)] * a + edits[b] * (1 - a)
-            else:
-                out[b] = base
         if p.equalizer is not None:
             out = out * p.equalizer.to(base)[:, None, None, :]
         return out

@@ -16,7 +16,7 @@ from comfy_api.latest import io
 from ..attention import logger
 from ..attention.inversion import Inversion, NullTextSettings, ddim_invert, null_text_optimize, reconstruct
 from .common import CATEGORY, InversionType, encode_prompt
-from .unet_calls import UNetCalls, autograd_safe, run_with_pack_wrappers
+from .unet_calls import UNetCalls, autograd_safe, fit_context, model_key, run_with_pack_wrappers
 
 MODES = ["null-text", "ddim", "negative-prompt"]
 
@@ -103,15 +103,13 @@ class NullTextInvert(io.ComfyNode):
         x0 = source_latent(model, latent, image, vae)
         positive = encode_prompt(clip, prompt)
         cond = positive[0][0]
-        null0 = encode_prompt(clip, "")[0][0]
-        if null0.shape != cond.shape:
-            null0 = null0.repeat(1, cond.shape[1] // null0.shape[1], 1)
+        null0 = fit_context(encode_prompt(clip, "")[0][0], cond.shape[1])
         sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).cpu()
         calls = UNetCalls(model, sigmas, positive[0][1])
         dev = calls.device
         x0, cond, null0, sig_d = x0.to(dev), cond.to(dev), null0.to(dev), sigmas.to(dev)
         optimize = mode == "null-text"
-        pbar = comfy.utils.ProgressBar(steps * (2 if optimize else 1) + (0 if optimize else steps))
+        pbar = comfy.utils.ProgressBar(2 * steps)  # inversion, then optimization or reconstruction
         tick = lambda *_: pbar.update(1)  # noqa: E731  (also raises on interruption)
         trajectory = run_with_pack_wrappers(model, lambda: ddim_invert(calls.eps, x0, sig_d, cond, on_step=tick))
         counts = {"forward": steps, "backward": 0}
@@ -134,7 +132,7 @@ class NullTextInvert(io.ComfyNode):
                         nulls=None if nulls is None else [n.detach().cpu() for n in nulls], prompt=prompt, mode=mode,
                         guidance=guidance, unet_forward=counts["forward"], unet_backward=counts["backward"])
         inv.extra["cond_dict"] = {k: v for k, v in positive[0][1].items()}
-        inv.extra["model_key"] = (id(model.model.diffusion_model), type(model.model.latent_format).__name__)
+        inv.extra["model_key"] = model_key(model)
         if not optimize:
             with torch.no_grad():
                 rec = reconstruct(lambda x, s, c: (tick(), calls.quiet_eps(x, s, c))[1], inv, null0.cpu())

@@ -7,16 +7,14 @@ batch by our DDIM (eta 0) loop, with per-step null embeddings when an inversion 
 
 from __future__ import annotations
 
-import comfy.model_management as mm
 import comfy.sample
 import comfy.samplers
-import comfy.utils
 import torch
 from comfy_api.latest import io, ui
 
 from ..attention import logger
 from ..attention.inversion import Inversion
-from ..attention.p2p import EDITS, LocalBlend, P2PController, blend_positions, build_plan, p2p_sample, parse_pairs
+from ..attention.p2p import EDITS, LocalBlend, P2PController, blend_positions, build_plan, parse_pairs
 from ..attention.store import AttentionStore, StoreConfig
 from ..attention.tokens import split_words
 from .common import (
@@ -29,7 +27,7 @@ from .common import (
     token_key,
     word_ids,
 )
-from .unet_calls import UNetCalls, run_with_pack_wrappers
+from .unet_calls import fit_context, model_key, sample_batch
 
 
 def tokenizer_fns(clip):
@@ -40,10 +38,6 @@ def tokenizer_fns(clip):
         chunks, _ = prompt_token_chunks(clip, prompt)
         return [t for c in chunks for t in c]
     return ids_of, lambda w: word_ids(clip, w, key)
-
-
-def _model_key(model) -> tuple:
-    return (id(model.model.diffusion_model), type(model.model.latent_format).__name__)
 
 
 class P2PEditSampler(io.ComfyNode):
@@ -124,7 +118,7 @@ class P2PEditSampler(io.ComfyNode):
             if steps != len(inv.sigmas) - 1:
                 raise ValueError(f"the inversion was made with {len(inv.sigmas) - 1} steps but steps is {steps}; set "
                                  f"steps to {len(inv.sigmas) - 1} (the edit retraces the inversion step by step)")
-            if inv.extra.get("model_key") not in (None, _model_key(model)):
+            if inv.extra.get("model_key") not in (None, model_key(model)):
                 raise ValueError("the inversion was made with another model (diffusion model or latent format "
                                  "differ); invert the image with the MODEL you edit with")
             if cfg != inv.guidance:
@@ -152,9 +146,6 @@ class P2PEditSampler(io.ComfyNode):
             x_T = ms.noise_scaling(sigmas[0], noise, model.model.process_latent_in(lat),
                                    max_denoise=float(sigmas[0]) >= float(ms.sigma_max) - 1e-5)
             nulls = None
-        neg = negative[0][0]
-        if neg.shape[1] != length:
-            neg = neg.repeat(1, length // neg.shape[1], 1)[:, :length]
         latent_hw = tuple(x_T.shape[-2:])
 
         ids_of, wids = tokenizer_fns(clip)
@@ -173,17 +164,8 @@ class P2PEditSampler(io.ComfyNode):
             blend = LocalBlend(store, blend_positions([source_prompt] + targets, names, ids_of, wids),
                                (max(latent_hw[0] // 4, 1), max(latent_hw[1] // 4, 1)), blend_threshold,
                                int(blend_start * steps))
-        calls = UNetCalls(m, sigmas, positive[0][0][1])
-        dev = calls.device
-        pbar = comfy.utils.ProgressBar(steps)
-
-        def on_step(i):
-            mm.throw_exception_if_processing_interrupted()
-            pbar.update(1)
-        x = run_with_pack_wrappers(m, lambda: p2p_sample(
-            calls.eps, x_T.to(dev), sigmas.to(dev), torch.cat(conds).to(dev),
-            [n.to(dev) for n in nulls] if nulls is not None else neg.to(dev), cfg, blend, on_step))
-        out = model.model.process_latent_out(x.cpu())
+        out = sample_batch(m, x_T, sigmas, torch.cat(conds), nulls if nulls is not None else
+                           fit_context(negative[0][0], length), cfg, positive[0][0][1], blend)
         mask = blend.last_mask[1:, 0].cpu() if blend is not None and blend.last_mask is not None \
             else torch.ones(k, *latent_hw)
         logger.info("P2PEditSampler: %d edits (%s) of %r, %d steps%s", k, ", ".join(plan.kind), source_prompt, steps,

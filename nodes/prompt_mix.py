@@ -19,7 +19,6 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..attention import logger
-from ..attention.p2p import p2p_sample
 from ..attention.prompt_mixing import (
     BackgroundBlend,
     MixSettings,
@@ -45,7 +44,7 @@ from .common import (
     word_ids,
     word_positions,
 )
-from .unet_calls import UNetCalls
+from .unet_calls import fit_context, sample_batch
 
 SELF_MAX = 32 * 32          # official: self-attention of layers up to 32x32 (SD at 512 px)
 _SUGGESTION_CACHE: dict = {}
@@ -74,23 +73,10 @@ def _sample(model, noise, latent, positive, negative, cfg, sigmas, seed, after_s
 
 def _sample_inverted(model, inv, cond, rows, negative, after_step=None, label=""):
     """DDIM from an inversion's x_T with its per-step nulls (or the negative), ``rows`` copies of ``cond``."""
-    calls = UNetCalls(model, inv.sigmas, inv.extra.get("cond_dict"))
-    dev = calls.device
-    steps = len(inv.sigmas) - 1
-    pbar = comfy.utils.ProgressBar(steps)
-    logger.info("PromptMixSampler: %s from an inversion (%d images, %d steps)", label, rows, steps)
-    if inv.nulls is not None:
-        nulls = [n.to(dev) for n in inv.nulls]
-    else:
-        neg = negative[0][0]
-        nulls = neg.repeat(1, cond.shape[1] // neg.shape[1], 1)[:, :cond.shape[1]].to(dev)
-
-    def on_step(i):
-        mm.throw_exception_if_processing_interrupted()
-        pbar.update(1)
-    x = p2p_sample(calls.eps, inv.x_T.to(dev), inv.sigmas.to(dev), cond.to(dev).expand(rows, -1, -1), nulls,
-                   inv.guidance, after_step, on_step)
-    return model.model.process_latent_out(x.cpu())
+    logger.info("PromptMixSampler: %s from an inversion (%d images, %d steps)", label, rows, len(inv.sigmas) - 1)
+    nulls = inv.nulls if inv.nulls is not None else fit_context(negative[0][0], cond.shape[1])
+    return sample_batch(model, inv.x_T, inv.sigmas, cond.expand(rows, -1, -1), nulls, inv.guidance,
+                        inv.extra.get("cond_dict"), after_step)
 
 
 def _proxies(clip, prompt: str, word: str, proxy_words: str, count: int) -> list[str]:

@@ -13,8 +13,10 @@ from contextlib import contextmanager
 import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.patcher_extension
+import comfy.utils
 import torch
 
+from ..attention.p2p import p2p_sample
 from ..attention.store import QUIET_KEY
 
 
@@ -89,3 +91,33 @@ def run_with_pack_wrappers(model, fn):
     if not ours:
         return fn()
     return comfy.patcher_extension.WrapperExecutor.new_executor(lambda *a, **k: fn(), ours).execute()
+
+
+def model_key(model) -> tuple:
+    """What an inversion must share with the model that edits it: the diffusion model and latent format."""
+    return (id(model.model.diffusion_model), type(model.model.latent_format).__name__)
+
+
+def fit_context(context: torch.Tensor, length: int) -> torch.Tensor:
+    """A (1, m, d) text context repeated/cut to ``length`` tokens (an empty prompt next to a long one)."""
+    if context.shape[1] == length:
+        return context
+    return context.repeat(1, -(-length // context.shape[1]), 1)[:, :length]
+
+
+def sample_batch(model, x_T: torch.Tensor, sigmas: torch.Tensor, conds: torch.Tensor, nulls, cfg: float,
+                 cond_dict: dict | None = None, after_step=None) -> torch.Tensor:
+    """DDIM on the batch ``conds`` (rows, m, d) from one x_T with per-step nulls (a list, e.g. an inversion's)
+    or one negative context, through the model's patches, with progress and interruption. Returns the
+    LATENT samples (process_latent_out)."""
+    calls = UNetCalls(model, sigmas, cond_dict)
+    dev = calls.device
+    pbar = comfy.utils.ProgressBar(len(sigmas) - 1)
+
+    def on_step(i):
+        mm.throw_exception_if_processing_interrupted()
+        pbar.update(1)
+    nulls = [n.to(dev) for n in nulls] if isinstance(nulls, list) else nulls.to(dev)
+    x = run_with_pack_wrappers(model, lambda: p2p_sample(calls.eps, x_T.to(dev), sigmas.to(dev), conds.to(dev),
+                                                         nulls, cfg, after_step, on_step))
+    return model.model.process_latent_out(x.cpu())

@@ -120,6 +120,11 @@ def tiny_sdxl_clip():
     return clip
 
 
+def rel(a, b):
+    """Largest difference relative to the largest value (the tiny random models' latents are ~100)."""
+    return float((a - b).abs().max() / b.abs().max())
+
+
 def encode(clip, text):
     return clip.encode_from_tokens_scheduled(clip.tokenize(text))
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from comfy_env import comfy_or_skip, encode, sample, tiny_clip, tiny_sd15, tiny_sdxl, tiny_sdxl_clip
+from comfy_env import comfy_or_skip, encode, rel, sample, tiny_clip, tiny_sd15, tiny_sdxl, tiny_sdxl_clip
 
 pack = comfy_or_skip()
 
@@ -36,11 +36,6 @@ def p2p(model, clip, targets, latent, inversion=None, source=SRC, **kw):
     with torch.inference_mode():
         return P2PEditSampler.execute(model, clip, source, "\n".join(targets), encode(clip, ""),
                                       {"samples": latent}, inversion=inversion, **args).result
-
-
-def rel(a, b):
-    """Largest difference relative to the largest value (the tiny random model's latents are ~100)."""
-    return float((a - b).abs().max() / b.abs().max())
 
 
 def weights_are_pristine(model):

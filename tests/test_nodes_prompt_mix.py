@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from comfy_env import comfy_or_skip, encode, sample, tiny_clip, tiny_sd15, tiny_sdxl, tiny_sdxl_clip
+from comfy_env import comfy_or_skip, encode, rel, sample, tiny_clip, tiny_sd15, tiny_sdxl, tiny_sdxl_clip
 
 pack = comfy_or_skip()
 
@@ -21,11 +21,6 @@ def run(model, clip, prompt, latent, obj, proxies, keep, **kw):
     with torch.inference_mode():
         return PromptMixSampler.execute(model, clip, prompt, encode(clip, ""), {"samples": latent}, obj, proxies,
                                         preserve_words=keep, **args).result
-
-
-def rel(a, b):
-    """Largest difference relative to the largest value (the tiny random model's latents are ~100)."""
-    return float((a - b).abs().max() / b.abs().max())
 
 
 @pytest.fixture(scope="module")

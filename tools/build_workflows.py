@@ -76,19 +76,21 @@ def api_format(nodes: list[Node]) -> dict:
     return out
 
 
+def _loader(shapesworld: bool) -> Node:
+    if shapesworld:
+        return Node(1, "ShapesWorldLoader", {"weights": ""},
+                    outputs=[("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")], pos=(0, 0), size=(300, 100))
+    return Node(1, "CheckpointLoaderSimple", {"ckpt_name": "v1-5-pruned-emaonly.safetensors"},
+                outputs=[("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")], pos=(0, 0), size=(300, 100))
+
+
 def capture_graph(shapesworld: bool) -> tuple[list[Node], list]:
     prompt = ("a red circle and a blue square on a gray background" if shapesworld
               else "a photo of a cat riding a bicycle on a sunny street")
     words = "circle, square, background" if shapesworld else "cat, bicycle, street"
     size = 256 if shapesworld else 512
-    if shapesworld:
-        loader = Node(1, "ShapesWorldLoader", {"weights": ""},
-                      outputs=[("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")], pos=(0, 0), size=(300, 100))
-    else:
-        loader = Node(1, "CheckpointLoaderSimple", {"ckpt_name": "v1-5-pruned-emaonly.safetensors"},
-                      outputs=[("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")], pos=(0, 0), size=(300, 100))
     nodes = [
-        loader,
+        _loader(shapesworld),
         Node(2, "CLIPTextEncode", {"text": prompt}, {"clip": (1, 1)}, [("CONDITIONING", "CONDITIONING")],
              {"clip": "CLIP"}, (360, 0), (400, 160), "Positive prompt"),
         Node(3, "CLIPTextEncode", {"text": ""}, {"clip": (1, 1)}, [("CONDITIONING", "CONDITIONING")],
@@ -131,18 +133,14 @@ def capture_graph(shapesworld: bool) -> tuple[list[Node], list]:
 
 def prompt_mix_graph(shapesworld: bool) -> tuple[list[Node], list]:
     if shapesworld:
-        loader = Node(1, "ShapesWorldLoader", {"weights": ""},
-                      outputs=[("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")], pos=(0, 0), size=(300, 100))
         prompt, obj, proxies, keep = SW_MIX
         size, cfg, scheduler, window, injection = 256, 5.0, "simple", (0.34, 1.0), 1.0
     else:
-        loader = Node(1, "CheckpointLoaderSimple", {"ckpt_name": "v1-5-pruned-emaonly.safetensors"},
-                      outputs=[("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")], pos=(0, 0), size=(300, 100))
         prompt, obj, proxies, keep = ("a hamburger and a cup of coffee on a wooden table", "hamburger", "",
                                       "cup, table")
         size, cfg, scheduler, window, injection = 512, 7.5, "ddim_uniform", (0.14, 0.34), 0.8
     nodes = [
-        loader,
+        _loader(shapesworld),
         Node(2, "CLIPTextEncode", {"text": ""}, {"clip": (1, 1)}, [("CONDITIONING", "CONDITIONING")],
              {"clip": "CLIP"}, (0, 160), (300, 120), "Negative prompt"),
         Node(3, "EmptyLatentImage", {"width": size, "height": size, "batch_size": 1}, {},
@@ -182,14 +180,6 @@ def prompt_mix_graph(shapesworld: bool) -> tuple[list[Node], list]:
         note += (" Official settings for SD 1.4/1.5 at 512 px (50 DDIM steps, cfg 7.5). Pick your checkpoint in "
                  "the loader; proxy suggestion encodes the CLIP vocabulary once (fast on a GPU, minutes on a CPU).")
     return nodes, [(note, (0, 660))]
-
-
-def _loader(shapesworld: bool) -> Node:
-    if shapesworld:
-        return Node(1, "ShapesWorldLoader", {"weights": ""},
-                    outputs=[("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")], pos=(0, 0), size=(300, 100))
-    return Node(1, "CheckpointLoaderSimple", {"ckpt_name": "v1-5-pruned-emaonly.safetensors"},
-                outputs=[("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")], pos=(0, 0), size=(300, 100))
 
 
 P2P_SW = ("a red circle and a blue square on a gray background",
