@@ -12,13 +12,14 @@ except ImportError:  # not running inside ComfyUI
 if ComfyExtension is not None:
     from .nodes.capture import AttentionCapture, AttentionMapView
     from .nodes.cluster import SelfAttnCluster
+    from .nodes.dpl import DPLTokenOptimizer
     from .nodes.inversion import NullTextInvert
     from .nodes.p2p import P2PEditSampler
     from .nodes.prompt_mix import PromptMixSampler
     from .nodes.shapesworld import ShapesWorldLoader
 
     NODES = [AttentionCapture, AttentionMapView, SelfAttnCluster, PromptMixSampler, NullTextInvert,
-             P2PEditSampler, ShapesWorldLoader]
+             DPLTokenOptimizer, P2PEditSampler, ShapesWorldLoader]
 
     class AttentionLabExtension(ComfyExtension):
         async def get_node_list(self) -> list[type[io.ComfyNode]]:

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from .cluster import cluster_colours, cluster_store
+from .demo_dpl import dpl_section
 from .demo_editing import mnm_section, p2p_section
 from .render import colorize, grid, masks_from_maps, normalize, overlay, upsample
 from .shapesworld.evaluate import attention_localization, cluster_localization, generation_quality
@@ -123,6 +124,8 @@ def main(argv=None):
     log.info("prompt mixing done")
     report += p2p_section(model, out, save, args.quick)
     log.info("inversion and prompt-to-prompt done")
+    report += dpl_section(model, out, save, args.quick)
+    log.info("dynamic prompt learning done")
 
     n_prompts, n_scenes = (20, 12) if args.quick else (50, 40)
     gq = generation_quality(model, n_prompts)

@@ -66,7 +66,7 @@ def p2p_section(model: ShapesWorldModel, out: Path, save, quick: bool) -> list[s
     inv, rec = E.invert(model, scene.image, E.SOURCE, steps, 7.5, "null-text")
     edited = E.edit(model, E.SOURCE, [E.TARGET], inversion=inv, blend_words=["circle", "triangle"])
     save(_row(torch.stack([scene.image, rec, edited[1]])), out / "p2p_inverted.png")
-    figs = E.reconstruction_figures(model, 2 if quick else 3, steps)
+    figs = E.reconstruction_figures(model, 2, steps)
     lines = ["## Null-Text Inversion and Prompt-to-Prompt (NullTextInvert, P2PEditSampler)", "",
              f"Generated source (seed 5, {steps} DDIM steps, CFG 5), then: circle -> triangle (replace), red -> green "
              f"(replace), circle -> triangle with LocalBlend on circle/triangle, and reweight square x0:", "",
@@ -75,7 +75,7 @@ def p2p_section(model: ShapesWorldModel, out: Path, save, quick: bool) -> list[s
              f"7.5; PSNR {psnr(rec, scene.image):.2f} dB, {inv.unet_forward} UNet forward and {inv.unet_backward} "
              f"backward evaluations), and the circle -> triangle edit with LocalBlend:", "",
              "![inverted](p2p_inverted.png)", "",
-             f"Reconstruction over {2 if quick else 3} generator images at guidance 7.5 "
+             f"Reconstruction over 2 generator images at guidance 7.5 "
              f"(plain sampling costs {figs.pop('plain_sampling_unet_forward_per_image')} UNet evaluations):", "",
              "| inversion | mean PSNR dB | min PSNR dB | UNet forward / image | backward / image | s / image |",
              "|---|---|---|---|---|---|"]

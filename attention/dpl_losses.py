@@ -1,17 +1,21 @@
-"""Dynamic Prompt Learning losses (Wang et al. 2023), on 16x16 cross-attention maps. Groundwork for DPL.
+"""Dynamic Prompt Learning losses (Wang et al. 2023) on layer- and head-averaged cross-attention maps.
 
-Written from the paper's definitions as the DPL issue states them (official code: wangkai930418/DPL; not yet
-checked line by line against it — to do before the DPLTokenOptimizer node uses these):
-* L_at, Attend-and-Excite's attention balancing: the text tokens' maps (start token excluded) x100, softmax
-  over tokens, each noun's map Gaussian-smoothed (3x3, sigma 0.5, reflect padding), loss = the largest
-  1 - max(map) over the nouns;
-* L_dj, disjoint objects: mean pairwise cosine similarity between the nouns' maps;
-* L_bg, background leakage: mean cosine similarity between each noun's map and the background mask;
-* gradual thresholds beta * exp(-t / alpha) per loss (DPL.sh: alpha 25 / 50 / 25, beta 0.3 / 0.7 / 0.9 for
-  at / bg / dj).
+Ported from the official code, https://github.com/wangkai930418/DPL (commit
+233afcb7b08c942d98056c271df95d20890170a7, ``pipelines/null_attend_textinv_pipeline.py``; the repository
+states no licence, so the procedure is reimplemented here and only its numbers are kept):
+* L_at, Attend-and-Excite's attention balancing: the maps of every key token but the first and the last
+  of the context (BOS and the final padding token) x100, softmax over those tokens, each noun's map
+  smoothed by a 3x3 Gaussian (sigma 0.5, reflect padding); loss = max over nouns of max(0, 1 - max(map));
+* L_dj, disjoint objects: mean cosine similarity over the pairs of nouns' raw maps;
+* L_bg, background leakage: mean over nouns of the cosine similarity of its raw map and the background mask;
+* gradual thresholds beta * exp(-i / alpha), i = 0 at the noisiest sampling step (official ``DPL.sh``:
+  alpha 25 / 50 / 25, beta 0.3 / 0.7 / 0.9 for at / bg / dj).
+A noun of several tokens (a multi-token word or a phrase such as 'red circle') uses the mean of its tokens'
+maps, where the official code has one placeholder token per noun.
 
-Shapes: maps (h, w, m) head- and layer-averaged cross-attention of one image; nouns: token positions;
-background (h, w) in {0, 1}.
+Shape legend:
+    h, w  map size (16x16 for SD at 512 px)     m  key tokens (77 for one CLIP chunk)
+    maps (h, w, m)    nouns: key positions per noun    background (h, w) in {0, 1}
 """
 
 from __future__ import annotations
@@ -29,10 +33,9 @@ def gaussian_kernel(size: int = 3, sigma: float = 0.5) -> torch.Tensor:
     return k2 / k2.sum()
 
 
-def attend_excite_loss(maps: torch.Tensor, nouns: list[tuple[int, ...]], eos: int) -> torch.Tensor:
-    """max over nouns of (1 - max of its smoothed, token-softmaxed map); ``eos``: index of the end token."""
-    text = maps[..., 1:eos] * 100
-    text = text.softmax(-1)
+def attend_excite_loss(maps: torch.Tensor, nouns: list[tuple[int, ...]]) -> torch.Tensor:
+    """max over nouns of max(0, 1 - max of its smoothed, token-softmaxed map)."""
+    text = (maps[..., 1:-1] * 100).softmax(-1)
     kernel = gaussian_kernel().to(maps)[None, None]
     losses = []
     for pos in nouns:
@@ -58,13 +61,14 @@ def disjoint_loss(maps: torch.Tensor, nouns: list[tuple[int, ...]]) -> torch.Ten
 
 
 def background_loss(maps: torch.Tensor, nouns: list[tuple[int, ...]], background: torch.Tensor) -> torch.Tensor:
-    """Mean cosine similarity between each noun's map and the background mask (resized to the maps)."""
+    """Mean cosine similarity between each noun's map and the background mask (same h, w)."""
+    if tuple(background.shape) != tuple(maps.shape[:2]):
+        raise ValueError(f"background mask {tuple(background.shape)} and maps {tuple(maps.shape[:2])} differ; "
+                         f"resize the mask to the maps first")
     bg = background.float().to(maps)
-    if bg.shape != maps.shape[:2]:
-        bg = F.interpolate(bg[None, None], size=maps.shape[:2], mode="nearest")[0, 0]
     return torch.stack([_cos(m, bg) for m in noun_maps(maps, nouns)]).mean()
 
 
-def gradual_threshold(t: float, alpha: float, beta: float) -> float:
-    """beta * exp(-t / alpha)."""
-    return beta * math.exp(-t / alpha)
+def gradual_threshold(i: float, alpha: float, beta: float) -> float:
+    """beta * exp(-i / alpha); i is the sampling step index, 0 at the noisiest step."""
+    return beta * math.exp(-i / alpha)

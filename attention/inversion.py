@@ -31,7 +31,7 @@ class NullTextSettings:
     guidance: float = 7.5
     inner_steps: int = 10
     lr: float = 1e-2
-    epsilon: float = 1e-5
+    epsilon: float | None = 1e-5           # early stop base; None = always run inner_steps
 
 
 @dataclass
@@ -79,6 +79,30 @@ def ddim_step(x: torch.Tensor, e: torch.Tensor, s: torch.Tensor, s_next: torch.T
     return x + e * (s_next - s)
 
 
+def optimize_null(eps: EpsFn, x: torch.Tensor, sig: torch.Tensor, sig_next: torch.Tensor, e_cond: torch.Tensor,
+                  target: torch.Tensor, null: torch.Tensor, guidance: float, lr: float, iters: int,
+                  threshold: float | None, on_inner: Callable[[int], float] | None = None) -> tuple[torch.Tensor, int]:
+    """One sampling step's null embedding: a fresh Adam on ``null`` so that the guided DDIM step from ``x``
+    lands on ``target``; stops early under ``threshold`` (None: never). Returns it and the iterations run."""
+    null = null.detach().clone().requires_grad_(True)
+    opt = torch.optim.Adam([null], lr=lr)
+    done = 0
+    for j in range(iters):
+        e_u = eps(x, sig, null)
+        rec = ddim_step(x, e_u + guidance * (e_cond - e_u), sig, sig_next)
+        loss = torch.nn.functional.mse_loss(rec * z_scale(sig_next), target * z_scale(sig_next))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        done += 1
+        value = float(loss.detach())
+        if on_inner is not None:
+            on_inner(j, value)
+        if threshold is not None and value < threshold:
+            break
+    return null.detach(), done
+
+
 def null_text_optimize(eps: EpsFn, trajectory: list[torch.Tensor], sigmas: torch.Tensor, cond: torch.Tensor,
                        null_init: torch.Tensor, s: NullTextSettings,
                        on_inner: Callable[[int, int, float], None] | None = None
@@ -95,35 +119,19 @@ def null_text_optimize(eps: EpsFn, trajectory: list[torch.Tensor], sigmas: torch
     x = trajectory[0].detach()
     for i in range(n):
         sig, sig_next = sigmas[i], sigmas[i + 1]
-        target = trajectory[i + 1].detach()
         with torch.no_grad():
             e_cond = eps(x, sig, cond)
-        counts["forward"] += 1
-        null = null.detach().clone().requires_grad_(True)
-        opt = torch.optim.Adam([null], lr=s.lr * (1.0 - i / 100.0))
-        threshold = s.epsilon + i * 2e-5
-        for j in range(s.inner_steps):
-            e_u = eps(x, sig, null)
-            e = e_u + s.guidance * (e_cond - e_u)
-            rec = ddim_step(x, e, sig, sig_next)
-            loss = torch.nn.functional.mse_loss(rec * z_scale(sig_next), target * z_scale(sig_next))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            counts["forward"] += 1
-            counts["backward"] += 1
-            counts["inner_steps"] += 1
-            value = float(loss.detach())
-            if on_inner is not None:
-                on_inner(i, j, value)
-            if value < threshold:
-                break
-        null = null.detach()
+        threshold = None if s.epsilon is None else s.epsilon + i * 2e-5
+        inner = None if on_inner is None else (lambda j, v, i=i: on_inner(i, j, v))
+        null, done = optimize_null(eps, x, sig, sig_next, e_cond, trajectory[i + 1].detach(), null, s.guidance,
+                                   s.lr * (1.0 - i / 100.0), s.inner_steps, threshold, inner)
+        counts["forward"] += 2 + done
+        counts["backward"] += done
+        counts["inner_steps"] += done
         nulls.append(null.clone())
         with torch.no_grad():
             e_u = eps(x, sig, null)
             x = ddim_step(x, e_u + s.guidance * (e_cond - e_u), sig, sig_next)
-        counts["forward"] += 1
     return nulls, counts, x
 
 

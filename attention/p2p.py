@@ -333,15 +333,17 @@ BatchEps = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, list], torch.Tens
 
 
 @torch.no_grad()
-def p2p_sample(eps: BatchEps, x_T: torch.Tensor, sigmas: torch.Tensor, conds: torch.Tensor,
+def p2p_sample(eps: BatchEps, x_T: torch.Tensor, sigmas: torch.Tensor, conds: torch.Tensor | list[torch.Tensor],
                nulls: list[torch.Tensor] | torch.Tensor, cfg: float, after_step=None, on_step=None) -> torch.Tensor:
-    """DDIM (eta 0) on the batch [source, edits] from one x_T (1, c, h, w); ``conds`` (1+k, m, d);
-    ``nulls``: one (1, m, d) null per step (an inversion) or a single negative context."""
-    k1 = conds.shape[0]
+    """DDIM (eta 0) on the batch [source, edits] from one x_T (1, c, h, w); ``conds`` (1+k, m, d), or one such
+    batch per step (a DPL inversion's per-step tokens); ``nulls``: one (1, m, d) null per step (an inversion)
+    or a single negative context."""
+    k1 = (conds[0] if isinstance(conds, list) else conds).shape[0]
     x = x_T.expand(k1, -1, -1, -1).clone()
     for i in range(len(sigmas) - 1):
-        u = (nulls[i] if isinstance(nulls, list) else nulls).to(conds).expand(k1, -1, -1)
-        e_c, e_u = eps(torch.cat([x, x]), sigmas[i], torch.cat([conds, u]), [0, 1]).chunk(2)
+        c = conds[i] if isinstance(conds, list) else conds
+        u = (nulls[i] if isinstance(nulls, list) else nulls).to(c).expand(k1, -1, -1)
+        e_c, e_u = eps(torch.cat([x, x]), sigmas[i], torch.cat([c, u]), [0, 1]).chunk(2)
         x = x + (e_u + cfg * (e_c - e_u)) * (sigmas[i + 1] - sigmas[i])
         if after_step is not None:
             x = after_step(i, x)

@@ -27,6 +27,7 @@ from .common import (
     token_key,
     word_ids,
 )
+from .learnable_tokens import encode_with_learned
 from .unet_calls import fit_context, model_key, sample_batch
 
 
@@ -95,7 +96,9 @@ class P2PEditSampler(io.ComfyNode):
                                tooltip="LocalBlend mask threshold on the max-normalized map (official 0.3; 0-1)."),
                 io.Float.Input("blend_start", default=0.2, min=0.0, max=1.0, step=0.01,
                                tooltip="LocalBlend starts after this fraction of the steps (official 0.2; 0-1)."),
-                InversionType.Input("inversion", optional=True, tooltip="From Null-Text Inversion: edit a real image."),
+                InversionType.Input("inversion", optional=True, tooltip=(
+                    "From Null-Text Inversion or DPL Token Optimizer: edit a real image (with DPL, the learned noun "
+                    "tokens of each step are used in the source and in every target that keeps the noun).")),
             ],
             outputs=[
                 io.Latent.Output(display_name="latents", tooltip="Batch: the source (reconstruction), then each edit."),
@@ -113,7 +116,8 @@ class P2PEditSampler(io.ComfyNode):
         inv: Inversion | None = inversion
         if inv is not None:
             if inv.prompt.strip() != source_prompt.strip():
-                raise ValueError(f"the inversion was made with the prompt {inv.prompt!r}, not {source_prompt!r}; "
+                what = "DPL tokens were optimized for" if inv.mode == "dpl" else "inversion was made with"
+                raise ValueError(f"the {what} the prompt {inv.prompt!r}, not {source_prompt!r}; "
                                  f"use the same source prompt on both nodes")
             if steps != len(inv.sigmas) - 1:
                 raise ValueError(f"the inversion was made with {len(inv.sigmas) - 1} steps but steps is {steps}; set "
@@ -164,7 +168,12 @@ class P2PEditSampler(io.ComfyNode):
             blend = LocalBlend(store, blend_positions([source_prompt] + targets, names, ids_of, wids),
                                (max(latent_hw[0] // 4, 1), max(latent_hw[1] // 4, 1)), blend_threshold,
                                int(blend_start * steps))
-        out = sample_batch(m, x_T, sigmas, torch.cat(conds), nulls if nulls is not None else
+        batch = torch.cat(conds)
+        if inv is not None and inv.mode == "dpl":   # per-step learned noun tokens, in the targets too
+            learned = inv.extra["dpl"]
+            batch = [torch.cat([inv.extra["conds"][i]] + [encode_with_learned(clip, t, learned, i) for t in targets])
+                     for i in range(steps)]
+        out = sample_batch(m, x_T, sigmas, batch, nulls if nulls is not None else
                            fit_context(negative[0][0], length), cfg, positive[0][0][1], blend)
         mask = blend.last_mask[1:, 0].cpu() if blend is not None and blend.last_mask is not None \
             else torch.ones(k, *latent_hw)

@@ -210,6 +210,9 @@ class PromptMixSampler(io.ComfyNode):
 
         inv = inversion
         if inv is not None:
+            if inv.mode == "dpl":
+                raise ValueError("PromptMixSampler takes a Null-Text Inversion (any mode); a DPL inversion's "
+                                 "per-step noun tokens are for P2P Edit Sampler. Connect NullTextInvert here")
             if inv.prompt.strip() != prompt.strip():
                 raise ValueError(f"the inversion was made with the prompt {inv.prompt!r}, not {prompt!r}; use the "
                                  f"same prompt on both nodes")

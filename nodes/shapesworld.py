@@ -8,7 +8,9 @@ contract; the VAE is ComfyUI's own pixel-space VAE (the model works on 32x32 RGB
 
 from __future__ import annotations
 
+import numbers
 from pathlib import Path
+from types import SimpleNamespace
 
 import comfy.latent_formats
 import comfy.model_base
@@ -71,6 +73,8 @@ class ComfyShapesTextModel(torch.nn.Module):
         _, self.encoder = build_models(config)
         self.encoder.to(device=device, dtype=torch.float32)
         self.dtypes = {torch.float32}
+        # SD layout for code that looks up the token table as clip.cond_stage_model.clip_<key>.transformer
+        self.clip_sw = SimpleNamespace(transformer=self.encoder)
 
     def set_clip_options(self, options):
         pass
@@ -81,14 +85,30 @@ class ComfyShapesTextModel(torch.nn.Module):
     def load_sd(self, sd):
         return self.encoder.load_state_dict(sd)
 
-    def _encode(self, ids: list[list[int]]) -> torch.Tensor:
+    def _encode(self, ids: list[list[int]], spliced=()) -> torch.Tensor:
+        """Context of token ids; ``spliced``: (chunk, position, vector) embeddings replacing tokens, as
+        ComfyUI's tensor tokens (one vector per token here)."""
         dev = self.encoder.position_embedding.device
-        return self.encoder(torch.tensor(ids, dtype=torch.long, device=dev))
+        e = self.encoder.token_embedding(torch.tensor(ids, dtype=torch.long, device=dev))
+        if spliced:
+            rows = torch.tensor([c for c, _, _ in spliced], device=dev)
+            cols = torch.tensor([p for _, p, _ in spliced], device=dev)
+            e = e.index_put((rows, cols), torch.stack([v.reshape(-1).to(e) for _, _, v in spliced]))
+        return self.encoder.forward_embeddings(e)
 
     def encode_token_weights(self, token_weight_pairs):
         chunks = token_weight_pairs[TOKEN_KEY]
-        ids = [[t[0] for t in c] for c in chunks]
-        z = self._encode(ids)                                          # (chunks, CONTEXT, width)
+        ids = [[t[0] if isinstance(t[0], numbers.Integral) else 0 for t in c] for c in chunks]
+        spliced = []
+        for ci, c in enumerate(chunks):
+            for p, t in enumerate(c):
+                if not isinstance(t[0], numbers.Integral):
+                    v = t[0].get("data") if isinstance(t[0], dict) else t[0]
+                    if not torch.is_tensor(v) or v.numel() != self.encoder.width:
+                        raise ValueError(f"ShapesWorld takes one {self.encoder.width}-wide vector per embedding "
+                                         f"token; got {type(v).__name__} {getattr(v, 'shape', '')}")
+                    spliced.append((ci, p, v))
+        z = self._encode(ids, spliced)                                 # (chunks, CONTEXT, width)
         weights = torch.tensor([[t[1] for t in c] for c in chunks], device=z.device, dtype=z.dtype)
         if (weights != 1.0).any():  # ComfyUI's convention: interpolate from the empty prompt
             empty = self._encode([[t for t, _ in ShapesTokenizer().chunks("")[0]]])

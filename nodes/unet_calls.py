@@ -105,9 +105,10 @@ def fit_context(context: torch.Tensor, length: int) -> torch.Tensor:
     return context.repeat(1, -(-length // context.shape[1]), 1)[:, :length]
 
 
-def sample_batch(model, x_T: torch.Tensor, sigmas: torch.Tensor, conds: torch.Tensor, nulls, cfg: float,
+def sample_batch(model, x_T: torch.Tensor, sigmas: torch.Tensor, conds, nulls, cfg: float,
                  cond_dict: dict | None = None, after_step=None) -> torch.Tensor:
-    """DDIM on the batch ``conds`` (rows, m, d) from one x_T with per-step nulls (a list, e.g. an inversion's)
+    """DDIM on the batch ``conds`` (rows, m, d), or one such batch per step (a list, a DPL inversion's), from
+    one x_T with per-step nulls (a list, e.g. an inversion's)
     or one negative context, through the model's patches, with progress and interruption. Returns the
     LATENT samples (process_latent_out)."""
     calls = UNetCalls(model, sigmas, cond_dict)
@@ -118,6 +119,7 @@ def sample_batch(model, x_T: torch.Tensor, sigmas: torch.Tensor, conds: torch.Te
         mm.throw_exception_if_processing_interrupted()
         pbar.update(1)
     nulls = [n.to(dev) for n in nulls] if isinstance(nulls, list) else nulls.to(dev)
-    x = run_with_pack_wrappers(model, lambda: p2p_sample(calls.eps, x_T.to(dev), sigmas.to(dev), conds.to(dev),
+    conds = [c.to(dev) for c in conds] if isinstance(conds, list) else conds.to(dev)
+    x = run_with_pack_wrappers(model, lambda: p2p_sample(calls.eps, x_T.to(dev), sigmas.to(dev), conds,
                                                          nulls, cfg, after_step, on_step))
     return model.model.process_latent_out(x.cpu())

@@ -1,4 +1,4 @@
-"""Tier 1: the DPL losses behave as their definitions say (groundwork for DPLTokenOptimizer)."""
+"""Tier 1: the DPL losses behave as their definitions say."""
 
 import torch
 
@@ -41,9 +41,9 @@ def test_background_loss_grows_with_leakage():
 def test_attend_excite_loss_is_lower_for_a_strong_noun_and_has_gradients():
     weak = blob_maps([(8, 8)], spread=6.0) * 0.02
     strong = blob_maps([(8, 8)], spread=1.5)
-    assert attend_excite_loss(strong, [(1,)], eos=4) < attend_excite_loss(weak, [(1,)], eos=4)
+    assert attend_excite_loss(strong, [(1,)]) < attend_excite_loss(weak, [(1,)])
     x = strong.clone().requires_grad_(True)
-    attend_excite_loss(x, [(1,)], eos=4).backward()
+    attend_excite_loss(x, [(1,)]).backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
 
 

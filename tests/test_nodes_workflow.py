@@ -194,3 +194,10 @@ def test_nti_workflow_runs_and_a_second_run_reuses_the_inversion(comfy_nodes, mo
     g["4"]["inputs"]["blend_words"] = "circle, star"
     run(ex, g)                                          # only the edit changed: the inversion is cached
     assert len(calls) == 1
+
+
+def test_dpl_workflow_runs_with_the_cluster_background(comfy_nodes):
+    g = api_graph("dpl_edit_shapesworld", 8)
+    g["4"]["inputs"].update(attn_iters=3, null_iters=3, betas="0.01, 0.01, 0.01")   # force token updates, quickly
+    out = run(new_executor(), g)
+    assert out["7"]["images"] and out["8"]["images"] and out["9"]["images"] and out["4"]["images"]

@@ -27,6 +27,7 @@ class Node:
     pos: tuple = (0, 0)
     size: tuple = (320, 160)
     title: str | None = None
+    seed_control: bool = True            # False for a 'seed' widget without control_after_generate
 
 
 def ui_format(nodes: list[Node], notes: list[tuple[str, tuple]]) -> dict:
@@ -45,7 +46,7 @@ def ui_format(nodes: list[Node], notes: list[tuple[str, tuple]]) -> dict:
         widgets = []
         for k, v in n.widgets.items():
             widgets.append(v)
-            if k in ("seed", "noise_seed"):
+            if k in ("seed", "noise_seed") and n.seed_control:
                 widgets.append("fixed")  # control_after_generate
         node = {"id": n.id, "type": n.type, "pos": list(n.pos), "size": list(n.size), "flags": {},
                 "order": order, "mode": 0,
@@ -284,6 +285,88 @@ def nti_p2p_graph(shapesworld: bool) -> tuple[list[Node], list]:
     return nodes, [(note, (360, 1000))]
 
 
+DPL_SW = ("a red circle and a red square on a gray background", "circle, square",
+          "a red triangle and a red square on a gray background")
+DPL_SD = ("a cat and a dog on the grass", "cat, dog", "a cat and a tiger on the grass")
+
+
+def dpl_graph(shapesworld: bool) -> tuple[list[Node], list]:
+    source, nouns, target = DPL_SW if shapesworld else DPL_SD
+    nodes = [_loader(shapesworld),
+             Node(2, "CLIPTextEncode", {"text": ""}, {"clip": (1, 1)}, [("CONDITIONING", "CONDITIONING")],
+                  {"clip": "CLIP"}, (0, 160), (300, 120), "Negative prompt")]
+    if shapesworld:  # the image to edit: a generation stands in for a photo
+        nodes += [
+            Node(10, "CLIPTextEncode", {"text": source}, {"clip": (1, 1)}, [("CONDITIONING", "CONDITIONING")],
+                 {"clip": "CLIP"}, (0, 320), (300, 120), "Image prompt"),
+            Node(11, "EmptyLatentImage", {"width": 256, "height": 256, "batch_size": 1}, {},
+                 [("LATENT", "LATENT")], {}, (0, 480), (300, 110)),
+            Node(12, "KSampler", {"seed": 11, "steps": 30, "cfg": 5.0, "sampler_name": "euler", "scheduler": "simple",
+                                  "denoise": 1.0},
+                 {"model": (1, 0), "positive": (10, 0), "negative": (2, 0), "latent_image": (11, 0)},
+                 [("LATENT", "LATENT")], {"model": "MODEL", "positive": "CONDITIONING", "negative": "CONDITIONING",
+                                          "latent_image": "LATENT"}, (0, 630), (300, 270), "The image to edit"),
+            Node(13, "VAEDecode", {}, {"samples": (12, 0), "vae": (1, 2)}, [("IMAGE", "IMAGE")],
+                 {"samples": "LATENT", "vae": "VAE"}, (0, 940), (220, 50)),
+        ]
+    else:
+        nodes.append(Node(13, "LoadImage", {"image": "example.png", "upload": "image"}, {},
+                          [("IMAGE", "IMAGE"), ("MASK", "MASK")], {}, (0, 320), (300, 320), "The image to edit"))
+    sched = "simple" if shapesworld else "ddim_uniform"
+    dpl = {"prompt": source, "nouns": nouns, "steps": 50, "guidance": 7.5, "scheduler": sched, "lam_at": 1.0,
+           "lam_bg": 0.05, "lam_dj": 0.05, "alphas": "25, 50, 25", "betas": "0.3, 0.7, 0.9",
+           "attn_iters": 21, "lr": 0.001, "null_iters": 51, "null_early_stop": 1e-5 if shapesworld else 0.0,
+           "map_size": 0}
+    nodes += [
+        Node(14, "VAEEncode", {}, {"pixels": (13, 0), "vae": (1, 2)}, [("LATENT", "LATENT")],
+             {"pixels": "IMAGE", "vae": "VAE"}, (360, 940), (220, 50)),
+        Node(15, "AttentionCapture", {"layers": "all", "capture_self": True, "self_max_size": 32, "start": 0.0,
+                                      "end": 1.0}, {"model": (1, 0)},
+             [("model", "MODEL"), ("store", "ATTENTION_STORE")], {"model": "MODEL"}, (360, 0), (320, 200)),
+        Node(3, "NullTextInvert", {"prompt": source, "mode": "ddim", "steps": 50, "guidance": 7.5,
+                                   "scheduler": sched, "inner_steps": 10, "early_stop": 1e-5},
+             {"model": (15, 0), "clip": (1, 1), "latent": (14, 0)},
+             [("inversion", "ATTENTION_LAB_INVERSION"), ("reconstruction", "LATENT")],
+             {"model": "MODEL", "clip": "CLIP", "latent": "LATENT"}, (360, 240), (380, 330),
+             "DDIM inversion with capture"),
+        Node(16, "SelfAttnCluster", {"prompt": source, "words": nouns, "clusters": 5, "threshold": 0.2,
+                                     "self_resolution": 32, "cross_resolution": 16, "seed": 1, "batch_index": 0},
+             {"store": (15, 1), "clip": (1, 1), "samples": (3, 1), "image": (13, 0)},
+             [("word_masks", "MASK"), ("background", "MASK"), ("clusters", "IMAGE")],
+             {"store": "ATTENTION_STORE", "clip": "CLIP", "samples": "LATENT", "image": "IMAGE"},
+             (360, 620), (360, 380), "Background mask", seed_control=False),
+        Node(4, "DPLTokenOptimizer", dpl, {"model": (1, 0), "clip": (1, 1), "latent": (14, 0), "background": (16, 1)},
+             [("inversion", "ATTENTION_LAB_INVERSION"), ("reconstruction", "LATENT"), ("noun_maps", "IMAGE")],
+             {"model": "MODEL", "clip": "CLIP", "latent": "LATENT", "background": "MASK"}, (800, 0), (400, 640)),
+        Node(5, "P2PEditSampler", {"source_prompt": source, "target_prompts": target, "edit": "auto", "seed": 5,
+                                   "steps": 50, "cfg": 7.5, "scheduler": sched, "cross_replace_steps": 0.8,
+                                   "cross_replace_words": "", "self_replace_steps": 0.5, "reweight": "",
+                                   "blend_words": "", "blend_threshold": 0.3, "blend_start": 0.2},
+             {"model": (1, 0), "clip": (1, 1), "negative": (2, 0), "latent_image": (4, 1), "inversion": (4, 0)},
+             [("latents", "LATENT"), ("blend_mask", "MASK")],
+             {"model": "MODEL", "clip": "CLIP", "negative": "CONDITIONING", "latent_image": "LATENT",
+              "inversion": "ATTENTION_LAB_INVERSION"}, (1240, 0), (400, 640)),
+        Node(6, "VAEDecode", {}, {"samples": (5, 0), "vae": (1, 2)}, [("IMAGE", "IMAGE")],
+             {"samples": "LATENT", "vae": "VAE"}, (1680, 0), (220, 50)),
+        Node(7, "SaveImage", {"filename_prefix": "attention_lab_dpl"}, {"images": (6, 0)}, [],
+             {"images": "IMAGE"}, (1940, 0), (420, 300), "Reconstruction, then the edit"),
+        Node(8, "PreviewImage", {}, {"images": (4, 2)}, [], {"images": "IMAGE"}, (1240, 700), (420, 260),
+             "Optimized noun attention"),
+        Node(9, "PreviewImage", {}, {"images": (16, 2)}, [], {"images": "IMAGE"}, (800, 700), (300, 300),
+             "Self-attention clusters"),
+    ]
+    note = ("Dynamic Prompt Learning + Prompt-to-Prompt on a real image (Wang et al. 2023, official pipeline). "
+            "1) DDIM inversion of the image with Attention Capture; Self-Attention Cluster (5 clusters, threshold "
+            "0.2) labels the clusters with the nouns, the rest is the background mask. 2) DPL Token Optimizer learns "
+            "per-step noun tokens (attention balancing, background leakage, disjoint objects, gradual thresholds), "
+            "then null-text. 3) P2P Edit Sampler edits with those tokens. Keep 'prompt', 'source_prompt' and the "
+            "cluster's 'prompt' the same text, and 'nouns' = the cluster's 'words'.")
+    note += (" ShapesWorld: a same-colour distractor, the official values except null_early_stop (NTI's 1e-5, "
+             "for speed); a few minutes on a CPU. On this tiny model DPL does not sharpen the maps (README)."
+             if shapesworld else " Official DPL.sh values for SD 1.x at 512 px; expect minutes per image on a GPU.")
+    return nodes, [(note, (0, 1060))]
+
+
 SW_MIX = ("a red circle and a blue square on a gray background", "circle", "triangle, star, diamond, cross",
           "square")
 
@@ -293,7 +376,8 @@ def main():
     graphs = (("attention_capture", capture_graph, False), ("attention_capture_shapesworld", capture_graph, True),
               ("prompt_mixing", prompt_mix_graph, False), ("prompt_mixing_shapesworld", prompt_mix_graph, True),
               ("p2p_edit", p2p_graph, False), ("p2p_edit_shapesworld", p2p_graph, True),
-              ("nti_p2p_edit", nti_p2p_graph, False), ("nti_p2p_edit_shapesworld", nti_p2p_graph, True))
+              ("nti_p2p_edit", nti_p2p_graph, False), ("nti_p2p_edit_shapesworld", nti_p2p_graph, True),
+              ("dpl_edit", dpl_graph, False), ("dpl_edit_shapesworld", dpl_graph, True))
     for name, build, sw in graphs:
         nodes, notes = build(sw)
         (OUT / f"{name}.json").write_text(json.dumps(ui_format(nodes, notes), indent=1) + "\n")

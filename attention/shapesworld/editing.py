@@ -67,14 +67,15 @@ def _tok_fns(model: ShapesWorldModel):
 def edit(model: ShapesWorldModel, source: str, targets: list[str], inversion: Inversion | None = None,
          seed: int = 0, steps: int = 50, cfg: float = 5.0, cross_replace: float = 0.8, self_replace: float = 0.4,
          reweight: dict | None = None, blend_words: list[str] | None = None, edit_kind: str = "auto",
-         store: AttentionStore | None = None) -> torch.Tensor:
-    """[source, edits] images (1+k, 3, S, S) in [0, 1] by P2P from a seed or an inversion."""
+         store: AttentionStore | None = None, step_conds: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """[source, edits] images (1+k, 3, S, S) in [0, 1] by P2P from a seed or an inversion; ``step_conds``:
+    per-step [source, targets] contexts (a DPL inversion's learned tokens) instead of the prompts' own."""
     ids_of, wids = _tok_fns(model)
     sigmas = inversion.sigmas if inversion is not None else simple_sigmas(steps)
     steps = len(sigmas) - 1
     cfg = inversion.guidance if inversion is not None else cfg
-    conds = model.encode([source] + targets)
-    length, s = conds.shape[1], model.size
+    conds = model.encode([source] + targets) if step_conds is None else step_conds
+    length, s = (conds[0] if step_conds is not None else conds).shape[-2], model.size
     plan = build_plan(source, targets, edit_kind, steps, cross_replace, {}, self_replace, reweight or {}, length,
                       (s // 2) ** 2, ids_of, wids)
     controllers = [P2PController(plan, steps)]

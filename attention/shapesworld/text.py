@@ -89,5 +89,9 @@ class TextEncoder(nn.Module):
         x = self.blocks(x, mask=self.causal[:n, :n], is_causal=True)
         return self.final_norm(x)
 
+    def get_input_embeddings(self) -> nn.Embedding:
+        """The token embedding table (the layer learnable-token methods such as DPL splice into)."""
+        return self.token_embedding
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.forward_embeddings(self.token_embedding(ids))

@@ -1,0 +1,196 @@
+"""DPLTokenOptimizer: Dynamic Prompt Learning inversion (Wang et al. 2023) of an image for P2P editing.
+
+Glue only: the procedure and the official recipe are in ``attention/dpl.py`` and ``attention/dpl_losses.py``
+(ported from wangkai930418/DPL, see their headers); learnable tokens through ComfyUI's CLIP in
+``learnable_tokens.py``; DDIM inversion as in NullTextInvert.
+"""
+
+from __future__ import annotations
+
+import time
+
+import comfy.model_management as mm
+import comfy.samplers
+import comfy.utils
+import torch
+import torch.nn.functional as F
+from comfy_api.latest import io, ui
+
+from ..attention import logger
+from ..attention.dpl import DPL_SH, CrossMapRecorder, DPLSettings, dpl_invert
+from ..attention.inversion import Inversion, NullTextSettings, ddim_invert
+from ..attention.render import colorize, grid, normalize, upsample
+from .common import CATEGORY, InversionType, encode_prompt, install_controller, model_layer_ids
+from .learnable_tokens import DPLTokens, autograd_safe_clip, encode, initial_values, locate, splice
+from .unet_calls import UNetCalls, autograd_safe, fit_context, model_key
+
+S = DPL_SH   # the official recipe: the schema's defaults
+
+
+def background_at(mask: torch.Tensor, size: tuple[int, int], latent_hw: tuple[int, int]) -> torch.Tensor:
+    """The MASK's first item as {0, 1} at the attention map ``size`` (area average, then majority)."""
+    m = mask.float()
+    m = m[0] if m.ndim == 3 else m
+    if m.ndim != 2:
+        raise ValueError(f"background must be a MASK (H, W) or (B, H, W); got shape {tuple(mask.shape)}")
+    h, w = m.shape
+    if abs(h / w - latent_hw[0] / latent_hw[1]) > 0.05:
+        raise ValueError(f"the background mask is {w}x{h} but the image latent is {latent_hw[1]}x{latent_hw[0]}: "
+                         f"different aspect ratios. Make the mask from this image (e.g. Self-Attention Cluster's "
+                         f"background output with the same latent)")
+    if (h, w) != tuple(size):
+        logger.info("DPLTokenOptimizer: background mask %dx%d resized to the %dx%d attention maps", w, h,
+                    size[1], size[0])
+    out = (F.adaptive_avg_pool2d(m[None, None], size)[0, 0] >= 0.5).float()
+    if out.sum() == 0:
+        logger.warning("DPLTokenOptimizer: the background mask is empty at %dx%d; the background loss does "
+                       "nothing", *size)
+    return out
+
+
+def maps_preview(maps: list, positions: list[tuple[int, ...]], hw: tuple[int, int]) -> torch.Tensor:
+    """(1, H, W * nouns, 3): each noun's map averaged over the steps where tokens were optimized."""
+    used = [m for m in maps if m is not None]
+    if not used:
+        return torch.zeros(1, *hw, 3)
+    mean = torch.stack(used).mean(0)                                       # (mh, mw, m)
+    pics = normalize(torch.stack([mean[..., list(p)].mean(-1) for p in positions]))
+    return grid(colorize(upsample(pics, hw)), cols=len(positions))
+
+
+class DPLTokenOptimizer(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DPLTokenOptimizer",
+            display_name="DPL Token Optimizer (Dynamic Prompt Learning)",
+            category=CATEGORY,
+            description=(
+                "Dynamic Prompt Learning (Wang et al. 2023, official DPL.sh recipe): inverts an image like Null-Text "
+                "Inversion, but first learns, for every timestep, new input embeddings of the nouns so that each "
+                "noun's cross-attention stays on its own object (attention balancing, disjoint-object and "
+                "background-leakage losses with gradual thresholds). Feed the result to P2P Edit Sampler; edits "
+                "then change only what was asked. Get the background mask from Self-Attention Cluster "
+                "(threshold 0.2) on a DDIM inversion captured with Attention Capture."),
+            inputs=[
+                io.Model.Input("model", tooltip="SD1.x/SD2.x/SDXL or ShapesWorld model. Cloned; the input stays "
+                                                "unpatched."),
+                io.Clip.Input("clip", tooltip="The model's CLIP; its text transformer is differentiated through."),
+                io.Latent.Input("latent", tooltip="The image as a LATENT (first item), e.g. from VAE Encode."),
+                io.String.Input("prompt", multiline=True, default="a red circle and a blue square on a gray background",
+                                tooltip="Source prompt describing the image, without (word:weight) emphasis."),
+                io.String.Input("nouns", default="circle, square", tooltip=(
+                    "Nouns of the prompt to learn, comma separated (phrases such as 'red circle' tell two "
+                    "circles apart). With one noun only the background loss applies.")),
+                io.Int.Input("steps", default=50, min=2, max=1000, tooltip="DDIM steps (official 50)."),
+                io.Float.Input("guidance", default=S.null.guidance, min=1.0, max=30.0, step=0.1,
+                               tooltip="Guidance scale the edit will sample with (official 7.5; 1-30)."),
+                io.Combo.Input("scheduler", options=list(comfy.samplers.SCHEDULER_NAMES), default="ddim_uniform",
+                               tooltip="Sigma schedule (ddim_uniform = the official DDIM timesteps)."),
+                io.Float.Input("lam_at", default=S.lam_at, min=0.0, max=100.0, step=0.01,
+                               tooltip="Weight of the attention-balancing loss L_at (official 1.0; 0 = off)."),
+                io.Float.Input("lam_bg", default=S.lam_bg, min=0.0, max=100.0, step=0.01,
+                               tooltip="Weight of the background-leakage loss L_bg (official 0.05; 0 = off)."),
+                io.Float.Input("lam_dj", default=S.lam_dj, min=0.0, max=100.0, step=0.01,
+                               tooltip="Weight of the disjoint-object loss L_dj (official 0.05; 0 = off)."),
+                io.String.Input("alphas", default=f"{S.alpha_at:g}, {S.alpha_bg:g}, {S.alpha_dj:g}", tooltip=(
+                    "Threshold decay alpha for at, bg, dj in steps: threshold = beta * exp(-step / alpha) "
+                    "(official 25, 50, 25; each > 0).")),
+                io.String.Input("betas", default=f"{S.beta_at:g}, {S.beta_bg:g}, {S.beta_dj:g}", tooltip=(
+                    "Thresholds at the first step beta for at, bg, dj; a step stops updating tokens when every "
+                    "loss is under its threshold (official 0.3, 0.7, 0.9; each 0-1).")),
+                io.Int.Input("attn_iters", default=S.attn_iters, min=0, max=200,
+                             tooltip="Most token updates per step (official 21; 0 = plain null-text inversion)."),
+                io.Float.Input("lr", default=S.lr, min=1e-6, max=1.0, step=1e-4,
+                               tooltip="AdamW learning rate of the tokens (official 1e-3)."),
+                io.Int.Input("null_iters", default=S.null.inner_steps, min=1, max=200,
+                             tooltip="Null-text Adam iterations per step (official DPL 51; NTI uses 10)."),
+                io.Float.Input("null_early_stop", default=0.0, min=0.0, max=1.0, step=1e-6, tooltip=(
+                    "Stop a step's null-text loop under this latent MSE + step * 2e-5 (0 = never, as official DPL; "
+                    "NTI's 1e-5 saves much of the cost).")),
+                io.Int.Input("map_size", default=0, min=0, max=256, tooltip=(
+                    "Cross-attention map size of the losses in feature pixels (0 = latent / 4: 16 at 512 px as "
+                    "official; the nearest size the model has is used).")),
+                io.Mask.Input("background", optional=True, tooltip=(
+                    "Background MASK of the image (any size of the same aspect; resized to the maps). Without "
+                    "it L_bg is off.")),
+            ],
+            outputs=[
+                InversionType.Output(display_name="inversion", tooltip=(
+                    "x_T, trajectory, per-step nulls and learned noun tokens; P2P Edit Sampler accepts it.")),
+                io.Latent.Output(display_name="reconstruction",
+                                 tooltip="Guided DDIM with the learned tokens and nulls: should equal the input."),
+                io.Image.Output(display_name="noun_maps", tooltip="Each noun's optimized cross-attention, mean "
+                                                                  "over the steps."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, latent, prompt, nouns, steps, guidance, scheduler, lam_at, lam_bg, lam_dj,
+                alphas, betas, attn_iters, lr, null_iters, null_early_stop, map_size, background=None) -> io.NodeOutput:
+        t0 = time.time()
+        a, b = _triple(alphas, "alphas", positive=True), _triple(betas, "betas")
+        settings = DPLSettings(lam_at, lam_bg, lam_dj, *a, *b, attn_iters, lr,
+                               NullTextSettings(guidance=guidance, inner_steps=null_iters, lr=S.null.lr,
+                                                epsilon=null_early_stop or None))
+        nt = locate(clip, prompt, nouns)
+        x0 = model.model.process_latent_in(latent["samples"][:1].float())
+        latent_hw = tuple(x0.shape[-2:])
+        positive = encode_prompt(clip, prompt)
+        cond0 = positive[0][0]
+        null0 = fit_context(encode_prompt(clip, "")[0][0], cond0.shape[1])
+        sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).cpu()
+
+        wanted = (map_size, map_size) if map_size else (max(latent_hw[0] // 4, 1), max(latent_hw[1] // 4, 1))
+        recorder = CrossMapRecorder(wanted)
+        m = model.clone()
+        install_controller(m, recorder, model_layer_ids(model), self_attn=False, cross_attn=True)
+        mm.load_models_gpu([m, clip.patcher], force_full_load=True)
+        calls = UNetCalls(m, sigmas, positive[0][1])
+        dev = calls.device
+        x0, cond0, null0, sig_d = x0.to(dev), cond0.to(dev), null0.to(dev), sigmas.to(dev)
+        pbar = comfy.utils.ProgressBar(2 * steps)      # DDIM inversion, then one tick per optimized step
+        trajectory = ddim_invert(calls.quiet_eps, x0, sig_d, cond0, on_step=lambda i: pbar.update(1))
+
+        def on_inner(i, phase, j):
+            mm.throw_exception_if_processing_interrupted()
+
+        bg = None if background is None else (lambda size: background_at(background, size, latent_hw))
+        with autograd_safe(m.model.diffusion_model), autograd_safe_clip(clip):
+            params0 = [v.to(dev) for v in initial_values(clip, prompt, nt)]
+
+            def encode_tokens(params):
+                return encode(clip, splice(clip, prompt, nt.positions, nt.keys, params)).to(dev)
+            res = dpl_invert(calls.quiet_eps, encode_tokens, params0, recorder, [t.clone() for t in trajectory],
+                             sig_d.clone(), nt.positions, bg, null0.clone(), settings,
+                             on_step=lambda i: pbar.update_absolute(steps + i + 1), on_inner=on_inner)
+        learned = DPLTokens(nouns=nt.nouns, counts=[len(p) for p in nt.positions], keys=nt.keys,
+                            values=[[v.cpu() for v in step] for step in res.params])
+        counts = {"forward": steps + res.counts["forward"], "backward": res.counts["backward"]}
+        inv = Inversion(sigmas=sigmas, trajectory=[t.detach().cpu() for t in trajectory], cond=res.conds[0].cpu(),
+                        nulls=[n.cpu() for n in res.nulls], prompt=prompt, mode="dpl", guidance=guidance,
+                        unet_forward=counts["forward"], unet_backward=counts["backward"])
+        mse = float(((res.reconstruction.cpu() - x0.cpu()) ** 2).mean())
+        inv.extra.update(cond_dict=dict(positive[0][1]), model_key=model_key(model), reconstruction_mse=mse,
+                         dpl=learned, conds=[c.cpu() for c in res.conds], dpl_losses=res.losses,
+                         map_size=res.map_size, token_updates=res.counts["token_updates"])
+        logger.info("DPLTokenOptimizer (%s; maps %s): %d token updates, %d null iterations, UNet forward %d, "
+                    "backward %d, reconstruction MSE %.2e, %.1f s", ", ".join(nt.nouns), res.map_size,
+                    res.counts["token_updates"], res.counts["null_iters"], counts["forward"], counts["backward"],
+                    mse, time.time() - t0)
+        preview = maps_preview(res.maps, nt.positions, (latent_hw[0] * 8, latent_hw[1] * 8))
+        out = model.model.process_latent_out(res.reconstruction.detach().cpu())
+        return io.NodeOutput(inv, {"samples": out}, preview, ui=ui.PreviewImage(preview, cls=cls))
+
+
+def _triple(text: str, name: str, positive: bool = False) -> tuple[float, float, float]:
+    """Three numbers for at, bg, dj from 'a, b, c'."""
+    try:
+        vals = tuple(float(v) for v in text.replace(";", ",").split(","))
+    except ValueError:
+        vals = ()
+    if len(vals) == 3 and all((v > 0) if positive else (0 <= v <= 10) for v in vals):
+        return vals
+    example = (S.alpha_at, S.alpha_bg, S.alpha_dj) if positive else (S.beta_at, S.beta_bg, S.beta_dj)
+    raise ValueError(f"{name} {text!r} must be three numbers for at, bg, dj ({'each > 0' if positive else 'each 0-10'})"
+                     f", e.g. '{', '.join(f'{v:g}' for v in example)}' (the official values)")
