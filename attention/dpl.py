@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from .context import AttnContext
 from .controller import AttentionController
@@ -111,6 +112,25 @@ class DPLResult:
     counts: dict = field(default_factory=dict)
     map_size: tuple[int, int] | None = None
     seconds: float = 0.0
+
+
+def kept_nouns(counts: list[int], find: Callable[[int], tuple[int, ...]]) -> tuple[list[tuple[int, ...]], list[int]]:
+    """Which learned nouns a prompt keeps, as the official editing script's placeholders: ``find(k)`` gives noun
+    k's key positions in the prompt (() when absent); a noun is kept when it has its learned token count there.
+    Returns the kept nouns' positions and their rows in the stacked (S, d) learned vectors."""
+    positions, rows, start = [], [], 0
+    for k, count in enumerate(counts):
+        pos = find(k)
+        if len(pos) == count:
+            positions.append(pos)
+            rows += list(range(start, start + count))
+        start += count
+    return positions, rows
+
+
+def background_at_size(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A (H, W) background mask as {0, 1} at the map ``size``: area average, then majority."""
+    return (F.adaptive_avg_pool2d(mask.float()[None, None], size)[0, 0] >= 0.5).float()
 
 
 def active_losses(s: DPLSettings, n_nouns: int, has_background: bool) -> tuple[bool, bool, bool]:

@@ -13,11 +13,10 @@ import comfy.model_management as mm
 import comfy.samplers
 import comfy.utils
 import torch
-import torch.nn.functional as F
 from comfy_api.latest import io, ui
 
 from ..attention import logger
-from ..attention.dpl import DPL_SH, CrossMapRecorder, DPLSettings, dpl_invert
+from ..attention.dpl import DPL_SH, CrossMapRecorder, DPLSettings, background_at_size, dpl_invert
 from ..attention.inversion import Inversion, NullTextSettings, ddim_invert
 from ..attention.render import colorize, grid, normalize, upsample
 from .common import CATEGORY, InversionType, encode_prompt, install_controller, model_layer_ids
@@ -41,7 +40,7 @@ def background_at(mask: torch.Tensor, size: tuple[int, int], latent_hw: tuple[in
     if (h, w) != tuple(size):
         logger.info("DPLTokenOptimizer: background mask %dx%d resized to the %dx%d attention maps", w, h,
                     size[1], size[0])
-    out = (F.adaptive_avg_pool2d(m[None, None], size)[0, 0] >= 0.5).float()
+    out = background_at_size(m, size)
     if out.sum() == 0:
         logger.warning("DPLTokenOptimizer: the background mask is empty at %dx%d; the background loss does "
                        "nothing", *size)

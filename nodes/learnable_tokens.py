@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import comfy.clip_model
 import torch
 
+from ..attention.dpl import kept_nouns
 from ..attention.tokens import WordNotInPromptError
 from .common import word_positions
 from .unet_calls import autograd_safe
@@ -107,16 +108,12 @@ def encode(clip, tokens: dict) -> torch.Tensor:
 def encode_with_learned(clip, prompt: str, learned: DPLTokens, step: int) -> torch.Tensor:
     """The context of ``prompt`` with the learned vectors of ``step`` for each noun it contains (a noun the
     edit replaced keeps its ordinary embedding), as the official editing script's placeholder tokens."""
-    rows, positions, sel = 0, [], []
-    for noun, count in zip(learned.nouns, learned.counts):
+    def find(k: int) -> tuple[int, ...]:
         try:
-            _, (pos,) = word_positions(clip, prompt, noun)
+            return word_positions(clip, prompt, learned.nouns[k])[1][0]
         except WordNotInPromptError:
-            pos = ()
-        if len(pos) == count:
-            positions.append(pos)
-            sel += list(range(rows, rows + count))
-        rows += count
+            return ()
+    positions, sel = kept_nouns(learned.counts, find)
     if not positions:
         return encode(clip, clip.tokenize(prompt))
     values = [v[sel] for v in learned.values[step]]

@@ -230,8 +230,9 @@ def p2p_graph(shapesworld: bool) -> tuple[list[Node], list]:
     return nodes, [(note, (0, 700))]
 
 
-def nti_p2p_graph(shapesworld: bool) -> tuple[list[Node], list]:
-    source, targets, blend = P2P_SW if shapesworld else P2P_SD
+def _image_to_edit(shapesworld: bool, source: str) -> list[Node]:
+    """Loader, negative prompt and the image to edit (node 13): a ShapesWorld generation standing in for a
+    photo, or LoadImage."""
     nodes = [_loader(shapesworld),
              Node(2, "CLIPTextEncode", {"text": ""}, {"clip": (1, 1)}, [("CONDITIONING", "CONDITIONING")],
                   {"clip": "CLIP"}, (0, 160), (300, 120), "Negative prompt")]
@@ -249,11 +250,16 @@ def nti_p2p_graph(shapesworld: bool) -> tuple[list[Node], list]:
             Node(13, "VAEDecode", {}, {"samples": (12, 0), "vae": (1, 2)}, [("IMAGE", "IMAGE")],
                  {"samples": "LATENT", "vae": "VAE"}, (0, 940), (220, 50)),
         ]
-        image = (13, 0)
     else:
         nodes.append(Node(13, "LoadImage", {"image": "example.png", "upload": "image"}, {},
                           [("IMAGE", "IMAGE"), ("MASK", "MASK")], {}, (0, 320), (300, 320), "The image to edit"))
-        image = (13, 0)
+    return nodes
+
+
+def nti_p2p_graph(shapesworld: bool) -> tuple[list[Node], list]:
+    source, targets, blend = P2P_SW if shapesworld else P2P_SD
+    nodes = _image_to_edit(shapesworld, source)
+    image = (13, 0)
     nodes += [
         Node(3, "NullTextInvert", {"prompt": source, "mode": "null-text", "steps": 50, "guidance": 7.5,
                                    "scheduler": "simple" if shapesworld else "ddim_uniform", "inner_steps": 10,
@@ -292,26 +298,7 @@ DPL_SD = ("a cat and a dog on the grass", "cat, dog", "a cat and a tiger on the 
 
 def dpl_graph(shapesworld: bool) -> tuple[list[Node], list]:
     source, nouns, target = DPL_SW if shapesworld else DPL_SD
-    nodes = [_loader(shapesworld),
-             Node(2, "CLIPTextEncode", {"text": ""}, {"clip": (1, 1)}, [("CONDITIONING", "CONDITIONING")],
-                  {"clip": "CLIP"}, (0, 160), (300, 120), "Negative prompt")]
-    if shapesworld:  # the image to edit: a generation stands in for a photo
-        nodes += [
-            Node(10, "CLIPTextEncode", {"text": source}, {"clip": (1, 1)}, [("CONDITIONING", "CONDITIONING")],
-                 {"clip": "CLIP"}, (0, 320), (300, 120), "Image prompt"),
-            Node(11, "EmptyLatentImage", {"width": 256, "height": 256, "batch_size": 1}, {},
-                 [("LATENT", "LATENT")], {}, (0, 480), (300, 110)),
-            Node(12, "KSampler", {"seed": 11, "steps": 30, "cfg": 5.0, "sampler_name": "euler", "scheduler": "simple",
-                                  "denoise": 1.0},
-                 {"model": (1, 0), "positive": (10, 0), "negative": (2, 0), "latent_image": (11, 0)},
-                 [("LATENT", "LATENT")], {"model": "MODEL", "positive": "CONDITIONING", "negative": "CONDITIONING",
-                                          "latent_image": "LATENT"}, (0, 630), (300, 270), "The image to edit"),
-            Node(13, "VAEDecode", {}, {"samples": (12, 0), "vae": (1, 2)}, [("IMAGE", "IMAGE")],
-                 {"samples": "LATENT", "vae": "VAE"}, (0, 940), (220, 50)),
-        ]
-    else:
-        nodes.append(Node(13, "LoadImage", {"image": "example.png", "upload": "image"}, {},
-                          [("IMAGE", "IMAGE"), ("MASK", "MASK")], {}, (0, 320), (300, 320), "The image to edit"))
+    nodes = _image_to_edit(shapesworld, source)
     sched = "simple" if shapesworld else "ddim_uniform"
     dpl = {"prompt": source, "nouns": nouns, "steps": 50, "guidance": 7.5, "scheduler": sched, "lam_at": 1.0,
            "lam_bg": 0.05, "lam_dj": 0.05, "alphas": "25, 50, 25", "betas": "0.3, 0.7, 0.9",

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..cluster import cluster_store
-from ..dpl import DPL_SH, CrossMapRecorder, DPLSettings, dpl_invert
+from ..dpl import DPL_SH, CrossMapRecorder, DPLSettings, background_at_size, dpl_invert, kept_nouns
 from ..inversion import Inversion, NullTextSettings, ddim_invert, null_text_optimize
 from ..p2p import p2p_sample
 from ..schedule import simple_sigmas
@@ -95,7 +95,7 @@ def invert_dpl(model: ShapesWorldModel, image: torch.Tensor, prompt: str, nouns:
     with frozen(model), torch.enable_grad():
         params0, encode = token_encoder(model, prompt, positions)
         res = dpl_invert(eps, encode, params0, recorder, traj, sigmas, positions,
-                         lambda size: (F.adaptive_avg_pool2d(bg[None, None].float(), size)[0, 0] >= 0.5).float(),
+                         lambda size: background_at_size(bg, size),
                          null, settings)
     inv = Inversion(sigmas=sigmas, trajectory=traj, cond=res.conds[0], nulls=res.nulls, prompt=prompt, mode="dpl",
                     guidance=settings.null.guidance, unet_forward=steps * 2 + res.counts["forward"],
@@ -120,26 +120,26 @@ def invert_nti(model: ShapesWorldModel, image: torch.Tensor, prompt: str, steps:
 
 def step_conds(model: ShapesWorldModel, inv: Inversion, targets: list[str]) -> list[torch.Tensor]:
     """Per step [source, targets] contexts: the learned vectors for every noun a target keeps."""
+    def finder(t: str):
+        def find(k: int) -> tuple[int, ...]:
+            try:
+                return model.word_positions(t, inv.extra["nouns"][k])
+            except ValueError:
+                return ()
+        return find
+    counts = [len(p) for p in inv.extra["positions"]]
+    plain, learned = {}, {}                 # per target: a fixed context, or (encode, rows of the learned vectors)
+    for j, t in enumerate(targets):
+        pos, rows = kept_nouns(counts, finder(t))
+        if pos:
+            learned[j] = (token_encoder(model, t, pos)[1], rows)
+        else:
+            plain[j] = model.encode([t])
     out = []
     for i, src in enumerate(inv.extra["conds"]):
-        rows = [src]
-        for t in targets:
-            pos, sel, start = [], [], 0
-            for noun, p in zip(inv.extra["nouns"], inv.extra["positions"]):
-                try:
-                    q = model.word_positions(t, noun)
-                except ValueError:
-                    q = ()
-                if len(q) == len(p):
-                    pos.append(q)
-                    sel += list(range(start, start + len(p)))
-                start += len(p)
-            if pos:
-                _, enc = token_encoder(model, t, pos)
-                rows.append(enc([inv.extra["params"][i][0][sel]]).detach())
-            else:
-                rows.append(model.encode([t]))
-        out.append(torch.cat(rows))
+        ctx = [plain[j] if j in plain else learned[j][0]([inv.extra["params"][i][0][learned[j][1]]]).detach()
+               for j in range(len(targets))]
+        out.append(torch.cat([src] + ctx))
     return out
 
 
