@@ -230,8 +230,19 @@ def main(argv=None):
         "DPL's null-text early stop in the localization figures (NTI's 1e-5 by default, to save time; it does not "
         "touch the attention maps; 0 = none, the official recipe, which --cost measures)"))
     p.add_argument("--cost", action="store_true", help="also the official recipe exactly on one image vs NTI")
+    p.add_argument("--ablation", action="store_true", help=(
+        "instead: one image per case, NTI against L_bg alone, L_bg alone at lr 1e-4, and no L_dj at lr 1e-4"))
     args = p.parse_args(argv)
     early = dataclasses.replace(DPL_SH.null, epsilon=args.null_early_stop or None)
+    if args.ablation:
+        bg_only = dataclasses.replace(DPL_SH, lam_at=0.0, lam_dj=0.0, null=early)
+        variants = {"NTI": None, "L_bg alone": bg_only, "L_bg alone, lr 1e-4": dataclasses.replace(bg_only, lr=1e-4),
+                    "no L_dj, lr 1e-4": dataclasses.replace(NO_DJ, lr=1e-4, null=early)}
+        res = localization_figures(ShapesWorldModel(), variants, 1, args.steps)
+        print(json.dumps({k: {f: v[f] for f in ("best_mean_iou", "leakage_other_object", "leakage_background",
+                                                "swap_psnr_outside_object_db", "token_updates_per_image")}
+                          for k, v in res.items() if isinstance(v, dict)}), flush=True)
+        return
     methods = {"NTI": None, "DPL (DPL.sh)": dataclasses.replace(DPL_SH, null=early),
                "DPL.sh without L_dj (ablation)": dataclasses.replace(NO_DJ, null=early)}
     model = ShapesWorldModel()
