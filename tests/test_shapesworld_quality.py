@@ -2,7 +2,7 @@
 
 import pytest
 
-from attention.shapesworld.evaluate import attention_localization, generation_quality
+from attention.shapesworld.evaluate import attention_localization, generation_quality, token_mass
 from attention.shapesworld.harness import classifier_accuracy
 from attention.shapesworld.model import ShapesWorldModel
 
@@ -31,3 +31,13 @@ def test_cross_attention_localizes_objects_at_coarsest_resolution(model):
     assert coarsest == "8x8"
     assert loc["iou"][coarsest]["all_bands"]["best_iou"] >= 0.5, loc["iou"][coarsest]
     assert loc["leakage_coarsest"]["own"] > loc["leakage_coarsest"]["others"]
+
+
+def test_token_mass_accounts_for_every_token(model):
+    """Start token, words, end token and padding partition each pixel's attention: the shares sum to one."""
+    mass = token_mass(model, n=2, bands=(400,))
+    assert set(mass["share"]) == {"8x8", "16x16"}
+    for shares in mass["share"].values():
+        assert min(shares.values()) >= 0.0, shares
+        assert abs(sum(shares.values()) - 1.0) < 2e-3, shares
+        assert shares["words"] > 0.05, shares   # the nouns do receive attention

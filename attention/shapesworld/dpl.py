@@ -10,7 +10,7 @@ reconstruction against the objects' masks, DPL against Null-Text Inversion, on t
 same-colour distractor, a same-shape distractor and small objects on a large background; leakage onto the
 other object and the background; a word swap of one object (PSNR outside it); cost.
 
-    python -m attention.shapesworld.dpl [--images 2] [--steps 50]
+    python -m attention.shapesworld.dpl [--images 2] [--steps 50] [--cost | --ablation | --sink]
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from ..p2p import p2p_sample
 from ..schedule import simple_sigmas
 from ..store import AttentionStore, StoreConfig, word_maps
 from .editing import batch_eps, edit
+from .evaluate import token_mass
 from .harness import THRESHOLDS, iou_curve, leakage, psnr
 from .model import ShapesWorldModel, layer_patches, patches_for
 from .world import SceneSpec, ShapesWorld
@@ -230,10 +231,16 @@ def main(argv=None):
         "DPL's null-text early stop in the localization figures (NTI's 1e-5 by default, to save time; it does not "
         "touch the attention maps; 0 = none, the official recipe, which --cost measures)"))
     p.add_argument("--cost", action="store_true", help="also the official recipe exactly on one image vs NTI")
+    p.add_argument("--sink", action="store_true", help=(
+        "instead: where the model's cross-attention goes (start token, words, end token, padding), the premise of "
+        "DPL's cosine losses"))
     p.add_argument("--ablation", action="store_true", help=(
         "instead: one image per case, NTI against L_bg alone, L_bg alone at lr 1e-4, and no L_dj at lr 1e-4"))
     args = p.parse_args(argv)
     early = dataclasses.replace(DPL_SH.null, epsilon=args.null_early_stop or None)
+    if args.sink:
+        print(json.dumps(token_mass(ShapesWorldModel())), flush=True)
+        return
     if args.ablation:
         bg_only = dataclasses.replace(DPL_SH, lam_at=0.0, lam_dj=0.0, null=early)
         variants = {"NTI": None, "L_bg alone": bg_only, "L_bg alone, lr 1e-4": dataclasses.replace(bg_only, lr=1e-4),

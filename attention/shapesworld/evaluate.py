@@ -112,6 +112,37 @@ def attention_localization(model: ShapesWorldModel, n: int = 40, seed: int = 123
 
 
 @torch.no_grad()
+def token_mass(model: ShapesWorldModel, n: int = 20, seed: int = 123,
+               bands: tuple[int, ...] = (200, 400, 600, 800)) -> dict:
+    """Where a pixel's cross-attention goes: the mean share of the start token, the prompt's words, the end
+    token and the padding, per map size, over ``n`` held-out scenes and the timestep bands.
+
+    SD's cross-attention sends most of it to the start token (an "attention sink"), which is what lets
+    DPL's cosine losses read a noun's raw map as near zero off its object (docs/dpl-design.md)."""
+    world = ShapesWorld(seed=seed)
+    sums: dict[str, torch.Tensor] = {}   # "HxW" -> (4,) summed shares
+    counts: dict[str, int] = {}
+    for i in range(n):
+        scene = world.sample(SceneSpec([(None, None)] * (1 + i % 3)))
+        ids = model.tokenizer.encode_batch([scene.caption])[0]
+        end = int((ids != 0).sum()) - 1                     # index of the end token
+        cond = model.encode([scene.caption])
+        for t in bands:
+            store = AttentionStore(StoreConfig(capture_self=False))
+            capture_noised(model, scene, cond, t, store, seed * 1000 + i * 10 + t)
+            for acc in store.cross.values():
+                mass = (acc.total[0] / acc.count).mean(0).cpu()   # (tokens,) mean over pixels
+                share = torch.stack([mass[0], mass[1:end].sum(), mass[end], mass[end + 1:].sum()])
+                key = f"{acc.height}x{acc.width}"
+                sums[key] = sums.get(key, 0) + share
+                counts[key] = counts.get(key, 0) + 1
+    names = ("start_token", "words", "end_token", "padding")
+    return {"scenes": n, "bands": list(bands),
+            "share": {k: {nm: round(float(v), 3) for nm, v in zip(names, sums[k] / counts[k])}
+                      for k in sorted(sums)}}
+
+
+@torch.no_grad()
 def cluster_localization(model: ShapesWorldModel, n: int = 20, seed: int = 321, t: int = 400,
                          clusters: int = 5, threshold: float = 0.3) -> dict:
     """SelfAttnCluster's word and background masks against the ground truth (IoU) on held-out scenes."""
