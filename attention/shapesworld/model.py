@@ -23,8 +23,9 @@ from .unet import ShapesUNet
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 DEFAULT_WEIGHTS = ASSETS / "shapesworld.safetensors"
-REBUILD_HINT = ("rebuild it with `python -m attention.shapesworld.train --out {path}` "
-                "(about 150 minutes on 2 CPU cores) or restore it with `git checkout -- {path}`")
+REBUILD_HINT = ("restore it with `git checkout -- {path}`, or retrain it with `python -m attention.shapesworld.train "
+                "--out {path}` and the fine-tuning stage of the README's training record (about 136 minutes on 2 "
+                "CPU cores)")
 
 
 class WeightsError(RuntimeError):
