@@ -20,6 +20,7 @@ from ..render import upsample
 from ..store import AttentionStore, StoreConfig, word_maps
 from .harness import IoUReport, classifier_accuracy, colour_blobs, iou_curve, leakage, load_classifier, mask_iou
 from .model import DEFAULT_WEIGHTS, ShapesWorldModel, patches_for
+from .text import PAD
 from .world import COLOURS, SHAPES, SceneSpec, ShapesWorld, caption_for
 
 log = logging.getLogger("attention_lab.evaluate")
@@ -125,7 +126,7 @@ def token_mass(model: ShapesWorldModel, n: int = 20, seed: int = 123,
     for i in range(n):
         scene = world.sample(SceneSpec([(None, None)] * (1 + i % 3)))
         ids = model.tokenizer.encode_batch([scene.caption])[0]
-        end = int((ids != 0).sum()) - 1                     # index of the end token
+        end = int((ids != PAD).sum()) - 1                   # index of the end token
         cond = model.encode([scene.caption])
         for t in bands:
             store = AttentionStore(StoreConfig(capture_self=False))
