@@ -100,7 +100,7 @@ def test_txt2img_and_capture_twice_shows_each_runs_maps(comfy_nodes):
 
 
 def test_loader_refuses_missing_and_corrupt_weights(tmp_path):
-    with pytest.raises(Exception, match="missing.*python -m attention.shapesworld.train"):
+    with pytest.raises(Exception, match=r"missing.*python -m attention\.shapesworld\.recipe --out"):
         ShapesWorldLoader.execute(str(tmp_path / "nope.safetensors"))
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a safetensors file")

@@ -49,7 +49,7 @@ def test_hard_cases_and_impossible_requests():
 
 
 def test_weights_errors_name_the_file_and_the_fix(tmp_path):
-    with pytest.raises(WeightsError, match=r"missing.*attention.shapesworld.train"):
+    with pytest.raises(WeightsError, match=r"missing.*python -m attention\.shapesworld\.recipe --out"):
         ShapesWorldModel(tmp_path / "none.safetensors")
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"\x00" * 64)

@@ -23,9 +23,9 @@ from .unet import ShapesUNet
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 DEFAULT_WEIGHTS = ASSETS / "shapesworld.safetensors"
-REBUILD_HINT = ("restore it with `git checkout -- {path}`, or retrain it with `python -m attention.shapesworld.train "
-                "--out {path}` and the fine-tuning stage of the README's training record (about 136 minutes on 2 "
-                "CPU cores)")
+REBUILD_HINT = ("restore it with `git checkout -- {path}`, or retrain it with `python -m attention.shapesworld.recipe "
+                "--out {path} --threads 2` (both training stages, about 140 minutes on 2 CPU cores; README, "
+                "\"Training record\")")
 
 
 class WeightsError(RuntimeError):

@@ -1,15 +1,18 @@
-"""Train the ShapesWorld text-to-image model (seeded, resumable, CPU by default).
+"""Train one stage of the ShapesWorld text-to-image model (seeded, resumable, CPU by default).
 
-    python -m attention.shapesworld.train --out assets/shapesworld.safetensors
+    python -m attention.shapesworld.train --out base.safetensors
+    python -m attention.shapesworld.recipe --out assets/shapesworld.safetensors   # both stages
 
-Recipe: epsilon prediction on SD's discrete schedule, min-SNR-5 loss weighting with an x0
-floor of 0.25 (so the high-noise steps, which fix the background colour, still learn), offset
-noise 0.1 (without it the model reads the background colour from the faint
-signal left at t=999 and invents colours from pure noise at sampling time), AdamW
-(lr 3e-4, 200 warm-up steps, cosine decay to 10%), EMA 0.999, batch 64, 10% caption
-dropout for classifier-free guidance. Batch ``i`` is drawn from a generator seeded with
-(seed, i), so a resumed run sees exactly the batches it would have seen. A checkpoint
-(``<out>.ckpt``) is written every ``--save-every`` steps and at the end.
+Objective: epsilon prediction on SD's discrete schedule with min-SNR-5 loss weighting, AdamW
+(lr 3e-4, 200 warm-up steps, cosine decay to 10%), EMA 0.999, batch 64, 10% caption dropout
+for classifier-free guidance. The defaults are the recipe's base stage. Two options serve its
+fine-tuning stage: ``--x0-floor`` bounds the x0-space weight from below (so the high-noise
+steps, which fix the background colour, still learn) and ``--offset-noise`` adds per-channel
+offsets to the noise (without them the model reads the background colour from the faint signal
+left at t=999 and invents colours from pure noise at sampling time); ``--init`` starts from a
+weights file. Batch ``i`` is drawn from a generator seeded with (seed, i), so a resumed run
+sees exactly the batches it would have seen. A checkpoint (``<out>.ckpt``) is written every
+``--save-every`` steps and at the end.
 """
 
 from __future__ import annotations
@@ -157,7 +160,7 @@ def train(args) -> None:
     log.info("finished at step %d", step + 1)
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="assets/shapesworld.safetensors")
     p.add_argument("--steps", type=int, default=4800)
@@ -165,9 +168,10 @@ def main(argv=None) -> None:
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--min-snr-gamma", type=float, default=5.0)
-    p.add_argument("--x0-floor", type=float, default=0.25,
+    p.add_argument("--x0-floor", type=float, default=0.0,
                    help="lower bound of the x0-space loss weight (high-noise steps); 0 = plain min-SNR")
-    p.add_argument("--offset-noise", type=float, default=0.1)
+    p.add_argument("--offset-noise", type=float, default=0.0,
+                   help="std of per-channel noise offsets (0 = plain Gaussian noise)")
     p.add_argument("--p-uncond", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
@@ -179,7 +183,11 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--ckpt", default="", help="resumable checkpoint path (default: <out>.ckpt)")
     p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
