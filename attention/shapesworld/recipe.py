@@ -51,7 +51,7 @@ def stage_argv(stage: Stage, out: Path, init: Path | None, threads: int, log_eve
 
 
 def finished(out: Path, steps: int) -> bool:
-    ckpt = Path(str(out) + ".ckpt")
+    ckpt = train.checkpoint_path(out)
     if not (out.exists() and ckpt.exists()):
         return False
     return torch.load(ckpt, map_location="cpu", weights_only=True)["step"] >= steps

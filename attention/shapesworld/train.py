@@ -70,6 +70,11 @@ def lr_at(step: int, total: int, base: float, warmup: int = 200) -> float:
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
 
 
+def checkpoint_path(out: Path) -> Path:
+    """Where a run writing ``out`` keeps its resumable checkpoint by default."""
+    return Path(str(out) + ".ckpt")
+
+
 def save_weights(path: Path, unet, text, meta: dict, dtype=torch.float16) -> None:
     """EMA weights in ``dtype`` (fp16 keeps the file under 10 MB; inference upcasts)."""
     tensors = {f"unet.{k}": v.detach().to(dtype).cpu().contiguous() for k, v in unet.state_dict().items()}
@@ -85,7 +90,7 @@ def train(args) -> None:
     params = list(unet.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text).eval()
-    ckpt = Path(args.ckpt or str(args.out) + ".ckpt")
+    ckpt = Path(args.ckpt) if args.ckpt else checkpoint_path(Path(args.out))
     start = 0
     elapsed = 0.0
     if ckpt.exists() and not args.fresh:
