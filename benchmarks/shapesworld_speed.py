@@ -1,6 +1,6 @@
 """Benchmark: ShapesWorld generation time on this machine (not a test).
 
-    python benchmarks/shapesworld_speed.py
+    python benchmarks/shapesworld_speed.py [--weights FILE]
 
 One 32x32 image, 20 Euler steps, CFG 5 (uncond and cond batched as ComfyUI does): median of
 repeated runs after a warm-up, for 1 and 2 torch threads, and the per-image time in a batch of 8.
@@ -8,6 +8,7 @@ repeated runs after a warm-up, for 1 and 2 torch threads, and the per-image time
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 import time
@@ -31,7 +32,10 @@ def median_time(fn, repeats: int = 7) -> float:
 
 
 def main():
-    model = ShapesWorldModel()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--weights", default=None, help="weights file (default: the committed one)")
+    args = p.parse_args()
+    model = ShapesWorldModel(args.weights) if args.weights else ShapesWorldModel()
     prompt = ["a red circle and a blue square on a gray background"]
     for threads in (1, 2):
         torch.set_num_threads(threads)

@@ -10,12 +10,13 @@ from safetensors import safe_open
 from attention.shapesworld import recipe, train
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "assets" / "shapesworld.safetensors"
-SETTINGS = ("steps", "lr", "warmup", "offset_noise", "x0_floor", "seed")  # a Stage's fields = train.py's args
+SETTINGS = ("steps", "lr", "warmup", "offset_noise", "x0_floor", "seed", "stop_at")  # a Stage's fields = train.py's
 
 
-def settings(obj) -> tuple:
-    """A stage's settings from a Stage, parsed trainer arguments or a weights file's metadata dict."""
-    return tuple(obj[k] if isinstance(obj, dict) else getattr(obj, k) for k in SETTINGS)
+def settings(obj, fields=SETTINGS) -> tuple:
+    """A stage's settings from a Stage, parsed trainer arguments or a weights file's metadata dict
+    (files saved before --stop-at existed lack that key: they ran their whole schedule, stop_at 0)."""
+    return tuple(obj.get(k, 0) if isinstance(obj, dict) else getattr(obj, k) for k in fields)
 
 
 def test_stage_arguments_reach_the_trainer(tmp_path):
@@ -27,7 +28,23 @@ def test_stage_arguments_reach_the_trainer(tmp_path):
 
 
 def test_trainer_defaults_are_the_base_stage():
-    assert settings(train.build_parser().parse_args([])) == settings(recipe.STAGES[0])
+    """All but the early stop: the plain trainer runs its whole schedule unless told otherwise."""
+    fields = tuple(f for f in SETTINGS if f != "stop_at")
+    assert settings(train.build_parser().parse_args([]), fields) == settings(recipe.STAGES[0], fields)
+    assert train.build_parser().parse_args([]).stop_at == 0
+
+
+def test_stop_at_keeps_the_schedule_and_saves_the_last_step(tmp_path):
+    out = tmp_path / "w.safetensors"
+    train.main(["--out", str(out), "--steps", "6", "--stop-at", "2", "--warmup", "0", "--batch", "2", "--workers", "0"])
+    state = torch.load(train.checkpoint_path(out), weights_only=True)
+    assert state["step"] == 2
+    last_lr = state["opt"]["param_groups"][0]["lr"]  # step index 1 on the 6-step cosine, not the 2-step one
+    assert last_lr == train.lr_at(1, 6, 3e-4, 0) and last_lr != train.lr_at(1, 2, 3e-4, 0)
+    with safe_open(str(out), framework="pt") as f:
+        meta = json.loads(f.metadata()["training"])
+    assert (meta["steps"], meta["schedule_steps"], meta["stop_at"]) == (2, 6, 2)
+    assert recipe.finished(out, 2) and not recipe.finished(out, 6)
 
 
 def test_committed_weights_were_made_by_the_finetune_stage():

@@ -114,7 +114,8 @@ def train(args) -> None:
     # (background colour) that SD's schedule fixes in its first sampling steps; 0 = plain min-SNR
     weight = snr.clamp(max=args.min_snr_gamma).clamp(min=args.x0_floor) / snr
     stream = BatchStream(args.seed, args.batch, args.p_uncond, MODEL_CONFIG["image_size"])
-    loader = torch.utils.data.DataLoader(stream, batch_size=None, sampler=range(start, args.steps),
+    stop = args.stop_at or args.steps  # the schedule spans --steps; --stop-at ends the run early
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, sampler=range(start, stop),
                                          num_workers=args.workers, persistent_workers=False,
                                          prefetch_factor=4 if args.workers else None)
     noise_gen = torch.Generator(device=device).manual_seed(args.seed + start)
@@ -151,12 +152,13 @@ def train(args) -> None:
             log.info("step %d/%d loss %.4f lr %.2e %.3f s/step", done, args.steps,
                      sum(losses) / len(losses), opt.param_groups[0]["lr"], (time.time() - t0) / (done - start))
             losses.clear()
-        if done % args.save_every == 0 or done == args.steps:
+        if done % args.save_every == 0 or done == stop:
             total = elapsed + time.time() - t0
             torch.save({"unet": unet.state_dict(), "text": text.state_dict(), "ema_unet": ema_unet.state_dict(),
                         "ema_text": ema_text.state_dict(), "opt": opt.state_dict(), "step": done,
                         "elapsed": total}, ckpt)
-            meta = {"steps": done, "batch": args.batch, "seed": args.seed, "lr": args.lr,
+            meta = {"steps": done, "schedule_steps": args.steps, "stop_at": args.stop_at,
+                    "batch": args.batch, "seed": args.seed, "lr": args.lr,
                     "init": Path(args.init).name if args.init else None, "warmup": args.warmup,
                     "offset_noise": args.offset_noise, "x0_floor": args.x0_floor, "min_snr_gamma": args.min_snr_gamma,
                     "device": str(device), "seconds": round(total, 1)}
@@ -169,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="assets/shapesworld.safetensors")
     p.add_argument("--steps", type=int, default=4800)
+    p.add_argument("--stop-at", type=int, default=0,
+                   help="stop after this many steps, keeping the learning-rate schedule of --steps (0: run all)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--ema", type=float, default=0.999)
