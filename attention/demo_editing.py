@@ -62,11 +62,11 @@ def p2p_section(model: ShapesWorldModel, out: Path, save, quick: bool) -> list[s
     blended = E.edit(model, E.SOURCE, [E.TARGET], seed=5, steps=steps, blend_words=["circle", "triangle"])
     weighted = E.edit(model, E.SOURCE, [E.SOURCE, E.SOURCE], seed=5, steps=steps, reweight={"square": 0.0})
     save(_row(torch.cat([plain, blended[1:], weighted[2:]])), out / "p2p_generated.png")
-    scene = E._scenes(1, seed=2)[0]
-    inv, rec = E.invert(model, scene.image, E.SOURCE, steps, 7.5, "null-text")
-    edited = E.edit(model, E.SOURCE, [E.TARGET], inversion=inv, blend_words=["circle", "triangle"])
+    first = {}  # the table's first generator image, inverted once and shown with its edit
+    figs = E.reconstruction_figures(model, 2, steps, first=first)
+    scene, inv, rec = first["null-text"]
+    edited = E.edit(model, scene.caption, [E.TARGET], inversion=inv, blend_words=["circle", "triangle"])
     save(_row(torch.stack([scene.image, rec, edited[1]])), out / "p2p_inverted.png")
-    figs = E.reconstruction_figures(model, 2, steps)
     lines = ["## Null-Text Inversion and Prompt-to-Prompt (NullTextInvert, P2PEditSampler)", "",
              f"Generated source (seed 5, {steps} DDIM steps, CFG 5), then: circle -> triangle (replace), red -> green "
              f"(replace), circle -> triangle with LocalBlend on circle/triangle, and reweight square x0:", "",

@@ -102,8 +102,11 @@ def _scenes(n: int, seed: int = 0):
             for _ in range(n)]
 
 
-def reconstruction_figures(model: ShapesWorldModel, images: int = 20, steps: int = 50, guidance: float = 7.5) -> dict:
-    """Reconstruction PSNR (dB, images in [0, 1]) and UNet evaluations per mode on generator images."""
+def reconstruction_figures(model: ShapesWorldModel, images: int = 20, steps: int = 50, guidance: float = 7.5,
+                           first: dict | None = None) -> dict:
+    """Reconstruction PSNR (dB, images in [0, 1]) and UNet evaluations per mode on generator images.
+    ``first``, if given, receives per mode the first scene with its inversion and reconstruction,
+    for a caller that shows one of them (the demo) without inverting it a second time."""
     from .harness import psnr
     out = {}
     scenes = _scenes(images)
@@ -111,6 +114,8 @@ def reconstruction_figures(model: ShapesWorldModel, images: int = 20, steps: int
         vals, fwd, bwd, t0 = [], 0, 0, time.time()
         for sc in scenes:
             inv, rec = invert(model, sc.image, sc.caption, steps, guidance, mode)
+            if first is not None and mode not in first:
+                first[mode] = (sc, inv, rec)
             vals.append(psnr(rec, sc.image))
             fwd, bwd = fwd + inv.unet_forward, bwd + inv.unet_backward
         out[mode] = {"psnr_db": round(sum(vals) / len(vals), 2), "min_psnr_db": round(min(vals), 2),
