@@ -4,6 +4,7 @@ and a finished stage is recognised (so an interrupted recipe resumes instead of 
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors import safe_open
 
@@ -51,6 +52,12 @@ def test_committed_weights_were_made_by_the_finetune_stage():
     with safe_open(str(WEIGHTS), framework="pt") as f:
         meta = json.loads(f.metadata()["training"])
     assert settings(meta) == settings(recipe.STAGES[1])
+
+
+def test_stop_at_beyond_the_schedule_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--out", "unused.safetensors", "--steps", "6", "--stop-at", "7"])
+    assert "--stop-at 7 is outside 0..--steps (6)" in capsys.readouterr().err
 
 
 def test_finished_reads_the_checkpoint_step(tmp_path):

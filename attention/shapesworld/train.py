@@ -196,7 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not 0 <= args.stop_at <= args.steps:
+        parser.error(f"--stop-at {args.stop_at} is outside 0..--steps ({args.steps}): give a step within the "
+                     f"schedule, or 0 to run all of it")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
