@@ -64,7 +64,7 @@ def test_finished_reads_the_checkpoint_step(tmp_path):
     out = tmp_path / "w.safetensors"
     assert not recipe.finished(out, 800)
     out.write_bytes(b"x")
-    torch.save({"step": 500}, str(out) + ".ckpt")
+    torch.save({"step": 500}, train.checkpoint_path(out))
     assert not recipe.finished(out, 800)
-    torch.save({"step": 800}, str(out) + ".ckpt")
+    torch.save({"step": 800}, train.checkpoint_path(out))
     assert recipe.finished(out, 800)

@@ -41,7 +41,7 @@ class Stage:
 
     @property
     def last_step(self) -> int:
-        return self.stop_at or self.steps
+        return train.last_step(self.steps, self.stop_at)
 
 
 STAGES = (

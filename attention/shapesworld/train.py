@@ -70,6 +70,11 @@ def lr_at(step: int, total: int, base: float, warmup: int = 200) -> float:
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
 
 
+def last_step(steps: int, stop_at: int) -> int:
+    """The step a run ends at: ``stop_at`` ends it early on the ``steps``-long schedule; 0 runs it all."""
+    return stop_at or steps
+
+
 def checkpoint_path(out: Path) -> Path:
     """Where a run writing ``out`` keeps its resumable checkpoint by default."""
     return Path(str(out) + ".ckpt")
@@ -114,7 +119,7 @@ def train(args) -> None:
     # (background colour) that SD's schedule fixes in its first sampling steps; 0 = plain min-SNR
     weight = snr.clamp(max=args.min_snr_gamma).clamp(min=args.x0_floor) / snr
     stream = BatchStream(args.seed, args.batch, args.p_uncond, MODEL_CONFIG["image_size"])
-    stop = args.stop_at or args.steps  # the schedule spans --steps; --stop-at ends the run early
+    stop = last_step(args.steps, args.stop_at)
     loader = torch.utils.data.DataLoader(stream, batch_size=None, sampler=range(start, stop),
                                          num_workers=args.workers, persistent_workers=False,
                                          prefetch_factor=4 if args.workers else None)
