@@ -119,13 +119,14 @@ class ShapesWorldModel:
 
     def generate(self, prompts: list[str], seed: int = 0, steps: int = 20, cfg: float = 5.0,
                  patches: dict | None = None, negative: str = "", noise: torch.Tensor | None = None,
-                 sigmas: torch.Tensor | None = None) -> torch.Tensor:
-        """Images (B, 3, S, S) in [0, 1] for ``prompts`` with the Euler/DDIM loop."""
+                 sigmas: torch.Tensor | None = None, extra: dict | None = None) -> torch.Tensor:
+        """Images (B, 3, S, S) in [0, 1] for ``prompts`` with the Euler/DDIM loop (``extra``: more
+        transformer_options, e.g. ``{"patches": {"attn2_patch": [...]}}``)."""
         sigmas = simple_sigmas(steps) if sigmas is None else sigmas
         cond = self.encode(prompts)
         uncond = self.encode([negative] * len(prompts))
         x = (noise if noise is not None else self.noise(len(prompts), seed)) * sigmas[0]
-        den = self.denoiser(cond, uncond, cfg, patches, sigmas)
+        den = self.denoiser(cond, uncond, cfg, patches, sigmas, extra)
         out = sample_euler(den, x, sigmas.to(self.device))
         return ((out + 1) / 2).clamp(0, 1)
 

@@ -1,0 +1,103 @@
+"""Tier 1: StructureDiffusion (noun-phrase values) math, patch and ShapesWorld invariants."""
+
+import pytest
+import torch
+
+from attention.shapesworld.model import ShapesWorldModel
+from attention.shapesworld.structure import structured_patch
+from attention.structure import StructuredValuePatch, aligned_values, noun_phrases, phrase_spans
+
+PROMPT = "a red circle and a blue square on a gray background"
+
+
+@pytest.fixture(scope="module")
+def model():
+    return ShapesWorldModel()
+
+
+def test_noun_phrases_split_at_conjunctions_prepositions_and_punctuation():
+    assert noun_phrases(PROMPT) == ["a red circle", "a blue square", "a gray background",
+                                    "a red circle and a blue square"]
+    assert noun_phrases("a cat") == []                       # the prompt itself is never a phrase
+    assert noun_phrases("(red:1.2) car and a white sheep, photo") == ["red car", "a white sheep",
+                                                                      "red car and a white sheep"]
+    assert noun_phrases("a dog in front of a white building") == ["a dog", "a white building"]
+
+
+def test_phrase_spans_take_the_next_occurrence_and_refuse_extra_ones():
+    occ = {"a cube": ((1, 2), (4, 5))}
+    assert phrase_spans(["a cube", "a cube"], occ.__getitem__) == [(1, 2), (4, 5)]
+    with pytest.raises(ValueError, match="listed 3 times but occurs 2"):
+        phrase_spans(["a cube"] * 3, occ.__getitem__)
+
+
+def test_aligned_values_put_each_phrase_at_its_positions_only():
+    full, a, b = torch.randn(8, 4), torch.randn(8, 4), torch.randn(8, 4)
+    out = aligned_values(full, [a, b], [(2, 3), (5,)])
+    assert out.shape == (3, 8, 4)
+    assert torch.equal(out[0], full)
+    assert torch.equal(out[1][2:4], a[1:3]) and torch.equal(out[1][[0, 1, 4, 5, 6, 7]], full[[0, 1, 4, 5, 6, 7]])
+    assert torch.equal(out[2][5], b[1]) and torch.equal(out[2][:5], full[:5])
+    with pytest.raises(ValueError, match="contiguous"):
+        aligned_values(full, [a], [(2, 4)])
+
+
+def test_mean_values_equal_the_official_mean_of_attention_outputs():
+    """Upstream's multi_qkv: mean_i softmax(q k_P^T) v_i; ours: one attention with the mean value context."""
+    g = torch.Generator().manual_seed(0)
+    to_k, to_v = torch.nn.Linear(16, 32), torch.nn.Linear(16, 32)      # biases too: the mean still commutes
+    full, phrases = torch.randn(10, 16, generator=g), [torch.randn(10, 16, generator=g) for _ in range(2)]
+    seqs = aligned_values(full, phrases, [(1, 2, 3), (5, 6)])
+    q = torch.randn(64, 32, generator=g)
+    with torch.no_grad():
+        probs = (q @ to_k(full).T / 32 ** 0.5).softmax(-1)
+        official = torch.stack([probs @ to_v(s) for s in seqs]).mean(0)
+        ours = probs @ to_v(seqs.mean(0))
+    assert torch.allclose(ours, official, atol=1e-5)
+
+
+def test_patch_changes_only_rows_carrying_the_prompt_and_respects_earlier_value_edits():
+    key, value = torch.randn(6, 4), torch.randn(6, 4)
+    patch = StructuredValuePatch(key, value)
+    other = torch.randn(6, 4)
+    ctx = torch.stack([other, key])                            # [uncond, cond]
+    _, _, v = patch(None, ctx, ctx, {})
+    assert torch.equal(v[0], other) and torch.equal(v[1], value)
+    long = torch.stack([torch.randn(12, 4), key.repeat(2, 1)])   # batched with a 2x longer context
+    _, _, v = patch(None, long, long, {})
+    assert torch.equal(v[1], value.repeat(2, 1)) and torch.equal(v[0], long[0])
+    edited = ctx.clone()
+    edited[1] = torch.randn(6, 4)                             # a patch before ours swapped this row's values
+    _, _, v = patch(None, ctx, edited, {})
+    assert torch.equal(v, edited)
+    half = key.half()[None]                                   # the model's dtype: matched within fp16 rounding
+    _, _, v = patch(None, half, half, {})
+    assert torch.allclose(v[0].float(), value, atol=1e-2)
+
+
+def test_no_phrase_is_the_identity_and_phrases_change_the_image(model):
+    base = model.generate([PROMPT], seed=4, steps=10)
+    patch, _ = structured_patch(model, PROMPT, [])
+    same = model.generate([PROMPT], seed=4, steps=10, extra={"patches": {"attn2_patch": [patch]}})
+    assert torch.equal(same, base)
+    patch, phrases = structured_patch(model, PROMPT)
+    assert phrases == noun_phrases(PROMPT)
+    changed = model.generate([PROMPT], seed=4, steps=10, extra={"patches": {"attn2_patch": [patch]}})
+    assert (changed - base).abs().max() > 1e-3
+
+
+def test_the_first_phrase_of_a_causal_encoder_keeps_its_states(model):
+    """The text encoder is causal: the first phrase alone encodes its tokens exactly as the prompt does, so only
+    later phrases bring new values (as with SD's CLIP)."""
+    patch, _ = structured_patch(model, PROMPT, ["a red circle", "a blue square"])
+    full, value = patch.keys[0], patch.values[0]
+    red, blue = model.word_positions(PROMPT, "a red circle"), model.word_positions(PROMPT, "a blue square")
+    assert torch.allclose(value[list(red)], full[list(red)], atol=1e-5)
+    assert not torch.allclose(value[list(blue)], full[list(blue)], atol=1e-3)
+    rest = [i for i in range(full.shape[0]) if i not in red + blue]
+    assert torch.allclose(value[rest], full[rest], atol=1e-6)
+
+
+def test_a_phrase_not_in_the_prompt_is_refused(model):
+    with pytest.raises(ValueError, match="not in the prompt"):
+        structured_patch(model, PROMPT, ["a green star"])
