@@ -17,9 +17,10 @@ if ComfyExtension is not None:
     from .nodes.p2p import P2PEditSampler
     from .nodes.prompt_mix import PromptMixSampler
     from .nodes.shapesworld import ShapesWorldLoader
+    from .nodes.structure import StructureDiffusion
 
     NODES = [AttentionCapture, AttentionMapView, SelfAttnCluster, PromptMixSampler, NullTextInvert,
-             DPLTokenOptimizer, P2PEditSampler, ShapesWorldLoader]
+             DPLTokenOptimizer, P2PEditSampler, StructureDiffusion, ShapesWorldLoader]
 
     class AttentionLabExtension(ComfyExtension):
         async def get_node_list(self) -> list[type[io.ComfyNode]]:

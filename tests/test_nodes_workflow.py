@@ -201,3 +201,19 @@ def test_dpl_workflow_runs_with_the_cluster_background(comfy_nodes):
     g["4"]["inputs"].update(attn_iters=3, null_iters=3, betas="0.01, 0.01, 0.01")   # force token updates, quickly
     out = run(new_executor(), g)
     assert out["7"]["images"] and out["8"]["images"] and out["9"]["images"] and out["4"]["images"]
+
+
+def test_structure_diffusion_workflow_runs_both_branches(comfy_nodes):
+    out = run(new_executor(), api_graph("structure_diffusion_shapesworld", 8))
+    assert len(out["7"]["images"]) == 4 and len(out["10"]["images"]) == 4
+    with_phrases = load_png(comfy_nodes, out["7"]["images"][0]).astype(float)
+    plain = load_png(comfy_nodes, out["10"]["images"][0]).astype(float)
+    assert abs(with_phrases - plain).max() > 0                 # same seed, the phrase values changed the image
+
+
+@pytest.mark.parametrize("node", pack.NODES, ids=lambda n: n.__name__)
+def test_every_node_of_the_pack_has_a_description_and_every_input_a_tooltip(node):
+    schema = node.define_schema()
+    assert schema.description and len(schema.description) > 40, schema.node_id
+    missing = [i.id for i in schema.inputs if not getattr(i, "tooltip", None)]
+    assert not missing, f"{schema.node_id}: inputs without a tooltip {missing}"
