@@ -17,10 +17,11 @@ if ComfyExtension is not None:
     from .nodes.p2p import P2PEditSampler
     from .nodes.prompt_mix import PromptMixSampler
     from .nodes.shapesworld import ShapesWorldLoader
+    from .nodes.spatext import SpaTextGuider
     from .nodes.structure import StructureDiffusion
 
     NODES = [AttentionCapture, AttentionMapView, SelfAttnCluster, PromptMixSampler, NullTextInvert,
-             DPLTokenOptimizer, P2PEditSampler, StructureDiffusion, ShapesWorldLoader]
+             DPLTokenOptimizer, P2PEditSampler, StructureDiffusion, SpaTextGuider, ShapesWorldLoader]
 
     class AttentionLabExtension(ComfyExtension):
         async def get_node_list(self) -> list[type[io.ComfyNode]]:

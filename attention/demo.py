@@ -6,8 +6,8 @@ Writes PNGs and ``report.md`` with the quality harness's figures. Pipelines so f
 text-to-image with the embedded model, attention capture (per-word maps, overlays,
 masks) through the same controllers the ComfyUI nodes install, SelfAttnCluster's
 self-attention clustering on the same capture, prompt mixing (MnM), Null-Text Inversion
-and Prompt-to-Prompt editing (``demo_editing.py``), Dynamic Prompt Learning (``demo_dpl.py``) and
-StructureDiffusion (``demo_structure.py``).
+and Prompt-to-Prompt editing (``demo_editing.py``), Dynamic Prompt Learning (``demo_dpl.py``),
+StructureDiffusion (``demo_structure.py``) and training-free SpaText (``demo_spatext.py``).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from PIL import Image
 from .cluster import cluster_colours, cluster_store
 from .demo_dpl import dpl_section
 from .demo_editing import mnm_section, p2p_section
+from .demo_spatext import spatext_section
 from .demo_structure import structure_section
 from .render import colorize, grid, masks_from_maps, normalize, overlay, upsample
 from .shapesworld.evaluate import attention_localization, cluster_localization, generation_quality
@@ -130,6 +131,8 @@ def main(argv=None):
     log.info("dynamic prompt learning done")
     report += structure_section(model, out, save, args.quick)
     log.info("structure diffusion done")
+    report += spatext_section(model, out, save, args.quick)
+    log.info("spatext done")
 
     n_prompts, n_scenes = (20, 12) if args.quick else (50, 40)
     gq = generation_quality(model, n_prompts)

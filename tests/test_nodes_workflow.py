@@ -217,3 +217,14 @@ def test_every_node_of_the_pack_has_a_description_and_every_input_a_tooltip(node
     assert schema.description and len(schema.description) > 40, schema.node_id
     missing = [i.id for i in schema.inputs if not getattr(i, "tooltip", None)]
     assert not missing, f"{schema.node_id}: inputs without a tooltip {missing}"
+
+
+def test_spatext_workflow_puts_the_red_circle_in_its_box(comfy_nodes):
+    out = run(new_executor(), api_graph("spatext_shapesworld", 20))
+    assert out["17"]["images"] and len(out["16"]["images"]) == 4
+    inside = []
+    for entry in out["16"]["images"]:
+        img = load_png(comfy_nodes, entry).astype(float) / 255                    # (32, 32, 3)
+        red = (np.abs(img - np.array([0.9, 0.1, 0.1])).sum(-1) < 0.45)
+        inside.append(red[12:26, 2:16].sum() / max(red.sum(), 1))                # region 1: x 16-128, y 96-208 of 256
+    assert np.mean(inside) > 0.7, inside

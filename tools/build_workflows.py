@@ -397,6 +397,70 @@ def structure_graph(shapesworld: bool) -> tuple[list[Node], list]:
     return nodes, [(note, (0, 700))]
 
 
+def spatext_graph(shapesworld: bool) -> tuple[list[Node], list]:
+    if shapesworld:
+        scene, size, regions = "on a gray background", 256, [("a red circle", (16, 96, 112, 112)),
+                                                            ("a blue square", (136, 32, 112, 112))]
+        cfg, cfg_local, sched, steps = 5.0, 7.5, "simple", 20
+    else:
+        scene, size, regions = "a sunny beach, photo", 512, [("a black horse", (32, 224, 256, 256)),
+                                                            ("a red full moon", (320, 32, 160, 160))]
+        cfg, cfg_local, sched, steps = 7.5, 7.5, "normal", 30
+    mask_types = {"destination": "MASK", "source": "MASK"}
+    nodes = [
+        _loader(shapesworld),
+        Node(2, "CLIPTextEncode", {"text": scene}, {"clip": (1, 1)}, [("CONDITIONING", "CONDITIONING")],
+             {"clip": "CLIP"}, (360, 0), (400, 120), "Global prompt (the scene)"),
+        Node(3, "CLIPTextEncode", {"text": ""}, {"clip": (1, 1)}, [("CONDITIONING", "CONDITIONING")],
+             {"clip": "CLIP"}, (360, 160), (400, 120), "Negative prompt"),
+        Node(4, "SolidMask", {"value": 0.0, "width": size, "height": size}, {}, [("MASK", "MASK")], {},
+             (0, 320), (300, 110), "Empty canvas"),
+    ]
+    guider_inputs = {"model": (1, 0), "clip": (1, 1), "positive": (2, 0), "negative": (3, 0)}
+    for k, (_text, (x, y, w, h)) in enumerate(regions, start=1):
+        src, comp = 3 + 2 * k, 4 + 2 * k
+        nodes += [Node(src, "SolidMask", {"value": 1.0, "width": w, "height": h}, {}, [("MASK", "MASK")], {},
+                       (0, 320 + 160 * k), (300, 110), f"Region {k} box"),
+                  Node(comp, "MaskComposite", {"x": x, "y": y, "operation": "add"},
+                       {"destination": (4, 0), "source": (src, 0)}, [("MASK", "MASK")], mask_types,
+                       (340, 320 + 160 * k), (300, 140), f"Region {k}")]
+        guider_inputs[f"mask_{k}"] = (comp, 0)
+    widgets = {"cfg_global": cfg, "cfg_local": cfg_local}
+    for k in range(1, 5):
+        widgets[f"prompt_{k}"] = regions[k - 1][0] if k <= len(regions) else ""
+    nodes += [
+        Node(9, "SpaTextGuider", widgets, guider_inputs, [("GUIDER", "GUIDER"), ("region_map", "IMAGE")],
+             {"model": "MODEL", "clip": "CLIP", "positive": "CONDITIONING", "negative": "CONDITIONING",
+              "mask_1": "MASK", "mask_2": "MASK"}, (800, 0), (400, 520)),
+        Node(10, "RandomNoise", {"noise_seed": 5}, {}, [("NOISE", "NOISE")], {}, (800, 560), (300, 100)),
+        Node(11, "KSamplerSelect", {"sampler_name": "euler"}, {}, [("SAMPLER", "SAMPLER")], {}, (800, 700),
+             (300, 60)),
+        Node(12, "BasicScheduler", {"scheduler": sched, "steps": steps, "denoise": 1.0}, {"model": (1, 0)},
+             [("SIGMAS", "SIGMAS")], {"model": "MODEL"}, (800, 800), (300, 110)),
+        Node(13, "EmptyLatentImage", {"width": size, "height": size, "batch_size": 4}, {},
+             [("LATENT", "LATENT")], {}, (800, 950), (300, 110)),
+        Node(14, "SamplerCustomAdvanced", {}, {"noise": (10, 0), "guider": (9, 0), "sampler": (11, 0),
+                                               "sigmas": (12, 0), "latent_image": (13, 0)},
+             [("output", "LATENT"), ("denoised_output", "LATENT")],
+             {"noise": "NOISE", "guider": "GUIDER", "sampler": "SAMPLER", "sigmas": "SIGMAS",
+              "latent_image": "LATENT"}, (1240, 0), (300, 130)),
+        Node(15, "VAEDecode", {}, {"samples": (14, 0), "vae": (1, 2)}, [("IMAGE", "IMAGE")],
+             {"samples": "LATENT", "vae": "VAE"}, (1580, 0), (220, 50)),
+        Node(16, "SaveImage", {"filename_prefix": "attention_lab_spatext"}, {"images": (15, 0)}, [],
+             {"images": "IMAGE"}, (1840, 0), (320, 320)),
+        Node(17, "PreviewImage", {}, {"images": (9, 1)}, [], {"images": "IMAGE"}, (1240, 200), (300, 300),
+             "Region map"),
+    ]
+    note = ("SpaText-style region prompts without fine-tuning: the global prompt describes the scene, each region "
+            "(a MASK, here a box pasted on an empty canvas with Mask Composite) gets its own text. Pixels of a "
+            "region attend to its text, others to the global prompt; cfg_global and cfg_local weigh the two "
+            "conditions (equal values = plain CFG on the regional pass). Keep the objects out of the global prompt: "
+            "pixels outside the regions read it, so an object it names can appear there too.")
+    note += (" ShapesWorld: runs on a CPU in seconds." if shapesworld else
+             " Pick your SD1.5 or SDXL checkpoint in the loader; mask sizes are in image pixels.")
+    return nodes, [(note, (0, 1000))]
+
+
 SW_MIX = ("a red circle and a blue square on a gray background", "circle", "triangle, star, diamond, cross",
           "square")
 
@@ -409,7 +473,8 @@ def main():
               ("nti_p2p_edit", nti_p2p_graph, False), ("nti_p2p_edit_shapesworld", nti_p2p_graph, True),
               ("dpl_edit", dpl_graph, False), ("dpl_edit_shapesworld", dpl_graph, True),
               ("structure_diffusion", structure_graph, False),
-              ("structure_diffusion_shapesworld", structure_graph, True))
+              ("structure_diffusion_shapesworld", structure_graph, True),
+              ("spatext", spatext_graph, False), ("spatext_shapesworld", spatext_graph, True))
     for name, build, sw in graphs:
         nodes, notes = build(sw)
         (OUT / f"{name}.json").write_text(json.dumps(ui_format(nodes, notes), indent=1) + "\n")
