@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 
 from .render import grid
+from .shapesworld.evaluate import pair_prompts
 from .shapesworld.harness import load_classifier
 from .shapesworld.model import ShapesWorldModel
 from .shapesworld.spatext import generate, layout_score, layouts
-from .shapesworld.structure import pair_prompts
 from .shapesworld.world import caption_for
 
 

@@ -18,7 +18,7 @@ import torch
 from ..cluster import cluster_store
 from ..render import upsample
 from ..store import AttentionStore, StoreConfig, word_maps
-from .harness import IoUReport, classifier_accuracy, colour_blobs, iou_curve, leakage, load_classifier, mask_iou
+from .harness import IoUReport, classifier_accuracy, iou_curve, leakage, load_classifier, mask_iou, object_scores
 from .model import DEFAULT_WEIGHTS, ShapesWorldModel, patches_for
 from .text import PAD
 from .world import COLOURS, SHAPES, SceneSpec, ShapesWorld, caption_for
@@ -39,6 +39,17 @@ def prompt_set(n: int, seed: int) -> list[list[tuple[str, str]]]:
     return out
 
 
+def pair_prompts(n: int, seed: int) -> list[list[tuple[str, str]]]:
+    """n seeded pairs of objects with distinct colours and distinct shapes (CC-500's template)."""
+    g = torch.Generator().manual_seed(seed)
+    cols, out = list(COLOURS), []
+    for _ in range(n):
+        c = torch.randperm(len(cols), generator=g)[:2].tolist()
+        s = torch.randperm(len(SHAPES), generator=g)[:2].tolist()
+        out.append([(cols[c[0]], SHAPES[s[0]]), (cols[c[1]], SHAPES[s[1]])])
+    return out
+
+
 @torch.no_grad()
 def generation_quality(model: ShapesWorldModel, n: int = 50, seed: int = 0, steps: int = 20,
                        cfg: float = 5.0) -> dict:
@@ -49,18 +60,9 @@ def generation_quality(model: ShapesWorldModel, n: int = 50, seed: int = 0, step
     images = []
     for i in range(0, n, 25):
         images.append(model.generate(prompts[i:i + 25], seed=seed + i, steps=steps, cfg=cfg))
-    images = torch.cat(images).cpu()
-    colour_ok, shape_hits, shape_total = 0, 0, 0
-    for img, objs in zip(images, sets):
-        found = {c: colour_blobs(img, c) for c, _ in objs}
-        colour_ok += all(found[c] for c, _ in objs)
-        for c, s in objs:
-            shape_total += 1
-            if found[c]:
-                pred_shape, _ = clf.predict(img[None], found[c][0][None])
-                shape_hits += pred_shape[0] == s
-    return {"images": n, "colour_presence": colour_ok / n, "shape_agreement": shape_hits / shape_total,
-            "objects": shape_total, "steps": steps, "cfg": cfg}
+    scores = object_scores(torch.cat(images).cpu(), sets, clf)
+    return {"images": n, "colour_presence": scores["colour_presence"], "shape_agreement": scores["shape_agreement"],
+            "objects": scores["objects"], "steps": steps, "cfg": cfg}
 
 
 def capture_noised(model: ShapesWorldModel, scene, cond: torch.Tensor, t: int, store: AttentionStore,

@@ -74,6 +74,27 @@ def colour_blobs(image: torch.Tensor, colour: str, tol: float = 0.3, min_pixels:
     return sorted(blobs, key=lambda b: -int(b.sum()))
 
 
+def object_scores(images: torch.Tensor, sets: list[list[tuple[str, str]]], clf) -> dict:
+    """Per image of ``images`` (B, 3, H, W) and its named (colour, shape) objects: every colour present; each
+    colour's largest blob classified as its shape (all of them: binding); some colour's blob taking another
+    named object's shape (attribute swap). Shares over images, shape agreement over objects."""
+    present, shape_hits, bound, swapped = [], 0, [], 0
+    for img, objs in zip(images, sets):
+        blobs = {c: colour_blobs(img, c) for c, _ in objs}
+        ok, swap = [], False
+        for c, s in objs:
+            pred = clf.predict(img[None], blobs[c][0][None])[0][0] if blobs[c] else None
+            shape_hits += pred == s
+            ok.append(pred == s)
+            swap |= pred is not None and pred != s and any(pred == s2 for c2, s2 in objs if c2 != c)
+        present.append(all(blobs[c] for c, _ in objs))
+        bound.append(all(ok))
+        swapped += swap
+    n, objects = len(sets), sum(len(o) for o in sets)
+    return {"binding": sum(bound) / n, "colour_presence": sum(present) / n, "shape_agreement": shape_hits / objects,
+            "attribute_swap": swapped / n, "objects": objects, "per_image": bound}
+
+
 def load_classifier(path: Path = CLASSIFIER_WEIGHTS) -> RegionClassifier:
     net = RegionClassifier()
     net.load_state_dict(load_file(str(path)))

@@ -25,9 +25,9 @@ import torch
 from ..sampling import sample_euler
 from ..schedule import simple_sigmas
 from ..spatext import ExpandContext, RegionalAttention, spatext_guidance
+from .evaluate import pair_prompts
 from .harness import colour_blobs, load_classifier
 from .model import DEFAULT_WEIGHTS, ShapesWorldModel
-from .structure import pair_prompts
 from .unet import ShapesUNet
 from .world import caption_for
 

@@ -20,9 +20,10 @@ import torch
 
 from ..structure import StructuredValuePatch, aligned_values, noun_phrases, phrase_spans
 from ..tokens import find_word_tokens
-from .harness import colour_blobs, load_classifier
+from .evaluate import pair_prompts
+from .harness import load_classifier, object_scores
 from .model import DEFAULT_WEIGHTS, ShapesWorldModel
-from .world import COLOURS, SHAPES, caption_for
+from .world import caption_for
 
 log = logging.getLogger("attention_lab.structure")
 
@@ -53,38 +54,6 @@ def generate(model: ShapesWorldModel, prompts: list[str], seed: int, steps: int,
     return model.generate(prompts, seed=seed, steps=steps, cfg=cfg, extra={"patches": {"attn2_patch": [patch]}})
 
 
-def pair_prompts(n: int, seed: int) -> list[list[tuple[str, str]]]:
-    """n seeded pairs of objects with distinct colours and distinct shapes (CC-500's template)."""
-    g = torch.Generator().manual_seed(seed)
-    cols, out = list(COLOURS), []
-    for _ in range(n):
-        c = torch.randperm(len(cols), generator=g)[:2].tolist()
-        s = torch.randperm(len(SHAPES), generator=g)[:2].tolist()
-        out.append([(cols[c[0]], SHAPES[s[0]]), (cols[c[1]], SHAPES[s[1]])])
-    return out
-
-
-def binding(images: torch.Tensor, sets: list[list[tuple[str, str]]], clf) -> dict:
-    """Per image: every colour present; each colour's largest blob classified as its shape; both (binding);
-    some colour's blob taking the other object's shape (the attribute leakage the method targets)."""
-    present, shape_hits, bound, swapped = [], 0, [], 0
-    for img, objs in zip(images, sets):
-        blobs = {c: colour_blobs(img, c) for c, _ in objs}
-        ok, swap = [], False
-        for c, s in objs:
-            pred = clf.predict(img[None], blobs[c][0][None])[0][0] if blobs[c] else None
-            shape_hits += pred == s
-            ok.append(pred == s)
-            swap |= pred is not None and pred != s and any(pred == s2 for c2, s2 in objs if c2 != c)
-        present.append(all(blobs[c] for c, _ in objs))
-        bound.append(all(ok))
-        swapped += swap
-    n = len(sets)
-    return {"binding": round(sum(bound) / n, 4), "colour_presence": round(sum(present) / n, 4),
-            "shape_agreement": round(shape_hits / sum(len(o) for o in sets), 4),
-            "attribute_swap": round(swapped / n, 4), "per_image": bound}
-
-
 def binding_figures(model: ShapesWorldModel, n: int = 200, seed: int = 0, steps: int = 20, cfg: float = 5.0,
                     batch: int = 25) -> dict:
     """Baseline against StructureDiffusion on the same prompts and noise; seconds are per image."""
@@ -97,7 +66,10 @@ def binding_figures(model: ShapesWorldModel, n: int = 200, seed: int = 0, steps:
         images = torch.cat([generate(model, prompts[i:i + batch], seed + i, steps, cfg, structured)
                             for i in range(0, n, batch)]).cpu()
         seconds = time.perf_counter() - t0
-        out[name] = {**binding(images, sets, clf), "seconds_per_image": round(seconds / n, 4)}
+        scores = object_scores(images, sets, clf)
+        out[name] = {k: round(scores[k], 4) for k in ("binding", "colour_presence", "shape_agreement",
+                                                       "attribute_swap")}
+        out[name].update(seconds_per_image=round(seconds / n, 4), per_image=scores["per_image"])
     base, struct = out["baseline"].pop("per_image"), out["StructureDiffusion"].pop("per_image")
     out["fixed"] = sum(s and not b for b, s in zip(base, struct))
     out["broken"] = sum(b and not s for b, s in zip(base, struct))
