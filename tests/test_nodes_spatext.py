@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from comfy_env import comfy_or_skip, encode, rel, tiny_clip, tiny_sd15
+from comfy_env import comfy_or_skip, encode, rel, tiny_clip, tiny_sd15, tiny_sdxl, tiny_sdxl_clip
 
 pack = comfy_or_skip()
 
@@ -10,6 +10,7 @@ import comfy.ldm.modules.attention  # noqa: E402
 import comfy.sample  # noqa: E402
 import comfy.samplers  # noqa: E402
 from attention_lab.attention.shapesworld.world import COLOURS  # noqa: E402
+from attention_lab.nodes.capture import AttentionCapture  # noqa: E402
 from attention_lab.nodes.shapesworld import load_shapesworld  # noqa: E402
 from attention_lab.nodes.spatext import SpaTextGuider  # noqa: E402
 
@@ -85,6 +86,33 @@ def test_the_regional_pass_calls_the_layers_previous_patch_per_part(sd):
     # per step: the [negative, global] batch once, then the spatial pass's global and region parts separately,
     # never the 154-token expanded context
     assert calls == [77] * 3 * 2
+
+
+def test_capture_on_the_model_records_the_plain_passes(sd):
+    model, clip = sd
+    with torch.inference_mode():
+        m, store = AttentionCapture.execute(model, layers="all", capture_self=False, self_max_size=32, start=0.0,
+                                            end=1.0).result
+    pos, neg = encode(clip, "a cat and a dog"), encode(clip, "")
+    g, _ = guider(m, clip, pos, neg, mask_1=half_mask(), prompt_1="a dog on grass")
+    run(g, torch.zeros(1, 4, 16, 16), steps=3)
+    assert store.finished and store.steps_recorded == {0, 1, 2}
+    for info in store.layers(cross=True):
+        assert store.layer_map(info.layer).shape[-1] == 77           # the global prompt's maps, not 154 tokens
+
+
+def test_sdxl():
+    with torch.inference_mode():
+        model, clip = tiny_sdxl(), tiny_sdxl_clip()
+        pos, neg = clip.encode_from_tokens_scheduled(clip.tokenize("a cat and a dog")), encode(clip, "")
+    for c in (pos, neg):
+        c[0][1].update(width=128, height=128)
+    lat = torch.zeros(1, 4, 16, 16)
+    ref = plain(model, pos, neg, lat, 7.5, steps=3)
+    g, _ = guider(model, clip, pos, neg, mask_1=torch.zeros(1, 128, 128), prompt_1="a dog")
+    assert rel(run(g, lat, steps=3), ref) < 1e-5
+    g, _ = guider(model, clip, pos, neg, mask_1=half_mask(), prompt_1="a dog on grass")
+    assert not torch.equal(run(g, lat, steps=3), ref)
 
 
 def test_bad_regions_get_specific_errors(sd):
