@@ -137,7 +137,8 @@ class StructuredValuePatch:
         reps = context.shape[1] // m
         rows = context.view(context.shape[0], reps, m, c)
         diff = (rows[:, :, None] - keys[None, None]).abs().amax(dim=(-1, -2)).amax(dim=1)    # (b, p)
-        tol = self.rtol * keys.abs().amax(dim=(-1, -2)) + 1e-6                                 # (p,)
+        rtol = max(self.rtol, 2 * torch.finfo(context.dtype).eps)         # the model's dtype rounds the states
+        tol = rtol * keys.abs().amax(dim=(-1, -2)) + 1e-6                                      # (p,)
         best = diff.argmin(dim=1)
         ok = (diff.gather(1, best[:, None])[:, 0] <= tol[best])
         ok &= (value == context).flatten(1).all(dim=1) if value is not context else torch.ones_like(ok)
