@@ -135,7 +135,7 @@ class StructuredValuePatch:
             return [], []
         keys, _ = self._states(context)
         reps = context.shape[1] // m
-        rows = context.view(context.shape[0], reps, m, c)
+        rows = context.reshape(context.shape[0], reps, m, c)
         diff = (rows[:, :, None] - keys[None, None]).abs().amax(dim=(-1, -2)).amax(dim=1)    # (b, p)
         rtol = max(self.rtol, 2 * torch.finfo(context.dtype).eps)         # the model's dtype rounds the states
         tol = rtol * keys.abs().amax(dim=(-1, -2)) + 1e-6                                      # (p,)
