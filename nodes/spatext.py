@@ -45,6 +45,19 @@ class SpaTextCFGGuider(comfy.samplers.CFGGuider):
     def set_spatial(self, expand: ExpandContext, masks: torch.Tensor, s_global: float, s_local: float):
         self.expand, self.masks, self.s_global, self.s_local = expand, masks, s_global, s_local
         self.layers = model_layer_ids(self.model_patcher)
+        self.checked_shape = None
+
+    def check_aspect(self, x: torch.Tensor) -> None:
+        """Warn once per latent size when the masks' aspect ratio is not the image's (they would be stretched)."""
+        shape = tuple(x.shape[-2:])
+        if shape == self.checked_shape:
+            return
+        self.checked_shape = shape
+        (mh, mw), (lh, lw) = self.masks.shape[-2:], shape
+        if abs(mh / mw - lh / lw) > 0.02 * (lh / lw):
+            logger.warning("SpaTextGuider: the region masks are %dx%d but the image is %dx%d in latent pixels (aspect "
+                           "%.3f against %.3f); the masks are stretched to the image. Make them the image's size.",
+                           mw, mh, lw, lh, mh / mw, lh / lw)
 
     def set_conds(self, positive, negative):
         self.inner_set_conds({"positive": positive, "negative": negative})
@@ -56,6 +69,7 @@ class SpaTextCFGGuider(comfy.samplers.CFGGuider):
                                              model_options=model_options, cond=positive, uncond=negative)
         if self.s_local == 0:
             return guided
+        self.check_aspect(x)
         opts = spatial_options(model_options, self.expand, self.masks, self.layers)
         spatial = comfy.samplers.calc_cond_batch(self.inner_model, [positive], x, timestep, opts)[0]
         return guided + (spatial - out[1]) * self.s_local

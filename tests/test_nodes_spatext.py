@@ -1,5 +1,7 @@
 """Tier 2: the SpaTextGuider node in ComfyUI, on the tiny SD1.5 model and on ShapesWorld."""
 
+import logging
+
 import pytest
 import torch
 from comfy_env import comfy_or_skip, encode, rel, tiny_clip, tiny_sd15, tiny_sdxl, tiny_sdxl_clip
@@ -113,6 +115,16 @@ def test_sdxl():
     assert rel(run(g, lat, steps=3), ref) < 1e-5
     g, _ = guider(model, clip, pos, neg, mask_1=half_mask(), prompt_1="a dog on grass")
     assert not torch.equal(run(g, lat, steps=3), ref)
+
+
+def test_masks_of_another_aspect_ratio_are_named(sd, caplog):
+    model, clip = sd
+    pos, neg = encode(clip, "a cat and a dog"), encode(clip, "")
+    g, _ = guider(model, clip, pos, neg, mask_1=torch.ones(1, 64, 128), prompt_1="a dog")
+    with caplog.at_level(logging.WARNING, logger="attention_lab"):
+        run(g, torch.zeros(1, 4, 16, 16), steps=2)
+    assert "the region masks are 128x64 but the image is 16x16" in caplog.text
+    assert caplog.text.count("SpaTextGuider: the region masks") == 1          # once per size, not per step
 
 
 def test_bad_regions_get_specific_errors(sd):

@@ -131,6 +131,8 @@ def layout_figures(model: ShapesWorldModel, n: int = 100, seed: int = 0, steps: 
                             for i in range(0, n, batch)]).cpu()
         out[name] = {**layout_score(images, sets, masks, clf),
                      "seconds_per_image": round((time.perf_counter() - t0) / n, 4)}
+    base = out["full caption, no regions"]["seconds_per_image"]
+    out["time_ratio_vs_plain"] = {k: round(v["seconds_per_image"] / base, 3) for k, v in out.items()}
     out.update(prompts=n, steps=steps, s_global=s_global, s_local=s_local,
                box_area_share=round(float(masks.mean()), 4),
                example={"caption": captions[0], "scene": scene[0], "regions": regions[0]})
