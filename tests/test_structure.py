@@ -32,7 +32,7 @@ def test_phrase_spans_take_the_next_occurrence_and_refuse_extra_ones():
 
 
 def test_aligned_values_put_each_phrase_at_its_positions_only():
-    full, a, b = torch.randn(8, 4), torch.randn(8, 4), torch.randn(8, 4)
+    full, a, b = torch.randn(3, 8, 4, generator=torch.Generator().manual_seed(0)).unbind(0)
     out = aligned_values(full, [a, b], [(2, 3), (5,)])
     assert out.shape == (3, 8, 4)
     assert torch.equal(out[0], full)
@@ -46,6 +46,9 @@ def test_mean_values_equal_the_official_mean_of_attention_outputs():
     """Upstream's multi_qkv: mean_i softmax(q k_P^T) v_i; ours: one attention with the mean value context."""
     g = torch.Generator().manual_seed(0)
     to_k, to_v = torch.nn.Linear(16, 32), torch.nn.Linear(16, 32)      # biases too: the mean still commutes
+    with torch.no_grad():
+        for p in (*to_k.parameters(), *to_v.parameters()):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     full, phrases = torch.randn(10, 16, generator=g), [torch.randn(10, 16, generator=g) for _ in range(2)]
     seqs = aligned_values(full, phrases, [(1, 2, 3), (5, 6)])
     q = torch.randn(64, 32, generator=g)
@@ -57,17 +60,17 @@ def test_mean_values_equal_the_official_mean_of_attention_outputs():
 
 
 def test_patch_changes_only_rows_carrying_the_prompt_and_respects_earlier_value_edits():
-    key, value = torch.randn(6, 4), torch.randn(6, 4)
+    g = torch.Generator().manual_seed(3)
+    key, value, other = torch.randn(3, 6, 4, generator=g).unbind(0)
     patch = StructuredValuePatch(key, value)
-    other = torch.randn(6, 4)
     ctx = torch.stack([other, key])                            # [uncond, cond]
     _, _, v = patch(None, ctx, ctx, {})
     assert torch.equal(v[0], other) and torch.equal(v[1], value)
-    long = torch.stack([torch.randn(12, 4), key.repeat(2, 1)])   # batched with a 2x longer context
+    long = torch.stack([torch.randn(12, 4, generator=g), key.repeat(2, 1)])   # batched with a 2x longer context
     _, _, v = patch(None, long, long, {})
     assert torch.equal(v[1], value.repeat(2, 1)) and torch.equal(v[0], long[0])
     edited = ctx.clone()
-    edited[1] = torch.randn(6, 4)                             # a patch before ours swapped this row's values
+    edited[1] = torch.randn(6, 4, generator=g)                # a patch before ours swapped this row's values
     _, _, v = patch(None, ctx, edited, {})
     assert torch.equal(v, edited)
     for dtype in (torch.float16, torch.bfloat16):              # the model's dtype: matched within its rounding
