@@ -79,17 +79,18 @@ class RegionalAttention:
 
     ``lengths``: the region prompts' token counts, in order (the global part is what precedes them).
     ``previous``: the replace patch the layer had (called per part), else ``attention_fn(q, k, v, heads)``.
+    ``weight_cache``: a dict to keep the resized masks in, shared by patches built anew for the same masks.
     """
 
     def __init__(self, masks: torch.Tensor, lengths: list[int], previous: Callable | None = None,
-                 attention_fn: Callable | None = None):
+                 attention_fn: Callable | None = None, weight_cache: dict | None = None):
         self.masks = masks if masks.dim() == 4 else masks[None]
         if self.masks.shape[1] != len(lengths):
             raise ValueError(f"{self.masks.shape[1]} region masks for {len(lengths)} region prompts")
         self.lengths = list(lengths)
         self.previous = previous
         self.attention_fn = attention_fn or sdpa_attention
-        self._weights: dict = {}
+        self._weights = {} if weight_cache is None else weight_cache   # shareable: it depends on the masks only
 
     def __deepcopy__(self, memo):
         return self

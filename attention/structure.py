@@ -141,7 +141,8 @@ class StructuredValuePatch:
         tol = rtol * keys.abs().amax(dim=(-1, -2)) + 1e-6                                      # (p,)
         best = diff.argmin(dim=1)
         ok = (diff.gather(1, best[:, None])[:, 0] <= tol[best])
-        ok &= (value == context).flatten(1).all(dim=1) if value is not context else torch.ones_like(ok)
+        if value is not context:                     # an earlier patch may have swapped some rows' values
+            ok &= (value == context).flatten(1).all(dim=1)
         hit = ok.nonzero()[:, 0].tolist()
         return hit, best[hit].tolist()
 

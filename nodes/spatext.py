@@ -22,7 +22,8 @@ SLOTS = 4
 PALETTE = torch.tensor([[0.9, 0.2, 0.2], [0.2, 0.4, 0.95], [0.2, 0.8, 0.3], [0.95, 0.8, 0.1]])
 
 
-def spatial_options(model_options: dict, expand: ExpandContext, masks: torch.Tensor, layers) -> dict:
+def spatial_options(model_options: dict, expand: ExpandContext, masks: torch.Tensor, layers,
+                    weight_cache: dict | None = None) -> dict:
     """A copy of ``model_options`` whose transformer options add the spatial pass's patches on every layer,
     each regional patch calling the attention the layer had (another pack's patch, or ComfyUI's)."""
     mo = dict(model_options)
@@ -35,17 +36,20 @@ def spatial_options(model_options: dict, expand: ExpandContext, masks: torch.Ten
         prev = attn2.get((lid.kind, lid.number, lid.depth)) or attn2.get((lid.kind, lid.number))
         if isinstance(prev, ControlledAttention):   # our own controllers (capture, P2P) see the plain passes only
             prev = prev.previous
-        attn2[(lid.kind, lid.number, lid.depth)] = RegionalAttention(masks, expand.lengths, prev, comfy_attention)
+        attn2[(lid.kind, lid.number, lid.depth)] = RegionalAttention(masks, expand.lengths, prev, comfy_attention,
+                                                                     weight_cache)
     to["patches"], to["patches_replace"] = patches, replace
     mo["transformer_options"] = to
     return mo
 
 
 class SpaTextCFGGuider(comfy.samplers.CFGGuider):
-    def set_spatial(self, expand: ExpandContext, masks: torch.Tensor, s_global: float, s_local: float):
-        self.expand, self.masks, self.s_global, self.s_local = expand, masks, s_global, s_local
+    def set_spatial(self, expand: ExpandContext, masks: torch.Tensor, s_local: float):
+        """The region prompts, their masks and cfg_local (cfg_global is the guider's ``cfg``)."""
+        self.expand, self.masks, self.s_local = expand, masks, s_local
         self.layers = model_layer_ids(self.model_patcher)
         self.checked_shape = None
+        self.weight_cache: dict = {}        # masks resized per layer size, kept across steps
 
     def check_aspect(self, x: torch.Tensor) -> None:
         """Warn once per latent size when the masks' aspect ratio is not the image's (they would be stretched)."""
@@ -65,12 +69,12 @@ class SpaTextCFGGuider(comfy.samplers.CFGGuider):
     def predict_noise(self, x, timestep, model_options={}, seed=None):  # noqa: B006 - ComfyUI's signature
         negative, positive = self.conds.get("negative"), self.conds.get("positive")
         out = comfy.samplers.calc_cond_batch(self.inner_model, [negative, positive], x, timestep, model_options)
-        guided = comfy.samplers.cfg_function(self.inner_model, out[1], out[0], self.s_global, x, timestep,
+        guided = comfy.samplers.cfg_function(self.inner_model, out[1], out[0], self.cfg, x, timestep,
                                              model_options=model_options, cond=positive, uncond=negative)
         if self.s_local == 0:
             return guided
         self.check_aspect(x)
-        opts = spatial_options(model_options, self.expand, self.masks, self.layers)
+        opts = spatial_options(model_options, self.expand, self.masks, self.layers, self.weight_cache)
         spatial = comfy.samplers.calc_cond_batch(self.inner_model, [positive], x, timestep, opts)[0]
         return guided + (spatial - out[1]) * self.s_local
 
@@ -146,7 +150,7 @@ class SpaTextGuider(io.ComfyNode):
         guider = SpaTextCFGGuider(model)
         guider.set_conds(positive, negative)
         guider.set_cfg(cfg_global)
-        guider.set_spatial(expand, stacked, cfg_global, cfg_local)
+        guider.set_spatial(expand, stacked, cfg_local)
         weights = region_weights(stacked, *stacked.shape[-2:])[0]             # (R + 1, H*W)
         colours = PALETTE[: len(prompts)]
         picture = (weights[1:].T @ colours).view(*stacked.shape[-2:], 3)
