@@ -1,19 +1,24 @@
 """Dynamic Prompt Learning (Wang et al. 2023): per-step noun token embeddings against cross-attention leakage.
 
-Ported from the official code, https://github.com/wangkai930418/DPL (commit
-233afcb7b08c942d98056c271df95d20890170a7: ``DPL.sh`` for the defaults, the ``__call__`` loop of
+Ported from the official code, https://github.com/wangkai930418/DPL (main-branch commit
+233afcb7b08c942d98056c271df95d20890170a7, unchanged in these files at b3d30f7b3cc23fda661e7daab0a24a049c705910:
+``DPL.sh`` for the defaults, the ``__call__`` loop of
 ``pipelines/null_attend_textinv_pipeline.py`` for the procedure). The repository states no licence, so the
 procedure is reimplemented here and only its numbers are kept. Along the inverted trajectory, for each
 sampling step i = 0 (noisiest) .. N-1:
 
 1. thresholds beta * exp(-i / alpha) for L_at, L_bg, L_dj (``dpl_losses.py``);
-2. up to ``attn_iters`` times: encode the prompt with the current noun token embeddings (before the text
+2. when ``attn_iters`` > 1 (upstream quirk, kept: with 1 the token loop does not run at all), up to
+   ``attn_iters`` times: encode the prompt with the current noun token embeddings (before the text
    transformer), one conditional UNet evaluation on the current latent that records the cross-attention maps at
    the map size with gradients, the losses; stop as soon as every loss is under its threshold, else one AdamW
    step (a fresh optimizer per sampling step, lr 1e-3 and torch's default weight decay 0.01, as upstream).
    The embeddings carry over to the next step. With one noun only L_bg applies (L_at and L_dj need two);
 3. the step's context from the final embeddings, then null-text optimization on it (a fresh Adam,
-   lr 1e-2 * (1 - i / 100), ``null.inner_steps`` iterations; upstream runs all 51, no early stop);
+   lr 1e-2 * (1 - i / 100), ``null.inner_steps`` iterations; upstream runs all 51, no early stop). Upstream
+   re-encodes the negative prompt ("") every step, so each step's null starts from that encoding again
+   (``null_carry_over=False``, the default); NTI's rule, starting from the previous step's optimized null, is
+   the option ``null_carry_over=True``;
 4. the guided DDIM step with that null, which the next step continues from (as Null-Text Inversion).
 
 Shape legend:
@@ -27,8 +32,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from .context import AttnContext
 from .controller import AttentionController
@@ -52,6 +59,7 @@ class DPLSettings:
     attn_iters: int        # most token updates per sampling step
     lr: float              # AdamW learning rate of the tokens
     null: NullTextSettings
+    null_carry_over: bool = False   # False: each step's null starts from null_init (upstream DPL); True: NTI's rule
 
     def thresholds(self, i: int) -> tuple[float, float, float]:
         return (gradual_threshold(i, self.alpha_at, self.beta_at), gradual_threshold(i, self.alpha_bg, self.beta_bg),
@@ -128,9 +136,40 @@ def kept_nouns(counts: list[int], find: Callable[[int], tuple[int, ...]]) -> tup
     return positions, rows
 
 
-def background_at_size(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """A (H, W) background mask as {0, 1} at the map ``size``: area average, then majority."""
-    return (F.adaptive_avg_pool2d(mask.float()[None, None], size)[0, 0] >= 0.5).float()
+def initializer_ids(ids: list[int], vocab: dict | None) -> list[int]:
+    """Upstream's initializer tokens: ``_3_dpl_inv.py`` passes the noun list to ``tokenizer.encode``, which
+    treats a list of strings as ready tokens, so 'cat' is looked up as the word-internal BPE piece ``cat``
+    (1481), not the end-of-word token ``cat</w>`` (2368) that the prompt uses. Each end-of-word token is mapped
+    to its word-internal counterpart where the vocabulary has one (else kept); word-level vocabularies: unchanged."""
+    if vocab is None:
+        return list(ids)
+    names = {i: w for w, i in vocab.items()}
+    out = []
+    for t in ids:
+        w = names.get(t, "")
+        out.append(vocab.get(w[:-4], t) if w.endswith("</w>") else t)
+    return out
+
+
+def background_at_size(mask: torch.Tensor, size: tuple[int, int], image_size: tuple[int, int] | None = None,
+                       rule: str = "upstream") -> torch.Tensor:
+    """A (H, W) background mask (1 = background) as {0, 1} at the map ``size`` (mh, mw).
+
+    ``rule="upstream"`` (default), as the official ``_2_DDIM_inv.py`` / ``_3_dpl_inv.py``: the mask (>= 0.5) is
+    nearest-upsampled to ``image_size`` (the image's pixel size; None = keep its size), written as an 8-bit
+    0/255 image, resized to the map size with Pillow's default (bicubic) filter, and every nonzero cell counts as
+    background - a dilated mask, since bicubic ringing leaves small positive values next to the background.
+    ``rule="majority"``: area average, then >= 0.5 (this pack's earlier rule)."""
+    if rule == "majority":
+        return (F.adaptive_avg_pool2d(mask.float()[None, None], size)[0, 0] >= 0.5).float()
+    if rule != "upstream":
+        raise ValueError(f"background rule {rule!r} is not one of 'upstream', 'majority'")
+    m = (mask.float() >= 0.5).float()[None, None]
+    if image_size is not None and tuple(m.shape[-2:]) != tuple(image_size):
+        m = F.interpolate(m, size=tuple(image_size), mode="nearest")
+    pixels = (m[0, 0] * 255).to(torch.uint8).cpu().numpy()
+    small = Image.fromarray(pixels).resize((size[1], size[0]), Image.BICUBIC)
+    return torch.from_numpy(np.asarray(small) > 0).float()
 
 
 def active_losses(s: DPLSettings, n_nouns: int, has_background: bool) -> tuple[bool, bool, bool]:
@@ -159,7 +198,7 @@ def dpl_invert(eps: EpsFn, encode: Callable[[list[torch.Tensor]], torch.Tensor],
         sig, sig_next = sigmas[i], sigmas[i + 1]
         thr = s.thresholds(i)
         maps, values, updates = None, (0.0, 0.0, 0.0), 0
-        if any(use) and s.attn_iters > 0:
+        if any(use) and s.attn_iters > 1:             # upstream: ``if attn_inner_steps > 1``
             opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=ADAMW_WEIGHT_DECAY)
             for j in range(s.attn_iters):
                 recorder.armed = True
@@ -190,7 +229,8 @@ def dpl_invert(eps: EpsFn, encode: Callable[[list[torch.Tensor]], torch.Tensor],
             e_cond = eps(x, sig, cond)
         inner = None if on_inner is None else (lambda j, v, i=i: on_inner(i, "null", j))
         threshold = None if s.null.epsilon is None else s.null.epsilon + i * 2e-5
-        null, done = optimize_null(eps, x, sig, sig_next, e_cond, trajectory[i + 1].detach(), null, s.null.guidance,
+        start = null if s.null_carry_over else null_init
+        null, done = optimize_null(eps, x, sig, sig_next, e_cond, trajectory[i + 1].detach(), start, s.null.guidance,
                                    s.null.lr * (1.0 - i / 100.0), s.null.inner_steps, threshold, inner)
         counts["forward"] += 2 + done
         counts["backward"] += done

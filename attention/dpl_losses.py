@@ -5,7 +5,11 @@ Ported from the official code, https://github.com/wangkai930418/DPL (commit
 states no licence, so the procedure is reimplemented here and only its numbers are kept):
 * L_at, Attend-and-Excite's attention balancing: the maps of every key token but the first and the last
   of the context (BOS and the final padding token) x100, softmax over those tokens, each noun's map
-  smoothed by a 3x3 Gaussian (sigma 0.5, reflect padding); loss = max over nouns of max(0, 1 - max(map));
+  smoothed by Attend-and-Excite's ``GaussianSmoothing`` (kernel 3, sigma 0.5, reflect padding); loss = max over
+  nouns of max(0, 1 - max(map)). Upstream quirk kept: that class evaluates exp(-((x - mu) / (2 sigma))^2), i.e.
+  a Gaussian of effective sigma sqrt(2) * 0.5 = 0.707 (centre weight 0.332 after normalization, where a true
+  sigma 0.5 gives 0.619) - https://github.com/yuval-alaluf/Attend-and-Excite ``utils/gaussian_smoothing.py``
+  (main-branch commit 163efdfd341bf3590df3c0c2b582935fbc8e8343, MIT), copied into DPL's pipeline;
 * L_dj, disjoint objects: mean cosine similarity over the pairs of nouns' raw maps;
 * L_bg, background leakage: mean over nouns of the cosine similarity of its raw map and the background mask;
 * gradual thresholds beta * exp(-i / alpha), i = 0 at the noisiest sampling step (official ``DPL.sh``:
@@ -26,9 +30,11 @@ import torch
 import torch.nn.functional as F
 
 
-def gaussian_kernel(size: int = 3, sigma: float = 0.5) -> torch.Tensor:
+def gaussian_kernel(size: int = 3, sigma: float = 0.5, upstream: bool = True) -> torch.Tensor:
+    """(size, size) normalized separable Gaussian. ``upstream`` (default): Attend-and-Excite's
+    exp(-((x - mu) / (2 sigma))^2), an effective sigma of sigma * sqrt(2); False: a true Gaussian of ``sigma``."""
     ax = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
-    k = torch.exp(-(ax ** 2) / (2 * sigma ** 2))
+    k = torch.exp(-((ax / (2 * sigma)) ** 2)) if upstream else torch.exp(-(ax ** 2) / (2 * sigma ** 2))
     k2 = torch.outer(k, k)
     return k2 / k2.sum()
 

@@ -1,7 +1,7 @@
 """DDIM inversion and Null-Text Inversion (Mokady et al. 2022) in k-diffusion sigma space.
 
 Procedure and defaults ported from the official notebook ``null_text_w_ptp.ipynb`` of
-https://github.com/google/prompt-to-prompt (commit 35da05ed3766cfafbf1a07df4818b0ff05ede3b5,
+https://github.com/google/prompt-to-prompt (main-branch commit 9c472e44aa1b607da59fea94820f7be9480ec545,
 Apache-2.0): DDIM inversion with the conditional prompt only; then, from the noisiest step down,
 a fresh Adam per step on the null (unconditional) embedding with lr 1e-2 * (1 - i / 100), at most
 10 inner steps, early stop when the loss falls under 1e-5 + i * 2e-5, the embedding carried to the
@@ -10,8 +10,16 @@ model's latent space (z = x / sqrt(1 + sigma^2)), as upstream.
 
 Sigma space (ComfyUI's convention, see ``sampling.py``): x = z / sqrt(acp) = x0 + sigma * eps.
 Sampling sigmas descend s_0 > ... > s_{N-1} > s_N = 0; sampling step i goes s_i -> s_{i+1}.
-Inversion runs the steps backwards, evaluating eps at the target sigma on the current state
-(upstream's ``next_step``): x_i = x_{i+1} + eps(x_{i+1}, s_i) * (s_i - s_{i+1}).
+Inversion runs the steps backwards (upstream's ``ddim_loop``/``next_step``): the UNet sees the *current*
+latent z_{i+1} unscaled, at the *next* timestep, and x_i = x_{i+1} + eps * (s_i - s_{i+1}). An eps callable in
+ComfyUI's convention divides its input by sqrt(1 + s^2) of the sigma it is given, so evaluating it on x_{i+1}
+at s_i would show the UNet z_{i+1} * sqrt(acp_i / acp_{i+1}) (0.89 at t = 981); ``ddim_invert`` compensates
+by handing it x_{i+1} * sqrt(1 + s_i^2) / sqrt(1 + s_{i+1}^2), whose input scaling at s_i gives z_{i+1} exactly.
+
+Time grid: the pack's default (ComfyUI's ``ddim_uniform``) is t = 981, 961, ..., 1 with a last sigma of 0.
+The NTI notebook's DDIMScheduler (steps_offset 0) uses t = 980, ..., 0 and ends at alphabar_0 (sigma 0.0292);
+DPL's SD 1.4 scheduler config (steps_offset 1) uses t = 981, ..., 1 and also ends at sigma 0.0292 instead of 0.
+Both are documented departures of the grid (docs/faithful-ports.md), not of the step math.
 
 Shapes: x (1, c, h, w); embeddings (1, m, d); trajectory[i] is the state at s_i (trajectory[N] = x_0).
 """
@@ -61,13 +69,18 @@ def z_scale(sigma: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def ddim_invert(eps: EpsFn, x0: torch.Tensor, sigmas: torch.Tensor, cond: torch.Tensor,
                 on_step: Callable[[int], None] | None = None) -> list[torch.Tensor]:
-    """The DDIM trajectory of ``x0`` under the conditional prompt only (guidance 1)."""
+    """The DDIM trajectory of ``x0`` under the conditional prompt only (guidance 1).
+
+    ``eps(x, sigma, context)`` takes k-diffusion states and scales them by 1 / sqrt(1 + sigma^2) itself (ComfyUI's
+    EPS input scaling, ShapesWorld's ``model.eps``); the UNet sees the current latent unscaled at the next sigma,
+    as upstream's ``next_step`` (module docstring). Returns N+1 states, [0] the noisiest."""
     n = len(sigmas) - 1
     states = [None] * (n + 1)
     x = x0
     states[n] = x0
     for i in range(n - 1, -1, -1):
-        x = x + eps(x, sigmas[i], cond) * (sigmas[i] - sigmas[i + 1])
+        x_in = x * (z_scale(sigmas[i + 1]) / z_scale(sigmas[i]))       # = z_{i+1} after eps's own input scaling
+        x = x + eps(x_in, sigmas[i], cond) * (sigmas[i] - sigmas[i + 1])
         states[i] = x
         if on_step is not None:
             on_step(n - 1 - i)

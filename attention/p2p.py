@@ -1,7 +1,7 @@
 """Prompt-to-Prompt editing controllers (Hertz et al. 2022): replace, refine, reweight, LocalBlend.
 
 Ported from https://github.com/google/prompt-to-prompt (Apache-2.0; ``prompt-to-prompt_stable.ipynb``,
-``null_text_w_ptp.ipynb`` at commit 35da05ed3766cfafbf1a07df4818b0ff05ede3b5, ``seq_aligner.py``,
+``null_text_w_ptp.ipynb`` at main-branch commit 9c472e44aa1b607da59fea94820f7be9480ec545, ``seq_aligner.py``,
 ``ptp_utils.py``): the same mappers (word swap by token, refinement by global alignment with gap 0,
 match 1, mismatch -1), per-word cross-replace alphas over the steps, self-attention replacement for
 steps in ``self_replace_steps``, an equalizer for reweighting that can sit on a replace/refine edit,
@@ -255,6 +255,14 @@ def parse_pairs(text: str, what: str, example: str) -> dict[str, float]:
             raise ValueError(f"{what} entry {part.strip()!r} is not 'word:number'; write e.g. '{example}'")
         out[m.group(1)] = float(m.group(2))
     return out
+
+
+def self_replace_limit(latent_hw: tuple[int, int], inverted: bool) -> int:
+    """Most query tokens of a self-attention layer whose maps an edit replaces, as upstream: the notebook for
+    generated images (``prompt-to-prompt_stable.ipynb``) replaces up to 16x16 at 512 px (latent / 4), the
+    null-text notebook for inverted images up to 32x32 (latent / 2). latent_hw: (h, w) of the latent."""
+    div = 2 if inverted else 4
+    return max(latent_hw[0] // div, 1) * max(latent_hw[1] // div, 1)
 
 
 def build_plan(source: str, targets: list[str], edit: str, steps: int, cross_steps: float,

@@ -65,25 +65,37 @@ def proxy_prompt(prompt: str, word: str, proxy: str) -> str:
     return out
 
 
-def foreground(store: AttentionStore, item: int, positions: list[tuple[int, ...]], s: MixSettings) -> torch.Tensor:
-    """(r, r) 1 on clusters that any of ``positions``' words claims (the official Segmentor)."""
+def foreground(store: AttentionStore, item: int, positions: list[tuple[int, ...]], s: MixSettings,
+               background_words: frozenset[int] = frozenset(), obj: int | None = None) -> torch.Tensor:
+    """(r, r) mask of the official ``Segmentor.get_background_mask``: the clusters are labelled with the words
+    at ``positions`` (upstream: every noun of the prompt, found by NLTK's tagger) or background; 0 on clusters
+    that are background or whose word is in ``background_words`` (indices into ``positions``; upstream's
+    ``background_nouns``), unless the word is ``obj`` (the object of interest's index); 1 elsewhere."""
     self_hw = nearest_size(s.self_size, store.resolutions(cross=False), "self-attention")
     cross_hw = nearest_size(s.cross_size, store.resolutions(cross=True), "cross-attention")
     res = cluster_store(store, positions, item, s.clusters, s.cluster_threshold, self_hw, cross_hw)
-    return 1 - res.background_mask()
+    out = torch.ones_like(res.labels, dtype=torch.float32)
+    for c, w in enumerate(res.cluster_word):
+        if (w == -1 or w in background_words) and w != obj:
+            out[res.labels == c] = 0
+    return out
 
 
 class BackgroundBlend:
     """After-step hook: at ``step``, variations keep their foreground and take the original elsewhere.
 
     The foreground of variation b is the union of its own clusters' foreground (from ``store``, filled
-    during this pass) and the original's; item 0 of the batch is the original (same x_T).
+    during this pass) and the original's; item 0 of the batch is the original (same x_T). ``positions``: the
+    words that label clusters (upstream: every noun of the prompt); ``background_words`` / ``obj``: see
+    ``foreground``.
     """
 
     def __init__(self, store: AttentionStore, original_fg: torch.Tensor, positions: list[tuple[int, ...]],
-                 settings: MixSettings, step: int | None):
+                 settings: MixSettings, step: int | None, background_words: frozenset[int] = frozenset(),
+                 obj: int | None = None):
         self.store, self.original_fg, self.positions = store, original_fg, positions
         self.settings, self.step = settings, step
+        self.background_words, self.obj = background_words, obj
         self.masks: list[torch.Tensor] = []              # one (h, w) latent-size mask per variation
 
     def __call__(self, i: int, x: torch.Tensor) -> torch.Tensor:
@@ -91,7 +103,7 @@ class BackgroundBlend:
             return x
         x = x.clone()
         for b in range(1, x.shape[0]):
-            fg = foreground(self.store, b, self.positions, self.settings)
+            fg = foreground(self.store, b, self.positions, self.settings, self.background_words, self.obj)
             m = blend_mask(fg, self.original_fg, tuple(x.shape[-2:])).to(x)
             self.masks.append(m.cpu())
             x[b] = m * x[b] + (1 - m) * x[0]
@@ -155,23 +167,27 @@ def injection_masks(original: AttentionStore, preserve: list[tuple[int, ...]], o
                     threshold: float, max_tokens: int = 32 * 32) -> dict:
     """Per layer, the (n, n) mask of self-attention entries taken from the original.
 
-    Pixels whose normalized average cross-attention of a preserved word exceeds ``threshold`` give
-    their rows and columns; pixels of the object of interest are removed (official
-    ``remove_obj_from_self_mask``).
+    As the official ``mask_self_attn_patches``: the original's step-averaged cross-attention of the layer per
+    head (heads, n, m) is min-max normalized once over all heads, pixels and tokens; a pixel belongs to a
+    preserved word when *any* head's normalized attention to one of its tokens exceeds ``threshold``; those
+    pixels give their rows and columns; pixels of the object of interest are removed (official
+    ``remove_obj_from_self_mask``). Needs a store filled with ``keep_heads=True``; otherwise (a capture without
+    heads) the head-averaged map stands in for one head.
     """
     masks = {}
     for info in original.layers(cross=True):
         if info.tokens > max_tokens:
             continue
-        cross = original.layer_map(info.layer)[0]                          # (n, m) of the original
+        heads = original.layer_heads(info.layer)
+        cross = heads[0] if heads is not None else original.layer_map(info.layer)[0][None]   # (heads, n, m)
         norm = cross - cross.min()
         norm = norm / norm.max().clamp(min=1e-12)
         m = torch.zeros(info.tokens, info.tokens)
         for pos in preserve:
-            pix = (norm[:, list(pos)] > threshold).any(-1)
+            pix = (norm[:, :, list(pos)] > threshold).any(-1).any(0)
             m[pix, :] = 1
             m[:, pix] = 1
-        obj_pix = (norm[:, list(obj)] > threshold).any(-1)
+        obj_pix = (norm[:, :, list(obj)] > threshold).any(-1).any(0)
         m[obj_pix, :] = 0
         m[:, obj_pix] = 0
         masks[info.layer] = m

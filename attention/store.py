@@ -4,6 +4,7 @@ Memory is one running sum per selected layer and batch item, independent of the 
 of steps. Shapes:
     cross[layer]: (items, n, m)   n = h*w query pixels, m = text tokens (77*k)
     self[layer]:  (items, n, n)   only for layers with n <= self_max_tokens
+    cross_heads[layer]: (items, heads, n, m)   only with ``keep_heads`` (MnM's injection mask needs the heads)
 Maps are averaged over heads, over the calls in the step range and over the positive
 conditioning chunks (several positive entries are averaged together).
 """
@@ -42,6 +43,7 @@ class StoreConfig:
     step_start: float = 0.0            # fraction of the schedule, inclusive
     step_end: float = 1.0              # fraction of the schedule, exclusive
     device: str = "cpu"                # where the sums live
+    keep_heads: bool = False           # also sum cross maps per head, for layers with n <= self_max_tokens
 
 
 class AttentionStore(AttentionController):
@@ -58,6 +60,7 @@ class AttentionStore(AttentionController):
         with self._lock:
             self.cross: dict[LayerId, _Accum] = {}
             self.self_: dict[LayerId, _Accum] = {}
+            self.cross_heads: dict[LayerId, _Accum] = {}
             self.steps_recorded: set[int] = set()
             self.n_steps: int | None = None
             self.items: int | None = None
@@ -118,6 +121,16 @@ class AttentionStore(AttentionController):
                              0, ctx.height, ctx.width)
                 target[ctx.layer] = acc
             acc.total[:, query_slice] += mean_heads.to(acc.total.device, torch.float32)
+            if ctx.is_cross and self.config.keep_heads and n <= self.config.self_max_tokens:
+                per_head = probs.detach().view(-1, ctx.items, *probs.shape[1:]).sum(0)   # (items, h, n_chunk, m)
+                hacc = self.cross_heads.get(ctx.layer)
+                if hacc is None or hacc.total.shape != (ctx.items, per_head.shape[1], n, m):
+                    hacc = _Accum(torch.zeros(ctx.items, per_head.shape[1], n, m, device=self.config.device),
+                                  0, ctx.height, ctx.width)
+                    self.cross_heads[ctx.layer] = hacc
+                hacc.total[:, :, query_slice] += per_head.to(hacc.total.device, torch.float32)
+                if query_slice.start == 0:
+                    hacc.count += n_cond_chunks
             if query_slice.start == 0:
                 acc.count += n_cond_chunks
                 if ctx.step is not None:
@@ -134,6 +147,11 @@ class AttentionStore(AttentionController):
         """Mean map of one layer: (items, h*w, m)."""
         acc = (self.cross if cross else self.self_)[layer]
         return acc.total / max(acc.count, 1)
+
+    def layer_heads(self, layer: LayerId) -> torch.Tensor | None:
+        """Mean cross map of one layer per head: (items, heads, h*w, m), or None (not kept)."""
+        acc = self.cross_heads.get(layer)
+        return None if acc is None else acc.total / max(acc.count, 1)
 
     def resolutions(self, cross: bool = True) -> list[tuple[int, int]]:
         return sorted({(i.height, i.width) for i in self.layers(cross)}, reverse=True)

@@ -4,8 +4,9 @@ Text-to-Image Synthesis"): the cross-attention values of every noun phrase, enco
 Ported from the official code, https://github.com/weixi-feng/Structured-Diffusion-Guidance (MIT licence):
 ``structured_stable_diffusion/modules/attention.py`` ``CrossAttention.multi_qkv`` (commit
 a54bf5ec9150893869c548e9273857ee203ce17c) and ``scripts/txt2img_demo.py`` ``get_all_nps`` / ``align_sequence``
-(commit 1d77f2f0e503087efc58ca1c0ea025394d332fbd); the code here is ours. The default mode of the official demo
-(no ``--conjunction``), on every cross-attention layer (``struct_attn=True`` in every SpatialTransformer) and
+(master-branch commit 773b2ba068c6cc60443d5d747a725413c8c9d46f, where both functions are as first
+committed; an earlier header cited 1d77f2f0, a commit not on master); the code here is ours. The default mode
+of the official demo (no ``--conjunction``), on every cross-attention layer (``struct_attn=True`` in every SpatialTransformer) and
 at every step:
 
 * the prompt P and each of its noun phrases NP_1..NP_k are encoded separately by the text encoder;

@@ -106,13 +106,24 @@ def encode_prompt(clip, prompt: str) -> list:
     return clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
 
 
-def tokenizer_words(clip) -> list[str]:
-    """Whole words of the CLIP's tokenizer vocabulary (candidates for proxy suggestions)."""
+PROXY_CANDIDATES = ("word-internal pieces (official)", "whole words")
+
+
+def tokenizer_words(clip, candidates: str = PROXY_CANDIDATES[0]) -> list[str]:
+    """Candidate words for proxy suggestions from the CLIP's tokenizer vocabulary. ``candidates``: the official
+    ``prompt_utils`` keeps the vocabulary entries that are alphabetic, i.e. BPE pieces *without* the end-of-word
+    mark (14,071 in SD's CLIP); "whole words" keeps the end-of-word entries instead (33,244; 7,858 shared).
+    Word-level vocabularies (ShapesWorld) give the same list either way."""
+    if candidates not in PROXY_CANDIDATES:
+        raise ValueError(f"proxy candidates {candidates!r} is not one of {list(PROXY_CANDIDATES)}")
     tok = clip.tokenizer
     for holder in [tok] + [getattr(tok, a) for a in ("clip_l", "clip_g", "tok") if hasattr(tok, a)]:
         inner = getattr(holder, "tokenizer", holder)
         if hasattr(inner, "get_vocab"):
-            return [w[:-4] for w in inner.get_vocab() if w.endswith("</w>") and w[:-4].isalpha()]
+            vocab = inner.get_vocab()
+            if candidates == PROXY_CANDIDATES[0]:
+                return [w for w in vocab if w.isalpha()]
+            return [w[:-4] for w in vocab if w.endswith("</w>") and w[:-4].isalpha()]
         if isinstance(getattr(inner, "vocab", None), (list, tuple)):
             return [w for w in inner.vocab if w.isalpha()]
     raise TypeError(f"cannot read a vocabulary from the {type(tok).__name__} tokenizer to suggest proxies; "

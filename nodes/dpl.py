@@ -20,14 +20,17 @@ from ..attention.dpl import DPL_SH, CrossMapRecorder, DPLSettings, background_at
 from ..attention.inversion import Inversion, NullTextSettings, ddim_invert
 from ..attention.render import colorize, grid, normalize, upsample
 from .common import CATEGORY, InversionType, encode_prompt, install_controller, model_layer_ids
-from .learnable_tokens import DPLTokens, autograd_safe_clip, encode, initial_values, locate, splice
+from .learnable_tokens import TOKEN_INITS, DPLTokens, autograd_safe_clip, encode, initial_values, locate, splice
 from .unet_calls import UNetCalls, autograd_safe, fit_context, model_key
 
 S = DPL_SH   # the official recipe: the schema's defaults
+NULL_STARTS = ("empty prompt each step (official DPL)", "previous step (NTI)")
 
 
 def background_at(mask: torch.Tensor, size: tuple[int, int], latent_hw: tuple[int, int]) -> torch.Tensor:
-    """The MASK's first item as {0, 1} at the attention map ``size`` (area average, then majority)."""
+    """The MASK's first item as {0, 1} at the attention map ``size``, by upstream's rule (Pillow bicubic from the
+    mask's own size to the map size, nonzero = background; ``attention/dpl.background_at_size``). Upstream resizes
+    a mask at the image's pixel size (512 px), so a mask at the image size reproduces it exactly."""
     m = mask.float()
     m = m[0] if m.ndim == 3 else m
     if m.ndim != 2:
@@ -40,7 +43,7 @@ def background_at(mask: torch.Tensor, size: tuple[int, int], latent_hw: tuple[in
     if (h, w) != tuple(size):
         logger.info("DPLTokenOptimizer: background mask %dx%d resized to the %dx%d attention maps", w, h,
                     size[1], size[0])
-    out = background_at_size(m, size)
+    out = background_at_size(m, size)      # from the mask's own size: give it at the image's pixel size, as upstream
     if out.sum() == 0:
         logger.warning("DPLTokenOptimizer: the background mask is empty at %dx%d; the background loss does "
                        "nothing", *size)
@@ -85,7 +88,8 @@ class DPLTokenOptimizer(io.ComfyNode):
                 io.Float.Input("guidance", default=S.null.guidance, min=1.0, max=30.0, step=0.1,
                                tooltip="Guidance scale the edit will sample with (official 7.5; 1-30)."),
                 io.Combo.Input("scheduler", options=list(comfy.samplers.SCHEDULER_NAMES), default="ddim_uniform",
-                               tooltip="Sigma schedule (ddim_uniform = the official DDIM timesteps)."),
+                               tooltip=("Sigma schedule. ddim_uniform: t = 981, 961, ..., 1 then sigma 0; DPL's "
+                                        "SD 1.4 scheduler uses the same t but ends at sigma 0.0292.")),
                 io.Float.Input("lam_at", default=S.lam_at, min=0.0, max=100.0, step=0.01,
                                tooltip="Weight of the attention-balancing loss L_at (official 1.0; 0 = off)."),
                 io.Float.Input("lam_bg", default=S.lam_bg, min=0.0, max=100.0, step=0.01,
@@ -99,7 +103,8 @@ class DPLTokenOptimizer(io.ComfyNode):
                     "Thresholds at the first step beta for at, bg, dj; a step stops updating tokens when every "
                     "loss is under its threshold (official 0.3, 0.7, 0.9; each 0-1).")),
                 io.Int.Input("attn_iters", default=S.attn_iters, min=0, max=200,
-                             tooltip="Most token updates per step (official 21; 0 = plain null-text inversion)."),
+                             tooltip=("Most token updates per step (official 21; 0 or 1 = plain null-text "
+                                      "inversion: upstream's token loop runs only when this is above 1).")),
                 io.Float.Input("lr", default=S.lr, min=1e-6, max=1.0, step=1e-4,
                                tooltip="AdamW learning rate of the tokens (official 1e-3)."),
                 io.Int.Input("null_iters", default=S.null.inner_steps, min=1, max=200,
@@ -110,9 +115,18 @@ class DPLTokenOptimizer(io.ComfyNode):
                 io.Int.Input("map_size", default=0, min=0, max=256, tooltip=(
                     "Cross-attention map size of the losses in feature pixels (0 = latent / 4: 16 at 512 px as "
                     "official; the nearest size the model has is used).")),
+                io.Combo.Input("null_start", options=list(NULL_STARTS), default=NULL_STARTS[0], optional=True,
+                               tooltip=("Where each step's null-text optimization starts: the empty prompt's "
+                                        "encoding every step (official DPL) or the previous step's result "
+                                        "(Null-Text Inversion's rule).")),
+                io.Combo.Input("token_init", options=list(TOKEN_INITS), default=TOKEN_INITS[0], optional=True,
+                               tooltip=("Start of the learned noun vectors: the official code's word-internal BPE "
+                                        "piece of each noun (e.g. 'cat', not the prompt's end-of-word 'cat</w>'),"
+                                        " or the prompt's own tokens (step 0 then equals the plain prompt).")),
                 io.Mask.Input("background", optional=True, tooltip=(
-                    "Background MASK of the image (any size of the same aspect; resized to the maps). Without "
-                    "it L_bg is off.")),
+                    "Background MASK of the image (any size of the same aspect; resized to the maps as upstream: "
+                    "bicubic, any nonzero cell is background, so give it at the image's pixel size, e.g. Self-"
+                    "Attention Cluster with its image input). Without it L_bg is off.")),
             ],
             outputs=[
                 InversionType.Output(display_name="inversion", tooltip=(
@@ -126,12 +140,14 @@ class DPLTokenOptimizer(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, latent, prompt, nouns, steps, guidance, scheduler, lam_at, lam_bg, lam_dj,
-                alphas, betas, attn_iters, lr, null_iters, null_early_stop, map_size, background=None) -> io.NodeOutput:
+                alphas, betas, attn_iters, lr, null_iters, null_early_stop, map_size, null_start=None,
+                token_init=TOKEN_INITS[0], background=None) -> io.NodeOutput:
         t0 = time.time()
         a, b = _triple(alphas, "alphas", positive=True), _triple(betas, "betas")
         settings = DPLSettings(lam_at, lam_bg, lam_dj, *a, *b, attn_iters, lr,
                                NullTextSettings(guidance=guidance, inner_steps=null_iters, lr=S.null.lr,
-                                                epsilon=null_early_stop or None))
+                                                epsilon=null_early_stop or None),
+                               null_carry_over=(null_start or NULL_STARTS[0]) == NULL_STARTS[1])
         nt = locate(clip, prompt, nouns)
         x0 = model.model.process_latent_in(latent["samples"][:1].float())
         latent_hw = tuple(x0.shape[-2:])
@@ -156,7 +172,7 @@ class DPLTokenOptimizer(io.ComfyNode):
 
         bg = None if background is None else (lambda size: background_at(background, size, latent_hw))
         with autograd_safe(m.model.diffusion_model), autograd_safe_clip(clip):
-            params0 = [v.to(dev) for v in initial_values(clip, prompt, nt)]
+            params0 = [v.to(dev) for v in initial_values(clip, prompt, nt, token_init)]
 
             def encode_tokens(params):
                 return encode(clip, splice(clip, prompt, nt.positions, nt.keys, params)).to(dev)

@@ -75,8 +75,9 @@ class NullTextInvert(io.ComfyNode):
                 io.Float.Input("guidance", default=7.5, min=1.0, max=30.0, step=0.1,
                                tooltip="Guidance scale the edit will sample with (official 7.5; 1-30)."),
                 io.Combo.Input("scheduler", options=list(comfy.samplers.SCHEDULER_NAMES), default="ddim_uniform",
-                               tooltip="Sigma schedule (ddim_uniform = the official DDIM timesteps; simple for "
-                                       "ShapesWorld)."),
+                               tooltip="Sigma schedule. ddim_uniform: t = 981, 961, ..., 1 then sigma 0, one "
+                                       "step off the NTI notebook's t = 980, ..., 0 (which ends at sigma 0.0292); "
+                                       "simple for ShapesWorld."),
                 io.Int.Input("inner_steps", default=10, min=1, max=100,
                              tooltip="Null-text: most Adam steps per sampling step (official 10; 1-100)."),
                 io.Float.Input("early_stop", default=1e-5, min=0.0, max=1.0, step=1e-6, tooltip=(

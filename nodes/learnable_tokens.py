@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import comfy.clip_model
 import torch
 
-from ..attention.dpl import kept_nouns
+from ..attention.dpl import initializer_ids, kept_nouns
 from ..attention.tokens import WordNotInPromptError
 from .common import word_positions
 from .unet_calls import autograd_safe
@@ -75,13 +75,28 @@ def _slots(tokens: dict, key: str, positions: list[int]) -> list[tuple[int, int]
     return [(p // length, p % length) for p in positions]
 
 
-def initial_values(clip, prompt: str, nt: NounTokens) -> list[torch.Tensor]:
-    """Per key, (S, d) copies of the nouns' current token embeddings (float32)."""
+TOKEN_INITS = ("word-internal piece (official)", "prompt token")
+
+
+def _bpe_vocab(clip, key: str) -> dict | None:
+    """The BPE vocabulary (string -> id) behind token key ``key``, or None for word-level tokenizers."""
+    holder = getattr(clip.tokenizer, f"clip_{key}", None)
+    inner = getattr(holder, "tokenizer", None)
+    return inner.get_vocab() if inner is not None and hasattr(inner, "get_vocab") else None
+
+
+def initial_values(clip, prompt: str, nt: NounTokens, init: str = TOKEN_INITS[0]) -> list[torch.Tensor]:
+    """Per key, (S, d) copies of the nouns' starting token embeddings (float32). ``init``: upstream's word-internal
+    pieces (``attention.dpl.initializer_ids``; default) or the prompt's own tokens (this pack's earlier start)."""
+    if init not in TOKEN_INITS:
+        raise ValueError(f"token init {init!r} is not one of {list(TOKEN_INITS)}")
     tokens = clip.tokenize(prompt)
     flat = [p for pos in nt.positions for p in pos]
     out = []
     for key in nt.keys:
         ids = [tokens[key][c][i][0] for c, i in _slots(tokens, key, flat)]
+        if init == TOKEN_INITS[0]:
+            ids = initializer_ids(ids, _bpe_vocab(clip, key))
         table = _table(clip, key)
         with torch.no_grad():
             out.append(table.weight[torch.tensor(ids, device=table.weight.device)].detach().float().clone())

@@ -14,7 +14,15 @@ from comfy_api.latest import io, ui
 
 from ..attention import logger
 from ..attention.inversion import Inversion
-from ..attention.p2p import EDITS, LocalBlend, P2PController, blend_positions, build_plan, parse_pairs
+from ..attention.p2p import (
+    EDITS,
+    LocalBlend,
+    P2PController,
+    blend_positions,
+    build_plan,
+    parse_pairs,
+    self_replace_limit,
+)
 from ..attention.store import AttentionStore, StoreConfig
 from ..attention.tokens import split_words
 from .common import (
@@ -85,7 +93,8 @@ class P2PEditSampler(io.ComfyNode):
                     "(comma separated; empty = none).")),
                 io.Float.Input("self_replace_steps", default=0.4, min=0.0, max=1.0, step=0.01, tooltip=(
                     "Fraction of the steps in which edits take the source's self-attention (0-1; official 0.4). "
-                    "Only on layers up to half the latent's size, as upstream's 32x32 at 512 px.")),
+                    "Only on layers up to a quarter of the latent's size from a seed (upstream's 16x16 at 512 "
+                    "px) and up to half of it with an inversion (the null-text notebook's 32x32).")),
                 io.String.Input("reweight", default="", tooltip=(
                     "Attention reweighting 'word:factor' for words of the target prompts, e.g. 'smiling:5' or "
                     "'pink:-2' (comma separated; negative allowed; empty = none). Combines with replace/refine.")),
@@ -156,7 +165,7 @@ class P2PEditSampler(io.ComfyNode):
         plan = build_plan(source_prompt, targets, edit, steps, cross_replace_steps,
                           parse_pairs(cross_replace_words, "cross_replace_words", "lasagne:0.2"),
                           self_replace_steps, parse_pairs(reweight, "reweight", "smiling:5"), length,
-                          (latent_hw[0] // 2) * (latent_hw[1] // 2), ids_of, wids)
+                          self_replace_limit(latent_hw, inv is not None), ids_of, wids)
         m = model.clone()
         ids = model_layer_ids(model)
         install_controller(m, P2PController(plan, steps), ids)

@@ -35,6 +35,7 @@ from ..attention.store import AttentionStore, StoreConfig
 from ..attention.tokens import split_words
 from .common import (
     CATEGORY,
+    PROXY_CANDIDATES,
     InversionType,
     encode_prompt,
     install_controller,
@@ -79,13 +80,13 @@ def _sample_inverted(model, inv, cond, rows, negative, after_step=None, label=""
                         inv.extra.get("cond_dict"), after_step)
 
 
-def _proxies(clip, prompt: str, word: str, proxy_words: str, count: int) -> list[str]:
+def _proxies(clip, prompt: str, word: str, proxy_words: str, count: int, candidates: str) -> list[str]:
     given = split_words(proxy_words)
     if given:
         return given
-    key = (id(clip.cond_stage_model), prompt, word, count)
+    key = (id(clip.cond_stage_model), prompt, word, count, candidates)
     if key not in _SUGGESTION_CACHE:
-        vocab = tokenizer_words(clip)
+        vocab = tokenizer_words(clip, candidates)
         pbar = comfy.utils.ProgressBar(len(vocab))
 
         def encode_pooled(texts):
@@ -167,6 +168,19 @@ class PromptMixSampler(io.ComfyNode):
                 io.Float.Input("cluster_threshold", default=0.3, min=0.0, max=1.0, step=0.01, tooltip=(
                     "A cluster is foreground when a noun's normalized cross-attention covers it above this "
                     "(official 0.3). Range 0-1.")),
+                io.String.Input("nouns", default="", optional=True, tooltip=(
+                    "Every noun of the prompt, comma separated, e.g. 'hamburger, cup, coffee, table': they label "
+                    "the background clusters, and clusters of any of them stay the variation's at the blend "
+                    "(upstream tags the nouns with NLTK; list them for its behaviour). Empty = the object word, "
+                    "preserve_words and background_nouns.")),
+                io.String.Input("background_nouns", default="", optional=True, tooltip=(
+                    "Nouns whose clusters are taken from the original at the blend, like the background "
+                    "(upstream's background_nouns, default none), e.g. 'background' when the prompt names it.")),
+                io.Combo.Input("proxy_candidates", options=list(PROXY_CANDIDATES), default=PROXY_CANDIDATES[0],
+                               optional=True, tooltip=(
+                    "Vocabulary entries the suggestion ranks: the official code's alphabetic entries, which are "
+                    "word-internal BPE pieces (14,071 for SD's CLIP), or the whole-word entries (33,244); they "
+                    "share 7,858. Word-level tokenizers give the same list.")),
                 InversionType.Input("inversion", optional=True, tooltip=(
                     "From Null-Text Inversion (made with this prompt): vary a real image. Its steps, sigmas and "
                     "guidance replace steps, scheduler and cfg; seed and latent_image are then unused.")),
@@ -190,7 +204,8 @@ class PromptMixSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, prompt, negative, latent_image, object_word, proxy_words, suggestions,
                 preserve_words, seed, steps, cfg, scheduler, mix_start, mix_end, self_injection_end,
-                injection_threshold, blend_at, clusters, cluster_threshold, inversion=None) -> io.NodeOutput:
+                injection_threshold, blend_at, clusters, cluster_threshold, nouns="", background_nouns="",
+                proxy_candidates=PROXY_CANDIDATES[0], inversion=None) -> io.NodeOutput:
         s = MixSettings(window=(mix_start, mix_end), self_injection_end=self_injection_end,
                         injection_threshold=injection_threshold, blend_at=None if blend_at >= 1 else blend_at,
                         clusters=clusters, cluster_threshold=cluster_threshold).validate()
@@ -198,7 +213,11 @@ class PromptMixSampler(io.ComfyNode):
         _, (obj,) = word_positions(clip, prompt, word)
         keep_names = split_words(preserve_words)
         keep = word_positions(clip, prompt, preserve_words)[1] if keep_names else []
-        proxies = _proxies(clip, prompt, word, proxy_words, suggestions)
+        bg_names = split_words(background_nouns)
+        label_names = list(dict.fromkeys([word] + (split_words(nouns) or keep_names) + bg_names))
+        labels = word_positions(clip, prompt, ", ".join(label_names))[1]
+        bg_words = frozenset(label_names.index(n) for n in bg_names if n != word)
+        proxies = _proxies(clip, prompt, word, proxy_words, suggestions, proxy_candidates)
         key = token_key(clip)
         for p in proxies:
             _check_proxy(clip, key, word, p)
@@ -224,7 +243,7 @@ class PromptMixSampler(io.ComfyNode):
         k = len(proxies)
 
         # 1. the original, with its attention
-        orig_store = AttentionStore(StoreConfig(self_max_tokens=SELF_MAX))
+        orig_store = AttentionStore(StoreConfig(self_max_tokens=SELF_MAX, keep_heads=True))
         m1 = model.clone()
         install_controller(m1, orig_store, ids)
         orig_store.reset()
@@ -233,7 +252,7 @@ class PromptMixSampler(io.ComfyNode):
         else:
             _sample_inverted(m1, inv, positive[0][0], 1, negative, label="original")
         orig_store.finish()
-        orig_fg = foreground(orig_store, 0, [obj] + keep, s)
+        orig_fg = foreground(orig_store, 0, labels, s, bg_words, 0)
 
         # 2. [original, variations] from the same noise
         step = s.blend_step(steps)
@@ -244,7 +263,7 @@ class PromptMixSampler(io.ComfyNode):
             install_controller(m2, SelfAttentionInjection(masks, s.self_injection_end),
                                [lid for lid in ids if lid in masks], self_attn=True, cross_attn=False)
         var_store = AttentionStore(StoreConfig(self_max_tokens=SELF_MAX, step_end=((step or steps) + 1) / steps))
-        blend = BackgroundBlend(var_store, orig_fg, [obj] + keep, s, step)
+        blend = BackgroundBlend(var_store, orig_fg, labels, s, step, bg_words, 0)
         if step is not None:
             install_controller(m2, var_store, ids)
         var_store.reset()

@@ -38,7 +38,7 @@ def run(setup, settings, background=None):
 def test_zero_weights_is_null_text_inversion(setup):
     model, _, sigmas, cond, null, traj, _ = setup
     nti = NullTextSettings(guidance=7.5, inner_steps=4)
-    res = run(setup, dataclasses.replace(DPL_SH, lam_at=0.0, lam_bg=0.0, lam_dj=0.0, null=nti))
+    res = run(setup, dataclasses.replace(DPL_SH, lam_at=0.0, lam_bg=0.0, lam_dj=0.0, null=nti, null_carry_over=True))
     with frozen(model), torch.enable_grad():
         nulls, counts, rec = null_text_optimize(batch_eps(model, sigmas), traj, sigmas, cond, null, nti)
     assert res.counts["token_updates"] == 0 and res.counts["forward"] == counts["forward"]

@@ -59,7 +59,8 @@ def pristine(model, clip):
 def test_all_weights_zero_is_null_text_inversion(sd):
     model, clip, image = sd
     inv_n, rec_n = nti(model, clip, image)
-    inv_d, rec_d, _ = dpl(model, clip, image, lam_at=0.0, lam_bg=0.0, lam_dj=0.0, null_early_stop=1e-5)
+    inv_d, rec_d, _ = dpl(model, clip, image, lam_at=0.0, lam_bg=0.0, lam_dj=0.0, null_early_stop=1e-5,
+                          null_start="previous step (NTI)", token_init="prompt token")
     assert inv_d.extra["token_updates"] == 0
     for a, b in zip(inv_d.nulls, inv_n.nulls):
         assert torch.allclose(a, b, atol=1e-6)

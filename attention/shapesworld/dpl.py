@@ -96,7 +96,7 @@ def invert_dpl(model: ShapesWorldModel, image: torch.Tensor, prompt: str, nouns:
     with frozen(model), torch.enable_grad():
         params0, encode = token_encoder(model, prompt, positions)
         res = dpl_invert(eps, encode, params0, recorder, traj, sigmas, positions,
-                         lambda size: background_at_size(bg, size),
+                         lambda size: background_at_size(bg, size, (model.size, model.size)),
                          null, settings)
     inv = Inversion(sigmas=sigmas, trajectory=traj, cond=res.conds[0], nulls=res.nulls, prompt=prompt, mode="dpl",
                     guidance=settings.null.guidance, unet_forward=steps * 2 + res.counts["forward"],

@@ -14,7 +14,15 @@ import time
 import torch
 
 from ..inversion import Inversion, NullTextSettings, ddim_invert, null_text_optimize, reconstruct
-from ..p2p import LocalBlend, P2PController, blend_positions, build_plan, p2p_sample, prompt_words
+from ..p2p import (
+    LocalBlend,
+    P2PController,
+    blend_positions,
+    build_plan,
+    p2p_sample,
+    prompt_words,
+    self_replace_limit,
+)
 from ..schedule import simple_sigmas
 from ..store import AttentionStore, StoreConfig
 from .model import ShapesWorldModel, layer_patches
@@ -77,7 +85,7 @@ def edit(model: ShapesWorldModel, source: str, targets: list[str], inversion: In
     conds = model.encode([source] + targets) if step_conds is None else step_conds
     length, s = (conds[0] if step_conds is not None else conds).shape[-2], model.size
     plan = build_plan(source, targets, edit_kind, steps, cross_replace, {}, self_replace, reweight or {}, length,
-                      (s // 2) ** 2, ids_of, wids)
+                      self_replace_limit((s, s), inversion is not None), ids_of, wids)
     controllers = [P2PController(plan, steps)]
     blend = None
     if blend_words:

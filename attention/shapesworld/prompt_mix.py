@@ -30,6 +30,7 @@ from ..sampling import sample_euler
 from ..schedule import simple_sigmas
 from ..store import AttentionStore, StoreConfig
 from .model import ShapesWorldModel, layer_patches
+from .world import SHAPES
 
 PROXIES = ["triangle", "star", "diamond", "cross"]   # proxies of the measurement prompt's circle
 # ShapesWorld fixes a small object's shape in the late, low-noise steps (see window_probe), so the
@@ -42,11 +43,23 @@ SHAPESWORLD_INJECTION_END = 1.0
 @torch.no_grad()
 def prompt_mix(model: ShapesWorldModel, prompt: str, object_word: str, proxies: list[str],
                preserve: list[str], seed: int = 0, steps: int = 50, cfg: float = 5.0,
-               settings: MixSettings | None = None) -> dict:
-    """Original + one variation per proxy word. Returns images (1+k, 3, S, S) in [0, 1] and masks."""
+               settings: MixSettings | None = None, nouns: list[str] | None = None,
+               background_nouns: tuple[str, ...] = ("background",)) -> dict:
+    """Original + one variation per proxy word. Returns images (1+k, 3, S, S) in [0, 1] and masks.
+
+    ``nouns``: the words that label the blend's clusters, upstream every noun of the prompt (None: the caption's
+    shape words and 'background', what NLTK tags as nouns in these captions); ``background_nouns``: nouns whose
+    clusters are taken from the original (upstream's ``background_nouns``; this caption names its background)."""
     s = (settings or MixSettings()).validate()
     obj = model.word_positions(prompt, object_word)
     keep = [model.word_positions(prompt, w) for w in preserve]
+    if nouns is None:
+        nouns = [w for w in dict.fromkeys(prompt.lower().split()) if w in SHAPES or w == "background"]
+    if object_word not in nouns:
+        nouns = [object_word] + nouns
+    labels = [model.word_positions(prompt, w) for w in nouns]
+    bg_words = frozenset(i for i, w in enumerate(nouns) if w in background_nouns)
+    obj_word = nouns.index(object_word)
     proxy_prompts = [proxy_prompt(prompt, object_word, p) for p in proxies]
     for p, pp in zip(proxies, proxy_prompts):
         if len(model.tokenizer.word_ids(pp)) != len(model.tokenizer.word_ids(prompt)):
@@ -55,10 +68,10 @@ def prompt_mix(model: ShapesWorldModel, prompt: str, object_word: str, proxies: 
     noise = model.noise(1, seed)
 
     # 1. the original, with its attention
-    orig_store = AttentionStore(StoreConfig(self_max_tokens=32 * 32))
+    orig_store = AttentionStore(StoreConfig(self_max_tokens=32 * 32, keep_heads=True))
     original = model.generate([prompt], steps=steps, cfg=cfg, noise=noise, sigmas=sigmas,
                               patches=layer_patches([orig_store], [orig_store]))
-    orig_fg = foreground(orig_store, 0, [obj] + keep, s)
+    orig_fg = foreground(orig_store, 0, labels, s, bg_words, obj_word)
 
     # 2. [original, variations] from the same noise
     k = len(proxies)
@@ -69,7 +82,7 @@ def prompt_mix(model: ShapesWorldModel, prompt: str, object_word: str, proxies: 
     extra = {"patches": {"attn2_patch": [ProxyValuePatch(model.encode(proxy_prompts), *s.window)]}}
     den = model.denoiser(model.encode([prompt]).expand(1 + k, -1, -1), model.encode([""]).expand(1 + k, -1, -1), cfg,
                          layer_patches([injection, var_store], [var_store]), sigmas, extra=extra)
-    blend = BackgroundBlend(var_store, orig_fg, [obj] + keep, s, step)
+    blend = BackgroundBlend(var_store, orig_fg, labels, s, step, bg_words, obj_word)
     x = sample_euler(den, (noise * sigmas[0]).expand(1 + k, -1, -1, -1).clone(), sigmas, blend)
     images = ((x + 1) / 2).clamp(0, 1)
     return {"original": original[0], "images": images, "blend_masks": blend.masks, "original_foreground": orig_fg}
