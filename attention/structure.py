@@ -6,8 +6,8 @@ Ported from the official code, https://github.com/weixi-feng/Structured-Diffusio
 a54bf5ec9150893869c548e9273857ee203ce17c) and ``scripts/txt2img_demo.py`` ``get_all_nps`` / ``align_sequence``
 (master-branch commit 773b2ba068c6cc60443d5d747a725413c8c9d46f, where both functions are as first
 committed; an earlier header cited 1d77f2f0, a commit not on master); the code here is ours. The default mode
-of the official demo (no ``--conjunction``), on every cross-attention layer (``struct_attn=True`` in every SpatialTransformer) and
-at every step:
+of the official demo (no ``--conjunction``), on every cross-attention layer (``struct_attn=True`` in every
+SpatialTransformer) and at every step:
 
 * the prompt P and each of its noun phrases NP_1..NP_k are encoded separately by the text encoder;
 * for each phrase a copy of P's states in which the phrase's tokens are replaced by the phrase's own encoding
