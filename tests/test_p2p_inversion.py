@@ -38,12 +38,14 @@ def test_word_alpha_windows_and_overrides():
 
 
 def test_bad_edit_inputs_are_refused(model):
-    ids_of, wids = E._tok_fns(model)
+    words_of = E._tok_fns(model)
     with pytest.raises(ValueError, match="same number of words"):
         build_plan(E.SOURCE, ["a red circle on a gray background"], "replace", 10, 0.8, {}, 0.4, {}, 24, 64,
-                   ids_of, wids)
-    with pytest.raises(ValueError, match="reweight word 'green' is not in the target"):
-        build_plan(E.SOURCE, [E.TARGET], "auto", 10, 0.8, {}, 0.4, {"green": 2.0}, 24, 64, ids_of, wids)
+                   words_of)
+    with pytest.raises(ValueError, match="reweight word 'green' is in none of the target prompts"):
+        build_plan(E.SOURCE, [E.TARGET], "auto", 10, 0.8, {}, 0.4, {"green": 2.0}, 24, 64, words_of)
+    with pytest.raises(ValueError, match="cross_replace_words word 'grean' is in none of the target prompts"):
+        build_plan(E.SOURCE, [E.TARGET], "auto", 10, 0.8, {"grean": 0.0}, 0.4, {}, 24, 64, words_of)
     with pytest.raises(ValueError, match="not 'word:number'"):
         parse_pairs("red=2", "reweight", "red:2")
 
