@@ -130,8 +130,10 @@ def test_layer_selection_and_bad_inputs(sd15):
 
 
 def view(store, clip, prompt, words, **kw):
+    """The viewer wired as in a graph: 'samples' is the LATENT of the run that filled the store."""
+    run_latent = store.run_output if store.run_output is not None else torch.zeros(1, 4, 16, 16)
     args = dict(resolution="all", threshold=0.5, batch_index=0, tile_size=32, image=None,
-                samples={"samples": torch.zeros(1, 4, 16, 16)})
+                samples={"samples": run_latent})
     args.update(kw)
     with torch.inference_mode():
         return AttentionMapView.execute(store, clip, prompt, words, **args)

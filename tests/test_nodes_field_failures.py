@@ -2,7 +2,17 @@
 
 import pytest
 import torch
-from comfy_env import comfy_or_skip, encode, rel, sample, tiny_clip, tiny_sd15, tiny_sdxl, tiny_sdxl_clip
+from comfy_env import (
+    assert_same_samples,
+    comfy_or_skip,
+    encode,
+    rel,
+    sample,
+    tiny_clip,
+    tiny_sd15,
+    tiny_sdxl,
+    tiny_sdxl_clip,
+)
 
 pack = comfy_or_skip()
 
@@ -65,14 +75,21 @@ def mix(model, clip, prompt, obj, lat, negative=None, **kw):
 
 # 1, 2: case and emphasis -------------------------------------------------------------------------------------
 
+def reweight_factors(clip, source, target, reweight):
+    words_of = words_fn(clip)
+    plan = build_plan(source, [target], "auto", 4, 0.8, {}, 0.4, reweight, 77, 64, words_of)
+    return plan.equalizer[0], words_of
+
+
 def test_case_matches_as_the_tokenizer_sees_it(sd):
     model, clip = sd
     low = p2p(model, clip, SRC, [TGT], blend_words="cat, tiger", reweight="tiger:2")
     up = p2p(model, clip, "A Cat and a dog in a garden", ["A Tiger and a dog in a garden"], blend_words="Cat, TIGER",
              reweight="Tiger:2")
     assert rel(up, low) < 1e-6                       # CLIP lower-cases: the same edit
-    plain = p2p(model, clip, SRC, [TGT], blend_words="cat, tiger")
-    assert rel(low[1], plain[1]) > 1e-5              # and the reweight did apply
+    eq, words_of = reweight_factors(clip, "A Cat and a dog in a garden", "A Tiger and a dog in a garden", {"tiger": 2})
+    (pos,) = words_of("A Tiger and a dog in a garden").positions("TIGER")
+    assert pos == 2 and eq[pos] == 2 and (eq == 2).sum() == 1
 
 
 def test_emphasis_words_are_matched_inside_and_parsed_as_comfyui(sd):
@@ -80,15 +97,18 @@ def test_emphasis_words_are_matched_inside_and_parsed_as_comfyui(sd):
     for prompt in ["a (cat:1.2) and ((dog)) \\(x\\) (a (b:0.5) c:1.3) (time: noon) [d] (unclosed", "plain",
                    "(((deep))) ((a:1.1):1.2)", "a\\(b:1.2\\)"]:
         ours = [(t, round(w, 6)) for t, w in emphasis_segments(prompt)]
-        comfy = [(comfy.sd1_clip.unescape_important(t), round(w, 6))
-                 for t, w in comfy.sd1_clip.token_weights(comfy.sd1_clip.escape_important(prompt), 1.0)]
-        assert ours == comfy, prompt
+        theirs = [(comfy.sd1_clip.unescape_important(t), round(w, 6))
+                  for t, w in comfy.sd1_clip.token_weights(comfy.sd1_clip.escape_important(prompt), 1.0)]
+        assert ours == theirs, prompt
     emph = "a (tiger:1.2) and a dog in a garden"
     assert prompt_words(clip, emph).positions("tiger") == prompt_words(clip, TGT).positions("tiger") == (2,)
-    assert prompt_words(clip, "a [tiger] and a \\(dog\\)").positions("dog") == (7,)   # '[', ']', '(' are tokens
+    pw = prompt_words(clip, "a [tiger] and a \\(dog\\)")          # '[', ']', '(' are tokens of their own
+    ids = [t for c in pw.chunks for t in c]
+    assert pw.positions("dog") == (ids.index(pw.ids("dog")[0]),) and pw.positions("tiger") == (3,)
+    eq, _ = reweight_factors(clip, "a (cat:1.2) and a dog in a garden", emph, {"tiger": 2})
+    assert eq[2] == 2 and (eq == 2).sum() == 1
     out = p2p(model, clip, "a (cat:1.2) and a dog in a garden", [emph], blend_words="cat, tiger", reweight="tiger:2")
-    same = p2p(model, clip, "a (cat:1.2) and a dog in a garden", [emph], blend_words="cat, tiger", reweight="tiger:1")
-    assert out.shape == (2, 4, 16, 16) and rel(out[1], same[1]) > 1e-5
+    assert out.shape == (2, 4, 16, 16) and torch.isfinite(out).all()
 
 
 # 3: unknown words are refused everywhere -------------------------------------------------------------------
@@ -238,8 +258,8 @@ def test_sdxl_rows_get_their_own_pooled_output_and_the_image_size(xl):
     model, clip = xl
     neg = encode(clip, "blurry")
     lat = torch.zeros(1, 4, 16, 24)
-    conds = comfy.samplers.encode_model_conds(model.model.extra_conds, [{"cross_attn": neg[0][0], **neg[0][1]}],
-                                              lat, model.load_device, "negative")
+    entry = {"cross_attn": neg[0][0], "model_conds": {}, **neg[0][1]}
+    conds = comfy.samplers.encode_model_conds(model.model.extra_conds, [entry], lat, model.load_device, "negative")
     stock = conds[0]["model_conds"]["y"].cond
     with torch.inference_mode():
         ours = adm_of(model, neg[0][1], lat.shape)
@@ -254,8 +274,8 @@ def test_sdxl_p2p_source_row_is_the_plain_generation(xl):
     with torch.inference_mode():
         plain = sample(model, encode(clip, SRC), negative, lat, cfg=7.5, sampler="euler", steps=4, seed=1,
                        scheduler="simple")
-    assert rel(out[0], plain[0]) < 1e-5, rel(out[0], plain[0])
-    assert rel(out[1], out[0]) < 1e-6
+    assert_same_samples(out[0], plain[0])          # was 2e-4 off: one 768x768 pooled/size vector for every row
+    assert_same_samples(out[1], out[0])
 
 
 # also: a bf16 UNet's null-text inversion -------------------------------------------------------------------

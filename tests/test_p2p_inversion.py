@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from compare import assert_same_samples
 
 from attention.inversion import NullTextSettings, ddim_invert, reconstruct
 from attention.p2p import build_plan, global_align, parse_pairs, refine_mapper, replace_mapper, word_alpha
@@ -52,15 +53,15 @@ def test_bad_edit_inputs_are_refused(model):
 
 def test_target_equal_to_source_reproduces_the_source(model):
     out = E.edit(model, E.SOURCE, [E.SOURCE], seed=4, steps=12)
-    assert torch.allclose(out[1], out[0], atol=1e-5)
+    assert_same_samples(out[1], out[0])
     plain = model.generate([E.SOURCE], steps=12, cfg=5.0, noise=model.noise(1, 4))
-    assert torch.allclose(out[0], plain[0], atol=1e-4)          # the source row is the plain generation
+    assert_same_samples(out[0], plain[0], 1e-4)                  # the source row is the plain generation
 
 
 def test_reweight_by_one_is_a_no_op_and_mass_grows_with_the_factor(model):
     base = E.edit(model, E.SOURCE, [E.TARGET], seed=5, steps=10)
     same = E.edit(model, E.SOURCE, [E.TARGET], seed=5, steps=10, reweight={"red": 1.0})
-    assert torch.allclose(base, same, atol=1e-6)
+    assert_same_samples(same, base, 1e-6)
     mass = E.reweight_figures(model, factors=(0.5, 1.0, 2.0), seeds=1, steps=8)
     assert mass["0.5"] < mass["1.0"] < mass["2.0"]
 
@@ -82,7 +83,8 @@ def test_inversion_reconstructs_and_null_text_beats_plain_ddim(model):
     assert len(inv.nulls) == 10 and not torch.equal(inv.nulls[0], inv.nulls[-1])   # one null per step
     # P2P's source row with the inversion is the reconstruction
     out = E.edit(model, scene.caption, [scene.caption], inversion=inv)
-    assert torch.allclose(out[0], rec_nti, atol=1e-4) and torch.allclose(out[1], rec_nti, atol=1e-4)
+    assert_same_samples(out[0], rec_nti, 1e-4)
+    assert_same_samples(out[1], rec_nti, 1e-4)
 
 
 def test_ddim_inversion_at_guidance_one_is_nearly_exact(model):
