@@ -13,7 +13,8 @@ self-attention map at one resolution (default 32x32); each noun's cross-attentio
 cluster's score for a noun is sum(A * M) / sum(M) over the cluster mask M, and the cluster
 takes the best noun when its score exceeds the threshold, else it is background.
 
-Shapes: self_attn (n, n) with n = r*r; word_maps (w, h, w') -> resized to (w, r, r).
+Shapes: self_attn (n, n) with n = h*w pixels of the map (the latent's aspect, e.g. 16x24); word_maps
+(words, h', w') -> resized to (words, h, w).
 """
 
 from __future__ import annotations
@@ -30,13 +31,13 @@ from .store import AttentionStore, word_maps
 
 @dataclass
 class Clustering:
-    labels: torch.Tensor          # (r, r) cluster index per pixel
+    labels: torch.Tensor          # (h, w) cluster index per pixel
     cluster_word: list[int]       # per cluster: index of its word, or -1 for background
     scores: torch.Tensor          # (clusters, words) agreement scores
-    resolution: int
+    resolution: tuple[int, int]   # (h, w)
 
     def word_mask(self, word: int) -> torch.Tensor:
-        """(r, r) float mask of the clusters labelled with ``word``."""
+        """(h, w) float mask of the clusters labelled with ``word``."""
         ids = [c for c, w in enumerate(self.cluster_word) if w == word]
         return torch.isin(self.labels, torch.tensor(ids, dtype=self.labels.dtype)).float()
 
@@ -45,31 +46,36 @@ class Clustering:
 
 
 def nearest_size(wanted: int, sizes: list[tuple[int, int]], what: str) -> tuple[int, int]:
-    """The captured map size closest to ``wanted`` pixels a side (ties: the larger)."""
+    """The captured map size (h, w) whose longer side is closest to ``wanted`` pixels (ties: the larger)."""
     if not sizes:
         raise ValueError(f"no {what} maps were captured; enable them on Attention Capture "
                          f"(capture_self and self_max_size for self-attention)")
-    return min(sizes, key=lambda s: (abs(s[0] - wanted), -s[0]))
+    return min(sizes, key=lambda s: (abs(max(s) - wanted), -max(s)))
 
 
-def cluster_self_attention(self_attn: torch.Tensor, n_clusters: int, seed: int = 1) -> torch.Tensor:
-    """KMeans over the rows of a (n, n) self-attention map; returns (r, r) labels."""
+def cluster_self_attention(self_attn: torch.Tensor, n_clusters: int, seed: int = 1,
+                           hw: tuple[int, int] | None = None) -> torch.Tensor:
+    """KMeans over the rows of a (n, n) self-attention map of an (h, w) feature map (``hw``; square when
+    None); returns (h, w) labels."""
     n = self_attn.shape[0]
-    r = int(round(n ** 0.5))
-    if r * r != n:
-        raise ValueError(f"self-attention map of {n} pixels is not square")
+    if hw is None:
+        r = int(round(n ** 0.5))
+        hw = (r, r)
+    h, w = hw
+    if h * w != n:
+        raise ValueError(f"a self-attention map of {n} pixels is not {h}x{w}; give the feature map's size")
     if not 1 <= n_clusters <= n:
         raise ValueError(f"cluster count {n_clusters} is out of range 1..{n} (no more than the {n} pixels of the "
-                         f"{r}x{r} self-attention map); lower 'clusters' or pick a larger resolution")
+                         f"{h}x{w} self-attention map); lower 'clusters' or pick a larger resolution")
     km = KMeans(n_clusters=n_clusters, n_init=10, random_state=seed)
     labels = km.fit_predict(self_attn.detach().float().cpu().numpy().astype(np.float64))
-    return torch.from_numpy(labels.reshape(r, r).astype(np.int64))
+    return torch.from_numpy(labels.reshape(h, w).astype(np.int64))
 
 
 def label_clusters(labels: torch.Tensor, word_maps: torch.Tensor, threshold: float) -> Clustering:
     """Score every cluster against every word's cross-attention map and label it."""
-    r = labels.shape[0]
-    maps = F.interpolate(word_maps[None].float(), size=(r, r), mode="nearest")[0]      # (words, r, r)
+    hw = tuple(labels.shape)
+    maps = F.interpolate(word_maps[None].float(), size=hw, mode="nearest")[0]         # (words, h, w)
     flat = maps.flatten(1)
     norm = (flat - flat.min(1, keepdim=True).values.abs()) / flat.max(1, keepdim=True).values.clamp(min=1e-12)
     maps = norm.view_as(maps)
@@ -81,7 +87,7 @@ def label_clusters(labels: torch.Tensor, word_maps: torch.Tensor, threshold: flo
         scores[c] = (maps * m).flatten(1).sum(1) / m.sum().clamp(min=1)
         best = int(scores[c].argmax())
         words.append(best if float(scores[c, best]) > threshold else -1)
-    return Clustering(labels, words, scores, r)
+    return Clustering(labels, words, scores, hw)
 
 
 def cluster_store(store: AttentionStore, positions: list[tuple[int, ...]], item: int, n_clusters: int,
@@ -89,12 +95,13 @@ def cluster_store(store: AttentionStore, positions: list[tuple[int, ...]], item:
                   seed: int = 1) -> Clustering:
     """Cluster batch ``item``'s self-attention at ``self_size``, labelled by the words at ``cross_size``."""
     n = self_size[0] * self_size[1]
-    labels = cluster_self_attention(store.aggregate(self_size, cross=False)[item].reshape(n, n), n_clusters, seed)
+    labels = cluster_self_attention(store.aggregate(self_size, cross=False)[item].reshape(n, n), n_clusters, seed,
+                                    tuple(self_size))
     return label_clusters(labels, word_maps(store, positions, cross_size, item).cpu(), threshold)
 
 
 def cluster_colours(labels: torch.Tensor) -> torch.Tensor:
-    """(r, r) labels -> (r, r, 3) distinct colours (golden-angle hues)."""
+    """(h, w) labels -> (h, w, 3) distinct colours (golden-angle hues)."""
     k = int(labels.max()) + 1
     hues = (torch.arange(k) * 0.618033988749895) % 1.0
     h6 = hues * 6

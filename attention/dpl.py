@@ -182,9 +182,11 @@ def dpl_invert(eps: EpsFn, encode: Callable[[list[torch.Tensor]], torch.Tensor],
                nouns: list[tuple[int, ...]], background: Callable[[tuple[int, int]], torch.Tensor] | None,
                null_init: torch.Tensor, s: DPLSettings,
                on_step: Callable[[int], None] | None = None,
-               on_inner: Callable[[int, str, int], None] | None = None) -> DPLResult:
+               on_inner: Callable[[int, str, int], None] | None = None, eps_null: EpsFn | None = None) -> DPLResult:
     """The DPL inversion of ``trajectory`` (from ``ddim_invert``). ``eps`` must be differentiable in its
-    context and pass through ``recorder``; ``background(size)`` gives the mask (mh, mw) at the map size."""
+    context and pass through ``recorder``; ``background(size)`` gives the mask (mh, mw) at the map size.
+    ``eps_null`` evaluates the null contexts (default ``eps``; SDXL: the null rows' own pooled embedding)."""
+    eps_null = eps_null or eps
     t0 = time.time()
     n = len(sigmas) - 1
     use = active_losses(s, len(nouns), background is not None)
@@ -230,13 +232,15 @@ def dpl_invert(eps: EpsFn, encode: Callable[[list[torch.Tensor]], torch.Tensor],
         inner = None if on_inner is None else (lambda j, v, i=i: on_inner(i, "null", j))
         threshold = None if s.null.epsilon is None else s.null.epsilon + i * 2e-5
         start = null if s.null_carry_over else null_init
-        null, done = optimize_null(eps, x, sig, sig_next, e_cond, trajectory[i + 1].detach(), start, s.null.guidance,
-                                   s.null.lr * (1.0 - i / 100.0), s.null.inner_steps, threshold, inner)
-        counts["forward"] += 2 + done
+        null, done = optimize_null(eps_null, x, sig, sig_next, e_cond, trajectory[i + 1].detach(), start,
+                                   s.null.guidance,
+                                   s.null.lr * (1.0 - i / 100.0), s.null.inner_steps, threshold, inner,
+                                   s.null.keep_best)
+        counts["forward"] += 2 + done + int(s.null.keep_best)
         counts["backward"] += done
         counts["null_iters"] += done
         with torch.no_grad():
-            e_u = eps(x, sig, null)
+            e_u = eps_null(x, sig, null)
             x = ddim_step(x, e_u + s.null.guidance * (e_cond - e_u), sig, sig_next)
         out.params.append([p.detach().clone() for p in params])
         out.conds.append(cond)

@@ -40,6 +40,7 @@ class NullTextSettings:
     inner_steps: int = 10
     lr: float = 1e-2
     epsilon: float | None = 1e-5           # early stop base; None = always run inner_steps
+    keep_best: bool = False                # deviation for low-precision UNets: keep each step's best evaluated null
 
 
 @dataclass
@@ -94,16 +95,24 @@ def ddim_step(x: torch.Tensor, e: torch.Tensor, s: torch.Tensor, s_next: torch.T
 
 def optimize_null(eps: EpsFn, x: torch.Tensor, sig: torch.Tensor, sig_next: torch.Tensor, e_cond: torch.Tensor,
                   target: torch.Tensor, null: torch.Tensor, guidance: float, lr: float, iters: int,
-                  threshold: float | None, on_inner: Callable[[int], float] | None = None) -> tuple[torch.Tensor, int]:
+                  threshold: float | None, on_inner: Callable[[int], float] | None = None,
+                  keep_best: bool = False) -> tuple[torch.Tensor, int]:
     """One sampling step's null embedding: a fresh Adam on ``null`` so that the guided DDIM step from ``x``
-    lands on ``target``; stops early under ``threshold`` (None: never). Returns it and the iterations run."""
-    null = null.detach().clone().requires_grad_(True)
+    lands on ``target``; stops early under ``threshold`` (None: never). Returns it and the iterations run.
+    ``eps`` here evaluates null (unconditional) contexts. The embedding is optimized in float32 whatever its
+    dtype (Adam's small steps vanish in bf16/fp16). ``keep_best`` (not upstream): return the null of the
+    lowest loss evaluated, the starting one included, instead of the last; with a bf16/fp16 UNet the
+    gradients are noisy enough that the last Adam step can be worse than where it started."""
+    null = null.detach().float().clone().requires_grad_(True)
     opt = torch.optim.Adam([null], lr=lr)
     done = 0
+    best: tuple[float, torch.Tensor] | None = None
     for j in range(iters):
         e_u = eps(x, sig, null)
         rec = ddim_step(x, e_u + guidance * (e_cond - e_u), sig, sig_next)
         loss = torch.nn.functional.mse_loss(rec * z_scale(sig_next), target * z_scale(sig_next))
+        if keep_best and (best is None or float(loss.detach()) < best[0]):
+            best = (float(loss.detach()), null.detach().clone())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -113,19 +122,28 @@ def optimize_null(eps: EpsFn, x: torch.Tensor, sig: torch.Tensor, sig_next: torc
             on_inner(j, value)
         if threshold is not None and value < threshold:
             break
+    if keep_best and best is not None:
+        with torch.no_grad():   # the last step's result too (one more evaluation)
+            e_u = eps(x, sig, null)
+            last = torch.nn.functional.mse_loss(ddim_step(x, e_u + guidance * (e_cond - e_u), sig, sig_next)
+                                                * z_scale(sig_next), target * z_scale(sig_next))
+        if float(last) > best[0]:
+            return best[1], done
     return null.detach(), done
 
 
 def null_text_optimize(eps: EpsFn, trajectory: list[torch.Tensor], sigmas: torch.Tensor, cond: torch.Tensor,
                        null_init: torch.Tensor, s: NullTextSettings,
-                       on_inner: Callable[[int, int, float], None] | None = None
+                       on_inner: Callable[[int, int, float], None] | None = None, eps_null: EpsFn | None = None
                        ) -> tuple[list[torch.Tensor], dict, torch.Tensor]:
     """Per-step null embeddings that make guided DDIM retrace ``trajectory``.
 
     ``eps`` must be differentiable with respect to its context argument. Returns the embeddings,
     counts {forward, backward, inner_steps} (UNet rows evaluated) and the reconstruction (the last
-    guided state, which is what sampling with these embeddings gives).
+    guided state, which is what sampling with these embeddings gives). ``eps_null`` evaluates the null
+    contexts (default ``eps``; SDXL gives the null rows their own pooled embedding, as ComfyUI does).
     """
+    eps_null = eps_null or eps
     n = len(sigmas) - 1
     null = null_init.detach().clone()
     nulls, counts = [], {"forward": 0, "backward": 0, "inner_steps": 0}
@@ -136,24 +154,25 @@ def null_text_optimize(eps: EpsFn, trajectory: list[torch.Tensor], sigmas: torch
             e_cond = eps(x, sig, cond)
         threshold = None if s.epsilon is None else s.epsilon + i * 2e-5
         inner = None if on_inner is None else (lambda j, v, i=i: on_inner(i, j, v))
-        null, done = optimize_null(eps, x, sig, sig_next, e_cond, trajectory[i + 1].detach(), null, s.guidance,
-                                   s.lr * (1.0 - i / 100.0), s.inner_steps, threshold, inner)
-        counts["forward"] += 2 + done
+        null, done = optimize_null(eps_null, x, sig, sig_next, e_cond, trajectory[i + 1].detach(), null, s.guidance,
+                                   s.lr * (1.0 - i / 100.0), s.inner_steps, threshold, inner, s.keep_best)
+        counts["forward"] += 2 + done + int(s.keep_best)
         counts["backward"] += done
         counts["inner_steps"] += done
         nulls.append(null.clone())
         with torch.no_grad():
-            e_u = eps(x, sig, null)
+            e_u = eps_null(x, sig, null)
             x = ddim_step(x, e_u + s.guidance * (e_cond - e_u), sig, sig_next)
     return nulls, counts, x
 
 
 @torch.no_grad()
-def reconstruct(eps: EpsFn, inv: Inversion, null_fallback: torch.Tensor) -> torch.Tensor:
+def reconstruct(eps: EpsFn, inv: Inversion, null_fallback: torch.Tensor, eps_null: EpsFn | None = None) -> torch.Tensor:
     """Guided DDIM from x_T with the inversion's nulls (or ``null_fallback``): the reconstruction."""
+    eps_null = eps_null or eps
     x = inv.x_T
     for i in range(len(inv.sigmas) - 1):
         u = inv.nulls[i] if inv.nulls is not None else null_fallback
-        e_c, e_u = eps(x, inv.sigmas[i], inv.cond), eps(x, inv.sigmas[i], u)
+        e_c, e_u = eps(x, inv.sigmas[i], inv.cond), eps_null(x, inv.sigmas[i], u)
         x = ddim_step(x, e_u + inv.guidance * (e_c - e_u), inv.sigmas[i], inv.sigmas[i + 1])
     return x

@@ -15,7 +15,6 @@ Shapes (einops legend): probs (rows, h, n, m) with m text tokens; mapper (k, m, 
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 from .context import AttnContext
 from .controller import AttentionController
 from .layers import LayerId
+from .words import PromptWords, Word, WordNotInPromptError, parse_word_values
 
 # ---- token alignment (seq_aligner) -------------------------------------------------------------
 
@@ -167,9 +167,16 @@ class P2PController(AttentionController):
             k = min(ctx.items - 1, len(self.plan.kind))
             base, edits = probs[start], probs[start + 1:start + 1 + k]
             if ctx.is_cross:
+                h, n, m = base.shape
+                length = self.plan.alpha.shape[-1]
+                if m % length:
+                    raise ValueError(f"cross-attention has {m} keys but the edit plan {length}; the prompts and the "
+                                     f"negative must be whole 77-token chunks of one another")
+                r = m // length     # the context repeated r times (a longer negative in the batch, as ComfyUI)
+                base, edits = base.reshape(h, n * r, length), edits.reshape(k, h, n * r, length)
                 alpha = self.plan.alpha[min(ctx.step, self.plan.alpha.shape[0] - 1), :k].to(probs)[:, None, None, :]
                 new = self.replace_cross(base, edits)
-                probs[start + 1:start + 1 + k] = new * alpha + edits * (1 - alpha)
+                probs[start + 1:start + 1 + k] = (new * alpha + edits * (1 - alpha)).reshape(k, h, n, m)
             else:
                 probs[start + 1:start + 1 + k] = base.expand_as(edits)
         return probs
@@ -221,23 +228,8 @@ class LocalBlend:
 
 # ---- plans from prompts (tokenizer-agnostic) --------------------------------------------------
 
-IdsFn = Callable[[str], list[int]]          # prompt -> token ids of all its chunks, BOS/EOS/padding included
-WordIdsFn = Callable[[str], list[int]]      # one word -> its token ids, no specials
+WordsFn = Callable[[str], PromptWords]      # prompt -> its words and token chunks (attention/words.py's rule)
 EDITS = ("auto", "replace", "refine")
-
-
-def prompt_words(prompt: str, ids: list[int], word_ids: WordIdsFn) -> list[tuple[str, tuple[int, ...]]]:
-    """Each whitespace-separated word of ``prompt`` (punctuation stripped) with its token positions."""
-    out, cursor = [], 0
-    for raw in prompt.split():
-        w = raw.strip(",.;:!?")
-        wid = word_ids(w) if w else []
-        for p in range(cursor, len(ids) - len(wid) + 1):
-            if wid and ids[p:p + len(wid)] == wid:
-                out.append((w, tuple(range(p, p + len(wid)))))
-                cursor = p + len(wid)
-                break
-    return out
 
 
 def eos_index(ids: list[int]) -> int:
@@ -246,15 +238,44 @@ def eos_index(ids: list[int]) -> int:
     return next((i for i in range(1, len(ids)) if ids[i] == last), len(ids) - 1)
 
 
+def _unpadded(chunks: list[list[int]]) -> list[tuple[int, int]]:
+    """(global key position, id) of every token up to each chunk's end token (BOS, words, EOS; no padding)."""
+    out, offset = [], 0
+    for c in chunks:
+        out += [(offset + i, c[i]) for i in range(eos_index(c) + 1)]
+        offset += len(c)
+    return out
+
+
+def refine_mapper_chunks(src: list[list[int]], dst: list[list[int]], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``refine_mapper`` over every chunk of a long prompt: the unpadded tokens of all chunks (each chunk's
+    BOS and EOS included) are aligned as one sequence; padding maps to itself. One chunk: ``refine_mapper``."""
+    s, d = _unpadded(src), _unpadded(dst)
+    mapper = torch.arange(length)
+    alphas = torch.ones(length)
+    for j, i in global_align([t for _, t in s], [t for _, t in d]):
+        pos = d[j][0]
+        if pos < length:
+            mapper[pos] = s[i][0] if i != -1 else -1
+            alphas[pos] = float(i != -1)
+    return mapper.clamp(max=length - 1), alphas
+
+
 def parse_pairs(text: str, what: str, example: str) -> dict[str, float]:
     """'word:1.5, other:-1' -> {'word': 1.5, 'other': -1.0}."""
-    out = {}
-    for part in [p for p in (text or "").split(",") if p.strip()]:
-        m = re.fullmatch(r"\s*(.+?)\s*:\s*(-?\d*\.?\d+)\s*", part)
-        if not m:
-            raise ValueError(f"{what} entry {part.strip()!r} is not 'word:number'; write e.g. '{example}'")
-        out[m.group(1)] = float(m.group(2))
-    return out
+    return parse_word_values(text, what, example)
+
+
+def _same(a: Word, b: Word) -> bool:
+    return a.text.casefold() == b.text.casefold() and a.ids == b.ids
+
+
+def _check_in_targets(word: str, what: str, tws: list[PromptWords]) -> None:
+    if not any(tw.contains(word) for tw in tws):
+        listed = "; ".join(f"{tw.prompt!r}: {tw.names}" for tw in tws)
+        raise WordNotInPromptError(
+            f"{what} word {word!r} is in none of the target prompts ({listed}); it applies to words of the target "
+            f"prompts (matched ignoring case and (word:weight) emphasis). Fix the word or the prompts.")
 
 
 def self_replace_limit(latent_hw: tuple[int, int], inverted: bool) -> int:
@@ -267,72 +288,67 @@ def self_replace_limit(latent_hw: tuple[int, int], inverted: bool) -> int:
 
 def build_plan(source: str, targets: list[str], edit: str, steps: int, cross_steps: float,
                cross_words: dict[str, float], self_steps: float, reweight: dict[str, float], length: int,
-               self_max_tokens: int, ids_of: IdsFn, word_ids: WordIdsFn) -> EditPlan:
+               self_max_tokens: int, words_of: WordsFn) -> EditPlan:
     """The edit plan of upstream's ``make_controller``: replace (same word count) or refine per target,
-    an equalizer when ``reweight`` is given, per-word cross-replace ends."""
+    an equalizer when ``reweight`` is given, per-word cross-replace ends. ``length``: the prompts' key
+    count (77 per chunk). Words of ``reweight``/``cross_words`` apply to the targets containing them; one
+    in no target is refused."""
     if edit not in EDITS:
         raise ValueError(f"edit {edit!r} is not one of {list(EDITS)}")
-    src_ids = ids_of(source)
-    src_words = prompt_words(source, src_ids, word_ids)
+    sw = words_of(source)
+    tws = [words_of(t) for t in targets]
+    for word in reweight:
+        _check_in_targets(word, "reweight", tws)
+    for word in cross_words:
+        _check_in_targets(word, "cross_replace_words", tws)
     kinds, replace, refine, ref_alpha, eq, per_word = [], [], [], [], [], {}
-    for b, tgt in enumerate(targets):
-        tgt_ids = ids_of(tgt)
-        tgt_words = prompt_words(tgt, tgt_ids, word_ids)
-        same_len = len(source.split()) == len(tgt.split())
-        diff = [(s[1], d[1]) for s, d in zip(src_words, tgt_words) if s[0] != d[0]]
-        same_tokens = all(len(a) == len(b) for a, b in diff)
+    for b, (tgt, tw) in enumerate(zip(targets, tws)):
+        same_len = len(sw.words) == len(tw.words)
+        diff = [(s.positions, d.positions) for s, d in zip(sw.words, tw.words) if not _same(s, d)]
+        same_tokens = all(len(x) == len(y) for x, y in diff)
         kind = ("replace" if same_len and same_tokens else "refine") if edit == "auto" else edit
         if kind == "replace" and not same_len:
             raise ValueError(f"replace needs prompts with the same number of words: {source!r} has "
-                             f"{len(source.split())}, {tgt!r} has {len(tgt.split())}; use edit 'refine' or 'auto'")
+                             f"{len(sw.words)}, {tgt!r} has {len(tw.words)}; use edit 'refine' or 'auto'")
         if kind == "replace" and not same_tokens:
-            bad = [(w, v) for (w, p), (v, q) in zip(src_words, tgt_words) if w != v and len(p) != len(q)]
+            bad = [(s.text, d.text) for s, d in zip(sw.words, tw.words)
+                   if not _same(s, d) and len(s.positions) != len(d.positions)]
             raise ValueError(f"replace swaps token by token, but {bad} have different token counts in this "
                              f"tokenizer; use edit 'refine' (or 'auto', which picks it)")
         kinds.append(kind)
         if kind == "replace":
-            replace.append(replace_mapper([a for a, _ in diff], [d for _, d in diff], length))
+            replace.append(replace_mapper([x for x, _ in diff], [y for _, y in diff], length))
             refine.append(torch.arange(length))
             ref_alpha.append(torch.ones(length))
         else:
-            m, a = refine_mapper(src_ids[:eos_index(src_ids) + 1], tgt_ids[:eos_index(tgt_ids) + 1], length)
+            m, a = refine_mapper_chunks(sw.chunks, tw.chunks, length)
             refine.append(m)
             ref_alpha.append(a)
             replace.append(torch.eye(length))
         factors = torch.ones(length)
         for word, f in reweight.items():
-            hits = [pos for w, pos in tgt_words if w == word]
-            if not hits:
-                raise ValueError(f"reweight word {word!r} is not in the target prompt {tgt!r}; its words: "
-                                 f"{[w for w, _ in tgt_words]}")
-            for pos in hits:
-                factors[list(pos)] = f
+            for occ in tw.occurrences(word):
+                factors[list(occ)] = f
         eq.append(factors)
         for word, end in cross_words.items():
-            for w, pos in tgt_words:
-                if w == word:
-                    per_word.update({(b, t): (0.0, end) for t in pos})
+            for occ in tw.occurrences(word):
+                per_word.update({(b, t): (0.0, end) for t in occ})
     return EditPlan(kind=kinds, replace=torch.stack(replace), refine=torch.stack(refine),
                     refine_alphas=torch.stack(ref_alpha), equalizer=torch.stack(eq) if reweight else None,
                     alpha=word_alpha(steps, len(targets), length, (0.0, cross_steps), per_word),
                     self_replace=(0.0, self_steps), self_max_tokens=self_max_tokens)
 
 
-def blend_positions(prompts: list[str], names: list[str], ids_of: IdsFn, word_ids: WordIdsFn) -> list[list[int]]:
-    """Per prompt, the token positions of the blend words it contains (an unknown word is an error)."""
-    out, found = [], set()
-    for p in prompts:
-        pos = []
-        for w, tokens in prompt_words(p, ids_of(p), word_ids):
-            if w in names:
-                pos += list(tokens)
-                found.add(w)
-        out.append(pos)
-    missing = [n for n in names if n not in found]
+def blend_positions(prompts: list[str], names: list[str], words_of: WordsFn) -> list[list[int]]:
+    """Per prompt, the token positions of the blend words it contains (a word in none of them is refused)."""
+    pws = [words_of(p) for p in prompts]
+    missing = [n for n in names if not any(pw.contains(n) for pw in pws)]
     if missing:
-        raise ValueError(f"blend words {missing} are in none of the prompts {prompts}; use words of the source "
-                         f"or target prompts")
-    return out
+        listed = "; ".join(f"{pw.prompt!r}: {pw.names}" for pw in pws)
+        raise WordNotInPromptError(
+            f"blend words {missing} are in none of the prompts ({listed}); use words of the source or target "
+            f"prompts (matched ignoring case and (word:weight) emphasis)")
+    return [[p for n in names for occ in pw.occurrences(n) for p in occ] for pw in pws]
 
 
 # ---- the batch sampler -------------------------------------------------------------------------

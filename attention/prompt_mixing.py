@@ -153,13 +153,16 @@ class ProxyValuePatch:
         p = ctx.progress
         if p is None or not self.start <= p < self.end:
             return n, context, value
-        if value.shape[1] != self.proxy_context.shape[1]:
-            raise ValueError(f"proxy prompts have {self.proxy_context.shape[1]} tokens but the prompt has "
-                             f"{value.shape[1]}; the prompts must tokenize to the same length")
+        m = self.proxy_context.shape[1]
+        if value.shape[1] % m:
+            raise ValueError(f"proxy prompts have {m} tokens but the prompt has {value.shape[1]}; the prompts must "
+                             f"tokenize to the same length")
+        # a longer negative in the batch repeats the prompt's context (ComfyUI's concat): repeat the proxies alike
+        proxies = self.proxy_context.repeat(1, value.shape[1] // m, 1)
         value = value.clone()
         for row, item in ctx.rows(0):
-            if 1 <= item <= self.proxy_context.shape[0]:
-                value[row] = self.proxy_context[item - 1].to(value)
+            if 1 <= item <= proxies.shape[0]:
+                value[row] = proxies[item - 1].to(value)
         return n, context, value
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from . import logger
 from .context import AttnContext
 from .controller import AttentionController
-from .layers import LayerId, LayerInfo, LayerSelection, parse_layer_selection
+from .layers import LayerId, LayerInfo, LayerSelection, LayerSelectionError, describe, parse_layer_selection
 
 # transformer_options flag of helper evaluations (optimization steps) that stores must not record
 QUIET_KEY = "attention_lab_quiet"
@@ -66,9 +66,30 @@ class AttentionStore(AttentionController):
             self.items: int | None = None
             self.runs = getattr(self, "runs", 0) + 1
             self.finished = False
+            self.sizes_seen: dict[LayerId, tuple[int, int]] = {}   # cross layers of this run: (h, w)
+            self._checked = False
+            self.run_output: torch.Tensor | None = None   # the LATENT this run produced (when known)
 
-    def finish(self) -> None:
+    def finish(self, output=None) -> None:
+        """End of a sampling run; ``output``: the samples it produced (a tensor), which ties the maps to them."""
+        self.check_selection()
+        self.run_output = output.detach().float().cpu().clone() if isinstance(output, torch.Tensor) else None
         self.finished = True
+
+    def check_selection(self) -> None:
+        """Refuse a layer selection term that matches no layer at this run's latent size (e.g. '16' on a
+        16x24 latent), naming the sizes that exist. Runs once per run, after the first UNet call."""
+        if self._checked or not self.sizes_seen:
+            return
+        self._checked = True
+        infos = [LayerInfo(lid, h, w) for lid, (h, w) in self.sizes_seen.items()]
+        for term in self.config.selection.terms:
+            if term.size is not None and not any(term.matches(i.layer, i.height, i.width) for i in infos):
+                sizes = sorted({(i.height, i.width) for i in infos}, reverse=True)
+                raise LayerSelectionError(
+                    f"Attention Capture layers term {term.text!r} matches no attention layer at this latent size; "
+                    f"the layers' feature sizes here are {['%dx%d' % hw for hw in sizes]} ({describe(infos)}). "
+                    f"Use one of those sizes, block ids, or 'all'.")
 
     @property
     def empty(self) -> bool:
@@ -88,6 +109,10 @@ class AttentionStore(AttentionController):
 
     def wants_probs(self, ctx: AttnContext) -> bool:
         c = self.config
+        if ctx.is_cross:
+            if ctx.layer in self.sizes_seen and not self._checked:   # a layer again: one UNet call seen whole
+                self.check_selection()
+            self.sizes_seen.setdefault(ctx.layer, (ctx.height, ctx.width))
         if ctx.is_cross and not c.capture_cross:
             return False
         if not ctx.is_cross and (not c.capture_self or ctx.height * ctx.width > c.self_max_tokens):
@@ -181,6 +206,17 @@ class AttentionStore(AttentionController):
                                      align_corners=False).permute(0, 2, 3, 1)
             total = grid if total is None else total + grid
         return total / len(infos)
+
+    def matches_output(self, samples: torch.Tensor) -> bool | None:
+        """Whether ``samples`` are the LATENT of the run these maps come from (None: that run's output is
+        unknown, e.g. our inversion loops). Compared relative to the samples' scale."""
+        if self.run_output is None:
+            return None
+        got = samples.detach().float().cpu()
+        if tuple(got.shape) != tuple(self.run_output.shape):
+            return False
+        scale = float(self.run_output.abs().max().clamp(min=1e-6))
+        return float((got - self.run_output).abs().max()) <= 1e-5 * scale
 
 
 def word_maps(store: AttentionStore, positions: list[tuple[int, ...]], size: tuple[int, int] | None,

@@ -1,4 +1,4 @@
-"""Word -> token positions in a tokenized prompt, for any tokenizer.
+"""Raw token-subsequence search in a tokenized prompt (the words a user types go through ``words.py``).
 
 The caller supplies the prompt's token chunks (e.g. ComfyUI's ``clip.tokenize(prompt)``,
 one list of ids per 77-token chunk, BOS first) and the ids of the word alone without
@@ -8,14 +8,12 @@ special tokens. Positions are global key indices: chunk ``c`` position ``p`` is 
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
-_WEIGHT = re.compile(r":\s*-?\d*\.?\d+\s*\)")
+from .words import WordNotInPromptError, split_word_list, text_words
 
-
-class WordNotInPromptError(ValueError):
-    pass
+__all__ = ["WordNotInPromptError", "WordTokens", "find_subsequence", "find_word_tokens", "plain_prompt_words",
+           "split_words"]
 
 
 @dataclass(frozen=True)
@@ -25,16 +23,12 @@ class WordTokens:
     occurrences: tuple[tuple[int, ...], ...]  # positions grouped by occurrence
 
 
-def split_words(text: str) -> list[str]:
-    """'cat, red dog ,bicycle' -> ['cat', 'red dog', 'bicycle'] (phrases allowed)."""
-    return [w.strip() for w in (text or "").split(",") if w.strip()]
+split_words = split_word_list
 
 
 def plain_prompt_words(prompt: str) -> list[str]:
-    """The words of a prompt with ComfyUI's weight syntax '(word:1.2)' and escapes removed."""
-    text = _WEIGHT.sub(" ", prompt).replace("\\(", " ").replace("\\)", " ")
-    text = re.sub(r"[()\[\]{}]", " ", text)
-    return re.findall(r"[\w'-]+", text.lower())
+    """The words of a prompt, lower-cased, with ComfyUI's weight syntax '(word:1.2)' and escapes removed."""
+    return [w.lower() for w in text_words(prompt)]
 
 
 def find_subsequence(chunk: list[int], needle: list[int]) -> list[int]:

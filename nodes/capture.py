@@ -13,6 +13,7 @@ from .common import (
     CATEGORY,
     AttentionStoreType,
     add_outer_sample_wrapper,
+    check_store_run,
     install_controller,
     model_layer_ids,
     require_finished_store,
@@ -73,8 +74,7 @@ class AttentionCapture(io.ComfyNode):
                                            step_start=start, step_end=end))
         m = model.clone()
         install_controller(m, store, ids, self_attn=capture_self, cross_attn=True)
-        add_outer_sample_wrapper(m, f"attention_lab_capture_{id(store)}", before=store.reset,
-                                 after=lambda ok: store.finish() if ok else None)
+        add_outer_sample_wrapper(m, f"attention_lab_capture_{id(store)}", before=store.reset, on_success=store.finish)
         logger.info("AttentionCapture: watching %d layers (%s)", len(ids), layers)
         return io.NodeOutput(m, store)
 
@@ -96,7 +96,8 @@ class AttentionMapView(io.ComfyNode):
                 io.String.Input("prompt", multiline=True, default="", tooltip=(
                     "The positive prompt that was sampled, exactly as encoded (weights such as (cat:1.2) allowed).")),
                 io.String.Input("words", default="",
-                                tooltip="Words or phrases of the prompt to show, comma separated."),
+                                tooltip=("Words or phrases of the prompt to show, comma separated (case and (word:1.2) "
+                                         "emphasis ignored; whole words; a word not in the prompt is an error).")),
                 io.Latent.Input("samples", tooltip=(
                     "The sampler's output LATENT. Only used to run this node after the sampler and again "
                     "whenever it samples anew.")),
@@ -128,6 +129,7 @@ class AttentionMapView(io.ComfyNode):
     def execute(cls, store, clip, prompt, words, samples, resolution, threshold, batch_index, tile_size,
                 image=None) -> io.NodeOutput:
         require_finished_store(store)
+        check_store_run(store, samples)
         names, positions = word_positions(clip, prompt, words)
         sizes = store.resolutions(cross=True)
         size = _parse_resolution(resolution, sizes)

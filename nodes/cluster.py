@@ -9,14 +9,14 @@ from ..attention import logger
 from ..attention.cluster import cluster_colours, cluster_store
 from ..attention.cluster import nearest_size as nearest_captured
 from ..attention.render import grid, upsample
-from .common import CATEGORY, AttentionStoreType, require_finished_store, word_positions
+from .common import CATEGORY, AttentionStoreType, check_store_run, require_finished_store, word_positions
 
 
 def nearest_size(wanted: int, sizes: list[tuple[int, int]], what: str) -> tuple[int, int]:
     best = nearest_captured(wanted, sizes, what)
-    if best[0] != wanted:
-        logger.info("SelfAttnCluster: no %dx%d %s maps, using the nearest captured size %dx%d",
-                    wanted, wanted, what, *best)
+    if max(best) != wanted:
+        logger.info("SelfAttnCluster: no %s maps with a %d px side, using the nearest captured size %dx%d",
+                    what, wanted, *best)
     return best
 
 
@@ -36,7 +36,9 @@ class SelfAttnCluster(io.ComfyNode):
                 AttentionStoreType.Input("store", tooltip="From Attention Capture, with capture_self on."),
                 io.Clip.Input("clip", tooltip="The CLIP that encoded the prompt."),
                 io.String.Input("prompt", multiline=True, default="", tooltip="The positive prompt that was sampled."),
-                io.String.Input("words", default="", tooltip="The nouns to label clusters with, comma separated."),
+                io.String.Input("words", default="", tooltip=(
+                    "The nouns to label clusters with, comma separated (words of the prompt; case and emphasis "
+                    "ignored).")),
                 io.Latent.Input("samples", tooltip="The sampler's LATENT: orders this node after sampling and "
                                                     "sets the mask size when no image is given."),
                 io.Int.Input("clusters", default=5, min=1, max=64, tooltip="KMeans cluster count (1-64; official 5)."),
@@ -64,6 +66,7 @@ class SelfAttnCluster(io.ComfyNode):
     def execute(cls, store, clip, prompt, words, samples, clusters, threshold, self_resolution,
                 cross_resolution, seed, batch_index, image=None) -> io.NodeOutput:
         require_finished_store(store)
+        check_store_run(store, samples)
         names, positions = word_positions(clip, prompt, words)
         s_size = nearest_size(self_resolution, store.resolutions(cross=False), "self-attention")
         c_size = nearest_size(cross_resolution, store.resolutions(cross=True), "cross-attention")

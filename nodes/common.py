@@ -9,7 +9,7 @@ from comfy_api.latest import io
 from ..attention.controller import AttentionController, chain_patch
 from ..attention.layers import LayerId
 from ..attention.store import AttentionStore
-from ..attention.tokens import find_word_tokens, split_words
+from ..attention.words import PromptWords, locate_words
 
 AttentionStoreType = io.Custom("ATTENTION_STORE")
 InversionType = io.Custom("ATTENTION_LAB_INVERSION")
@@ -62,14 +62,17 @@ def install_controller(m, controller: AttentionController, layers: list[LayerId]
             m.set_model_patch_replace(patch, name, lid.kind, lid.number, lid.depth)
 
 
-def add_outer_sample_wrapper(m, key: str, before=None, after=None) -> None:
-    """Run ``before()`` when a sampling run starts and ``after(ok)`` when it ends (also on errors)."""
+def add_outer_sample_wrapper(m, key: str, before=None, after=None, on_success=None) -> None:
+    """Run ``before()`` when a sampling run starts, ``on_success(samples)`` with its output when it succeeds,
+    and ``after(ok)`` when it ends (also on errors)."""
     def wrapper(executor, *args, **kwargs):
         if before is not None:
             before()
         ok = False
         try:
             out = executor(*args, **kwargs)
+            if on_success is not None:
+                on_success(out)
             ok = True
             return out
         finally:
@@ -90,6 +93,18 @@ def require_finished_store(store) -> AttentionStore:
         raise RuntimeError("the last sampling run with this store did not finish (interrupted or failed); "
                            "queue the workflow again")
     return store
+
+
+def check_store_run(store: AttentionStore, samples) -> None:
+    """Refuse a store whose maps come from another sampling run than the LATENT wired to ``samples`` (two
+    samplers on one captured MODEL: the store holds the last run only)."""
+    if samples is None or not isinstance(samples, dict) or "samples" not in samples:
+        return
+    if store.matches_output(samples["samples"]) is False:
+        raise ValueError(
+            f"the attention store holds the maps of another sampling run than the LATENT connected to 'samples' "
+            f"(the store keeps the last run with its MODEL, run {store.runs}, whose output differs). Give each "
+            f"sampler its own Attention Capture, or view the maps before sampling again with the same MODEL.")
 
 
 def _token_key(tokens: dict) -> str:
@@ -149,12 +164,14 @@ def word_ids(clip, word: str, key: str) -> list[int]:
     return out
 
 
-def word_positions(clip, prompt: str, words_text: str) -> tuple[list[str], list[tuple[int, ...]]]:
-    """Words from a comma-separated list and their key positions in ``prompt``."""
-    words = split_words(words_text)
-    if not words:
-        raise ValueError(f"no words given ({words_text!r}); write the words to show, comma separated, "
-                         f"e.g. 'cat, bicycle'")
+def prompt_words(clip, prompt: str) -> PromptWords:
+    """The pack's one word rule (``attention/words.py``) on this CLIP's tokenizer: case as the tokenizer sees
+    it, ComfyUI emphasis, whole words, multi-token words, every 77-token chunk."""
     chunks, key = prompt_token_chunks(clip, prompt)
-    positions = [find_word_tokens(chunks, word_ids(clip, w, key), w, prompt).positions for w in words]
-    return words, positions
+    return PromptWords(prompt, chunks, lambda w: word_ids(clip, w, key))
+
+
+def word_positions(clip, prompt: str, words_text: str, what: str = "word") -> tuple[list[str], list[tuple[int, ...]]]:
+    """Words from a comma-separated list and their key positions in ``prompt`` (an unknown word is refused,
+    naming it and the prompt's words)."""
+    return locate_words(prompt_words(clip, prompt), words_text, what)

@@ -21,7 +21,7 @@ from ..attention.inversion import Inversion, NullTextSettings, ddim_invert
 from ..attention.render import colorize, grid, normalize, upsample
 from .common import CATEGORY, InversionType, encode_prompt, install_controller, model_layer_ids
 from .learnable_tokens import TOKEN_INITS, DPLTokens, autograd_safe_clip, encode, initial_values, locate, splice
-from .unet_calls import UNetCalls, autograd_safe, fit_context, model_key
+from .unet_calls import UNetCalls, adm_of, autograd_safe, fit_context, low_precision, model_key
 
 S = DPL_SH   # the official recipe: the schema's defaults
 NULL_STARTS = ("empty prompt each step (official DPL)", "previous step (NTI)")
@@ -146,14 +146,15 @@ class DPLTokenOptimizer(io.ComfyNode):
         a, b = _triple(alphas, "alphas", positive=True), _triple(betas, "betas")
         settings = DPLSettings(lam_at, lam_bg, lam_dj, *a, *b, attn_iters, lr,
                                NullTextSettings(guidance=guidance, inner_steps=null_iters, lr=S.null.lr,
-                                                epsilon=null_early_stop or None),
+                                               epsilon=null_early_stop or None, keep_best=low_precision(model)),
                                null_carry_over=(null_start or NULL_STARTS[0]) == NULL_STARTS[1])
         nt = locate(clip, prompt, nouns)
         x0 = model.model.process_latent_in(latent["samples"][:1].float())
         latent_hw = tuple(x0.shape[-2:])
         positive = encode_prompt(clip, prompt)
         cond0 = positive[0][0]
-        null0 = fit_context(encode_prompt(clip, "")[0][0], cond0.shape[1])
+        empty = encode_prompt(clip, "")
+        null0 = fit_context(empty[0][0], cond0.shape[1])
         sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).cpu()
 
         wanted = (map_size, map_size) if map_size else (max(latent_hw[0] // 4, 1), max(latent_hw[1] // 4, 1))
@@ -161,11 +162,14 @@ class DPLTokenOptimizer(io.ComfyNode):
         m = model.clone()
         install_controller(m, recorder, model_layer_ids(model), self_attn=False, cross_attn=True)
         mm.load_models_gpu([m, clip.patcher], force_full_load=True)
-        calls = UNetCalls(m, sigmas, positive[0][1])
+        calls = UNetCalls(m, sigmas)
+        # SDXL: prompt rows and null rows each get their own pooled output and the image's size
+        quiet_c = calls.bind(adm_of(m, positive[0][1], x0.shape), quiet=True)
+        quiet_n = calls.bind(adm_of(m, empty[0][1], x0.shape), [1], quiet=True)
         dev = calls.device
         x0, cond0, null0, sig_d = x0.to(dev), cond0.to(dev), null0.to(dev), sigmas.to(dev)
         pbar = comfy.utils.ProgressBar(2 * steps)      # DDIM inversion, then one tick per optimized step
-        trajectory = ddim_invert(calls.quiet_eps, x0, sig_d, cond0, on_step=lambda i: pbar.update(1))
+        trajectory = ddim_invert(quiet_c, x0, sig_d, cond0, on_step=lambda i: pbar.update(1))
 
         def on_inner(i, phase, j):
             mm.throw_exception_if_processing_interrupted()
@@ -176,9 +180,10 @@ class DPLTokenOptimizer(io.ComfyNode):
 
             def encode_tokens(params):
                 return encode(clip, splice(clip, prompt, nt.positions, nt.keys, params)).to(dev)
-            res = dpl_invert(calls.quiet_eps, encode_tokens, params0, recorder, [t.clone() for t in trajectory],
+            res = dpl_invert(quiet_c, encode_tokens, params0, recorder, [t.clone() for t in trajectory],
                              sig_d.clone(), nt.positions, bg, null0.clone(), settings,
-                             on_step=lambda i: pbar.update_absolute(steps + i + 1), on_inner=on_inner)
+                             on_step=lambda i: pbar.update_absolute(steps + i + 1), on_inner=on_inner,
+                             eps_null=quiet_n)
         learned = DPLTokens(nouns=nt.nouns, counts=[len(p) for p in nt.positions], keys=nt.keys,
                             values=[[v.cpu() for v in step] for step in res.params])
         counts = {"forward": steps + res.counts["forward"], "backward": res.counts["backward"]}
@@ -186,7 +191,8 @@ class DPLTokenOptimizer(io.ComfyNode):
                         nulls=[n.cpu() for n in res.nulls], prompt=prompt, mode="dpl", guidance=guidance,
                         unet_forward=counts["forward"], unet_backward=counts["backward"])
         mse = float(((res.reconstruction.cpu() - x0.cpu()) ** 2).mean())
-        inv.extra.update(cond_dict=dict(positive[0][1]), model_key=model_key(model), reconstruction_mse=mse,
+        inv.extra.update(cond_dict=dict(positive[0][1]), null_dict=dict(empty[0][1]), model_key=model_key(model),
+                         reconstruction_mse=mse,
                          dpl=learned, conds=[c.cpu() for c in res.conds], dpl_losses=res.losses,
                          map_size=res.map_size, token_updates=res.counts["token_updates"])
         logger.info("DPLTokenOptimizer (%s; maps %s): %d token updates, %d null iterations, UNet forward %d, "

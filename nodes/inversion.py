@@ -16,7 +16,16 @@ from comfy_api.latest import io
 from ..attention import logger
 from ..attention.inversion import Inversion, NullTextSettings, ddim_invert, null_text_optimize, reconstruct
 from .common import CATEGORY, InversionType, encode_prompt
-from .unet_calls import UNetCalls, autograd_safe, fit_context, model_key, run_with_pack_wrappers
+from .unet_calls import (
+    UNetCalls,
+    adm_of,
+    autograd_safe,
+    common_length,
+    fit_context,
+    low_precision,
+    model_key,
+    run_with_pack_wrappers,
+)
 
 MODES = ["null-text", "ddim", "negative-prompt"]
 
@@ -104,18 +113,26 @@ class NullTextInvert(io.ComfyNode):
         x0 = source_latent(model, latent, image, vae)
         positive = encode_prompt(clip, prompt)
         cond = positive[0][0]
-        null0 = fit_context(encode_prompt(clip, "")[0][0], cond.shape[1])
+        empty = encode_prompt(clip, "")
+        null0 = fit_context(empty[0][0], common_length([cond, empty[0][0]]))
+        cond = fit_context(cond, null0.shape[1])
         sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).cpu()
-        calls = UNetCalls(model, sigmas, positive[0][1])
+        calls = UNetCalls(model, sigmas)
+        # SDXL: the prompt's rows and the null rows each get their own pooled output and the image's size
+        null_dict = positive[0][1] if mode == "negative-prompt" else empty[0][1]   # negative-prompt: null = prompt
+        y_c, y_n = adm_of(model, positive[0][1], x0.shape), adm_of(model, null_dict, x0.shape)
+        eps_c, eps_n = calls.bind(y_c), calls.bind(y_n, [1])
+        quiet_c, quiet_n = calls.bind(y_c, quiet=True), calls.bind(y_n, [1], quiet=True)
         dev = calls.device
         x0, cond, null0, sig_d = x0.to(dev), cond.to(dev), null0.to(dev), sigmas.to(dev)
         optimize = mode == "null-text"
         pbar = comfy.utils.ProgressBar(2 * steps)  # inversion, then optimization or reconstruction
         tick = lambda *_: pbar.update(1)  # noqa: E731  (also raises on interruption)
-        trajectory = run_with_pack_wrappers(model, lambda: ddim_invert(calls.eps, x0, sig_d, cond, on_step=tick))
+        trajectory = run_with_pack_wrappers(model, lambda: ddim_invert(eps_c, x0, sig_d, cond, on_step=tick))
         counts = {"forward": steps, "backward": 0}
         if optimize:
-            settings = NullTextSettings(guidance=guidance, inner_steps=inner_steps, epsilon=early_stop)
+            settings = NullTextSettings(guidance=guidance, inner_steps=inner_steps, epsilon=early_stop,
+                                        keep_best=low_precision(model))
 
             def on_inner(i, j, loss):
                 mm.throw_exception_if_processing_interrupted()
@@ -123,8 +140,8 @@ class NullTextInvert(io.ComfyNode):
                     pbar.update(1)
             with autograd_safe(model.model.diffusion_model):
                 traj = [t.clone() for t in trajectory]
-                nulls, c, rec = null_text_optimize(calls.quiet_eps, traj, sig_d.clone(), cond.clone(), null0.clone(),
-                                                   settings, on_inner)
+                nulls, c, rec = null_text_optimize(quiet_c, traj, sig_d.clone(), cond.clone(), null0.clone(),
+                                                   settings, on_inner, eps_null=quiet_n)
             counts["forward"] += c["forward"]
             counts["backward"] += c["backward"]
         else:
@@ -133,10 +150,12 @@ class NullTextInvert(io.ComfyNode):
                         nulls=None if nulls is None else [n.detach().cpu() for n in nulls], prompt=prompt, mode=mode,
                         guidance=guidance, unet_forward=counts["forward"], unet_backward=counts["backward"])
         inv.extra["cond_dict"] = {k: v for k, v in positive[0][1].items()}
+        inv.extra["null_dict"] = dict(null_dict)
         inv.extra["model_key"] = model_key(model)
         if not optimize:
             with torch.no_grad():
-                rec = reconstruct(lambda x, s, c: (tick(), calls.quiet_eps(x, s, c))[1], inv, null0.cpu())
+                rec = reconstruct(lambda x, s, c: (tick(), quiet_c(x, s, c))[1], inv, null0.cpu(),
+                                  eps_null=lambda x, s, c: quiet_n(x, s, c))
             inv.unet_forward += 2 * steps
         mse = float(((rec.cpu() - x0.cpu()) ** 2).mean())
         logger.info("NullTextInvert (%s, %d steps): UNet forward %d, backward %d, reconstruction MSE %.2e, %.1f s",

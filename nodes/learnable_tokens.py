@@ -64,7 +64,7 @@ def locate(clip, prompt: str, nouns_text: str) -> NounTokens:
     if not nouns_text.strip():
         raise ValueError("no nouns given: list the nouns of the prompt whose attention DPL should sharpen, comma "
                          "separated, e.g. 'cat, dog'")
-    nouns, positions = word_positions(clip, prompt, nouns_text)
+    nouns, positions = word_positions(clip, prompt, nouns_text, "noun")
     tokens = clip.tokenize(prompt)
     _check_weights(tokens, prompt)
     return NounTokens(nouns, positions, sorted(tokens))

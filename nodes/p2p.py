@@ -24,29 +24,21 @@ from ..attention.p2p import (
     self_replace_limit,
 )
 from ..attention.store import AttentionStore, StoreConfig
-from ..attention.tokens import split_words
-from .common import (
-    CATEGORY,
-    InversionType,
-    encode_prompt,
-    install_controller,
-    model_layer_ids,
-    prompt_token_chunks,
-    token_key,
-    word_ids,
-)
+from ..attention.words import split_word_list
+from .common import CATEGORY, InversionType, encode_prompt, install_controller, model_layer_ids, prompt_words
 from .learnable_tokens import encode_with_learned
-from .unet_calls import fit_context, model_key, sample_batch
+from .unet_calls import adm_of, model_key, sample_batch, stack_adm
 
 
-def tokenizer_fns(clip):
-    """(prompt -> flat token ids, word -> token ids) for this CLIP, as attention/p2p.py wants them."""
-    key = token_key(clip)
+def words_fn(clip):
+    """prompt -> its words (the pack's word rule), as attention/p2p.py wants them; cached per prompt."""
+    cache: dict = {}
 
-    def ids_of(prompt: str) -> list[int]:
-        chunks, _ = prompt_token_chunks(clip, prompt)
-        return [t for c in chunks for t in c]
-    return ids_of, lambda w: word_ids(clip, w, key)
+    def words_of(prompt: str):
+        if prompt not in cache:
+            cache[prompt] = prompt_words(clip, prompt)
+        return cache[prompt]
+    return words_of
 
 
 class P2PEditSampler(io.ComfyNode):
@@ -90,17 +82,19 @@ class P2PEditSampler(io.ComfyNode):
                     "examples 0.8).")),
                 io.String.Input("cross_replace_words", default="", tooltip=(
                     "Per-word overrides 'word:fraction' for words of the target prompts, e.g. 'lasagne:0.2' "
-                    "(comma separated; empty = none).")),
+                    "(comma separated; empty = none). Case and (word:1.2) emphasis are ignored; a word in no "
+                    "target prompt is an error.")),
                 io.Float.Input("self_replace_steps", default=0.4, min=0.0, max=1.0, step=0.01, tooltip=(
                     "Fraction of the steps in which edits take the source's self-attention (0-1; official 0.4). "
                     "Only on layers up to a quarter of the latent's size from a seed (upstream's 16x16 at 512 "
                     "px) and up to half of it with an inversion (the null-text notebook's 32x32).")),
                 io.String.Input("reweight", default="", tooltip=(
                     "Attention reweighting 'word:factor' for words of the target prompts, e.g. 'smiling:5' or "
-                    "'pink:-2' (comma separated; negative allowed; empty = none). Combines with replace/refine.")),
+                    "'pink:-2' (comma separated; negative allowed; empty = none). Combines with replace/refine. A word "
+                    "in no target prompt is an error.")),
                 io.String.Input("blend_words", default="", tooltip=(
                     "LocalBlend: words (of the source or a target) where changes are allowed, e.g. 'circle, "
-                    "triangle'; empty = no blend.")),
+                    "triangle'; empty = no blend. A word in none of the prompts is an error.")),
                 io.Float.Input("blend_threshold", default=0.3, min=0.0, max=1.0, step=0.01,
                                tooltip="LocalBlend mask threshold on the max-normalized map (official 0.3; 0-1)."),
                 io.Float.Input("blend_start", default=0.2, min=0.0, max=1.0, step=0.01,
@@ -161,20 +155,20 @@ class P2PEditSampler(io.ComfyNode):
             nulls = None
         latent_hw = tuple(x_T.shape[-2:])
 
-        ids_of, wids = tokenizer_fns(clip)
+        words_of = words_fn(clip)
         plan = build_plan(source_prompt, targets, edit, steps, cross_replace_steps,
                           parse_pairs(cross_replace_words, "cross_replace_words", "lasagne:0.2"),
                           self_replace_steps, parse_pairs(reweight, "reweight", "smiling:5"), length,
-                          self_replace_limit(latent_hw, inv is not None), ids_of, wids)
+                          self_replace_limit(latent_hw, inv is not None), words_of)
         m = model.clone()
         ids = model_layer_ids(model)
         install_controller(m, P2PController(plan, steps), ids)
         blend = None
-        names = split_words(blend_words)
+        names = split_word_list(blend_words)
         if names:
             store = AttentionStore(StoreConfig(capture_self=False))
             install_controller(m, store, ids, self_attn=False, cross_attn=True)
-            blend = LocalBlend(store, blend_positions([source_prompt] + targets, names, ids_of, wids),
+            blend = LocalBlend(store, blend_positions([source_prompt] + targets, names, words_of),
                                (max(latent_hw[0] // 4, 1), max(latent_hw[1] // 4, 1)), blend_threshold,
                                int(blend_start * steps))
         batch = torch.cat(conds)
@@ -182,8 +176,14 @@ class P2PEditSampler(io.ComfyNode):
             learned = inv.extra["dpl"]
             batch = [torch.cat([inv.extra["conds"][i]] + [encode_with_learned(clip, t, learned, i) for t in targets])
                      for i in range(steps)]
-        out = sample_batch(m, x_T, sigmas, batch, nulls if nulls is not None else
-                           fit_context(negative[0][0], length), cfg, positive[0][0][1], blend)
+        # every row its own conditioning's pooled output and the image's size (SDXL), as ComfyUI's samplers
+        shape = tuple(x_T.shape)
+        y_conds = stack_adm([adm_of(m, p[0][1], shape) for p in positive])
+        null_dict = inv.extra.get("null_dict", inv.extra.get("cond_dict")) if inv is not None and nulls is not None \
+            else negative[0][1]
+        y_null = adm_of(m, null_dict, shape)
+        out = sample_batch(m, x_T, sigmas, batch, nulls if nulls is not None else negative[0][0], cfg,
+                           y_conds, y_null, blend)
         mask = blend.last_mask[1:, 0].cpu() if blend is not None and blend.last_mask is not None \
             else torch.ones(k, *latent_hw)
         logger.info("P2PEditSampler: %d edits (%s) of %r, %d steps%s", k, ", ".join(plan.kind), source_prompt, steps,

@@ -32,7 +32,7 @@ from ..attention.prompt_mixing import (
 from ..attention.render import upsample
 from ..attention.sampling import sample_euler
 from ..attention.store import AttentionStore, StoreConfig
-from ..attention.tokens import split_words
+from ..attention.words import locate_words, split_word_list, text_words
 from .common import (
     CATEGORY,
     PROXY_CANDIDATES,
@@ -40,12 +40,12 @@ from .common import (
     encode_prompt,
     install_controller,
     model_layer_ids,
+    prompt_words,
     token_key,
     tokenizer_words,
     word_ids,
-    word_positions,
 )
-from .unet_calls import fit_context, sample_batch
+from .unet_calls import adm_of, sample_batch
 
 SELF_MAX = 32 * 32          # official: self-attention of layers up to 32x32 (SD at 512 px)
 _SUGGESTION_CACHE: dict = {}
@@ -72,16 +72,23 @@ def _sample(model, noise, latent, positive, negative, cfg, sigmas, seed, after_s
                                       latent, callback=callback, seed=seed)
 
 
-def _sample_inverted(model, inv, cond, rows, negative, after_step=None, label=""):
-    """DDIM from an inversion's x_T with its per-step nulls (or the negative), ``rows`` copies of ``cond``."""
+def _sample_inverted(model, inv, positive, rows, negative, after_step=None, label=""):
+    """DDIM from an inversion's x_T with its per-step nulls (or the whole negative), ``rows`` copies of the
+    positive; every row its own conditioning's pooled output and the image's size (SDXL)."""
     logger.info("PromptMixSampler: %s from an inversion (%d images, %d steps)", label, rows, len(inv.sigmas) - 1)
-    nulls = inv.nulls if inv.nulls is not None else fit_context(negative[0][0], cond.shape[1])
-    return sample_batch(model, inv.x_T, inv.sigmas, cond.expand(rows, -1, -1), nulls, inv.guidance,
-                        inv.extra.get("cond_dict"), after_step)
+    shape = tuple(inv.x_T.shape)
+    if inv.nulls is not None:
+        nulls, null_dict = inv.nulls, inv.extra.get("null_dict", inv.extra.get("cond_dict"))
+    else:
+        nulls, null_dict = negative[0][0], negative[0][1]
+    y_cond = adm_of(model, positive[0][1], shape)
+    y_conds = None if y_cond is None else y_cond.expand(rows, -1)
+    return sample_batch(model, inv.x_T, inv.sigmas, positive[0][0].expand(rows, -1, -1), nulls, inv.guidance,
+                        y_conds, adm_of(model, null_dict, shape), after_step)
 
 
 def _proxies(clip, prompt: str, word: str, proxy_words: str, count: int, candidates: str) -> list[str]:
-    given = split_words(proxy_words)
+    given = split_word_list(proxy_words)
     if given:
         return given
     key = (id(clip.cond_stage_model), prompt, word, count, candidates)
@@ -209,13 +216,19 @@ class PromptMixSampler(io.ComfyNode):
         s = MixSettings(window=(mix_start, mix_end), self_injection_end=self_injection_end,
                         injection_threshold=injection_threshold, blend_at=None if blend_at >= 1 else blend_at,
                         clusters=clusters, cluster_threshold=cluster_threshold).validate()
-        word = object_word.strip()
-        _, (obj,) = word_positions(clip, prompt, word)
-        keep_names = split_words(preserve_words)
-        keep = word_positions(clip, prompt, preserve_words)[1] if keep_names else []
-        bg_names = split_words(background_nouns)
-        label_names = list(dict.fromkeys([word] + (split_words(nouns) or keep_names) + bg_names))
-        labels = word_positions(clip, prompt, ", ".join(label_names))[1]
+        objects = split_word_list(object_word)
+        if len(objects) != 1:
+            raise ValueError(f"object_word takes one word or phrase of the prompt (the object whose shape varies), "
+                             f"got {len(objects)}: {objects}. Vary one object per node (chain a second node for "
+                             f"another), or list the others in preserve_words to keep them")
+        word = " ".join(text_words(objects[0])) or objects[0]     # '(cat:1.2)' -> 'cat', as matched
+        pw = prompt_words(clip, prompt)
+        obj = pw.positions(word, "object word")
+        keep_names = split_word_list(preserve_words)
+        keep = locate_words(pw, preserve_words, "preserve word")[1] if keep_names else []
+        bg_names = split_word_list(background_nouns)
+        label_names = list(dict.fromkeys([word] + (split_word_list(nouns) or keep_names) + bg_names))
+        labels = locate_words(pw, ", ".join(label_names), "noun")[1]
         bg_words = frozenset(label_names.index(n) for n in bg_names if n != word)
         proxies = _proxies(clip, prompt, word, proxy_words, suggestions, proxy_candidates)
         key = token_key(clip)
@@ -250,7 +263,7 @@ class PromptMixSampler(io.ComfyNode):
         if inv is None:
             _sample(m1, noise, latent, positive, negative, cfg, sigmas, seed, label="original")
         else:
-            _sample_inverted(m1, inv, positive[0][0], 1, negative, label="original")
+            _sample_inverted(m1, inv, positive, 1, negative, label="original")
         orig_store.finish()
         orig_fg = foreground(orig_store, 0, labels, s, bg_words, 0)
 
@@ -271,7 +284,7 @@ class PromptMixSampler(io.ComfyNode):
             out = _sample(m2, noise.expand(1 + k, -1, -1, -1).clone(), latent.expand(1 + k, -1, -1, -1).clone(),
                           positive, negative, cfg, sigmas, seed, after_step=blend, label="variations")
         else:
-            out = _sample_inverted(m2, inv, positive[0][0], 1 + k, negative, after_step=blend, label="variations")
+            out = _sample_inverted(m2, inv, positive, 1 + k, negative, after_step=blend, label="variations")
         var_store.finish()
         hw = tuple(out.shape[-2:])
         blend_masks = torch.stack(blend.masks) if blend.masks else torch.ones(k, *hw)

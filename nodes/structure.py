@@ -15,8 +15,8 @@ from comfy_api.latest import io
 from ..attention import logger
 from ..attention.structure import StructuredValuePatch, aligned_values, phrase_spans
 from ..attention.structure import noun_phrases as find_noun_phrases
-from ..attention.tokens import find_word_tokens, split_words
-from .common import CATEGORY, add_outer_sample_wrapper, encode_prompt, prompt_token_chunks, word_ids
+from ..attention.words import split_word_list
+from .common import CATEGORY, add_outer_sample_wrapper, encode_prompt, prompt_words
 
 WRAPPER_KEY = "attention_lab_structure"
 
@@ -25,10 +25,10 @@ def structured_values(clip, prompt: str, phrases: list[str]) -> tuple[list, torc
     """(the prompt's CONDITIONING, its states (m, c), the mean aligned value states (m, c))."""
     cond = encode_prompt(clip, prompt)
     full = cond[0][0][0]
-    chunks, key = prompt_token_chunks(clip, prompt)
+    pw = prompt_words(clip, prompt)
 
-    def occurrences(p: str):
-        return find_word_tokens(chunks, word_ids(clip, p, key), p, prompt).occurrences
+    def occurrences(p: str):   # a phrase not in the prompt is refused, naming it and the prompt's words
+        return pw.occurrences(p) or (pw.positions(p, "noun phrase"),)
     spans = phrase_spans(phrases, occurrences)
     states = [clip.encode_from_tokens(clip.tokenize(p))[0] for p in phrases]
     if any(s.shape[-1] != full.shape[-1] for s in states):
@@ -75,7 +75,7 @@ class StructureDiffusion(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, prompt, noun_phrases) -> io.NodeOutput:
-        phrases = split_words(noun_phrases) or find_noun_phrases(prompt)
+        phrases = split_word_list(noun_phrases) or find_noun_phrases(prompt)
         cond, full, value = structured_values(clip, prompt, phrases)
         patch = StructuredValuePatch(full, value)
         m = model.clone()

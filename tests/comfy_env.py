@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from compare import SAME_SAMPLES, assert_same_samples, rel  # noqa: F401  (re-exported for the node tests)
 
 ROOT = Path(__file__).resolve().parents[1]
 PACK_NAME = "attention_lab"
@@ -118,11 +119,6 @@ def tiny_sdxl_clip():
         for p in clip.cond_stage_model.parameters():
             p.copy_((torch.randn(p.shape, generator=g) * 0.02).to(p.dtype))
     return clip
-
-
-def rel(a, b):
-    """Largest difference relative to the largest value (the tiny random models' latents are ~100)."""
-    return float((a - b).abs().max() / b.abs().max())
 
 
 def encode(clip, text):

@@ -31,7 +31,7 @@ def test_sd15_shapes_determinism_and_errors():
     model, clip = tiny_sd15(), tiny_clip()
     lat = torch.zeros(1, 4, 16, 16)
     prompt = "a cat and a dog in a garden"
-    store, _ = captured(model, clip, prompt, lat)
+    store, lat = captured(model, clip, prompt, lat)            # the sampler's LATENT goes to 'samples'
     masks, bg, pic = cluster(store, clip, prompt, "cat, dog", lat)
     assert masks.shape == (2, 16, 16) and bg.shape == (1, 16, 16) and pic.shape == (1, 16, 16, 3)
     assert torch.all((masks.sum(0) + bg[0]) == 1)  # every pixel is one word's or background
@@ -52,7 +52,7 @@ def test_shapesworld_masks_find_the_objects():
         store, out = captured(model, clip, prompt, lat, cfg=5.0, steps=20, sampler="euler", scheduler="simple",
                               seed=seed)
         image = ((out[0] + 1) / 2).clamp(0, 1)
-        masks, bg, _ = cluster(store, clip, prompt, "circle, square", lat, clusters=4, threshold=0.3)
+        masks, bg, _ = cluster(store, clip, prompt, "circle, square", out, clusters=4, threshold=0.3)
         for mask, colour in zip(masks, ("red", "blue")):
             blobs = colour_blobs(image, colour)
             if blobs:

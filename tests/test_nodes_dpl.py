@@ -2,7 +2,17 @@
 
 import pytest
 import torch
-from comfy_env import comfy_or_skip, encode, rel, sample, tiny_clip, tiny_sd15, tiny_sdxl, tiny_sdxl_clip
+from comfy_env import (
+    assert_same_samples,
+    comfy_or_skip,
+    encode,
+    rel,
+    sample,
+    tiny_clip,
+    tiny_sd15,
+    tiny_sdxl,
+    tiny_sdxl_clip,
+)
 
 pack = comfy_or_skip()
 
@@ -64,7 +74,7 @@ def test_all_weights_zero_is_null_text_inversion(sd):
     assert inv_d.extra["token_updates"] == 0
     for a, b in zip(inv_d.nulls, inv_n.nulls):
         assert torch.allclose(a, b, atol=1e-6)
-    assert torch.allclose(rec_d["samples"], rec_n["samples"], atol=1e-6)
+    assert_same_samples(rec_d["samples"], rec_n["samples"])
     assert inv_d.unet_forward == inv_n.unet_forward and inv_d.unet_backward == inv_n.unet_backward
     assert pristine(model, clip)
 
@@ -86,8 +96,8 @@ def test_tokens_are_learned_per_step_and_the_inversion_reconstructs(sd):
     assert pristine(model, clip)
     # P2P: the source row is the DPL reconstruction, and an unchanged target equals it
     out = p2p(model, clip, [SRC, "a cat and a tiger in a garden"], image, inv)[0]["samples"]
-    assert torch.allclose(out[0], rec["samples"][0], atol=1e-4)
-    assert torch.allclose(out[1], out[0], atol=1e-5)
+    assert_same_samples(out[0], rec["samples"][0])
+    assert_same_samples(out[1], out[0])
     # the targets get the learned vectors of the nouns they keep, the ordinary ones elsewhere
     learned = inv.extra["dpl"]
     with torch.inference_mode():
@@ -138,7 +148,7 @@ def test_sdxl_two_text_encoders():
     assert inv.extra["token_updates"] > 0
     assert torch.isfinite(rec["samples"]).all() and pristine(model, clip)
     out = p2p(model, clip, [SRC], image, inv, steps=3)[0]["samples"]
-    assert torch.allclose(out[0], rec["samples"][0], atol=1e-4)
+    assert_same_samples(out[0], rec["samples"][0])
 
 
 def test_shapesworld_maps_at_a_quarter_of_the_latent():

@@ -2,7 +2,17 @@
 
 import pytest
 import torch
-from comfy_env import comfy_or_skip, encode, rel, sample, tiny_clip, tiny_sd15, tiny_sdxl, tiny_sdxl_clip
+from comfy_env import (
+    assert_same_samples,
+    comfy_or_skip,
+    encode,
+    rel,
+    sample,
+    tiny_clip,
+    tiny_sd15,
+    tiny_sdxl,
+    tiny_sdxl_clip,
+)
 
 pack = comfy_or_skip()
 
@@ -53,8 +63,8 @@ def test_equal_target_reproduces_the_source_which_is_the_plain_generation(sd):
     with torch.inference_mode():
         plain = sample(model, encode(clip, SRC), encode(clip, ""), lat, cfg=7.5, sampler="euler", steps=4, seed=1,
                        scheduler="simple")
-    assert torch.allclose(o[0], plain[0], atol=1e-4)
-    assert torch.allclose(o[1], o[0], atol=1e-5)
+    assert_same_samples(o[0], plain[0])
+    assert_same_samples(o[1], o[0])
     same = p2p(model, clip, ["a tiger and a dog in a garden"], lat, reweight="tiger:1")[0]["samples"]
     heavy = p2p(model, clip, ["a tiger and a dog in a garden"], lat, reweight="tiger:20")[0]["samples"]
     assert rel(same[1], o[2]) < 2e-6                               # reweight by 1 is a no-op
@@ -75,7 +85,7 @@ def test_null_text_inversion_reconstructs_better_than_ddim_and_feeds_p2p(sd):
     assert inv_n.unet_backward > 0 and len(inv_n.nulls) == 4 and inv_d.nulls is None
     assert weights_are_pristine(model)
     out = p2p(model, clip, [SRC], image, inversion=inv_n)[0]["samples"]
-    assert torch.allclose(out[0], rec_n["samples"][0], atol=1e-4)  # P2P's source row is the reconstruction
+    assert_same_samples(out[0], rec_n["samples"][0])  # P2P's source row is the reconstruction
     with pytest.raises(ValueError, match="inversion was made with the prompt"):
         p2p(model, clip, ["a tiger and a dog in a garden"], image, inversion=inv_n, source="a cat in a garden")
 

@@ -2,7 +2,17 @@
 
 import pytest
 import torch
-from comfy_env import comfy_or_skip, encode, rel, sample, tiny_clip, tiny_sd15, tiny_sdxl, tiny_sdxl_clip
+from comfy_env import (
+    assert_same_samples,
+    comfy_or_skip,
+    encode,
+    rel,
+    sample,
+    tiny_clip,
+    tiny_sd15,
+    tiny_sdxl,
+    tiny_sdxl_clip,
+)
 
 pack = comfy_or_skip()
 
@@ -39,7 +49,7 @@ def test_original_row_is_the_plain_generation_and_proxy_equal_to_object_is_a_no_
     with torch.inference_mode():
         plain = sample(model, encode(clip, SD_PROMPT), encode(clip, ""), lat, cfg=7.5, sampler="euler", steps=6,
                        seed=3, scheduler="simple")
-    assert torch.allclose(out[0], plain[0], atol=1e-4)           # the original row is untouched
+    assert_same_samples(out[0], plain[0])                         # the original row is untouched
     assert rel(out[1], out[0]) < 2e-6                            # proxy == object word
     assert repr(model.model_options) == before                   # the input MODEL stays unpatched
 
@@ -108,8 +118,8 @@ def test_shapesworld_mixing_from_an_inversion():
                                           latent={"samples": image}).result
     out = run(model, clip, SW_PROMPT, torch.zeros(1, 3, 32, 32), "circle", "circle, triangle", "square",
               mix_start=0.34, mix_end=1.0, self_injection_end=1.0, inversion=inv)[0]["samples"]
-    assert torch.allclose(out[0], rec["samples"][0], atol=1e-4)   # the original row reconstructs the image
-    assert torch.allclose(out[1], out[0], atol=1e-4)               # proxy == object word
+    assert_same_samples(out[0], rec["samples"][0])                 # the original row reconstructs the image
+    assert_same_samples(out[1], out[0])                            # proxy == object word
     assert (out[2] - out[0]).abs().max() > 0.3                     # the triangle proxy changes the object
     with pytest.raises(ValueError, match="inversion was made with the prompt"):
         run(model, clip, "a red circle on a gray background", torch.zeros(1, 3, 32, 32), "circle", "star", "",

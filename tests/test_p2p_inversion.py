@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from compare import assert_same_samples
 
 from attention.inversion import NullTextSettings, ddim_invert, reconstruct
 from attention.p2p import build_plan, global_align, parse_pairs, refine_mapper, replace_mapper, word_alpha
@@ -38,27 +39,29 @@ def test_word_alpha_windows_and_overrides():
 
 
 def test_bad_edit_inputs_are_refused(model):
-    ids_of, wids = E._tok_fns(model)
+    words_of = E._tok_fns(model)
     with pytest.raises(ValueError, match="same number of words"):
         build_plan(E.SOURCE, ["a red circle on a gray background"], "replace", 10, 0.8, {}, 0.4, {}, 24, 64,
-                   ids_of, wids)
-    with pytest.raises(ValueError, match="reweight word 'green' is not in the target"):
-        build_plan(E.SOURCE, [E.TARGET], "auto", 10, 0.8, {}, 0.4, {"green": 2.0}, 24, 64, ids_of, wids)
+                   words_of)
+    with pytest.raises(ValueError, match="reweight word 'green' is in none of the target prompts"):
+        build_plan(E.SOURCE, [E.TARGET], "auto", 10, 0.8, {}, 0.4, {"green": 2.0}, 24, 64, words_of)
+    with pytest.raises(ValueError, match="cross_replace_words word 'grean' is in none of the target prompts"):
+        build_plan(E.SOURCE, [E.TARGET], "auto", 10, 0.8, {"grean": 0.0}, 0.4, {}, 24, 64, words_of)
     with pytest.raises(ValueError, match="not 'word:number'"):
         parse_pairs("red=2", "reweight", "red:2")
 
 
 def test_target_equal_to_source_reproduces_the_source(model):
     out = E.edit(model, E.SOURCE, [E.SOURCE], seed=4, steps=12)
-    assert torch.allclose(out[1], out[0], atol=1e-5)
+    assert_same_samples(out[1], out[0])
     plain = model.generate([E.SOURCE], steps=12, cfg=5.0, noise=model.noise(1, 4))
-    assert torch.allclose(out[0], plain[0], atol=1e-4)          # the source row is the plain generation
+    assert_same_samples(out[0], plain[0], 1e-4)                  # the source row is the plain generation
 
 
 def test_reweight_by_one_is_a_no_op_and_mass_grows_with_the_factor(model):
     base = E.edit(model, E.SOURCE, [E.TARGET], seed=5, steps=10)
     same = E.edit(model, E.SOURCE, [E.TARGET], seed=5, steps=10, reweight={"red": 1.0})
-    assert torch.allclose(base, same, atol=1e-6)
+    assert_same_samples(same, base, 1e-6)
     mass = E.reweight_figures(model, factors=(0.5, 1.0, 2.0), seeds=1, steps=8)
     assert mass["0.5"] < mass["1.0"] < mass["2.0"]
 
@@ -80,7 +83,8 @@ def test_inversion_reconstructs_and_null_text_beats_plain_ddim(model):
     assert len(inv.nulls) == 10 and not torch.equal(inv.nulls[0], inv.nulls[-1])   # one null per step
     # P2P's source row with the inversion is the reconstruction
     out = E.edit(model, scene.caption, [scene.caption], inversion=inv)
-    assert torch.allclose(out[0], rec_nti, atol=1e-4) and torch.allclose(out[1], rec_nti, atol=1e-4)
+    assert_same_samples(out[0], rec_nti, 1e-4)
+    assert_same_samples(out[1], rec_nti, 1e-4)
 
 
 def test_ddim_inversion_at_guidance_one_is_nearly_exact(model):

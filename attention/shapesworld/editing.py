@@ -14,19 +14,10 @@ import time
 import torch
 
 from ..inversion import Inversion, NullTextSettings, ddim_invert, null_text_optimize, reconstruct
-from ..p2p import (
-    LocalBlend,
-    P2PController,
-    blend_positions,
-    build_plan,
-    p2p_sample,
-    prompt_words,
-    self_replace_limit,
-)
+from ..p2p import LocalBlend, P2PController, blend_positions, build_plan, p2p_sample, self_replace_limit
 from ..schedule import simple_sigmas
 from ..store import AttentionStore, StoreConfig
 from .model import ShapesWorldModel, layer_patches
-from .text import ShapesTokenizer
 from .world import SceneSpec, ShapesWorld
 
 SOURCE = "a red circle and a blue square on a gray background"
@@ -67,8 +58,8 @@ def invert(model: ShapesWorldModel, image: torch.Tensor, prompt: str, steps: int
 
 
 def _tok_fns(model: ShapesWorldModel):
-    tok: ShapesTokenizer = model.tokenizer
-    return (lambda p: [t for c in tok.chunks(p) for t, _ in c]), tok.word_ids
+    """prompt -> its words (the pack's word rule on ShapesWorld's tokenizer)."""
+    return model.prompt_words
 
 
 @torch.no_grad()
@@ -78,20 +69,20 @@ def edit(model: ShapesWorldModel, source: str, targets: list[str], inversion: In
          store: AttentionStore | None = None, step_conds: list[torch.Tensor] | None = None) -> torch.Tensor:
     """[source, edits] images (1+k, 3, S, S) in [0, 1] by P2P from a seed or an inversion; ``step_conds``:
     per-step [source, targets] contexts (a DPL inversion's learned tokens) instead of the prompts' own."""
-    ids_of, wids = _tok_fns(model)
+    words_of = _tok_fns(model)
     sigmas = inversion.sigmas if inversion is not None else simple_sigmas(steps)
     steps = len(sigmas) - 1
     cfg = inversion.guidance if inversion is not None else cfg
     conds = model.encode([source] + targets) if step_conds is None else step_conds
     length, s = (conds[0] if step_conds is not None else conds).shape[-2], model.size
     plan = build_plan(source, targets, edit_kind, steps, cross_replace, {}, self_replace, reweight or {}, length,
-                      self_replace_limit((s, s), inversion is not None), ids_of, wids)
+                      self_replace_limit((s, s), inversion is not None), words_of)
     controllers = [P2PController(plan, steps)]
     blend = None
     if blend_words:
         bstore = AttentionStore(StoreConfig(capture_self=False))
         controllers.append(bstore)
-        blend = LocalBlend(bstore, blend_positions([source] + targets, blend_words, ids_of, wids),
+        blend = LocalBlend(bstore, blend_positions([source] + targets, blend_words, words_of),
                            (s // 4, s // 4), 0.3, int(0.2 * steps))
     if store is not None:
         controllers.append(store)
@@ -170,8 +161,7 @@ def reweight_figures(model: ShapesWorldModel, factors=(0.0, 0.5, 1.0, 2.0, 4.0),
                      steps: int = 20) -> dict:
     """Mean cross-attention mass on 'red' in the edited row for each reweight factor."""
     out = {}
-    ids_of, wids = _tok_fns(model)
-    pos = [p for w, p in prompt_words(SOURCE, ids_of(SOURCE), wids) if w == "red"][0]
+    pos = model.word_positions(SOURCE, "red", occurrence=0)
     for f in factors:
         mass = 0.0
         for seed in range(seeds):

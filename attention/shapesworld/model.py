@@ -16,7 +16,7 @@ from safetensors import safe_open
 from ..controller import ControlledAttention
 from ..sampling import cfg_combine, sample_euler
 from ..schedule import sigma_to_t, simple_sigmas, train_sigmas
-from ..tokens import find_word_tokens
+from ..words import PromptWords
 from .text import ShapesTokenizer
 from .train import build_models
 from .unet import ShapesUNet
@@ -101,8 +101,12 @@ class ShapesWorldModel:
 
     def word_positions(self, prompt: str, word: str, occurrence: int | None = None) -> tuple[int, ...]:
         """Key positions of ``word`` in ``prompt`` (all occurrences, or the ``occurrence``-th)."""
+        return self.prompt_words(prompt).positions(word, occurrence=occurrence)
+
+    def prompt_words(self, prompt: str) -> PromptWords:
+        """The pack's word rule (``attention/words.py``) on this tokenizer."""
         chunks = [[t for t, _ in c] for c in self.tokenizer.chunks(prompt)]
-        return find_word_tokens(chunks, self.tokenizer.word_ids(word), word, prompt, occurrence).positions
+        return PromptWords(prompt, chunks, self.tokenizer.word_ids)
 
     def object_positions(self, scene) -> list[tuple[int, ...]]:
         """Positions of each object's shape word in its scene's caption (repeated shapes in order)."""

@@ -19,7 +19,6 @@ import time
 import torch
 
 from ..structure import StructuredValuePatch, aligned_values, noun_phrases, phrase_spans
-from ..tokens import find_word_tokens
 from .evaluate import pair_prompts
 from .harness import load_classifier, object_scores
 from .model import DEFAULT_WEIGHTS, ShapesWorldModel
@@ -32,11 +31,7 @@ def structured_patch(model: ShapesWorldModel, prompt: str,
                      phrases: list[str] | None = None) -> tuple[StructuredValuePatch, list[str]]:
     """The patch for ``prompt`` with ``phrases`` (None: the rule-based chunker) and the phrases used."""
     phrases = noun_phrases(prompt) if phrases is None else phrases
-    chunks = [[t for t, _ in c] for c in model.tokenizer.chunks(prompt)]
-
-    def occurrences(p: str):
-        return find_word_tokens(chunks, model.tokenizer.word_ids(p), p, prompt).occurrences
-    spans = phrase_spans(phrases, occurrences)
+    spans = phrase_spans(phrases, model.prompt_words(prompt).occurrences)
     full = model.encode([prompt])[0]
     states = list(model.encode(phrases)) if phrases else []
     value = aligned_values(full, states, spans).mean(0)
