@@ -75,11 +75,11 @@ class P2PEditSampler(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Noise seed of the generated source (ignored with an inversion)."),
                 io.Int.Input("steps", default=50, min=2, max=1000,
-                             tooltip="DDIM steps (with an inversion: its steps)."),
+                             tooltip="DDIM steps (with an inversion: its steps; unused when 'sigmas' is connected)."),
                 io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1,
                                tooltip="Guidance scale (with an inversion: its guidance)."),
                 io.Combo.Input("scheduler", options=list(comfy.samplers.SCHEDULER_NAMES), default="ddim_uniform",
-                               tooltip="Sigma schedule (with an inversion: its sigmas)."),
+                               tooltip="Sigma schedule (with an inversion: its sigmas; unused when 'sigmas' is connected)."),
                 io.Float.Input("cross_replace_steps", default=0.8, min=0.0, max=1.0, step=0.01, tooltip=(
                     "Fraction of the steps in which edits take the source's cross-attention (0-1; official "
                     "examples 0.8).")),

@@ -150,11 +150,11 @@ class PromptMixSampler(io.ComfyNode):
                     "original's self-attention.")),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Noise seed shared by the original and every variation."),
-                io.Int.Input("steps", default=50, min=2, max=1000, tooltip="DDIM steps (official 50)."),
+                io.Int.Input("steps", default=50, min=2, max=1000, tooltip="DDIM steps (official 50; unused when 'sigmas' is connected)."),
                 io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1,
                                tooltip="Classifier-free guidance scale (official 7.5; 5 for ShapesWorld)."),
                 io.Combo.Input("scheduler", options=list(comfy.samplers.SCHEDULER_NAMES), default="simple",
-                               tooltip="Sigma schedule of the DDIM loop."),
+                               tooltip="Sigma schedule of the DDIM loop (unused when 'sigmas' is connected)."),
                 io.Float.Input("mix_start", default=0.14, min=0.0, max=1.0, step=0.01, tooltip=(
                     "Start of the mixing window as a fraction of the steps (official 7/50 = 0.14). Earlier = "
                     "larger changes (also position), later = finer ones. Range 0-1.")),

@@ -10,6 +10,7 @@ from comfy_env import comfy_or_skip, encode, rel, sdxl_cond, tiny_clip, tiny_sd1
 
 pack = comfy_or_skip()
 
+import comfy.samplers  # noqa: E402
 from comfy_extras.nodes_custom_sampler import (  # noqa: E402
     BasicScheduler,
     CFGGuider,
@@ -173,6 +174,6 @@ def test_sampler_errors(sd):
                                    steps=4, cfg=7.5, scheduler="simple", cross_replace_steps=0.8,
                                    cross_replace_words="", self_replace_steps=0.4, reweight="", blend_words="",
                                    blend_threshold=0.3, blend_start=0.2, inversion=inv, sampler=smp, sigmas=sig)
-    churn = pack.nodes.comfy_sampling.comfy.samplers.ksampler("euler", {"s_churn": 1.0})
+    churn = comfy.samplers.ksampler("euler", {"s_churn": 1.0})
     with pytest.raises(ValueError, match="s_churn"):
         mix(model, clip, churn, sig)
