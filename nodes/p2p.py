@@ -25,6 +25,7 @@ from ..attention.p2p import (
 )
 from ..attention.store import AttentionStore, StoreConfig
 from ..attention.words import split_word_list
+from . import comfy_sampling
 from .common import CATEGORY, InversionType, encode_prompt, install_controller, model_layer_ids, prompt_words
 from .learnable_tokens import encode_with_learned
 from .unet_calls import adm_of, model_key, sample_batch, stack_adm
@@ -53,7 +54,9 @@ class P2PEditSampler(io.ComfyNode):
                 "in one batch, the edits taking the source's cross-attention (word swap 'replace', added words "
                 "'refine', 'reweight' factors) and self-attention for the first steps; LocalBlend keeps changes "
                 "where the blend words are. From a seed, or from a Null-Text Inversion of a real image. DDIM "
-                "only (eta 0; ancestral/SDE samplers cannot share attention between rows deterministically)."),
+                "(eta 0) by default; connect a SAMPLER and SIGMAS (as for SamplerCustomAdvanced) to edit a generated "
+                "source with any ComfyUI sampler: the rows share one initial noise and, for ancestral/SDE samplers, "
+                "each step's noise. An inversion always retraces its DDIM steps."),
             inputs=[
                 io.Model.Input("model", tooltip=(
                     "SD1.x/SD2.x/SDXL or ShapesWorld model. Cloned; the input stays unpatched.")),
@@ -72,11 +75,11 @@ class P2PEditSampler(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Noise seed of the generated source (ignored with an inversion)."),
                 io.Int.Input("steps", default=50, min=2, max=1000,
-                             tooltip="DDIM steps (with an inversion: its steps)."),
+                             tooltip="DDIM steps (with an inversion: its steps; unused when 'sigmas' is connected)."),
                 io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1,
                                tooltip="Guidance scale (with an inversion: its guidance)."),
                 io.Combo.Input("scheduler", options=list(comfy.samplers.SCHEDULER_NAMES), default="ddim_uniform",
-                               tooltip="Sigma schedule (with an inversion: its sigmas)."),
+                               tooltip="Sigma schedule (with an inversion: its sigmas; unused when 'sigmas' is connected)."),
                 io.Float.Input("cross_replace_steps", default=0.8, min=0.0, max=1.0, step=0.01, tooltip=(
                     "Fraction of the steps in which edits take the source's cross-attention (0-1; official "
                     "examples 0.8).")),
@@ -102,6 +105,13 @@ class P2PEditSampler(io.ComfyNode):
                 InversionType.Input("inversion", optional=True, tooltip=(
                     "From Null-Text Inversion or DPL Token Optimizer: edit a real image (with DPL, the learned noun "
                     "tokens of each step are used in the source and in every target that keeps the noun).")),
+                io.Sampler.Input("sampler", optional=True, tooltip=(
+                    "Optional, with 'sigmas' (generated sources only): any ComfyUI sampler (KSamplerSelect, "
+                    "SamplerEulerAncestral...) instead of DDIM; steps and scheduler are then unused. Ancestral/SDE "
+                    "samplers give every row the same per-step noise. Not with an inversion.")),
+                io.Sigmas.Input("sigmas", optional=True, tooltip=(
+                    "Optional, with 'sampler': the sigma schedule (BasicScheduler, KarrasScheduler...; steps + 1 "
+                    "descending values).")),
             ],
             outputs=[
                 io.Latent.Output(display_name="latents", tooltip="Batch: the source (reconstruction), then each edit."),
@@ -112,11 +122,12 @@ class P2PEditSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, source_prompt, target_prompts, negative, latent_image, edit, seed, steps, cfg,
                 scheduler, cross_replace_steps, cross_replace_words, self_replace_steps, reweight, blend_words,
-                blend_threshold, blend_start, inversion=None) -> io.NodeOutput:
+                blend_threshold, blend_start, inversion=None, sampler=None, sigmas=None) -> io.NodeOutput:
         targets = [t.strip() for t in target_prompts.splitlines() if t.strip()]
         if not targets:
             raise ValueError("target_prompts is empty: write one edited prompt per line")
         inv: Inversion | None = inversion
+        custom_sigmas = comfy_sampling.check_pair("P2PEditSampler", sampler, sigmas, inv)
         if inv is not None:
             if inv.prompt.strip() != source_prompt.strip():
                 what = "DPL tokens were optimized for" if inv.mode == "dpl" else "inversion was made with"
@@ -132,6 +143,8 @@ class P2PEditSampler(io.ComfyNode):
                 logger.info("P2PEditSampler: using the inversion's guidance %.2f instead of cfg %.2f",
                             inv.guidance, cfg)
             sigmas, cfg = inv.sigmas, inv.guidance
+        elif custom_sigmas is not None:
+            sigmas = custom_sigmas
         else:
             sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).cpu()
         steps = len(sigmas) - 1
@@ -176,14 +189,19 @@ class P2PEditSampler(io.ComfyNode):
             learned = inv.extra["dpl"]
             batch = [torch.cat([inv.extra["conds"][i]] + [encode_with_learned(clip, t, learned, i) for t in targets])
                      for i in range(steps)]
-        # every row its own conditioning's pooled output and the image's size (SDXL), as ComfyUI's samplers
-        shape = tuple(x_T.shape)
-        y_conds = stack_adm([adm_of(m, p[0][1], shape) for p in positive])
-        null_dict = inv.extra.get("null_dict", inv.extra.get("cond_dict")) if inv is not None and nulls is not None \
-            else negative[0][1]
-        y_null = adm_of(m, null_dict, shape)
-        out = sample_batch(m, x_T, sigmas, batch, nulls if nulls is not None else negative[0][0], cfg,
-                           y_conds, y_null, blend)
+        if custom_sigmas is not None:
+            out = comfy_sampling.sample_rows(m, sampler, sigmas, comfy_sampling.batched_conditioning(positive),
+                                             negative, cfg, latent_image["samples"], seed, 1 + k, blend,
+                                             "P2PEditSampler")
+        else:
+            # every row its own conditioning's pooled output and the image's size (SDXL), as ComfyUI's samplers
+            shape = tuple(x_T.shape)
+            y_conds = stack_adm([adm_of(m, p[0][1], shape) for p in positive])
+            null_dict = inv.extra.get("null_dict", inv.extra.get("cond_dict")) if inv is not None and nulls is not None \
+                else negative[0][1]
+            y_null = adm_of(m, null_dict, shape)
+            out = sample_batch(m, x_T, sigmas, batch, nulls if nulls is not None else negative[0][0], cfg,
+                               y_conds, y_null, blend)
         mask = blend.last_mask[1:, 0].cpu() if blend is not None and blend.last_mask is not None \
             else torch.ones(k, *latent_hw)
         logger.info("P2PEditSampler: %d edits (%s) of %r, %d steps%s", k, ", ".join(plan.kind), source_prompt, steps,

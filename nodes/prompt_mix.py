@@ -33,6 +33,7 @@ from ..attention.render import upsample
 from ..attention.sampling import sample_euler
 from ..attention.store import AttentionStore, StoreConfig
 from ..attention.words import locate_words, split_word_list, text_words
+from . import comfy_sampling
 from .common import (
     CATEGORY,
     PROXY_CANDIDATES,
@@ -64,7 +65,11 @@ def ddim_sampler(after_step=None, on_step=None):
     return comfy.samplers.KSAMPLER(sample)
 
 
-def _sample(model, noise, latent, positive, negative, cfg, sigmas, seed, after_step=None, label=""):
+def _sample(model, noise, latent, positive, negative, cfg, sigmas, seed, after_step=None, label="", sampler=None):
+    """Our DDIM loop, or the user's ``sampler`` (rows sharing each step's noise) when one is given."""
+    if sampler is not None:
+        return comfy_sampling.sample_rows(model, sampler, sigmas, positive, negative, cfg, latent, seed,
+                                          noise.shape[0], after_step, f"PromptMixSampler: {label}")
     steps = len(sigmas) - 1
     callback = latent_preview.prepare_callback(model, steps)
     logger.info("PromptMixSampler: %s (%d images, %d steps)", label, noise.shape[0], steps)
@@ -128,7 +133,9 @@ class PromptMixSampler(io.ComfyNode):
                 "word: inside the mixing window the cross-attention takes its values from the proxy prompt (keys "
                 "stay), the original's self-attention is injected on preserved objects, and the background is "
                 "blended back from the original. From a seed, or from a Null-Text Inversion of a real image. DDIM "
-                "(eta 0). Output batch: original first, then variations."),
+                "(eta 0) by default; connect a SAMPLER and SIGMAS (as for SamplerCustomAdvanced) to use any ComfyUI "
+                "sampler for a generated image (ancestral/SDE samplers share each step's noise across the rows). "
+                "Output batch: original first, then variations."),
             inputs=[
                 io.Model.Input("model", tooltip=(
                     "SD1.x/SD2.x/SDXL or ShapesWorld model. Cloned; the input stays unpatched.")),
@@ -151,11 +158,11 @@ class PromptMixSampler(io.ComfyNode):
                     "original's self-attention.")),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Noise seed shared by the original and every variation."),
-                io.Int.Input("steps", default=50, min=2, max=1000, tooltip="DDIM steps (official 50)."),
+                io.Int.Input("steps", default=50, min=2, max=1000, tooltip="DDIM steps (official 50; unused when 'sigmas' is connected)."),
                 io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1,
                                tooltip="Classifier-free guidance scale (official 7.5; 5 for ShapesWorld)."),
                 io.Combo.Input("scheduler", options=list(comfy.samplers.SCHEDULER_NAMES), default="simple",
-                               tooltip="Sigma schedule of the DDIM loop."),
+                               tooltip="Sigma schedule of the DDIM loop (unused when 'sigmas' is connected)."),
                 io.Float.Input("mix_start", default=0.14, min=0.0, max=1.0, step=0.01, tooltip=(
                     "Start of the mixing window as a fraction of the steps (official 7/50 = 0.14). Earlier = "
                     "larger changes (also position), later = finer ones. Range 0-1.")),
@@ -191,6 +198,13 @@ class PromptMixSampler(io.ComfyNode):
                 InversionType.Input("inversion", optional=True, tooltip=(
                     "From Null-Text Inversion (made with this prompt): vary a real image. Its steps, sigmas and "
                     "guidance replace steps, scheduler and cfg; seed and latent_image are then unused.")),
+                io.Sampler.Input("sampler", optional=True, tooltip=(
+                    "Optional, with 'sigmas' (generated images only): any ComfyUI sampler (KSamplerSelect, "
+                    "SamplerEulerAncestral...) instead of DDIM for both passes; steps and scheduler are then unused. "
+                    "Ancestral/SDE samplers give every row the same per-step noise. Not with an inversion.")),
+                io.Sigmas.Input("sigmas", optional=True, tooltip=(
+                    "Optional, with 'sampler': the sigma schedule (BasicScheduler, KarrasScheduler...; steps + 1 "
+                    "descending values).")),
             ],
             outputs=[
                 io.Latent.Output(display_name="latents", tooltip="Batch: the original, then one variation per proxy."),
@@ -212,7 +226,7 @@ class PromptMixSampler(io.ComfyNode):
     def execute(cls, model, clip, prompt, negative, latent_image, object_word, proxy_words, suggestions,
                 preserve_words, seed, steps, cfg, scheduler, mix_start, mix_end, self_injection_end,
                 injection_threshold, blend_at, clusters, cluster_threshold, nouns="", background_nouns="",
-                proxy_candidates=PROXY_CANDIDATES[0], inversion=None) -> io.NodeOutput:
+                proxy_candidates=PROXY_CANDIDATES[0], inversion=None, sampler=None, sigmas=None) -> io.NodeOutput:
         s = MixSettings(window=(mix_start, mix_end), self_injection_end=self_injection_end,
                         injection_threshold=injection_threshold, blend_at=None if blend_at >= 1 else blend_at,
                         clusters=clusters, cluster_threshold=cluster_threshold).validate()
@@ -241,6 +255,7 @@ class PromptMixSampler(io.ComfyNode):
                              f"{tuple(positive[0][0].shape[1:])}; keep the prompts within the same 77-token chunks")
 
         inv = inversion
+        custom_sigmas = comfy_sampling.check_pair("PromptMixSampler", sampler, sigmas, inv)
         if inv is not None:
             if inv.mode == "dpl":
                 raise ValueError("PromptMixSampler takes a Null-Text Inversion (any mode); a DPL inversion's "
@@ -251,7 +266,10 @@ class PromptMixSampler(io.ComfyNode):
             steps = len(inv.sigmas) - 1
         latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"][:1])
         noise = comfy.sample.prepare_noise(latent, seed)
-        sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).cpu()
+        if custom_sigmas is not None:
+            sigmas, steps = custom_sigmas, len(custom_sigmas) - 1
+        else:
+            sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).cpu()
         ids = model_layer_ids(model)
         k = len(proxies)
 
@@ -261,7 +279,7 @@ class PromptMixSampler(io.ComfyNode):
         install_controller(m1, orig_store, ids)
         orig_store.reset()
         if inv is None:
-            _sample(m1, noise, latent, positive, negative, cfg, sigmas, seed, label="original")
+            _sample(m1, noise, latent, positive, negative, cfg, sigmas, seed, label="original", sampler=sampler)
         else:
             _sample_inverted(m1, inv, positive, 1, negative, label="original")
         orig_store.finish()
@@ -282,7 +300,8 @@ class PromptMixSampler(io.ComfyNode):
         var_store.reset()
         if inv is None:
             out = _sample(m2, noise.expand(1 + k, -1, -1, -1).clone(), latent.expand(1 + k, -1, -1, -1).clone(),
-                          positive, negative, cfg, sigmas, seed, after_step=blend, label="variations")
+                          positive, negative, cfg, sigmas, seed, after_step=blend, label="variations",
+                          sampler=sampler)
         else:
             out = _sample_inverted(m2, inv, positive, 1 + k, negative, after_step=blend, label="variations")
         var_store.finish()
