@@ -31,7 +31,6 @@ Shape legend:
 
 from __future__ import annotations
 
-import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Sequence
@@ -39,7 +38,8 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-log = logging.getLogger("attention_lab.grounding")
+from . import logger
+
 
 COND, UNCOND = 0, 1          # ComfyUI's cond_or_uncond values (samplers.py: 0 = positive, 1 = negative)
 _KIND_ORDER = {"input": 0, "middle": 1, "output": 2}
@@ -222,7 +222,7 @@ class FeatureRecorder:
         for kind, chunk in zip(cou, chunks):
             if kind in seen:
                 if not self._warned:
-                    log.warning("grounding features: one UNet call holds several %s conditionings; the first "
+                    logger.warning("grounding features: one UNet call holds several %s conditionings; the first "
                                 "is recorded", "positive" if kind == COND else "negative")
                     self._warned = True
                 continue
