@@ -458,10 +458,11 @@ class GroundingHeadTrain(io.ComfyNode):
                 if tuple(t.shape[-2:]) != out_hw:
                     t = F.interpolate(t[None], size=out_hw, mode="nearest")[0]
                 per_t.append(t)
-            q, valid = stack_queries(per_q)
-            targets = torch.zeros(len(idx), q.shape[1], *out_hw)
-            for j, t in enumerate(per_t):
-                targets[j, :t.shape[0]] = t
+            with torch.inference_mode(False):          # normal tensors: the loss is differentiated
+                q, valid = stack_queries([x.clone() for x in per_q])
+                targets = torch.zeros(len(idx), q.shape[1], *out_hw)
+                for j, t in enumerate(per_t):
+                    targets[j, :t.shape[0]] = t.clone()
             return TrainBatch(list(feats.levels), q, targets, valid), feats
 
         first_batch, first_feats = make_batch(0)
