@@ -116,11 +116,12 @@ def compute_features(model, positive, negative, samples: torch.Tensor, timestep:
         logger.warning("grounding: %s has no `out` module; the last output block is not recorded",
                        type(dm).__name__)
         hook = None
-    if hook is not None:
-        with hook:
+    with torch.no_grad():          # also when called from a training loop that enables gradients
+        if hook is not None:
+            with hook:
+                guider.sample(noise, samples, sampler, sigmas, seed=seed, disable_pbar=True)
+        else:
             guider.sample(noise, samples, sampler, sigmas, seed=seed, disable_pbar=True)
-    else:
-        guider.sample(noise, samples, sampler, sigmas, seed=seed, disable_pbar=True)
     context_dim = int(positive[0][0].shape[-1])
     feats = rec.features(model_family(m), context_dim, int(timestep), sigma, concat_uncond=rows == ROWS[0])
     feats.extra["latent_size"] = tuple(samples.shape[-2:])
@@ -446,6 +447,10 @@ class GroundingHeadTrain(io.ComfyNode):
                                           for j, i in enumerate(idx)])
 
         def make_batch(step: int) -> tuple[TrainBatch, GroundingFeatures]:
+            with torch.no_grad():                      # the text encoder and UNet stay out of the autograd graph
+                return _make_batch(step)
+
+        def _make_batch(step: int) -> tuple[TrainBatch, GroundingFeatures]:
             mm.throw_exception_if_processing_interrupted()
             idx = next(order)
             feats = features_of(idx, step)

@@ -276,6 +276,7 @@ def executor(tmp_path_factory):
         await nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False)
         assert await nodes.load_custom_node(str(ROOT))
     asyncio.run(setup())
+    folder_paths.folder_names_and_paths[G.HEAD_FOLDER] = ([str(out / "heads")], {".safetensors"})   # not models/
     for name in ("GroundingFeatures", "GroundingDatasetAdd", "GroundingHeadTrain", "GroundedSegment",
                  "GroundingHeadLoader", "GroundingDatasetLoad", "ShapesWorldScenes", "ShapesWorldPseudoMasks"):
         assert name in nodes.NODE_CLASS_MAPPINGS, name
@@ -299,11 +300,12 @@ def test_shapesworld_api_workflow_end_to_end(executor):
     for node in prompt.values():                     # keep the CPU test short: fewer scenes and steps
         if node["class_type"] == "ShapesWorldScenes":
             node["inputs"]["count"] = 8
-        if node["class_type"] == "GroundingHeadTrain":
-            node["inputs"]["steps"] = 4
+        if node["class_type"] == "GroundingHeadTrain":    # batches after the first encode new prompts in the loop
+            node["inputs"].update(steps=4, batch=2)
     outputs = run(ex, prompt)
     seg = [k for k, v in prompt.items() if v["class_type"] == "GroundedSegment"][0]
     assert outputs[seg]["images"], outputs[seg]
     ds_dir = out / "output" / "attention_lab" / "grounding"
     name = [v for v in prompt.values() if v["class_type"] == "GroundingDatasetAdd"][0]["inputs"]["dataset"]
-    assert len(GroundingDataset.at(ds_dir, name)) >= 1
+    assert len(GroundingDataset.at(ds_dir, name)) == 8                  # every scene has at least one word
+    assert (out / "heads" / "shapesworld_demo.safetensors").is_file()
