@@ -242,3 +242,37 @@ def test_overfits_one_scene(model):
         t = batch.targets[0, n].bool()
         iou = float((masks[0, n] & t).sum() / (masks[0, n] | t).sum())
         assert iou > 0.95, (n, iou)
+
+
+def test_queries_template_covers_every_object_of_its_shape_prompt_its_own(model):
+    from attention.shapesworld import grounding as G
+    from attention.shapesworld.world import SceneSpec, ShapesWorld
+    scene = ShapesWorld(seed=3).sample(SceneSpec([("red", "circle"), ("blue", "circle"), ("green", "square")]))
+    masks = torch.stack([ob.mask for ob in scene.objects])
+    ex = G.Example(scene.caption, [(o.colour, o.shape) for o in scene.objects], masks, torch.ones(3, dtype=bool),
+                   masks)
+    pool = G.build_pool(model, [(scene.image, ex)], seed=0)
+    templates = G.template_vectors(model)
+    tq = G.example_queries(pool, 0, "template", templates)
+    assert tq.words == ["circle", "square"] and tq.objects == [[0, 1], [2]]
+    assert torch.equal(tq.targets[0], masks[0] | masks[1])
+    torch.testing.assert_close(tq.vectors[0], templates["circle"])
+    pq = G.example_queries(pool, 0, "prompt", templates, colours=True)
+    assert pq.words == ["circle", "circle", "square", "red", "blue", "green"]
+    assert pool.shape_pos[0][0] != pool.shape_pos[0][1]          # each circle is its own occurrence
+    assert not torch.allclose(pq.vectors[0], pq.vectors[1])
+    assert torch.equal(pq.targets[1], masks[1])
+    score = G.Score()
+    for w, objs, target in zip(pq.words[:3], pq.objects, pq.targets):
+        score.add(w, target, target, G.others_of(ex, objs))
+    s = score.summary(("star", "diamond"))
+    assert s["seen"] == 1.0 and s["leak"] == 0.0
+
+
+def test_train_asset_refuses_to_overwrite(tmp_path):
+    from attention.shapesworld import grounding as G
+    path = tmp_path / "head.safetensors"
+    path.write_bytes(b"shipped")
+    with pytest.raises(FileExistsError, match="--force"):
+        G.train_asset(None, path)
+    assert path.read_bytes() == b"shipped"
