@@ -369,6 +369,7 @@ def save_head(path: Path | str, head: GroundingHead, meta: HeadMeta, overwrite: 
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         save_file(state, str(tmp), metadata=metadata)
+        os.chmod(tmp, 0o644)                 # like any other file we write, not the temp file's 0600
         os.replace(tmp, path)
     finally:
         if tmp.exists():
