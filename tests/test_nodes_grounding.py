@@ -309,3 +309,41 @@ def test_shapesworld_api_workflow_end_to_end(executor):
     name = [v for v in prompt.values() if v["class_type"] == "GroundingDatasetAdd"][0]["inputs"]["dataset"]
     assert len(GroundingDataset.at(ds_dir, name)) == 8                  # every scene has at least one word
     assert (out / "heads" / "shapesworld_demo.safetensors").is_file()
+
+
+def test_sdxl_dataset_train_segment(out_dir):
+    from comfy_env import tiny_sdxl_clip
+    model, clip = tiny_sdxl(), tiny_sdxl_clip()
+    latent, prompt, words, masks = _tiny_dataset(clip, n=2)
+    prompts = "a cat on a mat\na cat on a red mat"              # two prompts: one stacked conditioning per batch
+    with torch.inference_mode():
+        ds = G.GroundingDatasetAdd.execute(latent, clip, prompts, words, masks, "xl").result[0]
+        head, _ = G.GroundingHeadTrain.execute(model, clip, ds, 2, 2, 1e-3, 0, 1, "template", "a photo of a {word}",
+                                               G.ROWS[0], "small", "").result
+        feats = G.GroundingFeaturesNode.execute(model, encode(clip, prompt), latent, 1, 0, G.ROWS[0],
+                                                encode(clip, "")).result[0]
+        m, _, _ = G.GroundedSegment.execute(head, feats, clip, prompt, "cat, mat", 0.5, "auto", False).result
+    assert head.meta.family == "sdxl" and head.meta.context_dim == 2048 and len(head.meta.channels) == 2
+    assert m.shape == (4, 16, 16)                                  # 2 images x 2 words
+
+
+def test_embedded_shapesworld_head_through_the_nodes(sw):
+    """The committed head (wt-16core's figure command) on features computed by ComfyUI: seen words on exact scenes."""
+    if not G.EMBEDDED_HEAD_PATH.is_file():
+        pytest.skip("assets/shapesworld_grounding.safetensors is not committed on this branch")
+    model, clip, vae = sw
+    with torch.inference_mode():
+        head = G.GroundingHeadLoader.execute(G.EMBEDDED_HEAD).result[0]
+        imgs, prompts, words, masks = ShapesWorldScenes.execute(99, 6, "", 3).result
+        inter = union = 0.0
+        k = 0
+        for i, (p, ws) in enumerate(zip(prompts.splitlines(), words.splitlines())):
+            feats = G.GroundingFeaturesNode.execute(model, encode(clip, p), {"samples": vae.encode(imgs[i:i + 1])},
+                                                    1, i, G.ROWS[0], encode(clip, "")).result[0]
+            m = G.GroundedSegment.execute(head, feats, clip, p, ws, 0.5, "auto", False, imgs[i:i + 1]).result[0]
+            for j in range(m.shape[0]):
+                gt, pr = masks[k] > 0.5, m[j] > 0.5
+                inter += float((gt & pr).sum())
+                union += float((gt | pr).sum())
+                k += 1
+    assert inter / union > 0.5, inter / union
