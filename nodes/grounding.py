@@ -422,8 +422,12 @@ class GroundingHeadTrain(io.ComfyNode):
             check_name(save_name)
         template_text("x", template)                      # a template without {word}: error before any work
         examples = dataset.load()
-        for ex in examples:
-            ex.masks = ex.masks.bool()
+        want = model.model.latent_format.latent_channels
+        other = sorted({int(ex.latent.shape[0]) for ex in examples} - {want})
+        if other:
+            raise ValueError(f"dataset '{dataset.name}' holds latents with {other} channels but this model's latents "
+                             f"have {want}: the dataset was filled with another model family's VAE; train with that "
+                             f"model, or fill a new dataset with this one")
         if rows == ROWS[0] and negative is None:
             negative = encode_prompt(clip, "")
         queries = QueryEncoder(clip, query, template)

@@ -242,7 +242,7 @@ def test_training_interrupted_leaves_earlier_head(sd15, out_dir, monkeypatch):
     assert not [p for p in (out_dir / "heads").iterdir() if p.name.startswith(".")]
 
 
-def test_shapesworld_mask_sources(sw):
+def test_shapesworld_mask_sources(sw, out_dir):
     imgs, prompts, words, masks = ShapesWorldScenes.execute(3, 6, "circle, square", 3).result
     assert imgs.shape == (6, 32, 32, 3) and len(prompts.splitlines()) == 6
     lines = [w.split(", ") for w in words.splitlines()]
@@ -253,6 +253,16 @@ def test_shapesworld_mask_sources(sw):
     assert pm.shape[0] >= masks.shape[0] - 2, report
     with pytest.raises(ValueError, match="unknown shapes"):
         ShapesWorldScenes.execute(0, 1, "hexagon", 1)
+    model, clip, _ = sw
+    with pytest.raises(ValueError, match="'hexagon' is not in the text encoder's vocabulary"):
+        G.positions_in(clip, "a red hexagon", "hexagon")
+    with torch.inference_mode():                 # an SD dataset (4-channel latents) with the ShapesWorld model
+        sd_latent = {"samples": torch.zeros(1, 4, 4, 4)}
+        ds = G.GroundingDatasetAdd.execute(sd_latent, clip, "a red circle", "circle", torch.ones(1, 32, 32),
+                                           "sd_set").result[0]
+        with pytest.raises(ValueError, match=r"latents with \[4\] channels but this model's latents have 3"):
+            G.GroundingHeadTrain.execute(model, clip, ds, 1, 1, 1e-3, 0, 1, "prompt", "a {word}", G.ROWS[0],
+                                         "small", "")
 
 
 # --------------------------------------------------------------------------------------------- executor
