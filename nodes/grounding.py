@@ -245,7 +245,8 @@ class GroundingDatasetAdd(io.ComfyNode):
                 "misses. Latents are stored, not features; the trainer recomputes those."),
             inputs=[
                 io.Latent.Input("latent", tooltip="Raw LATENT of the image(s) (sampler output or VAE Encode)."),
-                io.Clip.Input("clip", tooltip="The CLIP of the prompts; used to check that each word is in its prompt."),
+                io.Clip.Input("clip", tooltip=(
+                    "The CLIP of the prompts; used to check that each word is in its prompt.")),
                 io.String.Input("prompts", multiline=True, default="", tooltip=(
                     "The prompt of each image: one line for all images, or one line per image of the batch.")),
                 io.String.Input("words", multiline=True, default="", tooltip=(
@@ -392,7 +393,8 @@ class GroundingHeadTrain(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=False,
                              tooltip="Seed of the head's initialization, the batch order and the noise (0 to 2^64-1)."),
                 io.Int.Input("timestep", default=1, min=0, max=999,
-                             tooltip="DDPM timestep 0-999 of the features; 1 = the paper's. Use the same when segmenting."),
+                             tooltip=("DDPM timestep 0-999 of the features; 1 = the paper's. Use the same when "
+                                      "segmenting.")),
                 io.Combo.Input("query", options=["template", "prompt"], default="template", tooltip=(
                     "Text side of a word: 'template' = its states in the template prompt (paper), 'prompt' = its "
                     "states in the image's own prompt (ours; transfers better on ShapesWorld).")),
@@ -400,7 +402,8 @@ class GroundingHeadTrain(io.ComfyNode):
                     "Template prompt for 'template' queries; must contain {word}. The paper's: "
                     "'a photograph of a {word}'.")),
                 io.Combo.Input("rows", options=list(ROWS), default=ROWS[0],
-                               tooltip="Feature rows, as in Grounding Features: 'uncond + cond' (paper) or 'cond only'."),
+                               tooltip=("Feature rows, as in Grounding Features: 'uncond + cond' (paper) or "
+                                        "'cond only'.")),
                 io.Combo.Input("head_size", options=list(HEAD_SIZES), default="upstream", tooltip=(
                     "'upstream': the paper's head (decoder width 512, 8 heads, 3 layers, 1x1 widths 16/32/64/128); "
                     "'small': width 64, 4 heads, 2 layers, widths 8/16/32 (CPU-friendly).")),
@@ -536,7 +539,8 @@ class GroundingHeadLoader(io.ComfyNode):
         else:
             path = folder_paths.get_full_path(HEAD_FOLDER, head_name)
             if path is None:
-                raise FileNotFoundError(f"grounding head {head_name!r} is not in {folder_paths.get_folder_paths(HEAD_FOLDER)}; "
+                raise FileNotFoundError(f"grounding head {head_name!r} is not in "
+                                        f"{folder_paths.get_folder_paths(HEAD_FOLDER)}; "
                                         "refresh the node list or train one with Grounding Head Train")
         head, meta = load_head(path)
         text = f"{head_name}: {meta.describe()}, {meta.query} queries, seen words {', '.join(meta.seen_words)}"
@@ -559,7 +563,8 @@ class GroundedSegment(io.ComfyNode):
                 "(open vocabulary), usually less well than for seen ones."),
             inputs=[
                 GroundingHeadType.Input("head", tooltip="From Grounding Head Loader or Grounding Head Train."),
-                GroundingFeaturesType.Input("features", tooltip="From Grounding Features, same model family as the head."),
+                GroundingFeaturesType.Input("features", tooltip=(
+                    "From Grounding Features, same model family as the head.")),
                 io.Clip.Input("clip", tooltip="The model's CLIP; encodes the word queries."),
                 io.String.Input("prompt", multiline=True, default="", tooltip=(
                     "The image's prompt (one line for all images, or one per image); 'prompt' queries read the "
@@ -571,7 +576,8 @@ class GroundedSegment(io.ComfyNode):
                 io.Combo.Input("query", options=["auto", "template", "prompt"], default="auto", tooltip=(
                     "'auto' = the mode the head was trained with; another choice must match it.")),
                 io.Boolean.Input("seen_only", default=False, tooltip=(
-                    "Refuse words the head was not trained on (its seen words), instead of trying them open-vocabulary.")),
+                    "Refuse words the head was not trained on (its seen words), instead of trying them "
+                    "open-vocabulary.")),
                 io.Image.Input("image", optional=True, tooltip=(
                     "The decoded image: background of the overlays and size of the outputs (default: the finest "
                     "feature size).")),

@@ -237,7 +237,8 @@ def test_training_interrupted_leaves_earlier_head(sd15, out_dir, monkeypatch):
                 raise mm.InterruptProcessingException()
         monkeypatch.setattr(mm, "throw_exception_if_processing_interrupted", interrupt)
         with pytest.raises(mm.InterruptProcessingException):
-            G.GroundingHeadTrain.execute(model, clip, ds, 50, 1, 1e-3, 1, 1, "prompt", "{word}", G.ROWS[0], "small", "h")
+            G.GroundingHeadTrain.execute(model, clip, ds, 50, 1, 1e-3, 1, 1, "prompt", "{word}", G.ROWS[0], "small",
+                                         "h")
     assert path.read_bytes() == before and len(ds) == 2
     assert not [p for p in (out_dir / "heads").iterdir() if p.name.startswith(".")]
 
