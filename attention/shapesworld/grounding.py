@@ -382,7 +382,7 @@ ABLATIONS = ("colours", "prior", "t200", "drop8", "seen2", "self", "pseudo_templ
 
 def figure(model: ShapesWorldModel, quick: bool = False, seed: int = 0, sizes: tuple | None = None,
            steps: int | None = None, part: str = "all", splits: tuple[int, ...] = (1, 2, 3),
-           which: tuple[str, ...] = ABLATIONS) -> dict:
+           which: tuple[str, ...] = ABLATIONS, heads: tuple[str, ...] = ("prompt", "template", "pseudo")) -> dict:
     """The measurements as a JSON-able dict (``render`` turns one or several into the tables). Full: 3 splits,
     256 exact-mask training scenes per split, 96 generated images for pseudo-labels, 144 + 60 test scenes,
     ablations on split 1; quick: split 1, 160 scenes, 48 + 24 test scenes, no pseudo-label head, no ablations.
@@ -416,7 +416,7 @@ def figure(model: ShapesWorldModel, quick: bool = False, seed: int = 0, sizes: t
             (score_masks(sub, clus["main"]), score_masks(same_sub, clus["same"])),
     }
     pseudo, kept = None, 0.0
-    if n_pseudo and (part != "ablations" or "pseudo_template" in which):
+    if n_pseudo and (("pseudo" in heads and part != "ablations") or (part != "main" and "pseudo_template" in which)):
         t = time.perf_counter()
         pseudo_items = pseudo_examples(model, 30_000 + seed, n_pseudo)
         costs["pseudo-label fill: generate 20 steps + label (s/image)"] = (time.perf_counter() - t) / n_pseudo
@@ -441,7 +441,9 @@ def figure(model: ShapesWorldModel, quick: bool = False, seed: int = 0, sizes: t
             own = pseudo.subset([i for i, e in enumerate(pseudo.examples) if all(s in seen for _, s in e.objects)])
             runs.append(("head, pseudo-labels, prompt queries", own, replace(recipe, mode="prompt")))
         reference = None
-        for name, pool, rc in runs[:1] if part == "ablations" else runs:
+        kinds = ("prompt", "template", "pseudo")
+        chosen = runs[:1] if part == "ablations" else [r for r, kind in zip(runs, kinds) if kind in heads]
+        for name, pool, rc in chosen:
             head, meta, sec = train(pool, rc, templates, seen, name)
             train_s.append(sec)
             t = time.perf_counter()
@@ -473,7 +475,10 @@ def render(results: list[dict]) -> list[str]:
         for r in main:
             for name, per in r["rows"].items():
                 rows.setdefault(name, {}).update(per)
-        st = main[0]["setup"]
+        st = dict(main[0]["setup"])
+        with_pseudo = [r["setup"] for r in main if r["setup"]["pseudo"]]
+        if with_pseudo:
+            st.update(pseudo=with_pseudo[0]["pseudo"], kept=with_pseudo[0]["kept"])
         pseudo_note = (f"or the seen-only share of {st['pseudo']} generated images (pseudo-labels: {st['kept']:.0%} "
                        f"of objects kept by the classifier)" if st["pseudo"] else "(no pseudo-label head)")
         lines += [f"Seen/unseen grounding on ShapesWorld ({len(ks)} split(s) of 4 seen / 2 unseen shapes; "
@@ -592,6 +597,8 @@ def main(argv=None):
                    help="main: the two tables; ablations: split 1's ablations")
     p.add_argument("--splits", default="1,2,3", help="split numbers of the main tables (one process per split)")
     p.add_argument("--ablations", default=",".join(ABLATIONS), help=f"which ablations ({', '.join(ABLATIONS)})")
+    p.add_argument("--heads", default="prompt,template,pseudo", help="main-table heads to train (prompt, template: "
+                   "exact masks; pseudo: pseudo-labels, prompt queries)")
     p.add_argument("--sizes", default="", help="train,pseudo,test,same (default 256,96,144,60; quick 160,0,48,24)")
     p.add_argument("--steps", type=int, default=0, help="Adam steps per head (default 100; quick 80)")
     p.add_argument("--scores", default="", help="also write the measurements as JSON here (for --combine)")
@@ -614,7 +621,8 @@ def main(argv=None):
         return
     sizes = tuple(int(x) for x in args.sizes.split(",")) if args.sizes else None
     result = figure(model, args.quick, args.seed, sizes, args.steps or None, args.part,
-                    tuple(int(x) for x in args.splits.split(",")), tuple(args.ablations.split(",")))
+                    tuple(int(x) for x in args.splits.split(",")), tuple(args.ablations.split(",")),
+                    tuple(args.heads.split(",")))
     if args.scores:
         Path(args.scores).write_text(json.dumps(result, indent=1))
     log.info("\n".join(render([result])))
