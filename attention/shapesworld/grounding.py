@@ -9,7 +9,9 @@ reported separately. Features: every block output at t = 1 (upstream), uncond â€
 t. Per class IoU = sum(I) / sum(U) over the test queries; mIoU over seen and unseen classes; H = their
 harmonic mean; leakage = share of predicted pixels on other objects.
 
-    python -m attention.shapesworld.grounding [--quick]        # the figure (--quick: one split, smaller sets)
+    python -m attention.shapesworld.grounding [--quick] [--threads 1]   # the figure (--quick: one split, smaller)
+    python -m attention.shapesworld.grounding --part main --splits 2 --scores s2.json   # one piece of it ...
+    python -m attention.shapesworld.grounding --combine s1.json s2.json ...              # ... and the tables
     python -m attention.shapesworld.grounding --train-asset [--force]   # the embedded head under assets/
 """
 
