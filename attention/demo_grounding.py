@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .render import grid, overlay
-from .shapesworld.grounding import (HEAD_ASSET, Example, batch_of, build_pool, figure, load_asset,
+from .shapesworld.grounding import (HEAD_ASSET, Example, batch_of, build_pool, figure, load_asset, render,
                                     template_vectors)
 from .shapesworld.harness import colour_blobs, mask_iou
 from .shapesworld.model import ShapesWorldModel
@@ -52,7 +52,7 @@ def grounding_section(model: ShapesWorldModel, out: Path, save, quick: bool) -> 
     save(grid(torch.stack(tiles), cols=5), out / "grounding.png")
     seg_s = time.perf_counter() - t
     n = (96, 0, 24, 12) if quick else None
-    table = figure(model, quick=True, sizes=n, steps=40 if quick else None)
+    table = render([figure(model, quick=True, sizes=n, steps=40 if quick else None)])
     return ["## Grounded generation (grounding head on UNet features)", "",
             f"The embedded head (`{HEAD_ASSET.name}`: seen words {', '.join(meta.seen_words)}; {meta.query} "
             f"queries; features of every UNet block at t = {meta.timestep}, uncond ‖ cond) segments the shape words "

@@ -9,13 +9,16 @@ reported separately. Features: every block output at t = 1 (upstream), uncond â€
 t. Per class IoU = sum(I) / sum(U) over the test queries; mIoU over seen and unseen classes; H = their
 harmonic mean; leakage = share of predicted pixels on other objects.
 
-    python -m attention.shapesworld.grounding [--quick]        # the figure (--quick: one split, smaller sets)
+    python -m attention.shapesworld.grounding [--quick] [--threads 1]   # the figure (--quick: one split, smaller)
+    python -m attention.shapesworld.grounding --part main --splits 2 --scores s2.json   # one piece of it ...
+    python -m attention.shapesworld.grounding --combine s1.json s2.json ...              # ... and the tables
     python -m attention.shapesworld.grounding --train-asset [--force]   # the embedded head under assets/
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import time
 from dataclasses import dataclass, field, replace
@@ -365,6 +368,10 @@ def best_threshold(pool: Pool) -> float:
 
 # ---------------------------------------------------------------------------------------------- figure
 
+def _cells(d: dict) -> str:
+    return f"{d['seen']:.3f} / {d['unseen']:.3f} / {d['h']:.3f} (leak {d['leak']:.3f})"
+
+
 def _row(name: str, per_split: list[dict]) -> str:
     avg = {k: sum(d[k] for d in per_split) / len(per_split) for k in per_split[0]}
     cells = " | ".join(f"{d['seen']:.3f} / {d['unseen']:.3f} / {d['h']:.3f}" for d in per_split)
@@ -372,13 +379,20 @@ def _row(name: str, per_split: list[dict]) -> str:
             f"{avg['leak']:.3f} |")
 
 
+ABLATIONS = ("colours", "prior", "t200", "drop8", "seen2", "self", "pseudo_template")
+
+
 def figure(model: ShapesWorldModel, quick: bool = False, seed: int = 0, sizes: tuple | None = None,
-           steps: int | None = None) -> list[str]:
-    """The measured table (markdown lines). Full: 3 splits, 256 exact-mask training scenes per split, 96 generated
-    images for pseudo-labels, 144 + 60 test scenes, ablations on split 1; quick: split 1, 160 scenes, 48 + 24 test
-    scenes, no pseudo-label head, no ablations."""
+           steps: int | None = None, part: str = "all", splits: tuple[int, ...] = (1, 2, 3),
+           which: tuple[str, ...] = ABLATIONS, heads: tuple[str, ...] = ("prompt", "template", "pseudo")) -> dict:
+    """The measurements as a JSON-able dict (``render`` turns one or several into the tables). Full: 3 splits,
+    256 exact-mask training scenes per split, 96 generated images for pseudo-labels, 144 + 60 test scenes,
+    ablations on split 1; quick: split 1, 160 scenes, 48 + 24 test scenes, no pseudo-label head, no ablations.
+    ``part``: "all", "main" (the two tables) or "ablations" (``which`` of split 1's ablations); ``splits``: the
+    split numbers of the main tables, so the figure can run as several processes; rows are also logged as they
+    are measured."""
     t_all = time.perf_counter()
-    splits = SPLITS[:1] if quick else SPLITS
+    ks = (1,) if quick or part == "ablations" else tuple(splits)
     n_train, n_pseudo, n_test, n_same = sizes or ((160, 0, 48, 24) if quick else (256, 96, 144, 60))
     recipe = Recipe(steps=steps or (80 if quick else 100))
     templates = template_vectors(model)
@@ -391,33 +405,36 @@ def figure(model: ShapesWorldModel, quick: bool = False, seed: int = 0, sizes: t
     costs["test features (s/image)"] = (time.perf_counter() - t) / (n_test + n_same)
     t = time.perf_counter()
     thr = best_threshold(test)
-    n_cluster = min(n_test, 24 if quick else 48)
-    clus = {"main": cluster_masks(model, test_items[:n_cluster]), "same": cluster_masks(model, same_items)}
-    costs["SelfAttnCluster (s/image)"] = (time.perf_counter() - t) / (n_cluster + n_same)
-    sub = test.subset(list(range(n_cluster)))
+    n_cluster = min(n_test, 24 if quick else 48, len(same_items))
+    clus = {"main": cluster_masks(model, test_items[:n_cluster]), "same": cluster_masks(model, same_items[:n_cluster])}
+    costs["SelfAttnCluster (s/image)"] = (time.perf_counter() - t) / (2 * n_cluster)
+    sub, same_sub = test.subset(list(range(n_cluster))), same.subset(list(range(n_cluster)))
     baselines = {
         "cross-attention word masks, threshold 0.5 (AttentionMapView default)":
             (score_masks(test, crossattn_masks(test, 0.5)), score_masks(same, crossattn_masks(same, 0.5))),
         f"cross-attention word masks, oracle threshold {thr:.2f} (best on this test set)":
             (score_masks(test, crossattn_masks(test, thr)), score_masks(same, crossattn_masks(same, thr))),
-        f"SelfAttnCluster word masks (t=400, 5 clusters, 0.3; first {n_cluster} test scenes)":
-            (score_masks(sub, clus["main"]), score_masks(same, clus["same"])),
+        f"SelfAttnCluster word masks (t=400, 5 clusters, 0.3; first {n_cluster} scenes of each set)":
+            (score_masks(sub, clus["main"]), score_masks(same_sub, clus["same"])),
     }
     pseudo, kept = None, 0.0
-    if n_pseudo:
+    if n_pseudo and (("pseudo" in heads and part != "ablations") or (part != "main" and "pseudo_template" in which)):
         t = time.perf_counter()
         pseudo_items = pseudo_examples(model, 30_000 + seed, n_pseudo)
         costs["pseudo-label fill: generate 20 steps + label (s/image)"] = (time.perf_counter() - t) / n_pseudo
         pseudo = build_pool(model, pseudo_items, seed=3)
         kept = float(torch.cat([e.valid for e in pseudo.examples]).float().mean())
 
-    rows: dict[str, list[tuple[Score, Score]]] = {}
-    pools: dict = {}
-    train_s, seg_s = [], []
-    for k, unseen in enumerate(splits):
+    rows: dict[str, dict[str, list[dict]]] = {}
+    for name, (a, b) in baselines.items():
+        rows[name] = {str(k): [a.summary(SPLITS[k - 1]), b.summary(SPLITS[k - 1])] for k in ks}
+        log.info("baseline %s: %s", name, {k: _cells(v[0]) for k, v in rows[name].items()})
+    train_s, seg_s, ablation_rows = [], [], []
+    for k in ks:
+        unseen = SPLITS[k - 1]
         seen = tuple(w for w in SHAPES if w not in unseen)
         t = time.perf_counter()
-        exact = build_pool(model, exact_examples(40_000 + 100 * k + seed, n_train, seen), seed=4 + k)
+        exact = build_pool(model, exact_examples(40_000 + 100 * (k - 1) + seed, n_train, seen), seed=3 + k)
         costs["exact-mask fill: features (s/image)"] = (time.perf_counter() - t) / n_train
         runs = [(PROMPT_ROW, exact, replace(recipe, mode="prompt")),
                 ("head, exact masks, template queries (paper)", exact, replace(recipe, mode="template"))]
@@ -425,85 +442,130 @@ def figure(model: ShapesWorldModel, quick: bool = False, seed: int = 0, sizes: t
         if pseudo is not None:
             own = pseudo.subset([i for i, e in enumerate(pseudo.examples) if all(s in seen for _, s in e.objects)])
             runs.append(("head, pseudo-labels, prompt queries", own, replace(recipe, mode="prompt")))
-        pools[unseen] = (exact, own)
-        for name, pool, rc in runs:
+        reference = None
+        kinds = ("prompt", "template", "pseudo")
+        chosen = runs[:1] if part == "ablations" else [r for r, kind in zip(runs, kinds) if kind in heads]
+        for name, pool, rc in chosen:
             head, meta, sec = train(pool, rc, templates, seen, name)
             train_s.append(sec)
             t = time.perf_counter()
-            rows.setdefault(name, []).append((score_head(head, test, rc.mode, templates),
-                                              score_head(head, same, rc.mode, templates)))
+            a, b = score_head(head, test, rc.mode, templates), score_head(head, same, rc.mode, templates)
             seg_s.append((time.perf_counter() - t) / (n_test + n_same))
-            log.info("split %d %s: trained in %.1f s", k + 1, name, sec)
+            rows.setdefault(name, {})[str(k)] = [a.summary(unseen), b.summary(unseen)]
+            reference = reference or (a, b)
+            log.info("split %d %s: trained in %.1f s; main %s; same-colour %s", k, name, sec,
+                     _cells(a.summary(unseen)), _cells(b.summary(unseen)))
+        if k == 1 and not quick and part != "main":
+            ablation_rows = ablations(model, (exact, own), reference, test, same, test_items, clus, templates,
+                                      recipe, seed, which)
     costs["train one head (s)"] = sum(train_s) / len(train_s)
     costs["segment (s/image)"] = sum(seg_s) / len(seg_s)
+    costs["this process (s)"] = time.perf_counter() - t_all
+    return {"splits": list(ks), "part": part, "rows": rows if part != "ablations" else {},
+            "ablations": ablation_rows, "costs": costs,
+            "setup": {"train": n_train, "pseudo": n_pseudo, "kept": kept, "test": n_test, "same": n_same,
+                      "steps": recipe.steps, "batch": recipe.batch, "lr": recipe.lr}}
 
-    pseudo_note = (f"or the seen-only share of {n_pseudo} generated images (pseudo-labels: {kept:.0%} of objects "
-                   f"kept by the classifier)" if n_pseudo else "(no pseudo-label head in --quick)")
-    lines = [f"Seen/unseen grounding on ShapesWorld ({len(splits)} split(s) of 4 seen / 2 unseen shapes; "
-             f"{n_train} exact-mask training scenes per split {pseudo_note}, {recipe.steps} Adam steps of "
-             f"{recipe.batch}, lr "
-             f"{recipe.lr}; test: {n_test} scenes + a same-colour set of {n_same}). Cells: mIoU seen / unseen / "
-             "harmonic mean per split; leakage = share of predicted pixels on other objects.", ""]
-    head_cols = " | ".join(f"split {k + 1} (unseen {', '.join(u)})" for k, u in enumerate(splits))
-    for title, which in (("Main test set", 0), ("Same-colour distractor set (colour cannot name the object)", 1)):
-        lines += [f"**{title}**", "", f"| method | {head_cols} | mean | leakage |",
-                  "|---|" + "---|" * (len(splits) + 2)]
-        for name, scores in list(rows.items()) + [(n, [s] * len(splits)) for n, s in baselines.items()]:
-            lines.append(_row(name, [s[which].summary(u) for s, u in zip(scores, splits)]))
+
+def render(results: list[dict]) -> list[str]:
+    """Markdown tables of one or several ``figure`` results (e.g. one process per split)."""
+    main = [r for r in results if r["rows"]]
+    ks = sorted({k for r in main for k in r["splits"]})
+    lines: list[str] = []
+    if main:
+        rows: dict[str, dict[str, list]] = {}
+        for r in main:
+            for name, per in r["rows"].items():
+                rows.setdefault(name, {}).update(per)
+        st = dict(main[0]["setup"])
+        with_pseudo = [r["setup"] for r in main if r["setup"]["pseudo"]]
+        if with_pseudo:
+            st.update(pseudo=with_pseudo[0]["pseudo"], kept=with_pseudo[0]["kept"])
+        pseudo_note = (f"or the seen-only share of {st['pseudo']} generated images (pseudo-labels: {st['kept']:.0%} "
+                       f"of objects kept by the classifier)" if st["pseudo"] else "(no pseudo-label head)")
+        lines += [f"Seen/unseen grounding on ShapesWorld ({len(ks)} split(s) of 4 seen / 2 unseen shapes; "
+                  f"{st['train']} exact-mask training scenes per split {pseudo_note}, {st['steps']} Adam steps of "
+                  f"{st['batch']}, lr {st['lr']}; test: {st['test']} scenes + a same-colour set of {st['same']}). "
+                  "Cells: mIoU seen / unseen / harmonic mean per split; leakage = share of predicted pixels on "
+                  "other objects.", ""]
+        head_cols = " | ".join(f"split {k} (unseen {', '.join(SPLITS[k - 1])})" for k in ks)
+        heads = [n for n in rows if n.startswith("head")]
+        for title, which in (("Main test set", 0), ("Same-colour distractor set (colour cannot name the object)", 1)):
+            lines += [f"**{title}**", "", f"| method | {head_cols} | mean | leakage |", "|---|" + "---|" * (len(ks) + 2)]
+            for name in heads + [n for n in rows if n not in heads]:
+                per = rows[name]
+                if all(str(k) in per for k in ks):
+                    lines.append(_row(name, [per[str(k)][which] for k in ks]))
+            lines.append("")
+    abl = [a for r in results for a in r["ablations"]]
+    if abl:
+        lines += [f"**Ablations** (split 1, unseen {', '.join(SPLITS[0])}; prompt queries unless named; cells: mIoU "
+                  "seen / unseen / H, main set | same-colour set; leakage on the main set)", "",
+                  "| variant | main set | same-colour set | leakage |", "|---|---|---|---|"]
+        seen_names = set()
+        for name, a, b in abl:
+            if name in seen_names:
+                continue
+            seen_names.add(name)
+            lines.append(f"| {name} | {a['seen']:.3f} / {a['unseen']:.3f} / {a['h']:.3f} | "
+                         f"{b['seen']:.3f} / {b['unseen']:.3f} / {b['h']:.3f} | {a['leak']:.3f} |")
         lines.append("")
-    if not quick and pseudo is not None:
-        lines += ablations(model, pools[SPLITS[0]], rows[PROMPT_ROW][0], test, same, test_items, clus, templates,
-                           recipe, seed)
-    lines += ["Costs on this machine: " + "; ".join(f"{k} {v:.3f}" for k, v in costs.items())
-              + f"; whole command {time.perf_counter() - t_all:.0f} s.", ""]
-    return lines
+    for r in results:
+        lines.append(f"Costs ({r['part']}, splits {r['splits']}): "
+                     + "; ".join(f"{k} {v:.3f}" for k, v in r["costs"].items()) + ".")
+    return lines + [""]
 
 
 def ablations(model, pools: tuple, reference: tuple, test: Pool, same: Pool, test_items: list, clus: dict,
-              templates: dict, recipe: Recipe, seed: int) -> list[str]:
-    """Split 1 only, prompt queries unless named; reported, not tuned on the test split."""
+              templates: dict, recipe: Recipe, seed: int, which: tuple[str, ...] = ABLATIONS) -> list:
+    """Split 1 only, prompt queries unless named; reported, not tuned on the test split. Returns
+    [name, main summary, same-colour summary] rows."""
     unseen = SPLITS[0]
     seen = tuple(w for w in SHAPES if w not in unseen)
-    out: list[tuple[str, Score, Score]] = [("reference: the main table's split-1 prompt-query head (t = 1, all 3 "
-                                            "sizes, 4 seen words)", *reference)]
+    out: list = [["reference: the split-1 prompt-query head of the main table (t = 1, all 3 sizes, 4 seen words)",
+                  reference[0].summary(unseen), reference[1].summary(unseen)]]
     exact, pseudo = pools
 
     def run(name, pool, rc, tpool=test, spool=same, seen_words=seen):
         head = train(pool, rc, templates, seen_words, name)[0]
-        out.append((name, score_head(head, tpool, rc.mode, templates, rc.prior),
-                    score_head(head, spool, rc.mode, templates, rc.prior)))
-    run("pseudo-labels, template queries (the paper's whole pipeline)", pseudo, replace(recipe, mode="template"))
-    items = exact_examples(40_000 + seed, len(exact.examples), seen)
-    run("features at t = 200", build_pool(model, items, t=200, seed=4), recipe,
-        build_pool(model, test_items, t=200, seed=1), build_pool(model, exact_examples(20_000 + seed,
-                                                                                          len(same.examples),
-                                                                                          same_colour=True),
-                                                                   t=200, seed=2))
-    run("8x8 features dropped", exact.with_levels([1, 2]), recipe, test.with_levels([1, 2]), same.with_levels([1, 2]))
-    two = seen[:2]
-    run(f"2 seen words ({', '.join(two)}; same number of scenes)",
-        build_pool(model, exact_examples(50_000 + seed, len(exact.examples), two), seed=5), recipe, seen_words=two)
-    run("colour words as extra training queries", exact, replace(recipe, colours=True))
-    run("word's cross-attention map as an extra input (ours, not the paper's)", exact, replace(recipe, prior=True))
-    # self-training: a head trained on SelfAttnCluster masks of the training scenes, against those masks
-    n_st = min(64, len(exact.examples))
-    st_items = exact_examples(40_000 + seed, n_st, seen)
-    cm = cluster_masks(model, st_items, seed=777)
-    st_pool = exact.subset(list(range(n_st)))
-    st_pool = replace(st_pool, examples=[replace(e, masks=m, valid=m.flatten(1).any(1))
-                                         for e, m in zip(st_pool.examples, cm)])
-    run(f"self-training: head on SelfAttnCluster masks of {n_st} training scenes", st_pool, recipe)
-    sub = test.subset(list(range(len(clus["main"]))))
-    out.append(("SelfAttnCluster masks themselves (same test scenes as above's baseline row)",
-                score_masks(sub, clus["main"]), score_masks(same, clus["same"])))
-    lines = [f"**Ablations** (split 1, unseen {', '.join(unseen)}; prompt queries unless named; cells: mIoU seen / "
-             "unseen / H, main set | same-colour set; leakage on the main set)", "",
-             "| variant | main set | same-colour set | leakage |", "|---|---|---|---|"]
-    for name, a, b in out:
-        sa, sb = a.summary(unseen), b.summary(unseen)
-        lines.append(f"| {name} | {sa['seen']:.3f} / {sa['unseen']:.3f} / {sa['h']:.3f} | "
-                     f"{sb['seen']:.3f} / {sb['unseen']:.3f} / {sb['h']:.3f} | {sa['leak']:.3f} |")
-    return lines + [""]
+        a = score_head(head, tpool, rc.mode, templates, rc.prior).summary(unseen)
+        b = score_head(head, spool, rc.mode, templates, rc.prior).summary(unseen)
+        out.append([name, a, b])
+        log.info("ablation %s: main %s; same-colour %s", name, _cells(a), _cells(b))
+    for key in which:
+        if key == "colours":
+            run("colour words as extra training queries", exact, replace(recipe, colours=True))
+        elif key == "prior":
+            run("word's cross-attention map as an extra input (ours, not the paper's)", exact,
+                replace(recipe, prior=True))
+        elif key == "t200":
+            items = exact_examples(40_000 + seed, len(exact.examples), seen)
+            same_items = exact_examples(20_000 + seed, len(same.examples), same_colour=True)
+            run("features at t = 200 (train and test)", build_pool(model, items, t=200, seed=4), recipe,
+                build_pool(model, test_items, t=200, seed=1), build_pool(model, same_items, t=200, seed=2))
+        elif key == "drop8":
+            run("8x8 features dropped", exact.with_levels([1, 2]), recipe, test.with_levels([1, 2]),
+                same.with_levels([1, 2]))
+        elif key == "seen2":
+            two = seen[:2]
+            run(f"2 seen words ({', '.join(two)}; same number of scenes)",
+                build_pool(model, exact_examples(50_000 + seed, len(exact.examples), two), seed=5), recipe,
+                seen_words=two)
+        elif key == "self":
+            n_st = min(48, len(exact.examples))
+            cm = cluster_masks(model, exact_examples(40_000 + seed, n_st, seen), seed=777)
+            st_pool = exact.subset(list(range(n_st)))
+            st_pool = replace(st_pool, examples=[replace(e, masks=m, valid=m.flatten(1).any(1))
+                                                 for e, m in zip(st_pool.examples, cm)])
+            run(f"self-training: head on SelfAttnCluster masks of {n_st} training scenes (compare with the "
+                "SelfAttnCluster row)", st_pool, recipe)
+            n = len(clus["main"])
+            out.append(["SelfAttnCluster masks themselves (first test scenes of each set)",
+                        score_masks(test.subset(list(range(n))), clus["main"]).summary(unseen),
+                        score_masks(same.subset(list(range(n))), clus["same"]).summary(unseen)])
+        elif key == "pseudo_template" and pseudo is not None:
+            run("pseudo-labels, template queries (the paper's whole pipeline)", pseudo, replace(recipe, mode="template"))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- embedded head
@@ -533,6 +595,16 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="one split, smaller sets, no ablations (the demo's size)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--part", choices=("all", "main", "ablations"), default="all",
+                   help="main: the two tables; ablations: split 1's ablations")
+    p.add_argument("--splits", default="1,2,3", help="split numbers of the main tables (one process per split)")
+    p.add_argument("--ablations", default=",".join(ABLATIONS), help=f"which ablations ({', '.join(ABLATIONS)})")
+    p.add_argument("--heads", default="prompt,template,pseudo", help="main-table heads to train (prompt, template: "
+                   "exact masks; pseudo: pseudo-labels, prompt queries)")
+    p.add_argument("--sizes", default="", help="train,pseudo,test,same (default 256,96,144,60; quick 160,0,48,24)")
+    p.add_argument("--steps", type=int, default=0, help="Adam steps per head (default 100; quick 80)")
+    p.add_argument("--scores", default="", help="also write the measurements as JSON here (for --combine)")
+    p.add_argument("--combine", nargs="+", default=None, help="print the tables of several --scores files")
     p.add_argument("--train-asset", action="store_true", help="train the embedded head instead of the figure")
     p.add_argument("--out", default=str(HEAD_ASSET), help="where --train-asset writes the head")
     p.add_argument("--force", action="store_true", help="let --train-asset replace an existing file")
@@ -540,13 +612,22 @@ def main(argv=None):
                    "than 2 when other processes share the 2 cores)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.combine:
+        log.info("\n".join(render([json.loads(Path(f).read_text()) for f in args.combine])))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     model = ShapesWorldModel()
     if args.train_asset:
         train_asset(model, Path(args.out), args.force, seed=args.seed)
         return
-    log.info("\n".join(figure(model, args.quick, args.seed)))
+    sizes = tuple(int(x) for x in args.sizes.split(",")) if args.sizes else None
+    result = figure(model, args.quick, args.seed, sizes, args.steps or None, args.part,
+                    tuple(int(x) for x in args.splits.split(",")), tuple(args.ablations.split(",")),
+                    tuple(args.heads.split(",")))
+    if args.scores:
+        Path(args.scores).write_text(json.dumps(result, indent=1))
+    log.info("\n".join(render([result])))
 
 
 if __name__ == "__main__":
