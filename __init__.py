@@ -13,15 +13,17 @@ if ComfyExtension is not None:
     from .nodes.capture import AttentionCapture, AttentionMapView
     from .nodes.cluster import SelfAttnCluster
     from .nodes.dpl import DPLTokenOptimizer
+    from .nodes.grounding import NODES as GROUNDING_NODES
     from .nodes.inversion import NullTextInvert
     from .nodes.p2p import P2PEditSampler
     from .nodes.prompt_mix import PromptMixSampler
-    from .nodes.shapesworld import ShapesWorldLoader
+    from .nodes.shapesworld import ShapesWorldLoader, ShapesWorldPseudoMasks, ShapesWorldScenes
     from .nodes.spatext import SpaTextGuider
     from .nodes.structure import StructureDiffusion
 
     NODES = [AttentionCapture, AttentionMapView, SelfAttnCluster, PromptMixSampler, NullTextInvert,
-             DPLTokenOptimizer, P2PEditSampler, StructureDiffusion, SpaTextGuider, ShapesWorldLoader]
+             DPLTokenOptimizer, P2PEditSampler, StructureDiffusion, SpaTextGuider, ShapesWorldLoader,
+             *GROUNDING_NODES, ShapesWorldScenes, ShapesWorldPseudoMasks]
 
     class AttentionLabExtension(ComfyExtension):
         async def get_node_list(self) -> list[type[io.ComfyNode]]:

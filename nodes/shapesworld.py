@@ -9,6 +9,7 @@ contract; the VAE is ComfyUI's own pixel-space VAE (the model works on 32x32 RGB
 from __future__ import annotations
 
 import numbers
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,11 +20,13 @@ import comfy.model_patcher
 import comfy.sd
 import comfy.supported_models_base
 import torch
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
+from ..attention.shapesworld.harness import colour_blobs, load_classifier
 from ..attention.shapesworld.model import DEFAULT_WEIGHTS, read_weights
 from ..attention.shapesworld.text import EOS, ShapesTokenizer
 from ..attention.shapesworld.train import build_models
+from ..attention.shapesworld.world import COLOURS, SHAPES, SceneSpec, ShapesWorld
 from .common import CATEGORY
 
 TOKEN_KEY = "sw"
@@ -159,3 +162,131 @@ class ShapesWorldLoader(io.ComfyNode):
     @classmethod
     def execute(cls, weights) -> io.NodeOutput:
         return io.NodeOutput(*load_shapesworld(weights.strip() or DEFAULT_WEIGHTS))
+
+
+# --------------------------------------------------------------------------------------------- grounding masks
+# Mask sources for the grounding nodes (nodes/grounding.py) on ShapesWorld, so a CPU-only graph can fill a
+# dataset without an external segmenter: exact scenes of the world, or the pack's pseudo-labeller.
+
+def _shape_list(text: str) -> list[str]:
+    shapes = [s.strip() for s in (text or "").split(",") if s.strip()] or list(SHAPES)
+    bad = [s for s in shapes if s not in SHAPES]
+    if bad:
+        raise ValueError(f"unknown shapes {bad}; ShapesWorld's shapes are {', '.join(SHAPES)} (comma separated, "
+                         "empty = all)")
+    return shapes
+
+
+def _union_by_word(words: list[str], masks: list[torch.Tensor]) -> tuple[list[str], list[torch.Tensor]]:
+    """One mask per distinct word: the union of its objects (two stars -> one 'star' mask)."""
+    out: dict[str, torch.Tensor] = {}
+    for w, m in zip(words, masks):
+        out[w] = out[w] | m if w in out else m.clone()
+    return list(out), list(out.values())
+
+
+class ShapesWorldScenes(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ShapesWorldScenes",
+            display_name="ShapesWorld Scenes",
+            category=CATEGORY,
+            description=(
+                "Draws random ShapesWorld scenes with their exact masks: images, captions, the shape words and one "
+                "mask per shape word (the union of that shape's objects). A mask source for Grounding Dataset Add "
+                "that needs no segmenter; restrict 'shapes' to the seen words to hold others out."),
+            inputs=[
+                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff,
+                             tooltip="Seed of the scenes (0 to 2^64-1); a new seed gives new scenes."),
+                io.Int.Input("count", default=16, min=1, max=1024, tooltip="Number of scenes (1-1024)."),
+                io.String.Input("shapes", default="", tooltip=(
+                    "Shapes that may appear, comma separated (circle, square, triangle, star, cross, diamond); "
+                    "empty = all six.")),
+                io.Int.Input("max_objects", default=3, min=1, max=3, tooltip="Objects per scene: 1 to this (1-3)."),
+            ],
+            outputs=[io.Image.Output(display_name="images", tooltip="32x32 scenes; VAE Encode them for a LATENT."),
+                     io.String.Output(display_name="prompts", tooltip="The caption of each scene, one per line."),
+                     io.String.Output(display_name="words", tooltip="Each scene's shape words, one line per scene."),
+                     io.Mask.Output(display_name="masks", tooltip="One exact mask per shape word, scene by scene.")],
+        )
+
+    @classmethod
+    def execute(cls, seed, count, shapes, max_objects) -> io.NodeOutput:
+        allowed = _shape_list(shapes)
+        world = ShapesWorld(seed=seed % (2 ** 63), max_objects=max_objects)
+        gen = torch.Generator().manual_seed((seed + 1) % (2 ** 63))
+        images, prompts, word_lines, masks = [], [], [], []
+        for _ in range(count):
+            n = 1 + int(torch.randint(max_objects, (), generator=gen))
+            picks = [allowed[int(torch.randint(len(allowed), (), generator=gen))] for _ in range(n)]
+            scene = world.sample(SceneSpec([(None, s) for s in picks]))
+            words, ms = _union_by_word([o.shape for o in scene.objects], [o.mask for o in scene.objects])
+            images.append(scene.image.permute(1, 2, 0))
+            prompts.append(scene.caption)
+            word_lines.append(", ".join(words))
+            masks += ms
+        return io.NodeOutput(torch.stack(images), "\n".join(prompts), "\n".join(word_lines),
+                             torch.stack(masks).float())
+
+
+class ShapesWorldPseudoMasks(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ShapesWorldPseudoMasks",
+            display_name="ShapesWorld Pseudo Masks",
+            category=CATEGORY,
+            description=(
+                "The pack's pseudo-labeller for generated ShapesWorld images, the analogue of the paper's detector: "
+                "each prompted object's mask is the largest blob of its colour, kept only when the region classifier "
+                "calls that blob the prompted shape (as the paper skips a class its detector misses). Outputs the "
+                "kept shape words and their masks, for Grounding Dataset Add."),
+            inputs=[
+                io.Image.Input("images", tooltip="Generated (decoded) ShapesWorld images."),
+                io.String.Input("prompts", multiline=True, default="", tooltip=(
+                    "The prompt of each image (one line for all, or one per image), e.g. 'a red circle and a blue "
+                    "star'; objects are read as colour + shape pairs.")),
+            ],
+            outputs=[io.String.Output(display_name="words", tooltip="Kept shape words, one line per image."),
+                     io.Mask.Output(display_name="masks", tooltip="One mask per kept word, image by image."),
+                     io.String.Output(display_name="report", tooltip="What was kept and skipped.")],
+        )
+
+    @classmethod
+    def execute(cls, images, prompts) -> io.NodeOutput:
+        lines = [ln.strip() for ln in prompts.strip().splitlines()] or [""]
+        if len(lines) == 1:
+            lines = lines * images.shape[0]
+        if len(lines) != images.shape[0]:
+            raise ValueError(f"{len(lines)} prompt lines for {images.shape[0]} images; give one line for all images "
+                             "or one per image")
+        clf = load_classifier()
+        word_lines, masks, report = [], [], []
+        for i, (img, prompt) in enumerate(zip(images, lines)):
+            pairs = prompt_objects(prompt)
+            if not pairs:
+                raise ValueError(f"prompt {prompt!r} names no ShapesWorld object (colour + shape, e.g. 'a red star')")
+            chw = img.permute(2, 0, 1).float().cpu()
+            words, ms = [], []
+            for colour, shape in pairs:
+                blobs = colour_blobs(chw, colour)
+                pred = clf.predict(chw[None], blobs[0][None])[0][0] if blobs else None
+                if pred == shape:
+                    words.append(shape)
+                    ms.append(blobs[0])
+                else:
+                    report.append(f"image {i}: {colour} {shape} skipped ({'no blob' if pred is None else pred})")
+            words, ms = _union_by_word(words, ms)
+            word_lines.append(", ".join(words))
+            masks += ms
+        h, w = images.shape[1:3]
+        out = torch.stack(masks).float() if masks else torch.zeros(0, h, w)
+        text = f"kept {len(masks)} masks" + ("; " + "; ".join(report) if report else "")
+        return io.NodeOutput("\n".join(word_lines), out, text, ui=ui.PreviewText(text))
+
+
+def prompt_objects(prompt: str) -> list[tuple[str, str]]:
+    """(colour, shape) pairs of a ShapesWorld prompt, in order ('a red star and a blue circle')."""
+    tokens = re.findall(r"[a-z]+", prompt.lower())
+    return [(a, b) for a, b in zip(tokens, tokens[1:]) if a in COLOURS and b in SHAPES]

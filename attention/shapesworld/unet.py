@@ -7,6 +7,13 @@ called as ``fn(q, k, v, extra_options)`` with the same ``extra_options`` keys th
 ComfyUI's ``BasicTransformerBlock`` provides (block, block_index, n_heads, dim_head,
 activations_shape, original_shape, cond_or_uncond, sigmas, sample_sigmas, ...).
 
+UNet-level patches are called as ComfyUI 0.8's ``UNetModel._forward`` calls them (openaimodel.py
+l.858-913): ``emb_patch(emb, model_channels, to)``, ``input_block_patch(h, to)`` after every input block,
+``input_block_patch_after_skip(h, to)`` after its skip is stored, ``output_block_patch(h, hsp, to) -> (h, hsp)``
+before every output block's concat, with ``to["block"]`` set to the block being run. ``out`` (GroupNorm-SiLU-
+conv, as UNetModel.out) is a module of its own so a forward hook can see the last output block's output;
+its weights stay registered as ``norm_out``/``conv_out`` (the committed checkpoint's keys).
+
 Layout (32x32 input, pixel space, 3 channels):
     input.0 conv | input.1 res@32 | input.2 down | input.3 res+attn@16 | input.4 down
     input.5 res+attn@8 | middle res+attn+res@8 | output.0-1 res+attn@8 (+up)
@@ -129,6 +136,18 @@ class Stage(nn.Module):
         return x
 
 
+class OutputHead(nn.Module):
+    """GroupNorm-SiLU-conv as ComfyUI's ``UNetModel.out``; holds its layers without registering them."""
+
+    def __init__(self, norm: nn.GroupNorm, conv: nn.Conv2d):
+        super().__init__()
+        self._layers = (norm, conv)          # a tuple: the parent registers them (state-dict keys unchanged)
+
+    def forward(self, h):
+        norm, conv = self._layers
+        return conv(F.silu(norm(h)))
+
+
 class ShapesUNet(nn.Module):
     def __init__(self, in_channels: int = 3, channels: tuple[int, int, int] = (64, 128, 128),
                  context_dim: int = 128, heads: int = 4, temb: int = 256):
@@ -159,6 +178,7 @@ class ShapesUNet(nn.Module):
         self.conv_out = nn.Conv2d(c0, in_channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
+        self.out = OutputHead(self.norm_out, self.conv_out)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -173,33 +193,29 @@ class ShapesUNet(nn.Module):
         """eps prediction; ``timesteps`` are DDPM indices 0..999 as in ComfyUI's UNetModel."""
         to = dict(transformer_options or {})
         to["original_shape"] = list(x.shape)
+        patches = to.get("patches", {})
         emb = self.time_embed(timestep_embedding(timesteps, self.channels[0]))
+        for p in patches.get("emb_patch", []):
+            emb = p(emb, self.channels[0], to)
         hs = []
-
-        def block(kind, number):
-            to["block"] = (kind, number)
-
-        block("input", 0)
-        h = self.conv_in(x)
-        hs.append(h)
-        block("input", 1)
-        h = self.in1(h, emb, context, to)
-        hs.append(h)
-        block("input", 2)
-        h = self.down(h)
-        hs.append(h)
-        block("input", 3)
-        h = self.in3(h, emb, context, to)
-        hs.append(h)
-        block("input", 4)
-        h = self.down2(h)
-        hs.append(h)
-        block("input", 5)
-        h = self.in5(h, emb, context, to)
-        hs.append(h)
-        block("middle", 0)
+        stages = [lambda h: self.conv_in(h), lambda h: self.in1(h, emb, context, to), lambda h: self.down(h),
+                  lambda h: self.in3(h, emb, context, to), lambda h: self.down2(h),
+                  lambda h: self.in5(h, emb, context, to)]
+        h = x
+        for number, stage in enumerate(stages):
+            to["block"] = ("input", number)
+            h = stage(h)
+            for p in patches.get("input_block_patch", []):
+                h = p(h, to)
+            hs.append(h)
+            for p in patches.get("input_block_patch_after_skip", []):
+                h = p(h, to)
+        to["block"] = ("middle", 0)
         h = self.mid_res2(self.mid_attn(self.mid_res1(h, emb), context, to), emb)
-        for i, stage in enumerate(self.out_blocks):
-            block("output", i)
-            h = stage(torch.cat([h, hs.pop()], dim=1), emb, context, to)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        for number, stage in enumerate(self.out_blocks):
+            to["block"] = ("output", number)
+            hsp = hs.pop()
+            for p in patches.get("output_block_patch", []):
+                h, hsp = p(h, hsp, to)
+            h = stage(torch.cat([h, hsp], dim=1), emb, context, to)
+        return self.out(h)
