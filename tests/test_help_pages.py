@@ -72,12 +72,6 @@ def test_every_registered_node_has_a_help_page(node_id):
         assert picture.stat().st_size < 150_000, f"{picture} is {picture.stat().st_size} bytes; keep pictures small"
 
 
-def test_help_pages_only_for_registered_nodes():
-    docs = web_directory() / "docs"
-    pages = {p.stem for p in docs.glob("*.md")} | {p.name for p in docs.iterdir() if p.is_dir() and p.name != "images"}
-    assert pages <= set(registered_node_ids()), f"pages of no registered node: {pages - set(registered_node_ids())}"
-
-
 def test_web_directory_holds_no_script():
     # the editor loads every .js under WEB_DIRECTORY as an extension; this pack ships none
     assert not list(web_directory().rglob("*.js"))

@@ -24,7 +24,7 @@ import uuid
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from comfy_boot import ROOT, boot  # noqa: E402
@@ -40,6 +40,8 @@ logger = logging.getLogger("attention_lab.help_images")
 
 
 def preview(source: tuple[str, int]) -> dict:
+    # (a second Preview Image of an output the template already previews would be served from the cache and
+    # report no images)
     return {"class_type": "PreviewImage", "inputs": {"images": [source[0], source[1]]}}
 
 
@@ -60,7 +62,7 @@ CLUSTER_NODES = {"1", "2", "10", "11", "12", "13", "14", "15", "3", "16"}
 # per ShapesWorld template: nodes added to reach outputs that no saved node shows
 EXTRA = {   # in the order they run: cheap first
     "dpl_cluster": {"90": preview(("13", 0)), "91": preview(("16", 2)), **mask_preview("92", ("16", 0))},
-    "attention_capture_shapesworld": {"90": preview(("9", 1))},                          # overlays
+    "attention_capture_shapesworld": {},               # node 10 previews the overlays
     "spatext_shapesworld": {},
     "structure_diffusion_shapesworld": {},
     "p2p_edit_shapesworld": {},
@@ -76,7 +78,7 @@ class _Server:
         pass
 
 
-def run_workflow(name: str, out_dir: Path, fast: bool) -> dict[str, list[np.ndarray]]:
+def run_workflow(name: str, out_dir: Path, fast: bool, steps: int | None = None) -> dict[str, list[np.ndarray]]:
     """Run workflows/api/<name>_api.json plus EXTRA[name]; every output node's images as (H, W, 3) floats."""
     import execution
     source = "dpl_edit_shapesworld" if name == "dpl_cluster" else name
@@ -87,6 +89,9 @@ def run_workflow(name: str, out_dir: Path, fast: bool) -> dict[str, list[np.ndar
     for (template, nid), inputs in FAST.items():
         if fast and template == name:
             prompt[nid]["inputs"].update(inputs)
+    for nid, node in prompt.items():
+        if steps and "steps" in node["inputs"] and not (name.startswith(("nti_", "dpl_")) and nid == "12"):
+            node["inputs"]["steps"] = steps        # every sampler but the one drawing the image to edit
     prompt.update(EXTRA[name])
     pid = str(uuid.uuid4())
     ok, err, outputs, node_errors = asyncio.run(execution.validate_prompt(pid, prompt, None))
@@ -139,8 +144,8 @@ def graph_drawing(name: str, size=THUMB) -> Image.Image:
     y0 = min(n["pos"][1] for n in nodes)
     x1 = max(n["pos"][0] + n["size"][0] for n in nodes)
     y1 = max(n["pos"][1] + n["size"][1] for n in nodes)
-    margin = 12
-    k = min((size[0] - 2 * margin) / (x1 - x0), (size[1] - 2 * margin) / (y1 - y0))
+    margin, caption = 12, 44
+    k = min((size[0] - 2 * margin) / (x1 - x0), (size[1] - 2 * margin - caption) / (y1 - y0))
     box = {n["id"]: [margin + (n["pos"][0] - x0) * k, margin + (n["pos"][1] - y0) * k,
                      margin + (n["pos"][0] - x0 + n["size"][0]) * k, margin + (n["pos"][1] - y0 + n["size"][1]) * k]
            for n in nodes}
@@ -158,6 +163,10 @@ def graph_drawing(name: str, size=THUMB) -> Image.Image:
         draw.rectangle([x, y, xe, ye], fill=body, outline=(150, 150, 150))
         draw.rectangle([x, y, xe, min(ye, y + 9)], fill=(40, 40, 46))
         draw.text((x + 2, y - 1), (n.get("title") or n["type"])[: max(1, int((xe - x) / 6))], fill=(230, 230, 230))
+    font = ImageFont.load_default(size=15)
+    draw.text((margin, size[1] - caption + 4), name.replace("_", " "), fill=(240, 240, 240), font=font)
+    draw.text((margin, size[1] - caption + 23), "graph for an SD checkpoint (green: Attention Lab nodes)",
+              fill=(170, 170, 170), font=ImageFont.load_default(size=11))
     return img
 
 
@@ -165,6 +174,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", nargs="*", help="template names (without .json) to run; default all")
     p.add_argument("--fast", action="store_true", help="fewer steps for the editing samplers (see FAST)")
+    p.add_argument("--steps", type=int, help="steps of every sampler (not the one drawing an image to edit)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     boot()
@@ -188,7 +198,7 @@ def main(argv=None):
                 graph_drawing(ui.stem).save(WORKFLOWS / f"{ui.stem}.jpg", quality=88)
                 logger.info("drew %s.jpg", ui.stem)
     for name in names:
-        r = run_workflow(name, out_dir, args.fast)
+        r = run_workflow(name, out_dir, args.fast, args.steps)
         if name == "dpl_cluster":
             save(strip(r["90"] + r["91"] + r["92p"]), "SelfAttnCluster")
             image = r["90"][0]
@@ -198,11 +208,11 @@ def main(argv=None):
             logger.info("DPL template image: red blobs of %s px; word masks cover %s of the image",
                         [int(b.sum()) for b in blobs], [round(float((m[..., 0] > 0.5).mean()), 3) for m in r["92p"]])
         elif name == "attention_capture_shapesworld":
-            save(strip(r["8"] + r["90"]), "AttentionCapture")
+            save(strip(r["8"] + r["10"]), "AttentionCapture")
             grid = strip(r["9"], scale=1)
             k = min(1.0, 360 / grid.width)
             save(grid.resize((round(grid.width * k), round(grid.height * k)), Image.LANCZOS), "AttentionMapView")
-            thumb(name, strip(r["8"] + r["90"]))
+            thumb(name, strip(r["8"] + r["10"]))
         elif name == "prompt_mixing_shapesworld":
             save(strip(r["6"]), "PromptMixSampler")
             thumb(name, strip(r["6"], cols=3))
