@@ -135,7 +135,7 @@ def fit(picture: Image.Image, size=THUMB) -> Image.Image:
     return canvas
 
 
-def graph_drawing(name: str, size=THUMB) -> Image.Image:
+def graph_drawing(name: str, size=THUMB, note: str = "graph for an SD checkpoint (green: Attention Lab nodes)") -> Image.Image:
     """The UI graph workflows/<name>.json drawn as boxes (title bar + body) and links, for templates that
     need an SD checkpoint and cannot be run here."""
     graph = json.loads((WORKFLOWS / f"{name}.json").read_text())
@@ -165,7 +165,7 @@ def graph_drawing(name: str, size=THUMB) -> Image.Image:
         draw.text((x + 2, y - 1), (n.get("title") or n["type"])[: max(1, int((xe - x) / 6))], fill=(230, 230, 230))
     font = ImageFont.load_default(size=15)
     draw.text((margin, size[1] - caption + 4), name.replace("_", " "), fill=(240, 240, 240), font=font)
-    draw.text((margin, size[1] - caption + 23), "graph for an SD checkpoint (green: Attention Lab nodes)",
+    draw.text((margin, size[1] - caption + 23), note,
               fill=(170, 170, 170), font=ImageFont.load_default(size=11))
     return img
 
@@ -186,7 +186,7 @@ def main(argv=None):
     names = args.only or list(EXTRA)
 
     def save(picture: Image.Image, node_id: str):
-        picture.save(IMAGES / f"{node_id}.png", optimize=True)
+        picture.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(IMAGES / f"{node_id}.png", optimize=True)
         logger.info("wrote %s (%dx%d)", IMAGES / f"{node_id}.png", *picture.size)
 
     def thumb(name: str, picture: Image.Image):
@@ -230,8 +230,10 @@ def main(argv=None):
             save(strip(r["10"], cols=4), "ShapesWorldLoader")
             thumb(name, strip(r["7"] + r["10"], cols=4))
         elif name == "spatext_shapesworld":
-            save(strip(r["17"] + r["16"]), "SpaTextGuider")
-            thumb(name, strip(r["17"] + r["16"], cols=3))
+            h, w = r["16"][0].shape[:2]            # the region map comes at mask size: bring it to the images'
+            region = np.asarray(Image.fromarray((r["17"][0] * 255).astype(np.uint8)).resize((w, h), Image.NEAREST))
+            save(strip([region / 255.0] + r["16"]), "SpaTextGuider")
+            thumb(name, strip([region / 255.0] + r["16"], cols=3))
 
 
 if __name__ == "__main__":
