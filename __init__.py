@@ -4,6 +4,10 @@ ComfyUI loads this folder as a custom-node package and calls ``comfy_entrypoint`
 Outside ComfyUI (pytest collecting the repository, the demo) there is nothing to register.
 """
 
+# The editor serves this folder at /extensions/<this folder's name>/; its node library shows
+# web/docs/<NodeId>.md (or web/docs/<NodeId>/<locale>.md) as each node's help page.
+WEB_DIRECTORY = "./web"
+
 try:
     from comfy_api.latest import ComfyExtension, io
 except ImportError:  # not running inside ComfyUI

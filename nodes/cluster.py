@@ -50,7 +50,9 @@ class SelfAttnCluster(io.ComfyNode):
                     "used, 32 as in the official code).")),
                 io.Int.Input("cross_resolution", default=16, min=4, max=128, tooltip=(
                     "Cross-attention map size used for the labels (nearest captured size; 16 officially).")),
-                io.Int.Input("seed", default=1, min=0, max=2**31 - 1, tooltip="KMeans seed; same seed, same masks."),
+                io.Int.Input("seed", default=1, min=0, max=2**31 - 1, control_after_generate=False, tooltip=(
+                    "KMeans seed (0-2147483647); same seed, same masks. Not randomized after each run: the "
+                    "masks, and everything computed from them, stay put.")),
                 io.Int.Input("batch_index", default=0, min=0, max=4095, tooltip="Which image of the batch."),
                 io.Image.Input("image", optional=True, tooltip="If given, masks and picture take its size."),
             ],

@@ -307,7 +307,7 @@ def run(executor, prompt: dict) -> dict:
 
 def test_shapesworld_api_workflow_end_to_end(executor):
     ex, out = executor
-    prompt = json.loads((ROOT / "workflows" / "grounding_shapesworld_api.json").read_text())
+    prompt = json.loads((ROOT / "workflows" / "api" / "grounding_shapesworld_api.json").read_text())
     for node in prompt.values():                     # keep the CPU test short: fewer scenes and steps
         if node["class_type"] == "ShapesWorldScenes":
             node["inputs"]["count"] = 8

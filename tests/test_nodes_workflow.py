@@ -112,7 +112,8 @@ WORKFLOWS = ROOT / "workflows"
 FRONTEND_ONLY = {"Note", "MarkdownNote", "PrimitiveNode", "Reroute"}
 
 
-@pytest.mark.parametrize("path", sorted(WORKFLOWS.glob("*.json")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted(WORKFLOWS.glob("*.json")) + sorted(WORKFLOWS.glob("api/*.json")),
+                         ids=lambda p: p.name)
 def test_workflow_files_use_only_registered_nodes(comfy_nodes, path):
     import json
     data = json.loads(path.read_text())
@@ -128,7 +129,7 @@ def test_workflow_files_use_only_registered_nodes(comfy_nodes, path):
 def test_shapesworld_api_workflow_runs(comfy_nodes):
     import json
     prompt = {k: {kk: vv for kk, vv in v.items() if kk != "_meta"}
-              for k, v in json.loads((WORKFLOWS / "attention_capture_shapesworld_api.json").read_text()).items()}
+              for k, v in json.loads((WORKFLOWS / "api" / "attention_capture_shapesworld_api.json").read_text()).items()}
     out = run(new_executor(), prompt)
     assert out["9"]["images"] and out["8"]["images"] and out["10"]["images"]
 
@@ -167,7 +168,7 @@ def test_capture_with_other_sampler_nodes(comfy_nodes, kind):
 def api_graph(name: str, steps: int) -> dict:
     import json
     g = {k: {kk: vv for kk, vv in v.items() if kk != "_meta"}
-         for k, v in json.loads((WORKFLOWS / f"{name}_api.json").read_text()).items()}
+         for k, v in json.loads((WORKFLOWS / "api" / f"{name}_api.json").read_text()).items()}
     for node in g.values():
         if "steps" in node["inputs"]:
             node["inputs"]["steps"] = steps

@@ -1,36 +1,123 @@
-"""Build the workflow JSON files (UI format for the graph editor, API format for /prompt).
+"""Build the workflow JSON files: UI graphs for the editor, API twins for /prompt, thumbnails.
 
-    python tools/build_workflows.py
+    COMFYUI_PATH=/path/to/ComfyUI python tools/build_workflows.py
 
-Each workflow is described once here as nodes with their widget values and links; the UI file
-(LiteGraph format, version 0.4) and its API twin are written from that description so they
-never drift apart.
+Each workflow is described once here as nodes with their widget values by name and their links.
+The saved ``widgets_values`` are generated from the node definitions of the ComfyUI at
+COMFYUI_PATH (stock nodes and ours alike): one entry per widget input in the editor's order, plus
+the entries the editor adds itself (``control_after_generate`` after a seed, LoadImage's ``upload``,
+PreviewAny's ``previewMode``), each value checked against its input's type, range and options.
+Writes ``workflows/<name>.json`` (UI, LiteGraph version 0.4; the editor's template browser lists
+these) and ``workflows/api/<name>_api.json`` (API format). Thumbnails: tools/build_help_images.py.
 """
 
 from __future__ import annotations
 
 import json
+import numbers
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from comfy_boot import node_info  # noqa: E402
+
 OUT = Path(__file__).resolve().parents[1] / "workflows"
+API = OUT / "api"
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+CONTROL_OPTIONS = ("fixed", "increment", "decrement", "randomize")
+# widgets that the editor's own extensions add to stock nodes (ComfyUI frontend 1.35, extension Comfy.PreviewAny;
+# its two 'preview' display widgets are not saved): (name, value saved in our files)
+EXTENSION_WIDGETS = {"PreviewAny": [("previewMode", False)]}
 
 
 @dataclass
 class Node:
     id: int
     type: str
-    widgets: dict                        # widget name -> value, in the node's widget order
+    widgets: dict                        # widget input name -> value (the editor-only entries are added from the schema)
     inputs: dict = field(default_factory=dict)   # input name -> (source node id, output slot)
     outputs: list = field(default_factory=list)  # [(name, type)]
     input_types: dict = field(default_factory=dict)  # input name -> socket type
     pos: tuple = (0, 0)
     size: tuple = (320, 160)
     title: str | None = None
-    seed_control: bool = True            # False for a 'seed' widget without control_after_generate
+    control: str = "fixed"               # saved control_after_generate of a seed (the files are reproducible)
 
 
-def ui_format(nodes: list[Node], notes: list[tuple[str, tuple]]) -> dict:
+def widget_inputs(info: dict):
+    """(name, type, options) of every input the editor shows as a widget, in its order (required, optional)."""
+    for section in ("required", "optional"):
+        specs = info["input"].get(section, {})
+        for name in info.get("input_order", {}).get(section, list(specs)):
+            spec = specs[name]
+            kind, opts = spec[0], dict(spec[1]) if len(spec) > 1 and spec[1] else {}
+            if isinstance(kind, list):
+                kind, opts["options"] = "COMBO", kind
+            if kind in WIDGET_TYPES and not opts.get("forceInput"):
+                yield name, kind, opts
+
+
+def editor_widgets(node_type: str, info: dict) -> list[tuple[str, str, dict]]:
+    """The editor's saved widget list: the widget inputs plus the entries the frontend adds (useIntWidget adds
+    control_after_generate when the input asks for it, or, when it does not say, to inputs named seed/noise_seed)."""
+    out = []
+    for name, kind, opts in widget_inputs(info):
+        out.append((name, kind, opts))
+        control = opts.get("control_after_generate")
+        if control is None:
+            control = kind == "INT" and name in ("seed", "noise_seed")
+        if control and kind not in ("INT", "FLOAT"):
+            raise NotImplementedError(f"{node_type}.{name}: control_after_generate on a {kind} widget")
+        if control:
+            out.append(("control_after_generate", "CONTROL", {"options": list(CONTROL_OPTIONS)}))
+        if opts.get("image_upload"):
+            out.append(("upload", "UPLOAD", {}))
+    out += [(name, "EXTENSION", {}) for name, _ in EXTENSION_WIDGETS.get(node_type, [])]
+    return out
+
+
+def check_value(where: str, kind: str, opts: dict, value) -> None:
+    ok = {"INT": isinstance(value, int) and not isinstance(value, bool),
+          "FLOAT": isinstance(value, numbers.Real) and not isinstance(value, bool),
+          "STRING": isinstance(value, str), "BOOLEAN": isinstance(value, bool)}.get(kind, True)
+    if not ok:
+        raise TypeError(f"{where}: {value!r} is not a {kind}")
+    if kind in ("INT", "FLOAT") and not opts.get("min", -float("inf")) <= value <= opts.get("max", float("inf")):
+        raise ValueError(f"{where}: {value} outside {opts.get('min')}..{opts.get('max')}")
+    if kind == "COMBO" and value not in opts["options"] and not opts.get("image_upload") and not where.startswith(
+            "CheckpointLoaderSimple"):  # model and image file lists are the installation's
+        raise ValueError(f"{where}: {value!r} is not one of {opts['options']}")
+
+
+def widget_values(n: Node, info: dict) -> tuple[list, dict]:
+    """(the UI file's widgets_values, the API file's widget inputs) of node ``n``."""
+    saved, api = [], {}
+    names = [name for name, _, _ in widget_inputs(info)]
+    unknown = set(n.widgets) - set(names)
+    missing = [x for x in names if x not in n.widgets]
+    if unknown or missing:
+        raise KeyError(f"node {n.id} {n.type}: widgets {sorted(unknown)} unknown, {missing} missing")
+    extension = dict(EXTENSION_WIDGETS.get(n.type, []))
+    last = None
+    for name, kind, opts in editor_widgets(n.type, info):
+        if kind == "CONTROL":
+            value = n.control
+        elif kind == "UPLOAD":
+            value = last
+        elif kind == "EXTENSION":
+            value = extension[name]
+        else:
+            value = n.widgets[name]
+            check_value(f"{n.type}.{name}", kind, opts, value)
+            api[name], last = value, name
+        if kind == "CONTROL" and value not in CONTROL_OPTIONS:
+            raise ValueError(f"node {n.id}: control_after_generate {value!r}")
+        saved.append(value)
+    return saved, api
+
+
+def ui_format(nodes: list[Node], notes: list[tuple[str, tuple]], infos: dict) -> dict:
     links, ui_nodes = [], []
     link_id = 0
     out_links: dict[tuple[int, int], list[int]] = {}
@@ -43,11 +130,6 @@ def ui_format(nodes: list[Node], notes: list[tuple[str, tuple]]) -> dict:
             out_links.setdefault((src, slot), []).append(link_id)
             in_links[(n.id, name)] = link_id
     for order, n in enumerate(nodes):
-        widgets = []
-        for k, v in n.widgets.items():
-            widgets.append(v)
-            if k in ("seed", "noise_seed") and n.seed_control:
-                widgets.append("fixed")  # control_after_generate
         node = {"id": n.id, "type": n.type, "pos": list(n.pos), "size": list(n.size), "flags": {},
                 "order": order, "mode": 0,
                 "inputs": [dict({"name": k, "type": n.input_types.get(k, "*"), "link": in_links[(n.id, k)]},
@@ -55,7 +137,7 @@ def ui_format(nodes: list[Node], notes: list[tuple[str, tuple]]) -> dict:
                            for k in n.inputs],
                 "outputs": [{"name": name, "type": t, "slot_index": i, "links": out_links.get((n.id, i), [])}
                             for i, (name, t) in enumerate(n.outputs)],
-                "properties": {"Node name for S&R": n.type}, "widgets_values": widgets}
+                "properties": {"Node name for S&R": n.type}, "widgets_values": widget_values(n, infos[n.type])[0]}
         if n.title:
             node["title"] = n.title
         ui_nodes.append(node)
@@ -69,10 +151,10 @@ def ui_format(nodes: list[Node], notes: list[tuple[str, tuple]]) -> dict:
             "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}
 
 
-def api_format(nodes: list[Node]) -> dict:
+def api_format(nodes: list[Node], infos: dict) -> dict:
     out = {}
     for n in nodes:
-        inputs = dict(n.widgets)
+        inputs = widget_values(n, infos[n.type])[1]
         inputs.update({k: [str(src), slot] for k, (src, slot) in n.inputs.items()})
         out[str(n.id)] = {"class_type": n.type, "inputs": inputs, "_meta": {"title": n.title or n.type}}
     return out
@@ -152,7 +234,8 @@ def prompt_mix_graph(shapesworld: bool) -> tuple[list[Node], list]:
               "preserve_words": keep, "seed": 7, "steps": 50, "cfg": cfg, "scheduler": scheduler,
               "mix_start": window[0], "mix_end": window[1], "self_injection_end": injection,
               "injection_threshold": 0.05,
-              "blend_at": 0.7, "clusters": 5, "cluster_threshold": 0.3},
+              "blend_at": 0.7, "clusters": 5, "cluster_threshold": 0.3, "nouns": "", "background_nouns": "",
+              "proxy_candidates": "word-internal pieces (official)"},
              {"model": (1, 0), "clip": (1, 1), "negative": (2, 0), "latent_image": (3, 0)},
              [("latents", "LATENT"), ("blend_masks", "MASK"), ("proxies", "STRING")],
              {"model": "MODEL", "clip": "CLIP", "negative": "CONDITIONING", "latent_image": "LATENT"},
@@ -231,7 +314,7 @@ def p2p_graph(shapesworld: bool) -> tuple[list[Node], list]:
     return nodes, [(note, (0, 700))]
 
 
-def _image_to_edit(shapesworld: bool, source: str) -> list[Node]:
+def _image_to_edit(shapesworld: bool, source: str, seed: int) -> list[Node]:
     """Loader, negative prompt and the image to edit (node 13): a ShapesWorld generation standing in for a
     photo, or LoadImage."""
     nodes = [_loader(shapesworld),
@@ -243,7 +326,7 @@ def _image_to_edit(shapesworld: bool, source: str) -> list[Node]:
                  {"clip": "CLIP"}, (0, 320), (300, 120), "Image prompt"),
             Node(11, "EmptyLatentImage", {"width": 256, "height": 256, "batch_size": 1}, {},
                  [("LATENT", "LATENT")], {}, (0, 480), (300, 110)),
-            Node(12, "KSampler", {"seed": 11, "steps": 30, "cfg": 5.0, "sampler_name": "euler", "scheduler": "simple",
+            Node(12, "KSampler", {"seed": seed, "steps": 30, "cfg": 5.0, "sampler_name": "euler", "scheduler": "simple",
                                   "denoise": 1.0},
                  {"model": (1, 0), "positive": (10, 0), "negative": (2, 0), "latent_image": (11, 0)},
                  [("LATENT", "LATENT")], {"model": "MODEL", "positive": "CONDITIONING", "negative": "CONDITIONING",
@@ -252,14 +335,14 @@ def _image_to_edit(shapesworld: bool, source: str) -> list[Node]:
                  {"samples": "LATENT", "vae": "VAE"}, (0, 940), (220, 50)),
         ]
     else:
-        nodes.append(Node(13, "LoadImage", {"image": "example.png", "upload": "image"}, {},
+        nodes.append(Node(13, "LoadImage", {"image": "example.png"}, {},
                           [("IMAGE", "IMAGE"), ("MASK", "MASK")], {}, (0, 320), (300, 320), "The image to edit"))
     return nodes
 
 
 def nti_p2p_graph(shapesworld: bool) -> tuple[list[Node], list]:
     source, targets, blend = P2P_SW if shapesworld else P2P_SD
-    nodes = _image_to_edit(shapesworld, source)
+    nodes = _image_to_edit(shapesworld, source, NTI_SW_SEED)
     image = (13, 0)
     nodes += [
         Node(3, "NullTextInvert", {"prompt": source, "mode": "null-text", "steps": 50, "guidance": 7.5,
@@ -294,17 +377,20 @@ def nti_p2p_graph(shapesworld: bool) -> tuple[list[Node], list]:
 
 DPL_SW = ("a red circle and a red square on a gray background", "circle, square",
           "a red triangle and a red square on a gray background")
+NTI_SW_SEED = 11
+DPL_SW_SEED = 13   # the image DPL edits: two separate red objects (seed 11 fused them into one blob)
 DPL_SD = ("a cat and a dog on the grass", "cat, dog", "a cat and a tiger on the grass")
 
 
 def dpl_graph(shapesworld: bool) -> tuple[list[Node], list]:
     source, nouns, target = DPL_SW if shapesworld else DPL_SD
-    nodes = _image_to_edit(shapesworld, source)
+    nodes = _image_to_edit(shapesworld, source, DPL_SW_SEED)
     sched = "simple" if shapesworld else "ddim_uniform"
     dpl = {"prompt": source, "nouns": nouns, "steps": 50, "guidance": 7.5, "scheduler": sched, "lam_at": 1.0,
            "lam_bg": 0.05, "lam_dj": 0.05, "alphas": "25, 50, 25", "betas": "0.3, 0.7, 0.9",
            "attn_iters": 21, "lr": 0.001, "null_iters": 51, "null_early_stop": 1e-5 if shapesworld else 0.0,
-           "map_size": 0}
+           "map_size": 0, "null_start": "empty prompt each step (official DPL)",
+           "token_init": "word-internal piece (official)"}
     nodes += [
         Node(14, "VAEEncode", {}, {"pixels": (13, 0), "vae": (1, 2)}, [("LATENT", "LATENT")],
              {"pixels": "IMAGE", "vae": "VAE"}, (360, 940), (220, 50)),
@@ -322,7 +408,7 @@ def dpl_graph(shapesworld: bool) -> tuple[list[Node], list]:
              {"store": (15, 1), "clip": (1, 1), "samples": (3, 1), "image": (13, 0)},
              [("word_masks", "MASK"), ("background", "MASK"), ("clusters", "IMAGE")],
              {"store": "ATTENTION_STORE", "clip": "CLIP", "samples": "LATENT", "image": "IMAGE"},
-             (360, 620), (360, 380), "Background mask", seed_control=False),
+             (360, 620), (360, 380), "Background mask"),
         Node(4, "DPLTokenOptimizer", dpl, {"model": (1, 0), "clip": (1, 1), "latent": (14, 0), "background": (16, 1)},
              [("inversion", "ATTENTION_LAB_INVERSION"), ("reconstruction", "LATENT"), ("noun_maps", "IMAGE")],
              {"model": "MODEL", "clip": "CLIP", "latent": "LATENT", "background": "MASK"}, (800, 0), (400, 640)),
@@ -482,11 +568,11 @@ def grounding_graph(shapesworld: bool) -> tuple[list[Node], list]:
     else:
         prompt, words, size = "a photograph of a cat and a dog", "cat, dog", 512
         source = [
-            Node(2, "LoadImage", {"image": "example.png", "upload": "image"}, {},
+            Node(2, "LoadImage", {"image": "example.png"}, {},
                  [("IMAGE", "IMAGE"), ("MASK", "MASK")], {}, (0, 160), (320, 320), "Training image"),
             Node(3, "VAEEncode", {}, {"pixels": (2, 0), "vae": (1, 2)}, [("LATENT", "LATENT")],
                  {"pixels": "IMAGE", "vae": "VAE"}, (0, 520), (220, 50)),
-            Node(15, "LoadImageMask", {"image": "example.png", "channel": "alpha", "upload": "image"}, {},
+            Node(15, "LoadImageMask", {"image": "example.png", "channel": "alpha"}, {},
                  [("MASK", "MASK")], {}, (0, 600), (320, 320), "Mask of 'cat' (replace with SAM / CLIPSeg)"),
         ]
         add_inputs = {"latent": (3, 0), "clip": (1, 1), "masks": (15, 0)}
@@ -500,8 +586,7 @@ def grounding_graph(shapesworld: bool) -> tuple[list[Node], list]:
              (380, 160), (340, 300)),
         Node(5, "GroundingHeadTrain", train, {"model": (1, 0), "clip": (1, 1), "dataset": (4, 0)},
              [("head", "GROUNDING_HEAD"), ("path", "STRING")],
-             {"model": "MODEL", "clip": "CLIP", "dataset": "GROUNDING_DATASET"}, (760, 160), (340, 420),
-             seed_control=False),
+             {"model": "MODEL", "clip": "CLIP", "dataset": "GROUNDING_DATASET"}, (760, 160), (340, 420)),
         Node(6, "CLIPTextEncode", {"text": prompt}, {"clip": (1, 1)}, [("CONDITIONING", "CONDITIONING")],
              {"clip": "CLIP"}, (380, 620), (340, 120), "Prompt of the image to segment"),
         Node(7, "CLIPTextEncode", {"text": ""}, {"clip": (1, 1)}, [("CONDITIONING", "CONDITIONING")],
@@ -519,7 +604,7 @@ def grounding_graph(shapesworld: bool) -> tuple[list[Node], list]:
              {"model": (1, 0), "positive": (6, 0), "latent": (9, 0), "negative": (7, 0)},
              [("features", "GROUNDING_FEATURES")],
              {"model": "MODEL", "positive": "CONDITIONING", "latent": "LATENT", "negative": "CONDITIONING"},
-             (1120, 720), (320, 200), seed_control=False),
+             (1120, 720), (320, 200)),
         Node(12, "GroundedSegment", {"prompt": prompt, "words": words, "threshold": 0.5, "query": "auto",
                                      "seen_only": False},
              {"head": (5, 0), "features": (11, 0), "clip": (1, 1), "image": (10, 0)},
@@ -556,21 +641,25 @@ SW_MIX = ("a red circle and a blue square on a gray background", "circle", "tria
           "square")
 
 
+GRAPHS = (("attention_capture", capture_graph, False), ("attention_capture_shapesworld", capture_graph, True),
+          ("prompt_mixing", prompt_mix_graph, False), ("prompt_mixing_shapesworld", prompt_mix_graph, True),
+          ("p2p_edit", p2p_graph, False), ("p2p_edit_shapesworld", p2p_graph, True),
+          ("nti_p2p_edit", nti_p2p_graph, False), ("nti_p2p_edit_shapesworld", nti_p2p_graph, True),
+          ("dpl_edit", dpl_graph, False), ("dpl_edit_shapesworld", dpl_graph, True),
+          ("structure_diffusion", structure_graph, False), ("structure_diffusion_shapesworld", structure_graph, True),
+          ("spatext", spatext_graph, False), ("spatext_shapesworld", spatext_graph, True),
+          ("grounding", grounding_graph, False), ("grounding_shapesworld", grounding_graph, True))
+
+
 def main():
-    OUT.mkdir(exist_ok=True)
-    graphs = (("attention_capture", capture_graph, False), ("attention_capture_shapesworld", capture_graph, True),
-              ("prompt_mixing", prompt_mix_graph, False), ("prompt_mixing_shapesworld", prompt_mix_graph, True),
-              ("p2p_edit", p2p_graph, False), ("p2p_edit_shapesworld", p2p_graph, True),
-              ("nti_p2p_edit", nti_p2p_graph, False), ("nti_p2p_edit_shapesworld", nti_p2p_graph, True),
-              ("dpl_edit", dpl_graph, False), ("dpl_edit_shapesworld", dpl_graph, True),
-              ("structure_diffusion", structure_graph, False),
-              ("structure_diffusion_shapesworld", structure_graph, True),
-              ("spatext", spatext_graph, False), ("spatext_shapesworld", spatext_graph, True),
-              ("grounding", grounding_graph, False), ("grounding_shapesworld", grounding_graph, True))
-    for name, build, sw in graphs:
+    from comfy_boot import boot
+    comfy_nodes = boot()
+    API.mkdir(parents=True, exist_ok=True)
+    for name, build, sw in GRAPHS:
         nodes, notes = build(sw)
-        (OUT / f"{name}.json").write_text(json.dumps(ui_format(nodes, notes), indent=1) + "\n")
-        (OUT / f"{name}_api.json").write_text(json.dumps(api_format(nodes), indent=1) + "\n")
+        infos = {n.type: node_info(comfy_nodes, n.type) for n in nodes}
+        (OUT / f"{name}.json").write_text(json.dumps(ui_format(nodes, notes, infos), indent=1) + "\n")
+        (API / f"{name}_api.json").write_text(json.dumps(api_format(nodes, infos), indent=1) + "\n")
         print("wrote", name)
 
 

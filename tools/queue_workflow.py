@@ -1,6 +1,6 @@
 """Queue an API-format workflow on a running ComfyUI and wait for its outputs.
 
-    python tools/queue_workflow.py workflows/attention_capture_shapesworld_api.json --server http://127.0.0.1:8188
+    python tools/queue_workflow.py workflows/api/attention_capture_shapesworld_api.json --server http://127.0.0.1:8188
 
 Prints the status and the output files of every output node; exits 1 on an execution error.
 Standard library only.
