@@ -1,6 +1,7 @@
 """Build the workflow JSON files (UI format for the graph editor, API format for /prompt).
 
-    python tools/build_workflows.py
+    python tools/build_workflows.py            # rewrite workflows/
+    python tools/build_workflows.py --check    # write nothing; exit 1 if a file differs
 
 Each workflow is described once here as nodes with their widget values and links; the UI file
 (LiteGraph format, version 0.4) and its API twin are written from that description so they
@@ -10,8 +11,13 @@ never drift apart.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from attention import cli  # noqa: E402  (standard library only)
 
 OUT = Path(__file__).resolve().parents[1] / "workflows"
 
@@ -465,8 +471,19 @@ SW_MIX = ("a red circle and a blue square on a gray background", "circle", "tria
           "square")
 
 
-def main():
-    OUT.mkdir(exist_ok=True)
+def build_parser():
+    p = cli.parser(__doc__)
+    p.add_argument("--out", type=cli.output_dir, default=str(OUT),
+                   help="folder to write the workflow files into (created if missing)")
+    p.add_argument("--check", action="store_true",
+                   help="write nothing; exit 1 and name the files that differ from what would be written")
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
+    args = p.parse_args(argv)
+    out_dir = Path(args.out)
     graphs = (("attention_capture", capture_graph, False), ("attention_capture_shapesworld", capture_graph, True),
               ("prompt_mixing", prompt_mix_graph, False), ("prompt_mixing_shapesworld", prompt_mix_graph, True),
               ("p2p_edit", p2p_graph, False), ("p2p_edit_shapesworld", p2p_graph, True),
@@ -475,12 +492,27 @@ def main():
               ("structure_diffusion", structure_graph, False),
               ("structure_diffusion_shapesworld", structure_graph, True),
               ("spatext", spatext_graph, False), ("spatext_shapesworld", spatext_graph, True))
+    stale = []
+    if not args.check:
+        out_dir.mkdir(parents=True, exist_ok=True)
     for name, build, sw in graphs:
         nodes, notes = build(sw)
-        (OUT / f"{name}.json").write_text(json.dumps(ui_format(nodes, notes), indent=1) + "\n")
-        (OUT / f"{name}_api.json").write_text(json.dumps(api_format(nodes), indent=1) + "\n")
-        print("wrote", name)
+        files = {out_dir / f"{name}.json": json.dumps(ui_format(nodes, notes), indent=1) + "\n",
+                 out_dir / f"{name}_api.json": json.dumps(api_format(nodes), indent=1) + "\n"}
+        for path, text in files.items():
+            if args.check:
+                if not path.is_file() or path.read_text() != text:
+                    stale.append(path.name)
+            else:
+                path.write_text(text)
+        if not args.check:
+            print("wrote", name)
+    if args.check:
+        print(f"{len(stale)} of {2 * len(graphs)} files differ from the builder{': ' if stale else ''}"
+              f"{', '.join(stale)}" + (" (run python tools/build_workflows.py to rewrite them)" if stale else ""))
+        return 1 if stale else 0
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
