@@ -5,11 +5,11 @@
 Stage ``base`` learns shapes and where each word goes (plain min-SNR-5, no offset noise). It
 runs the first 3,000 steps of a 4,800-step cosine schedule (``stop_at``): the length that fits
 the 150-minute CPU budget at 1.6 s a step and was measured to pass every quality gate after
-fine-tuning (README, "Training record"); the lr is still 1.2e-4 when it stops. Stage
+fine-tuning (docs/shapesworld.md, "Training record"); the lr is still 1.2e-4 when it stops. Stage
 ``finetune`` starts from its EMA weights and adds offset noise and the x0 floor, so the
 model takes colours from the text and leaves clean backgrounds when sampled from pure noise.
 Starting with offset noise and the floor instead gives blobby shapes and weaker localization
-(README, "Training record"). Each stage is :mod:`attention.shapesworld.train` with its own
+(docs/shapesworld.md, "Training record"). Each stage is :mod:`attention.shapesworld.train` with its own
 checkpoint, so an interrupted recipe resumes where it stopped; a finished stage is skipped.
 The base stage writes ``<out stem>.base.safetensors`` next to ``--out``.
 """
@@ -53,7 +53,8 @@ STAGES = (
 
 def stage_argv(stage: Stage, out: Path, init: Path | None, threads: int, log_every: int,
                overwrite_shipped: bool = False) -> list[str]:
-    argv = (["--overwrite-shipped"] if overwrite_shipped else []) + ["--out", str(out), "--steps", str(stage.steps), "--lr", str(stage.lr),
+    argv = ["--overwrite-shipped"] if overwrite_shipped else []
+    argv += ["--out", str(out), "--steps", str(stage.steps), "--lr", str(stage.lr),
             "--warmup", str(stage.warmup), "--offset-noise", str(stage.offset_noise),
             "--x0-floor", str(stage.x0_floor), "--seed", str(stage.seed), "--stop-at", str(stage.stop_at),
             "--threads", str(threads), "--log-every", str(log_every)]

@@ -183,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop after this many steps, keeping the learning-rate schedule of --steps (0: run all)")
     p.add_argument("--batch", type=cli.int_range(1), default=64, help="images per step")
     p.add_argument("--lr", type=cli.float_range(0, lo_open=True), default=3e-4, help="peak learning rate (AdamW)")
-    p.add_argument("--ema", type=cli.float_range(0, 1, hi_open=True), default=0.999, help="EMA decay of the saved weights")
+    p.add_argument("--ema", type=cli.float_range(0, 1, hi_open=True), default=0.999,
+                   help="EMA decay of the saved weights")
     p.add_argument("--min-snr-gamma", type=cli.float_range(0), default=5.0,
                    help="min-SNR loss weighting gamma (0 = unweighted epsilon loss)")
     p.add_argument("--x0-floor", type=cli.float_range(0), default=0.0,
