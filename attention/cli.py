@@ -25,8 +25,17 @@ SHIPPED_CLASSIFIER = ASSETS / "shapes_classifier.safetensors"
 OVERWRITE_FLAG = "--overwrite-shipped"
 
 
-class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keeps the module docstring's layout and appends each option's default to its help."""
+class Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the module docstring's layout and appends each option's default to its help (unless the help
+    already tells it, or there is none to tell: a flag, or None)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if ("default" in text or default is None or default is False or default == "" or not action.option_strings
+                or default is argparse.SUPPRESS or isinstance(default, list)):
+            return text
+        return f"{text} (default: {default})"
 
 
 def parser(description: str | None, module: str | None = None) -> argparse.ArgumentParser:
@@ -252,7 +261,8 @@ def add_weights(p: argparse.ArgumentParser) -> None:
 
 def add_threads(p: argparse.ArgumentParser, default: int = 0) -> None:
     p.add_argument("--threads", type=int_range(0), default=default,
-                   help="torch CPU threads (0: torch's default, usually one per core)")
+                   help="torch CPU threads; 0 = torch's own choice, usually one per core" + (
+                       " (default)" if default == 0 else ""))
 
 
 def set_threads(n: int) -> None:

@@ -169,7 +169,8 @@ def build_parser():
     p.add_argument("--quick", action="store_true", help="fewer prompts, seeds and scenes for the figures")
     p.add_argument("--sections", nargs="+", choices=[s.name for s in SECTIONS], metavar="NAME",
                    default=[s.name for s in SECTIONS],
-                   help="run only these sections, in the demo's order; choices: " + ", ".join(s.name for s in SECTIONS))
+                   help="run only these sections, in the demo's order (default: all): "
+                   + ", ".join(s.name for s in SECTIONS))
     cli.add_threads(p)
     return p
 
