@@ -108,7 +108,7 @@ class Report:
     def __init__(self, out: Path, head: list[str], planned: list[Section]):
         self.path, self.head, self.planned = out / "report.md", head, planned
         self.done: dict[str, tuple[list[str], float, int]] = {}
-        self.failed: dict[str, str] = {}
+        self.state: dict[str, str] = {}   # sections not done: "running", "interrupted", "failed: ..."
 
     def write(self, status: str) -> None:
         rows = ["| | section | time | UNet calls |", "|---|---|---|---|"]
@@ -117,7 +117,7 @@ class Report:
                 _, secs, calls = self.done[s.name]
                 rows.append(f"| {i} | [{s.title}](#{s.name}) | {secs:.1f} s | {calls:,} |")
             else:
-                rows.append(f"| {i} | {s.title} | {self.failed.get(s.name, 'not run')} | |")
+                rows.append(f"| {i} | {s.title} | {self.state.get(s.name, 'not run')} | |")
         body = []
         for s in self.planned:
             if s.name in self.done:
@@ -209,6 +209,9 @@ def main(argv=None) -> int:
     try:
         for i, section in enumerate(planned, 1):
             current = section
+            report.state[section.name] = "running"
+            report.write(f"Running section {i} of {len(planned)} after {time.perf_counter() - t0:.0f} s; this file is "
+                         f"rewritten after each section.")
             try:
                 lines, secs, calls = run_section(section, i, len(planned), model, out, args.quick,
                                                  counts.get(mode, {}))
@@ -216,8 +219,9 @@ def main(argv=None) -> int:
                 raise
             except Exception as e:  # noqa: BLE001 - one broken section must not hide the others' results
                 log.exception("[%d/%d] %s failed", i, len(planned), section.title)
-                report.failed[section.name] = f"failed: {type(e).__name__}: {e}"
+                report.state[section.name] = f"failed: {type(e).__name__}: {e}"
             else:
+                report.state.pop(section.name)
                 report.done[section.name] = (lines, secs, calls)
                 counts.setdefault(mode, {})[section.name] = calls
                 counts_file.write_text(json.dumps(counts, indent=1))
@@ -226,7 +230,7 @@ def main(argv=None) -> int:
                          f"this file is rewritten after each section.")
     except KeyboardInterrupt:
         total = time.perf_counter() - t0
-        report.failed[current.name] = "interrupted"
+        report.state[current.name] = "interrupted"
         report.write(f"Interrupted (Ctrl-C or a stop signal) during \"{current.title}\" after {total:.1f} s: "
                      f"{len(report.done)} of {len(planned)} sections finished and are shown below.")
         log.info("\ninterrupted after %.1f s; the report of the %d finished sections: %s", total, len(report.done),
@@ -236,7 +240,7 @@ def main(argv=None) -> int:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     total = time.perf_counter() - t0
-    failed = len(report.failed)
+    failed = len(report.state)
     report.write(f"Finished: {len(report.done)} of {len(planned)} sections in {total:.1f} s"
                  + (f"; {failed} failed (see the table and the console)." if failed else "."))
     log.info("demo finished in %.1f s (%d sections%s); report: %s", total, len(planned),
