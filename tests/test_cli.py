@@ -36,6 +36,7 @@ def entry(name: str):
 BAD = [
     ("attention.demo", ["--threads", "-2"], "argument --threads: -2 is out of range: give an integer >= 0"),
     ("attention.demo", ["--sections", "nope"], "argument --sections: invalid choice: 'nope'"),
+    ("attention.demo", ["--out", "README.md"], "argument --out: README.md is a file, not a folder"),
     ("attention.shapesworld.editing", ["--steps", "-5", "--images", "1"],
      "argument --steps: -5 is out of range: give an integer >= 2"),
     ("attention.shapesworld.editing", ["--images", "two"], "argument --images: 'two' is not an integer: give an "
@@ -50,6 +51,8 @@ BAD = [
     ("attention.shapesworld.train", ["--lr", "0"], "argument --lr: 0 is out of range: give a number > 0"),
     ("attention.shapesworld.train", ["--ema", "1"], "argument --ema: 1 is out of range: give a number in [0, 1)"),
     ("attention.shapesworld.train", ["--device", "gpu"], "argument --device: 'gpu' is not a device"),
+    ("attention.shapesworld.train", ["--out", "no_such_folder/w.safetensors"],
+     "argument --out: no_such_folder/w.safetensors cannot be written: its folder"),
     ("attention.shapesworld.recipe", ["--threads", "-2"], "argument --threads: -2 is out of range"),
     ("attention.shapesworld.classifier", ["--steps", "-1"], "argument --steps: -1 is out of range"),
     ("benchmarks/capture_overhead.py", ["--repeats", "0"], "argument --repeats: 0 is out of range"),
