@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import shutil
 import signal
 import sys
 import threading
@@ -72,6 +73,7 @@ class Progress:
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
         self.calls, self.t0, self.shown = 0, time.perf_counter(), 0.0
+        self.width = max(40, shutil.get_terminal_size((120, 24)).columns - 1)
 
     def hook(self, module, inputs, output) -> None:
         self.calls += 1
@@ -91,14 +93,14 @@ class Progress:
 
     def draw(self, now: float) -> None:
         if self.tty:
-            self.stream.write("\r" + self.text(now)[:119].ljust(119))
+            self.stream.write("\r" + self.text(now)[:self.width].ljust(self.width))
         else:
             self.stream.write(self.text(now) + "\n")
         self.stream.flush()
 
     def close(self) -> None:
         if self.tty:
-            self.stream.write("\r" + " " * 119 + "\r")
+            self.stream.write("\r" + " " * self.width + "\r")
             self.stream.flush()
 
 

@@ -237,3 +237,20 @@ def test_every_demo_section_is_registered_and_importable():
         module, _, attr = section.function.partition(":")
         assert callable(getattr(importlib.import_module(f"attention.{module}"), attr)), section
     assert len({s.name for s in demo.SECTIONS}) == len(demo.SECTIONS)
+
+
+def test_progress_draws_a_bar_on_a_terminal_and_lines_in_a_log():
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    tty, log = Terminal(), io.StringIO()
+    bar, plain = demo.Progress("[1/2] One", 4, tty), demo.Progress("[1/2] One", None, log)
+    for _ in range(2):
+        bar.hook(None, None, None)
+        plain.hook(None, None, None)
+    assert "\r[1/2] One  [######------------------] ~25%  1 UNet calls" in tty.getvalue()   # drawn at the 1st call
+    assert log.getvalue().splitlines() == ["[1/2] One  1 UNet calls  0:00"]   # then once per 30 s, no bar
+    assert bar.calls == plain.calls == 2
