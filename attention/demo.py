@@ -1,164 +1,254 @@
 """The Attention Lab demo: every pipeline of the pack on ShapesWorld, on a CPU.
 
-    python -m attention.demo --out demo_output
+    .venv/bin/python -m attention.demo --out demo_output [--quick] [--sections capture spatext]
 
-Writes PNGs and ``report.md`` with the quality harness's figures. Pipelines so far:
-text-to-image with the embedded model, attention capture (per-word maps, overlays,
-masks) through the same controllers the ComfyUI nodes install, SelfAttnCluster's
-self-attention clustering on the same capture, prompt mixing (MnM), Null-Text Inversion
-and Prompt-to-Prompt editing (``demo_editing.py``), Dynamic Prompt Learning (``demo_dpl.py``),
-StructureDiffusion (``demo_structure.py``) and training-free SpaText (``demo_spatext.py``).
+Runs the sections below in order, each through the same code as the ComfyUI nodes, and writes PNGs and
+``report.md`` into the output folder. The report is rewritten after every section, so a run stopped
+with Ctrl-C (or killed) leaves a readable report of the sections that finished. Progress goes to the
+terminal: one line per section with its time, and while a section runs a line counting its UNet
+evaluations, a bar when the count is known (``progress.json`` in the output folder keeps each finished
+section's count, so a second run into the same folder shows bars for all of them).
+
+Adding a section: write ``attention/demo_<name>.py`` with a function
+``(model, out_folder, save, quick) -> list of markdown lines`` (its own ``## heading``; every PNG it
+saves linked from its lines) and add one ``Section(...)`` line to ``SECTIONS``.
 """
 
 from __future__ import annotations
 
-import argparse
+import importlib
 import json
 import logging
+import shutil
+import signal
+import sys
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-import torch
-from PIL import Image
-
-from .cluster import cluster_colours, cluster_store
-from .demo_dpl import dpl_section
-from .demo_editing import mnm_section, p2p_section
-from .demo_spatext import spatext_section
-from .demo_structure import structure_section
-from .render import colorize, grid, masks_from_maps, normalize, overlay, upsample
-from .shapesworld.evaluate import attention_localization, cluster_localization, generation_quality
-from .shapesworld.harness import classifier_accuracy, colour_blobs, iou_curve, mask_iou
-from .shapesworld.model import DEFAULT_WEIGHTS, ShapesWorldModel, patches_for
-from .shapesworld.world import COLOURS
-from .store import AttentionStore, StoreConfig, word_maps
+from . import cli
 
 log = logging.getLogger("attention_lab.demo")
 
-SAMPLE_PROMPTS = [
-    "a red circle and a blue square on a gray background", "a green star on a black background",
-    "a yellow triangle and a purple cross", "an orange diamond on a white background",
-    "a cyan circle, a red star and a blue triangle", "a purple square and a green circle",
-    "a blue cross on a white background", "a yellow star and an orange circle on a black background",
-]
+
+@dataclass(frozen=True)
+class Section:
+    name: str                          # --sections key and anchor in the report
+    title: str                         # shown in the progress lines and the report's contents
+    function: str | Callable           # "module:function" inside attention/ (imported when the section runs)
+    calls: tuple[int, int] | None = None   # UNet evaluations of a measured run (--quick, full): the bar's 100 %
 
 
-def save(images: torch.Tensor, path: Path, scale: int = 4) -> None:
+SECTIONS = (
+    Section("samples", "Text to image", "demo_capture:samples_section", (20, 20)),
+    Section("capture", "Attention capture and clustering", "demo_capture:capture_section", (20, 20)),
+    Section("mnm", "Prompt mixing (MnM)", "demo_editing:mnm_section"),
+    Section("p2p", "Null-Text Inversion and Prompt-to-Prompt", "demo_editing:p2p_section"),
+    Section("dpl", "Dynamic Prompt Learning", "demo_dpl:dpl_section"),
+    Section("structure", "StructureDiffusion", "demo_structure:structure_section"),
+    Section("spatext", "SpaText (training-free)", "demo_spatext:spatext_section"),
+    Section("quality", "Quality harness", "demo_quality:quality_section"),
+)
+COUNTS = "progress.json"   # in the output folder: each finished section's UNet calls, the bars' 100 % next time
+
+
+def save(images, path: Path, scale: int = 4) -> None:
     """(H, W, 3) or (1, H, W, 3) in [0, 1] -> PNG, nearest-upscaled."""
+    from PIL import Image
     img = images[0] if images.dim() == 4 else images
     pil = Image.fromarray((img.clamp(0, 1) * 255).round().byte().cpu().numpy())
     pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST).save(path)
 
 
-def capture_demo(model: ShapesWorldModel, out: Path, prompt: str, words: list[str], seed: int) -> list[str]:
-    store = AttentionStore(StoreConfig(self_max_tokens=32 * 32))
-    image = model.generate([prompt], seed=seed, steps=20, cfg=5.0, patches=patches_for(store))[0].cpu()
-    positions = [model.word_positions(prompt, w) for w in words]
-    sizes = store.resolutions()
-    hw = tuple(image.shape[1:])
-    rows = []
-    for size in sizes + [None]:
-        maps = normalize(upsample(word_maps(store, positions, size), hw))
-        rows.append(colorize(maps))
-    heat = grid(torch.cat([r[None] for r in rows]).transpose(0, 1).reshape(-1, *hw, 3), cols=len(sizes) + 1)
-    save(heat, out / "attention_maps.png")
-    mean = normalize(upsample(word_maps(store, positions, None), hw))
-    over = overlay(image.permute(1, 2, 0).expand(len(words), *hw, 3), mean)
-    save(grid(torch.cat([image.permute(1, 2, 0)[None], over]), cols=len(words) + 1), out / "overlays.png")
-    masks = masks_from_maps(mean, 0.5)
-    save(grid(masks[..., None].expand(-1, -1, -1, 3), cols=len(words)), out / "masks.png")
-    lines = [f"Prompt: `{prompt}` (seed {seed}); columns: {', '.join('%dx%d' % s for s in sizes)}, mean; "
-             f"rows: {', '.join(words)}.", "", "![maps](attention_maps.png) ![overlays](overlays.png)", "",
-             "| word | IoU of its 0.5-mask with the object's colour blob in the generated image |", "|---|---|"]
-    word_colour = {w: next((c for c in COLOURS if f"{c} {w}" in prompt), None) for w in words}
-    for w, m in zip(words, mean):
-        blobs = colour_blobs(image, word_colour[w]) if word_colour[w] else []
-        iou = f"{float(iou_curve(m, blobs[0])[10]):.2f}" if blobs else "n/a (no blob)"
-        lines.append(f"| {w} | {iou} |")
-    # SelfAttnCluster on the same capture: KMeans over self-attention, labelled by cross-attention
-    s_size = max(store.resolutions(cross=False))
-    result = cluster_store(store, positions[:2], 0, 4, 0.3, s_size, min(sizes), seed=1)
-    word_masks = torch.stack([result.word_mask(i) for i in range(2)] + [result.background_mask()])
-    up = upsample(word_masks, hw, "nearest")
-    pic_up = upsample(cluster_colours(result.labels).permute(2, 0, 1), hw, "nearest")
-    save(grid(torch.cat([pic_up.permute(1, 2, 0)[None], up[..., None].expand(-1, -1, -1, 3)]), cols=4),
-         out / "clusters.png")
-    lines += ["", f"SelfAttnCluster ({s_size[0]}x{s_size[1]} self-attention, 4 clusters, threshold 0.3): clusters, "
-              f"then the masks of {words[0]}, {words[1]} and the background.", "", "![clusters](clusters.png)"]
-    for i, w in enumerate(words[:2]):
-        blobs = colour_blobs(image, word_colour[w])
-        if blobs:
-            lines.append(f"* {w}: IoU of the cluster mask with the {word_colour[w]} blob "
-                         f"{mask_iou(up[i], blobs[0]):.2f}")
-    return lines
+class Progress:
+    """Counts UNet evaluations of one section (a forward hook) and shows them as a bar on the terminal.
+
+    On a terminal the bar is redrawn in place at most 5 times a second; otherwise (a log file) a line is
+    written every 30 s. ``expected`` None: a count without a percentage."""
+
+    def __init__(self, label: str, expected: int | None, stream=None):
+        self.label, self.expected = label, expected
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.calls, self.t0, self.shown = 0, time.perf_counter(), 0.0
+        self.width = max(40, shutil.get_terminal_size((120, 24)).columns - 1)
+
+    def hook(self, module, inputs, output) -> None:
+        self.calls += 1
+        now = time.perf_counter()
+        if now - self.shown >= (0.2 if self.tty else 30.0):
+            self.shown = now
+            self.draw(now)
+
+    def text(self, now: float) -> str:
+        secs = now - self.t0
+        clock = f"{int(secs) // 60}:{int(secs) % 60:02d}"
+        if not self.expected:
+            return f"{self.label}  {self.calls:,} UNet calls  {clock}"
+        frac = min(self.calls / self.expected, 0.99)
+        bar = "#" * int(frac * 24) + "-" * (24 - int(frac * 24))
+        return f"{self.label}  [{bar}] ~{frac:.0%}  {self.calls:,} UNet calls  {clock}"
+
+    def draw(self, now: float) -> None:
+        if self.tty:
+            self.stream.write("\r" + self.text(now)[:self.width].ljust(self.width))
+        else:
+            self.stream.write(self.text(now) + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\r" + " " * self.width + "\r")
+            self.stream.flush()
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="demo_output")
-    p.add_argument("--weights", default=str(DEFAULT_WEIGHTS))
-    p.add_argument("--quick", action="store_true", help="fewer prompts and scenes for the figures")
-    p.add_argument("--threads", type=int, default=0)
+class Report:
+    """report.md, rewritten whole after each section (write to a temporary file, then rename)."""
+
+    def __init__(self, out: Path, head: list[str], planned: list[Section]):
+        self.path, self.head, self.planned = out / "report.md", head, planned
+        self.done: dict[str, tuple[list[str], float, int]] = {}
+        self.state: dict[str, str] = {}   # sections not done: "running", "interrupted", "failed: ..."
+
+    def write(self, status: str) -> None:
+        rows = ["| | section | time | UNet calls |", "|---|---|---|---|"]
+        for i, s in enumerate(self.planned, 1):
+            if s.name in self.done:
+                _, secs, calls = self.done[s.name]
+                rows.append(f"| {i} | [{s.title}](#{s.name}) | {secs:.1f} s | {calls:,} |")
+            else:
+                rows.append(f"| {i} | {s.title} | {self.state.get(s.name, 'not run')} | |")
+        body = []
+        for s in self.planned:
+            if s.name in self.done:
+                lines, secs, calls = self.done[s.name]
+                body += [f'<a id="{s.name}"></a>', "", *lines,
+                         f"*Section time {secs:.1f} s, {calls:,} UNet evaluations.*", ""]
+        text = "\n".join(self.head + [f"**{status}**", ""] + rows + [""] + body) + "\n"
+        tmp = self.path.with_suffix(".md.tmp")
+        tmp.write_text(text)
+        tmp.replace(self.path)
+
+
+def unlinked_images(out: Path, before: dict[str, float], lines: list[str]) -> list[str]:
+    """PNGs written or rewritten since ``before`` (name -> mtime) that ``lines`` do not link."""
+    text = "\n".join(lines)
+    return sorted(p.name for p in out.glob("*.png")
+                  if before.get(p.name) != p.stat().st_mtime and f"]({p.name})" not in text)
+
+
+def run_section(section: Section, index: int, total: int, model, out: Path, quick: bool, known: dict):
+    """(markdown lines, seconds, UNet calls) of one section, with its progress bar (``known``: calls counted
+    by an earlier run into the same folder; else the section's measured ``calls``; else a bare count)."""
+    fn = section.function
+    if isinstance(fn, str):
+        module, _, attr = fn.partition(":")
+        fn = getattr(importlib.import_module(f".{module}", __package__), attr)
+    expected = known.get(section.name) or (section.calls[0 if quick else 1] if section.calls else None)
+    progress = Progress(f"[{index}/{total}] {section.title}", expected)
+    before = {p.name: p.stat().st_mtime for p in out.glob("*.png")}
+    handle = model.unet.register_forward_hook(progress.hook)
+    try:
+        lines = fn(model, out, save, quick)
+    finally:
+        handle.remove()
+        progress.close()
+    secs = time.perf_counter() - progress.t0
+    extra = unlinked_images(out, before, lines)
+    if extra:  # a section that forgot a link still shows every image it wrote
+        log.warning("section %s did not link %s; linked at its end", section.name, ", ".join(extra))
+        lines = lines + ["Also written: " + " ".join(f"![{n}]({n})" for n in extra), ""]
+    return lines, secs, progress.calls
+
+
+def build_parser():
+    p = cli.parser(__doc__, "attention.demo")
+    p.add_argument("--out", type=cli.output_dir, default="demo_output",
+                   help="folder for report.md and the PNGs (created after the weights are checked)")
+    cli.add_weights(p)
+    p.add_argument("--quick", action="store_true", help="fewer prompts, seeds and scenes for the figures")
+    p.add_argument("--sections", nargs="+", choices=[s.name for s in SECTIONS], metavar="NAME",
+                   default=[s.name for s in SECTIONS],
+                   help="run only these sections, in the demo's order (default: all): "
+                   + ", ".join(s.name for s in SECTIONS))
+    cli.add_threads(p)
+    return p
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # `kill` or a timeout ends the demo as Ctrl-C does: the report says what finished
+
+
+def main(argv=None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    cli.set_threads(args.threads)
+    t0 = time.perf_counter()
+    model = cli.load_model(p, args.weights)  # before the output folder exists: a bad file leaves nothing behind
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    model = ShapesWorldModel(args.weights)
-    report = ["# Attention Lab demo (ShapesWorld)", "",
-              f"Model: `{Path(args.weights).name}`, training {json.dumps(model.training)}", ""]
-
-    t = time.perf_counter()
-    imgs = model.generate(SAMPLE_PROMPTS, seed=7, steps=20, cfg=5.0).cpu()
-    gen_s = time.perf_counter() - t
-    save(grid(imgs.permute(0, 2, 3, 1), cols=4), out / "samples.png")
-    report += ["## Text to image", "", f"{len(SAMPLE_PROMPTS)} prompts, 20 Euler steps, CFG 5: "
-               f"{gen_s:.2f} s for the batch ({gen_s / len(SAMPLE_PROMPTS):.3f} s per image).", "",
-               "![samples](samples.png)", ""] + [f"{i + 1}. {p_}" for i, p_ in enumerate(SAMPLE_PROMPTS)] + [""]
-    log.info("text to image: %.2f s", gen_s)
-
-    report += ["## Attention capture (AttentionCapture + AttentionMapView)", ""]
-    report += capture_demo(model, out, SAMPLE_PROMPTS[0], ["circle", "square", "background"], seed=7) + [""]
-    log.info("capture done")
-
-    report += mnm_section(model, out, save, args.quick)
-    log.info("prompt mixing done")
-    report += p2p_section(model, out, save, args.quick)
-    log.info("inversion and prompt-to-prompt done")
-    report += dpl_section(model, out, save, args.quick)
-    log.info("dynamic prompt learning done")
-    report += structure_section(model, out, save, args.quick)
-    log.info("structure diffusion done")
-    report += spatext_section(model, out, save, args.quick)
-    log.info("spatext done")
-
-    n_prompts, n_scenes = (20, 12) if args.quick else (50, 40)
-    gq = generation_quality(model, n_prompts)
-    loc = attention_localization(model, n_scenes)
-    report += ["## Quality harness", "",
-               f"* Named colours present in {gq['colour_presence']:.0%} of {gq['images']} images (gate 90%); "
-               f"classifier agrees with the named shape for {gq['shape_agreement']:.0%} of {gq['objects']} objects "
-               f"(gate 70%).",
-               f"* Region classifier held-out accuracy: {json.dumps(classifier_accuracy())}.",
-               f"* Cross-attention localization on {loc['scenes']} held-out scenes, best-threshold mean IoU "
-               f"(shape word vs object mask):", "", "| maps | " + " | ".join(next(iter(loc['iou'].values()))) + " |",
-               "|---" * (1 + len(next(iter(loc['iou'].values())))) + "|"]
-    for name, row in loc["iou"].items():
-        report.append(f"| {name} | " + " | ".join(f"{v['best_iou']:.3f}" for v in row.values()) + " |")
-    cl = cluster_localization(model, 10 if args.quick else 20)
-    report += ["", f"* SelfAttnCluster masks against the ground truth on {cl['scenes']} held-out scenes (noised to "
-               f"t={cl['t']}, {cl['clusters']} clusters, threshold {cl['threshold']}): mean IoU "
-               f"{cl['word_mask_iou']:.3f} for the shape words' masks, {cl['background_mask_iou']:.3f} for the "
-               f"background mask."]
-    report += ["", f"* Leakage at the coarsest resolution (share of the shape word's attention mass): "
-               f"{json.dumps(loc['leakage_coarsest'])}", ""]
-    report += [f"Demo wall time: {time.perf_counter() - t0:.1f} s."]
-    (out / "report.md").write_text("\n".join(report) + "\n")
-    (out / "figures.json").write_text(json.dumps({"generation": gq, "localization": loc, "clustering": cl}, indent=1))
-    log.info("wrote %s in %.1f s", out / "report.md", time.perf_counter() - t0)
+    planned = [s for s in SECTIONS if s.name in args.sections]
+    import torch
+    weights = Path(args.weights) if args.weights else cli.SHIPPED_WEIGHTS
+    head = ["# Attention Lab demo (ShapesWorld)", "",
+            f"Model: `{weights.name}`, training {json.dumps(model.training)}. Mode: "
+            f"{'--quick' if args.quick else 'full'}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+            f"started {time.strftime('%Y-%m-%d %H:%M:%S')}.", ""]
+    report = Report(out, head, planned)
+    counts_file, mode = out / COUNTS, "quick" if args.quick else "full"
+    try:
+        counts = json.loads(counts_file.read_text())
+    except (OSError, ValueError):
+        counts = {}
+    report.write(f"Running: 0 of {len(planned)} sections done; this file is rewritten after each section.")
+    log.info("demo: %d sections into %s (%s)", len(planned), out, "--quick" if args.quick else "full")
+    current = None
+    main_thread = threading.current_thread() is threading.main_thread()  # signals can be set there only
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
+    try:
+        for i, section in enumerate(planned, 1):
+            current = section
+            report.state[section.name] = "running"
+            report.write(f"Running section {i} of {len(planned)} after {time.perf_counter() - t0:.0f} s; this file is "
+                         f"rewritten after each section.")
+            try:
+                lines, secs, calls = run_section(section, i, len(planned), model, out, args.quick,
+                                                 counts.get(mode, {}))
+            except KeyboardInterrupt:
+                raise
+            except Exception as e:  # noqa: BLE001 - one broken section must not hide the others' results
+                log.exception("[%d/%d] %s failed", i, len(planned), section.title)
+                report.state[section.name] = f"failed: {type(e).__name__}: {e}"
+            else:
+                report.state.pop(section.name)
+                report.done[section.name] = (lines, secs, calls)
+                counts.setdefault(mode, {})[section.name] = calls
+                counts_file.write_text(json.dumps(counts, indent=1))
+                log.info("[%d/%d] %s: %.1f s, %s UNet calls", i, len(planned), section.title, secs, f"{calls:,}")
+            report.write(f"Running: {i} of {len(planned)} sections done after {time.perf_counter() - t0:.0f} s; "
+                         f"this file is rewritten after each section.")
+    except KeyboardInterrupt:
+        total = time.perf_counter() - t0
+        report.state[current.name] = "interrupted"
+        report.write(f"Interrupted (Ctrl-C or a stop signal) during \"{current.title}\" after {total:.1f} s: "
+                     f"{len(report.done)} of {len(planned)} sections finished and are shown below.")
+        log.info("\ninterrupted after %.1f s; the report of the %d finished sections: %s", total, len(report.done),
+                 report.path)
+        return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    total = time.perf_counter() - t0
+    failed = len(report.state)
+    report.write(f"Finished: {len(report.done)} of {len(planned)} sections in {total:.1f} s"
+                 + (f"; {failed} failed (see the table and the console)." if failed else "."))
+    log.info("demo finished in %.1f s (%d sections%s); report: %s", total, len(planned),
+             f", {failed} failed" if failed else "", report.path)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

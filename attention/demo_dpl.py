@@ -29,7 +29,6 @@ def _maps_row(model, store, caption, nouns, size):
 
 
 def dpl_section(model: ShapesWorldModel, out: Path, save, quick: bool) -> list[str]:
-    t = time.perf_counter()
     steps = 20 if quick else 30
     name, objects, nouns, radius = W.CASES[0]
     sc = W._scene(ShapesWorld(seed=5), objects, radius)
@@ -60,8 +59,8 @@ def dpl_section(model: ShapesWorldModel, out: Path, save, quick: bool) -> list[s
             f"per-step noun tokens with the official DPL.sh recipe (null-text early stop 1e-5 to save time). Rows "
             f"NTI, DPL: image, the nouns' cross-attention (coarsest maps, during the reconstruction), the P2P swap "
             f"`{sc.objects[0].shape} -> triangle` (no LocalBlend). On ShapesWorld DPL does not sharpen the maps "
-            f"(see the README's figures and docs/dpl-design.md):", "",
+            f"(see docs/figures.md and docs/dpl-design.md):", "",
             "![dpl](dpl.png)", "",
             "| inversion | best IoU per noun | reconstruction PSNR dB | swap PSNR outside the object dB | "
             "UNet forward / backward | token updates | s |", "|---|---|---|---|---|---|---|"]
-    return head + lines + ["", f"({time.perf_counter() - t:.1f} s)", ""]
+    return head + lines + [""]

@@ -9,7 +9,6 @@ which print the full measurements: ``python -m attention.shapesworld.prompt_mix`
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import torch
@@ -33,7 +32,6 @@ def _row(images: torch.Tensor) -> torch.Tensor:
 
 
 def mnm_section(model: ShapesWorldModel, out: Path, save, quick: bool) -> list[str]:
-    t = time.perf_counter()
     res = prompt_mix(model, E.SOURCE, "circle", PROXIES, ["square"], seed=3, steps=50,
                      settings=MixSettings(window=SHAPESWORLD_WINDOW, self_injection_end=SHAPESWORLD_INJECTION_END))
     save(_row(res["images"]), out / "prompt_mixing.png")
@@ -51,12 +49,10 @@ def mnm_section(model: ShapesWorldModel, out: Path, save, quick: bool) -> list[s
     for name, r in q.items():
         lines.append(f"| {name} | {r['takes_proxy_shape']:.0%} | {r['red_object_kept']:.0%} | "
                      f"{r['centroid_shift_px']} | {r['psnr_outside_object_db']} | {r['psnr_other_object_db']} |")
-    lines += ["", f"({time.perf_counter() - t:.1f} s)", ""]
-    return lines
+    return lines + [""]
 
 
 def p2p_section(model: ShapesWorldModel, out: Path, save, quick: bool) -> list[str]:
-    t = time.perf_counter()
     steps = 20 if quick else 50
     plain = E.edit(model, E.SOURCE, [E.TARGET, E.SOURCE.replace("red", "green")], seed=5, steps=steps)
     blended = E.edit(model, E.SOURCE, [E.TARGET], seed=5, steps=steps, blend_words=["circle", "triangle"])
@@ -83,6 +79,5 @@ def p2p_section(model: ShapesWorldModel, out: Path, save, quick: bool) -> list[s
         lines.append(f"| {mode} | {r['psnr_db']} | {r['min_psnr_db']} | {r['unet_forward_per_image']:.0f} | "
                      f"{r['unet_backward_per_image']:.0f} | {r['seconds_per_image']} |")
     mass = E.reweight_figures(model, factors=(0.0, 1.0, 2.0, 4.0), seeds=1, steps=steps)
-    lines += ["", f"Reweight: mean attention mass on `red` in the edited row by factor: {json.dumps(mass)}", "",
-              f"({time.perf_counter() - t:.1f} s)", ""]
+    lines += ["", f"Reweight: mean attention mass on `red` in the edited row by factor: {json.dumps(mass)}", ""]
     return lines

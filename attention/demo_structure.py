@@ -6,7 +6,6 @@ measurement over 200 prompts is ``python -m attention.shapesworld.structure``.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
@@ -20,7 +19,6 @@ PROMPTS = ["a red circle and a blue square", "a yellow triangle and a purple cro
 
 
 def structure_section(model: ShapesWorldModel, out: Path, save, quick: bool) -> list[str]:
-    t = time.perf_counter()
     plain = generate(model, PROMPTS, seed=3, steps=20, cfg=5.0, structured=False).cpu()
     structured = generate(model, PROMPTS, seed=3, steps=20, cfg=5.0, structured=True).cpu()
     save(grid(torch.cat([plain, structured]).permute(0, 2, 3, 1), cols=len(PROMPTS)), out / "structure.png")
@@ -36,4 +34,4 @@ def structure_section(model: ShapesWorldModel, out: Path, save, quick: bool) -> 
             f"shape; the 200-prompt figure is `python -m attention.shapesworld.structure`): {fig['fixed']} fixed, "
             f"{fig['broken']} broken by the node.", "",
             "| sampling | both objects right | a colour takes the other's shape | s / image |", "|---|---|---|---|",
-            *rows, "", f"Section time {time.perf_counter() - t:.1f} s.", ""]
+            *rows, ""]

@@ -10,7 +10,6 @@ below) / time(plain sampling), medians of interleaved repeats; and the store's s
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -20,8 +19,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from attention import cli  # noqa: E402
 from attention.controller import AttentionController  # noqa: E402
-from attention.shapesworld.model import ShapesWorldModel, patches_for  # noqa: E402
+from attention.shapesworld.model import patches_for  # noqa: E402
 from attention.store import AttentionStore, StoreConfig  # noqa: E402
 
 PROMPTS = ["a red circle and a blue square", "a green star on a black background",
@@ -35,13 +35,14 @@ def timed(fn) -> float:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--threads", type=int, default=2)
+    p = cli.parser(__doc__)
+    p.add_argument("--repeats", type=cli.int_range(1), default=5, help="interleaved timed runs per variant")
+    p.add_argument("--steps", type=cli.int_range(1), default=20, help="Euler steps per run")
+    p.add_argument("--threads", type=cli.int_range(1), default=2, help="torch CPU threads")
+    cli.add_weights(p)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model = ShapesWorldModel()
+    model = cli.load_model(p, args.weights)
     store = AttentionStore(StoreConfig(self_max_tokens=32 * 32))
     capture = patches_for(store)
     passthrough = patches_for(AttentionController())  # our wrapper with nothing to do

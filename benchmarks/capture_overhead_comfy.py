@@ -9,7 +9,7 @@ self-attention at 32x32 and below), interleaved, and prints the median ratio.
 
 from __future__ import annotations
 
-import argparse
+import os
 import statistics
 import sys
 import time
@@ -17,16 +17,23 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from comfy_env import comfy_or_skip  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from attention import cli  # noqa: E402
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", type=int, default=512)
-    p.add_argument("--steps", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=3)
+    p = cli.parser(__doc__)
+    p.add_argument("--size", type=cli.int_range(64, multiple_of=8), default=512, help="image side in pixels")
+    p.add_argument("--steps", type=cli.int_range(1), default=2, help="sampling steps per timed run")
+    p.add_argument("--repeats", type=cli.int_range(1), default=3, help="interleaved timed runs per variant")
     args = p.parse_args(argv)
+    comfy = os.environ.get("COMFYUI_PATH", "")
+    if not (Path(comfy) / "comfy").is_dir():
+        p.error(f"COMFYUI_PATH={comfy!r} is not a ComfyUI checkout: set COMFYUI_PATH=/path/to/ComfyUI and run "
+                f"this with that ComfyUI's python (which needs pytest for the test helpers)")
+    sys.path.insert(0, str(ROOT / "tests"))
+    from comfy_env import comfy_or_skip
     comfy_or_skip()
     import comfy.model_management as mm
     import comfy.model_patcher

@@ -1,6 +1,6 @@
 """Cost of inversion and Prompt-to-Prompt relative to plain sampling, measured in one run (ShapesWorld, CPU).
 
-    python benchmarks/editing_speed.py [--steps 50] [--threads 2]
+    python benchmarks/editing_speed.py [--steps 50] [--threads 2] [--weights FILE]
 
 Prints, per inversion mode, its time and UNet evaluations (rows: one image at one sigma, forward or
 backward) relative to plain CFG sampling of the same image with the same steps, and the time of a
@@ -9,7 +9,6 @@ P2P batch (source + 2 edits, with and without LocalBlend) relative to plain samp
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -19,8 +18,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from attention import cli  # noqa: E402
 from attention.shapesworld import editing as E  # noqa: E402
-from attention.shapesworld.model import ShapesWorldModel  # noqa: E402
 
 
 def timed(fn, repeat: int = 1):
@@ -31,13 +30,14 @@ def timed(fn, repeat: int = 1):
     return (time.perf_counter() - t) / repeat, out
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--threads", type=int, default=2)
-    args = p.parse_args()
+def main(argv=None):
+    p = cli.parser(__doc__)
+    p.add_argument("--steps", type=cli.int_range(2), default=50, help="DDIM steps of every run")
+    p.add_argument("--threads", type=cli.int_range(1), default=2, help="torch CPU threads")
+    cli.add_weights(p)
+    args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model = ShapesWorldModel()
+    model = cli.load_model(p, args.weights)
     n = args.steps
     scene = E._scenes(1, seed=7)[0]
     plain_1, _ = timed(lambda: model.generate([E.SOURCE], steps=n, cfg=7.5), 3)

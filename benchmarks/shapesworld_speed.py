@@ -8,7 +8,6 @@ repeated runs after a warm-up, for 1 and 2 torch threads, and the per-image time
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -18,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from attention.shapesworld.model import ShapesWorldModel  # noqa: E402
+from attention import cli  # noqa: E402
 
 
 def median_time(fn, repeats: int = 7) -> float:
@@ -31,11 +30,11 @@ def median_time(fn, repeats: int = 7) -> float:
     return statistics.median(out)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", default=None, help="weights file (default: the committed one)")
-    args = p.parse_args()
-    model = ShapesWorldModel(args.weights) if args.weights else ShapesWorldModel()
+def main(argv=None):
+    p = cli.parser(__doc__)
+    cli.add_weights(p)
+    args = p.parse_args(argv)
+    model = cli.load_model(p, args.weights)
     prompt = ["a red circle and a blue square on a gray background"]
     for threads in (1, 2):
         torch.set_num_threads(threads)

@@ -54,10 +54,11 @@ def test_committed_weights_were_made_by_the_finetune_stage():
     assert settings(meta) == settings(recipe.STAGES[1])
 
 
-def test_stop_at_beyond_the_schedule_is_refused(capsys):
-    with pytest.raises(SystemExit):
-        train.main(["--out", "unused.safetensors", "--steps", "6", "--stop-at", "7"])
-    assert "--stop-at 7 is outside 0..--steps (6)" in capsys.readouterr().err
+def test_stop_at_beyond_the_schedule_is_refused(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_:
+        train.main(["--out", str(tmp_path / "unused.safetensors"), "--steps", "6", "--stop-at", "7"])
+    assert exit_.value.code == 2
+    assert "argument --stop-at: 7 is out of range: give an integer in [0, --steps] = [0, 6]" in capsys.readouterr().err
 
 
 def test_finished_reads_the_checkpoint_step(tmp_path):

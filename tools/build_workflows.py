@@ -1,6 +1,7 @@
 """Build the workflow JSON files: UI graphs for the editor, API twins for /prompt, thumbnails.
 
-    COMFYUI_PATH=/path/to/ComfyUI python tools/build_workflows.py
+    COMFYUI_PATH=/path/to/ComfyUI python tools/build_workflows.py            # rewrite workflows/
+    COMFYUI_PATH=/path/to/ComfyUI python tools/build_workflows.py --check    # write nothing; exit 1 if a file differs
 
 Each workflow is described once here as nodes with their widget values by name and their links.
 The saved ``widgets_values`` are generated from the node definitions of the ComfyUI at
@@ -20,7 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 from comfy_boot import node_info  # noqa: E402
+
+from attention import cli  # noqa: E402  (standard library only)
 
 OUT = Path(__file__).resolve().parents[1] / "workflows"
 API = OUT / "api"
@@ -651,17 +655,42 @@ GRAPHS = (("attention_capture", capture_graph, False), ("attention_capture_shape
           ("grounding", grounding_graph, False), ("grounding_shapesworld", grounding_graph, True))
 
 
-def main():
-    from comfy_boot import boot
+def build_parser():
+    p = cli.parser(__doc__)
+    p.add_argument("--out", type=cli.output_dir, default=str(OUT),
+                   help="folder to write the UI graphs into (created if missing); the API twins go to its api/")
+    p.add_argument("--check", action="store_true",
+                   help="write nothing; exit 1 and name the files that differ from what would be written")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    out_dir = Path(args.out)
+    from comfy_boot import boot        # after the arguments: --help and bad flags need no ComfyUI
     comfy_nodes = boot()
-    API.mkdir(parents=True, exist_ok=True)
+    stale = []
+    if not args.check:
+        (out_dir / "api").mkdir(parents=True, exist_ok=True)
     for name, build, sw in GRAPHS:
         nodes, notes = build(sw)
         infos = {n.type: node_info(comfy_nodes, n.type) for n in nodes}
-        (OUT / f"{name}.json").write_text(json.dumps(ui_format(nodes, notes, infos), indent=1) + "\n")
-        (API / f"{name}_api.json").write_text(json.dumps(api_format(nodes, infos), indent=1) + "\n")
-        print("wrote", name)
+        files = {out_dir / f"{name}.json": json.dumps(ui_format(nodes, notes, infos), indent=1) + "\n",
+                 out_dir / "api" / f"{name}_api.json": json.dumps(api_format(nodes, infos), indent=1) + "\n"}
+        for path, text in files.items():
+            if args.check:
+                if not path.is_file() or path.read_text() != text:
+                    stale.append(str(path.relative_to(out_dir)))
+            else:
+                path.write_text(text)
+        if not args.check:
+            print("wrote", name)
+    if args.check:
+        print(f"{len(stale)} of {2 * len(GRAPHS)} files differ from the builder{': ' if stale else ''}"
+              f"{', '.join(stale)}" + (" (run tools/build_workflows.py to rewrite them)" if stale else ""))
+        return 1 if stale else 0
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -4,7 +4,7 @@ Input: an image (3, S, S) in [0, 1] and a region mask (S, S); the network sees t
 masked to the (dilated) region plus the mask itself. Trained on the generator with blur
 and noise so it also reads the model's imperfect renderings.
 
-    python -m attention.shapesworld.classifier --out assets/shapes_classifier.safetensors
+    python -m attention.shapesworld.classifier --out my_classifier.safetensors
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
+from .. import cli
 from .world import COLOURS, SHAPES, ShapesWorld
 
 log = logging.getLogger("attention_lab.classifier")
@@ -93,13 +94,21 @@ def train(steps: int, seed: int, device: str) -> tuple[RegionClassifier, dict]:
     return net, acc
 
 
+def build_parser() -> argparse.ArgumentParser:
+    p = cli.parser(__doc__, "attention.shapesworld.classifier")
+    p.add_argument("--out", type=cli.output_file, default="shapes_classifier_trained.safetensors",
+                   help="weights file to write (the harness reads the shipped assets/shapes_classifier.safetensors)")
+    cli.add_overwrite_shipped(p)
+    p.add_argument("--steps", type=cli.int_range(1), default=1500, help="training steps")
+    p.add_argument("--seed", type=cli.int_range(0), default=1, help="seed of the generator and the weights")
+    p.add_argument("--device", type=cli.device, default="cpu", help="torch device (cpu, cuda, cuda:N, mps)")
+    return p
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="assets/shapes_classifier.safetensors")
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--device", default="cpu")
+    p = build_parser()
     args = p.parse_args(argv)
+    cli.refuse_shipped(p, args.out, args.overwrite_shipped)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     net, acc = train(args.steps, args.seed, args.device)
     log.info("held-out accuracy: %s", acc)

@@ -221,38 +221,53 @@ def localization_figures(model: ShapesWorldModel, methods: dict[str, DPLSettings
     return out
 
 
-def main(argv=None):
-    import argparse
-    import json
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", type=int, default=2, help="images per case (3 cases)")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--null-early-stop", type=float, default=1e-5, help=(
+def build_parser():
+    from .. import cli
+    p = cli.parser(__doc__, "attention.shapesworld.dpl")
+    p.add_argument("--images", type=cli.int_range(1), default=2, help="images per case (3 cases)")
+    p.add_argument("--steps", type=cli.int_range(2), default=50, help="DDIM steps of inversion and editing")
+    p.add_argument("--null-early-stop", type=cli.float_range(0), default=1e-5, help=(
         "DPL's null-text early stop in the localization figures (NTI's 1e-5 by default, to save time; it does not "
         "touch the attention maps; 0 = none, the official recipe, which --cost measures)"))
     p.add_argument("--cost", action="store_true", help="also the official recipe exactly on one image vs NTI")
-    p.add_argument("--sink", action="store_true", help=(
+    only = p.add_mutually_exclusive_group()
+    only.add_argument("--sink", action="store_true", help=(
         "instead: where the model's cross-attention goes (start token, words, end token, padding), the premise of "
         "DPL's cosine losses"))
-    p.add_argument("--ablation", action="store_true", help=(
+    only.add_argument("--ablation", action="store_true", help=(
         "instead: one image per case, NTI against L_bg alone, L_bg alone at lr 1e-4, and no L_dj at lr 1e-4"))
+    cli.add_weights(p)
+    return p
+
+
+def main(argv=None):
+    import json
+
+    from .. import cli
+    p = build_parser()
     args = p.parse_args(argv)
+    if args.sink:
+        cli.refuse_unused(p, argv, ("images", "steps", "null_early_stop", "cost"), "with --sink",
+                          "drop {flag} or --sink")
+    if args.ablation:
+        cli.refuse_unused(p, argv, ("images", "cost"), "with --ablation (one image per case)",
+                          "drop {flag} or --ablation")
+    model = cli.load_model(p, args.weights)
     early = dataclasses.replace(DPL_SH.null, epsilon=args.null_early_stop or None)
     if args.sink:
-        print(json.dumps(token_mass(ShapesWorldModel())), flush=True)
+        print(json.dumps(token_mass(model)), flush=True)
         return
     if args.ablation:
         bg_only = dataclasses.replace(DPL_SH, lam_at=0.0, lam_dj=0.0, null=early)
         variants = {"NTI": None, "L_bg alone": bg_only, "L_bg alone, lr 1e-4": dataclasses.replace(bg_only, lr=1e-4),
                     "no L_dj, lr 1e-4": dataclasses.replace(NO_DJ, lr=1e-4, null=early)}
-        res = localization_figures(ShapesWorldModel(), variants, 1, args.steps)
+        res = localization_figures(model, variants, 1, args.steps)
         print(json.dumps({k: {f: v[f] for f in ("best_mean_iou", "leakage_other_object", "leakage_background",
                                                 "swap_psnr_outside_object_db", "token_updates_per_image")}
                           for k, v in res.items() if isinstance(v, dict)}), flush=True)
         return
     methods = {"NTI": None, "DPL (DPL.sh)": dataclasses.replace(DPL_SH, null=early),
                "DPL.sh without L_dj (ablation)": dataclasses.replace(NO_DJ, null=early)}
-    model = ShapesWorldModel()
     print(json.dumps(localization_figures(model, methods, args.images, args.steps)), flush=True)
     if args.cost:
         cost = localization_figures(model, {"NTI": None, "DPL.sh": DPL_SH, "without L_dj": NO_DJ}, 1,

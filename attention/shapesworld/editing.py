@@ -4,7 +4,7 @@ Same code as the nodes: ``attention/inversion.py`` (inversion, null-text optimiz
 ``attention/p2p.py`` (plans, controllers, LocalBlend, the batch sampler). "Real" images are drawn by
 the ShapesWorld generator (never seen by the model as such), so their masks are exact.
 
-    python -m attention.shapesworld.editing [--images 20] [--steps 50]
+    python -m attention.shapesworld.editing [--images 20] [--steps 50] [--weights FILE]
 """
 
 from __future__ import annotations
@@ -173,17 +173,32 @@ def reweight_figures(model: ShapesWorldModel, factors=(0.0, 0.5, 1.0, 2.0, 4.0),
     return out
 
 
+def build_parser():
+    from .. import cli
+    p = cli.parser(__doc__, "attention.shapesworld.editing")
+    p.add_argument("--images", type=cli.int_range(1), default=20,
+                   help="generator images inverted for the reconstruction table")
+    p.add_argument("--swap-images", type=cli.int_range(1), default=8,
+                   help="images per source (seeded, inverted) in the word-swap table")
+    p.add_argument("--steps", type=cli.int_range(2), default=50,
+                   help="DDIM steps of the reconstruction and word-swap figures")
+    p.add_argument("--reweight-seeds", type=cli.int_range(1), default=3,
+                   help="seeds per factor in the reweight figure")
+    p.add_argument("--reweight-steps", type=cli.int_range(2), default=20, help="DDIM steps of the reweight figure")
+    cli.add_weights(p)
+    return p
+
+
 def main(argv=None):
-    import argparse
     import json
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", type=int, default=20)
-    p.add_argument("--swap-images", type=int, default=8)
-    p.add_argument("--steps", type=int, default=50)
+
+    from .. import cli
+    p = build_parser()
     args = p.parse_args(argv)
+    model = cli.load_model(p, args.weights)
     torch.manual_seed(0)
-    model = ShapesWorldModel()
-    print(json.dumps({"reweight: attention mass on 'red' by factor": reweight_figures(model)}), flush=True)
+    print(json.dumps({"reweight: attention mass on 'red' by factor": reweight_figures(
+        model, seeds=args.reweight_seeds, steps=args.reweight_steps)}), flush=True)
     print(json.dumps({"word swap circle -> triangle": swap_figures(model, args.swap_images, args.steps)}), flush=True)
     print(json.dumps({"reconstruction at guidance 7.5": reconstruction_figures(model, args.images, args.steps)}),
           flush=True)

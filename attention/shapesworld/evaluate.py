@@ -15,11 +15,12 @@ import logging
 
 import torch
 
+from .. import cli
 from ..cluster import cluster_store
 from ..render import upsample
 from ..store import AttentionStore, StoreConfig, word_maps
 from .harness import IoUReport, classifier_accuracy, iou_curve, leakage, load_classifier, mask_iou, object_scores
-from .model import DEFAULT_WEIGHTS, ShapesWorldModel, patches_for
+from .model import ShapesWorldModel, patches_for
 from .text import PAD
 from .world import COLOURS, SHAPES, SceneSpec, ShapesWorld, caption_for
 
@@ -166,18 +167,25 @@ def cluster_localization(model: ShapesWorldModel, n: int = 20, seed: int = 321, 
             "background_mask_iou": round(sum(bg_ious) / len(bg_ious), 3)}
 
 
+def build_parser() -> argparse.ArgumentParser:
+    p = cli.parser(__doc__, "attention.shapesworld.evaluate")
+    cli.add_weights(p)
+    p.add_argument("--prompts", type=cli.int_range(1), default=50, help="seeded prompts of the generation figures")
+    p.add_argument("--prompt-seed", type=cli.int_range(0), default=0, help="seed of the prompt set and its noise")
+    p.add_argument("--scenes", type=cli.int_range(1), default=40, help="held-out scenes of the localization figures")
+    p.add_argument("--cluster-scenes", type=cli.int_range(1), default=20,
+                   help="held-out scenes of the SelfAttnCluster figures")
+    return p
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", default=str(DEFAULT_WEIGHTS))
-    p.add_argument("--prompts", type=int, default=50)
-    p.add_argument("--prompt-seed", type=int, default=0, help="seed of the prompt set and its noise")
-    p.add_argument("--scenes", type=int, default=40)
+    p = build_parser()
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    model = ShapesWorldModel(args.weights)
+    model = cli.load_model(p, args.weights)
     out = {"generation": generation_quality(model, args.prompts, seed=args.prompt_seed),
            "localization": attention_localization(model, args.scenes),
-           "clustering": cluster_localization(model),
+           "clustering": cluster_localization(model, args.cluster_scenes),
            "classifier": classifier_accuracy()}
     log.info(json.dumps(out, indent=1))
 

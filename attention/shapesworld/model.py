@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from ..cli import weights_fix
 from ..controller import ControlledAttention
 from ..sampling import cfg_combine, sample_euler
 from ..schedule import sigma_to_t, simple_sigmas, train_sigmas
@@ -23,11 +24,6 @@ from .unet import ShapesUNet
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 DEFAULT_WEIGHTS = ASSETS / "shapesworld.safetensors"
-REBUILD_HINT = ("restore it with `git checkout -- {path}`, or retrain it with `python -m attention.shapesworld.recipe "
-                "--out {path} --threads 2` (both training stages, 3,800 steps, 106 minutes on 2 CPU cores "
-                "at 1.7 s a step; README, \"Training record\")")
-
-
 class WeightsError(RuntimeError):
     pass
 
@@ -36,7 +32,7 @@ def read_weights(path: Path | str = DEFAULT_WEIGHTS) -> tuple[dict, dict, dict]:
     """(state dict, config, training metadata) of a ShapesWorld weights file, or a clear error."""
     path = Path(path)
     if not path.is_file():
-        raise WeightsError(f"ShapesWorld weights file {path} is missing; " + REBUILD_HINT.format(path=path))
+        raise WeightsError(f"ShapesWorld weights file {path} is missing: " + weights_fix(path))
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -44,8 +40,8 @@ def read_weights(path: Path | str = DEFAULT_WEIGHTS) -> tuple[dict, dict, dict]:
         config = json.loads(meta["config"])
         training = json.loads(meta.get("training", "{}"))
     except Exception as e:  # noqa: BLE001 - any parse failure means a corrupt file
-        raise WeightsError(f"ShapesWorld weights file {path} is corrupt or not a ShapesWorld file ({e}); "
-                           + REBUILD_HINT.format(path=path)) from e
+        raise WeightsError(f"ShapesWorld weights file {path} is corrupt or not a ShapesWorld file ({e}): "
+                           + weights_fix(path)) from e
     return sd, config, training
 
 
@@ -58,7 +54,7 @@ class ShapesWorldModel:
             self.text.load_state_dict({k[5:]: v.float() for k, v in sd.items() if k.startswith("text.")})
         except RuntimeError as e:
             raise WeightsError(f"ShapesWorld weights file {path} does not match the model "
-                               f"({str(e).splitlines()[0]}); " + REBUILD_HINT.format(path=path)) from e
+                               f"({str(e).splitlines()[0]}): " + weights_fix(path)) from e
         self.unet.eval().to(device), self.text.eval().to(device)
         self.device = device
         self.tokenizer = ShapesTokenizer()

@@ -187,18 +187,30 @@ def window_probe(model: ShapesWorldModel, windows: list[tuple[float, float]], se
     return out
 
 
-def main(argv=None):
-    """python -m attention.shapesworld.prompt_mix: the MnM figures on ShapesWorld."""
-    import argparse
-    import json
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", type=int, default=6)
-    p.add_argument("--steps", type=int, default=50)
+def build_parser():
+    from .. import cli
+    p = cli.parser(__doc__, "attention.shapesworld.prompt_mix")
+    p.add_argument("--seeds", type=cli.int_range(1), default=6, help="seeds of the mixing-quality table (x 4 proxies)")
+    p.add_argument("--steps", type=cli.int_range(2), default=50, help="DDIM steps of every figure")
     p.add_argument("--probe", action="store_true", help="also probe which mixing windows change the shape")
     p.add_argument("--probe-only", action="store_true", help="only the window probe")
-    p.add_argument("--probe-seeds", type=int, default=2)
+    p.add_argument("--probe-seeds", type=cli.int_range(1), default=2, help="seeds per window in the probe")
+    cli.add_weights(p)
+    return p
+
+
+def main(argv=None):
+    """python -m attention.shapesworld.prompt_mix: the MnM figures on ShapesWorld."""
+    import json
+
+    from .. import cli
+    p = build_parser()
     args = p.parse_args(argv)
-    model = ShapesWorldModel()
+    if args.probe_only:
+        cli.refuse_unused(p, argv, ("seeds",), "with --probe-only", "drop {flag} or --probe-only")
+    elif not args.probe:
+        cli.refuse_unused(p, argv, ("probe_seeds",), "without --probe", "add --probe or drop {flag}")
+    model = cli.load_model(p, args.weights)
     for name, w, inj in (("official settings, window [0.14, 0.34)", MixSettings().window, 40 / 50),
                          ("ShapesWorld settings, window [0.34, 1), injection to 1", SHAPESWORLD_WINDOW,
                           SHAPESWORLD_INJECTION_END)) if not args.probe_only else ():

@@ -22,12 +22,13 @@ import time
 
 import torch
 
+from .. import cli
 from ..sampling import sample_euler
 from ..schedule import simple_sigmas
 from ..spatext import ExpandContext, RegionalAttention, spatext_guidance
 from .evaluate import pair_prompts
 from .harness import colour_blobs, load_classifier
-from .model import DEFAULT_WEIGHTS, ShapesWorldModel
+from .model import ShapesWorldModel
 from .unet import ShapesUNet
 from .world import caption_for
 
@@ -139,16 +140,21 @@ def layout_figures(model: ShapesWorldModel, n: int = 100, seed: int = 0, steps: 
     return out
 
 
+def build_parser() -> argparse.ArgumentParser:
+    p = cli.parser(__doc__, "attention.shapesworld.spatext")
+    cli.add_weights(p)
+    p.add_argument("--prompts", type=cli.int_range(1), default=100, help="seeded two-object prompts with layouts")
+    p.add_argument("--seed", type=cli.int_range(0), default=0, help="seed of the prompts, layouts and noise")
+    p.add_argument("--steps", type=cli.int_range(1), default=20, help="Euler steps per image")
+    return p
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", default=str(DEFAULT_WEIGHTS))
-    p.add_argument("--prompts", type=int, default=100)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=20)
+    p = build_parser()
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    log.info(json.dumps(layout_figures(ShapesWorldModel(args.weights), args.prompts, args.seed, args.steps),
-                        indent=1))
+    model = cli.load_model(p, args.weights)
+    log.info(json.dumps(layout_figures(model, args.prompts, args.seed, args.steps), indent=1))
 
 
 if __name__ == "__main__":

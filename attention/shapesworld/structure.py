@@ -18,10 +18,11 @@ import time
 
 import torch
 
+from .. import cli
 from ..structure import StructuredValuePatch, aligned_values, noun_phrases, phrase_spans
 from .evaluate import pair_prompts
 from .harness import load_classifier, object_scores
-from .model import DEFAULT_WEIGHTS, ShapesWorldModel
+from .model import ShapesWorldModel
 from .world import caption_for
 
 log = logging.getLogger("attention_lab.structure")
@@ -73,16 +74,22 @@ def binding_figures(model: ShapesWorldModel, n: int = 200, seed: int = 0, steps:
     return out
 
 
+def build_parser() -> argparse.ArgumentParser:
+    p = cli.parser(__doc__, "attention.shapesworld.structure")
+    cli.add_weights(p)
+    p.add_argument("--prompts", type=cli.int_range(1), default=200, help="two-object prompts (CC-500 template)")
+    p.add_argument("--seed", type=cli.int_range(0), default=0, help="seed of the prompt set and of the noise")
+    p.add_argument("--steps", type=cli.int_range(1), default=20, help="Euler steps per image")
+    p.add_argument("--cfg", type=cli.float_range(0), default=5.0, help="classifier-free guidance scale (1 = none)")
+    return p
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", default=str(DEFAULT_WEIGHTS))
-    p.add_argument("--prompts", type=int, default=200, help="two-object prompts (CC-500 template)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the prompt set and of the noise")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--cfg", type=float, default=5.0)
+    p = build_parser()
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    res = binding_figures(ShapesWorldModel(args.weights), args.prompts, args.seed, args.steps, args.cfg)
+    model = cli.load_model(p, args.weights)
+    res = binding_figures(model, args.prompts, args.seed, args.steps, args.cfg)
     log.info(json.dumps(res, indent=1))
 
 

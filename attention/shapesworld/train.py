@@ -1,7 +1,7 @@
 """Train one stage of the ShapesWorld text-to-image model (seeded, resumable, CPU by default).
 
     python -m attention.shapesworld.train --out base.safetensors
-    python -m attention.shapesworld.recipe --out assets/shapesworld.safetensors   # both stages
+    python -m attention.shapesworld.recipe --out shapesworld_recipe.safetensors   # both stages
 
 Objective: epsilon prediction on SD's discrete schedule with min-SNR-5 loss weighting, AdamW
 (lr 3e-4, 200 warm-up steps, cosine decay to 10%), EMA 0.999, batch 64, 10% caption dropout
@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from .. import cli
 from ..schedule import alphas_cumprod
 from .text import ShapesTokenizer, TextEncoder
 from .unet import ShapesUNet
@@ -173,42 +174,62 @@ def train(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="assets/shapesworld.safetensors")
-    p.add_argument("--steps", type=int, default=4800)
-    p.add_argument("--stop-at", type=int, default=0,
+    p = cli.parser(__doc__, "attention.shapesworld.train")
+    p.add_argument("--out", type=cli.output_file, default="shapesworld_trained.safetensors",
+                   help="weights file to write (EMA weights, fp16), rewritten at every checkpoint")
+    cli.add_overwrite_shipped(p)
+    p.add_argument("--steps", type=cli.int_range(1), default=4800, help="length of the learning-rate schedule")
+    p.add_argument("--stop-at", type=cli.int_range(0), default=0,
                    help="stop after this many steps, keeping the learning-rate schedule of --steps (0: run all)")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--ema", type=float, default=0.999)
-    p.add_argument("--min-snr-gamma", type=float, default=5.0)
-    p.add_argument("--x0-floor", type=float, default=0.0,
+    p.add_argument("--batch", type=cli.int_range(1), default=64, help="images per step")
+    p.add_argument("--lr", type=cli.float_range(0, lo_open=True), default=3e-4, help="peak learning rate (AdamW)")
+    p.add_argument("--ema", type=cli.float_range(0, 1, hi_open=True), default=0.999,
+                   help="EMA decay of the saved weights")
+    p.add_argument("--min-snr-gamma", type=cli.float_range(0), default=5.0,
+                   help="min-SNR loss weighting gamma (0 = unweighted epsilon loss)")
+    p.add_argument("--x0-floor", type=cli.float_range(0), default=0.0,
                    help="lower bound of the x0-space loss weight (high-noise steps); 0 = plain min-SNR")
-    p.add_argument("--offset-noise", type=float, default=0.0,
+    p.add_argument("--offset-noise", type=cli.float_range(0), default=0.0,
                    help="std of per-channel noise offsets (0 = plain Gaussian noise)")
-    p.add_argument("--p-uncond", type=float, default=0.1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
-    p.add_argument("--log-every", type=int, default=100)
-    p.add_argument("--save-every", type=int, default=500)
-    p.add_argument("--init", default="", help="start from these weights (fine-tuning)")
-    p.add_argument("--warmup", type=int, default=200)
-    p.add_argument("--ckpt", default="", help="resumable checkpoint path (default: <out>.ckpt)")
+    p.add_argument("--p-uncond", type=cli.float_range(0, 1), default=0.1,
+                   help="share of captions dropped (classifier-free guidance training)")
+    p.add_argument("--seed", type=cli.int_range(0), default=0, help="seed of the batches, noise and initial weights")
+    p.add_argument("--device", type=cli.device, default="cpu", help="torch device (cpu, cuda, cuda:N, mps)")
+    p.add_argument("--workers", type=cli.int_range(0), default=1, help="data-loader worker processes (0: in process)")
+    cli.add_threads(p)
+    p.add_argument("--log-every", type=cli.int_range(1), default=100, help="log the mean loss every N steps")
+    p.add_argument("--save-every", type=cli.int_range(1), default=500, help="checkpoint and weights every N steps")
+    p.add_argument("--init", default="", metavar="FILE", help="start from these weights (fine-tuning)")
+    p.add_argument("--warmup", type=cli.int_range(0), default=200, help="linear warm-up steps of the learning rate")
+    p.add_argument("--ckpt", default="", metavar="FILE", help="resumable checkpoint path (default: <out>.ckpt)")
     p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
     return p
+
+
+def check_args(parser: argparse.ArgumentParser, args) -> None:
+    """The checks that need two flags or the file system (argparse's types check one value each)."""
+    if args.stop_at > args.steps:
+        parser.error(f"argument --stop-at: {args.stop_at} is out of range: give an integer in [0, --steps] = "
+                     f"[0, {args.steps}] (0 runs the whole schedule)")
+    cli.refuse_shipped(parser, args.out, args.overwrite_shipped)
+    if args.init:
+        problem = cli.weights_problem(args.init, "give a ShapesWorld weights file to start from (e.g. the base "
+                                                 "stage's output), or leave --init out to start from scratch")
+        if problem:
+            parser.error(f"argument --init: {problem}")
+    if args.ckpt:
+        try:
+            cli.output_file(args.ckpt)
+        except argparse.ArgumentTypeError as e:
+            parser.error(f"argument --ckpt: {e}")
 
 
 def main(argv=None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not 0 <= args.stop_at <= args.steps:
-        parser.error(f"--stop-at {args.stop_at} is outside 0..--steps ({args.steps}): give a step within the "
-                     f"schedule, or 0 to run all of it")
+    check_args(parser, args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    cli.set_threads(args.threads)
     train(args)
 
 
