@@ -49,6 +49,7 @@ SECTIONS = (
     Section("dpl", "Dynamic Prompt Learning", "demo_dpl:dpl_section"),
     Section("structure", "StructureDiffusion", "demo_structure:structure_section"),
     Section("spatext", "SpaText (training-free)", "demo_spatext:spatext_section"),
+    Section("grounding", "Grounded generation", "demo_grounding:grounding_section"),
     Section("quality", "Quality harness", "demo_quality:quality_section"),
 )
 COUNTS = "progress.json"   # in the output folder: each finished section's UNet calls, the bars' 100 % next time
