@@ -17,7 +17,14 @@ if ComfyExtension is not None:
     from .nodes.capture import AttentionCapture, AttentionMapView
     from .nodes.cluster import SelfAttnCluster
     from .nodes.dpl import DPLTokenOptimizer
-    from .nodes.grounding import NODES as GROUNDING_NODES
+    from .nodes.grounding import (
+        GroundedSegment,
+        GroundingDatasetAdd,
+        GroundingDatasetLoad,
+        GroundingFeaturesNode,
+        GroundingHeadLoader,
+        GroundingHeadTrain,
+    )
     from .nodes.inversion import NullTextInvert
     from .nodes.p2p import P2PEditSampler
     from .nodes.prompt_mix import PromptMixSampler
@@ -27,7 +34,8 @@ if ComfyExtension is not None:
 
     NODES = [AttentionCapture, AttentionMapView, SelfAttnCluster, PromptMixSampler, NullTextInvert,
              DPLTokenOptimizer, P2PEditSampler, StructureDiffusion, SpaTextGuider, ShapesWorldLoader,
-             *GROUNDING_NODES, ShapesWorldScenes, ShapesWorldPseudoMasks]
+             GroundingFeaturesNode, GroundingDatasetAdd, GroundingDatasetLoad, GroundingHeadTrain,
+             GroundingHeadLoader, GroundedSegment, ShapesWorldScenes, ShapesWorldPseudoMasks]
 
     class AttentionLabExtension(ComfyExtension):
         async def get_node_list(self) -> list[type[io.ComfyNode]]:
