@@ -32,7 +32,8 @@ def structured_patch(model: ShapesWorldModel, prompt: str,
                      phrases: list[str] | None = None) -> tuple[StructuredValuePatch, list[str]]:
     """The patch for ``prompt`` with ``phrases`` (None: the rule-based chunker) and the phrases used."""
     phrases = noun_phrases(prompt) if phrases is None else phrases
-    spans = phrase_spans(phrases, model.prompt_words(prompt).occurrences)
+    pw = model.prompt_words(prompt)   # a phrase not in the prompt is refused, naming it and the prompt's words
+    spans = phrase_spans(phrases, lambda p: pw.occurrences(p) or (pw.positions(p, "noun phrase"),))
     full = model.encode([prompt])[0]
     states = list(model.encode(phrases)) if phrases else []
     value = aligned_values(full, states, spans).mean(0)
