@@ -148,7 +148,9 @@ def test_sdxl_two_text_encoders():
     assert inv.extra["token_updates"] > 0
     assert torch.isfinite(rec["samples"]).all() and pristine(model, clip)
     out = p2p(model, clip, [SRC], image, inv, steps=3)[0]["samples"]
-    assert_same_samples(out[0], rec["samples"][0])
+    # same math in another batch layout (P2P batches source + edit, DPL's reconstruction one row): float32 order
+    # alone gave 1.6e-5 of the scale once; 1e-4 as the other inversion-vs-edit comparisons
+    assert_same_samples(out[0], rec["samples"][0], 1e-4)
 
 
 def test_shapesworld_maps_at_a_quarter_of_the_latent():
