@@ -100,7 +100,8 @@ def test_txt2img_and_capture_twice_shows_each_runs_maps(comfy_nodes):
 
 
 def test_loader_refuses_missing_and_corrupt_weights(tmp_path):
-    with pytest.raises(Exception, match=r"missing.*python -m attention\.shapesworld\.recipe --out"):
+    # a user's path gets a hint that fits it (issue 18): no git restore, no retraining over the shipped file
+    with pytest.raises(Exception, match=r"nope\.safetensors is missing: give the path of a ShapesWorld weights file"):
         ShapesWorldLoader.execute(str(tmp_path / "nope.safetensors"))
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a safetensors file")
