@@ -136,3 +136,29 @@ def sample(model, positive, negative, latent, cfg=7.0, sampler="euler", steps=4,
     noise = comfy.sample.prepare_noise(latent, seed)
     return comfy.sample.sample(model, noise, steps, cfg, sampler, scheduler, positive, negative, latent,
                                disable_pbar=True, seed=seed)
+
+
+class StubServer:
+    """What ComfyUI's PromptExecutor needs of a server when a test runs a graph in-process."""
+    client_id = None
+    last_node_id = None
+    last_prompt_id = None
+
+    def send_sync(self, event, data, sid=None):
+        pass
+
+
+def register_pack(out: Path) -> None:
+    """Register ComfyUI's stock nodes and this pack (as a server would), with output/temp folders under ``out``."""
+    import asyncio
+
+    import folder_paths
+
+    import nodes
+    folder_paths.set_output_directory(str(out / "output"))
+    folder_paths.set_temp_directory(str(out / "temp"))
+
+    async def setup():
+        await nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False)
+        assert await nodes.load_custom_node(str(ROOT))
+    asyncio.run(setup())

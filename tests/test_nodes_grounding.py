@@ -8,7 +8,18 @@ import uuid
 
 import pytest
 import torch
-from comfy_env import ROOT, comfy_or_skip, encode, sample, sdxl_cond, tiny_clip, tiny_sd15, tiny_sdxl
+from comfy_env import (
+    ROOT,
+    StubServer,
+    comfy_or_skip,
+    encode,
+    register_pack,
+    sample,
+    sdxl_cond,
+    tiny_clip,
+    tiny_sd15,
+    tiny_sdxl,
+)
 
 pack = comfy_or_skip()
 
@@ -268,25 +279,10 @@ def test_shapesworld_mask_sources(sw, out_dir):
 
 # --------------------------------------------------------------------------------------------- executor
 
-class StubServer:
-    client_id = None
-    last_node_id = None
-    last_prompt_id = None
-
-    def send_sync(self, event, data, sid=None):
-        pass
-
-
 @pytest.fixture(scope="module")
 def executor(tmp_path_factory):
     out = tmp_path_factory.mktemp("comfy_grounding")
-    folder_paths.set_output_directory(str(out / "output"))
-    folder_paths.set_temp_directory(str(out / "temp"))
-
-    async def setup():
-        await nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False)
-        assert await nodes.load_custom_node(str(ROOT))
-    asyncio.run(setup())
+    register_pack(out)
     folder_paths.folder_names_and_paths[G.HEAD_FOLDER] = ([str(out / "heads")], {".safetensors"})   # not models/
     for name in ("GroundingFeatures", "GroundingDatasetAdd", "GroundingHeadTrain", "GroundedSegment",
                  "GroundingHeadLoader", "GroundingDatasetLoad", "ShapesWorldScenes", "ShapesWorldPseudoMasks"):

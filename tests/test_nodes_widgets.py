@@ -19,13 +19,12 @@ import uuid
 import numpy as np
 import pytest
 import torch
-from comfy_env import ROOT, comfy_or_skip
+from comfy_env import ROOT, comfy_or_skip, register_pack
 from PIL import Image
 
 pack = comfy_or_skip()
 
 import execution  # noqa: E402
-import folder_paths  # noqa: E402
 from attention_lab.attention.shapesworld.harness import colour_blobs  # noqa: E402
 
 import nodes  # noqa: E402
@@ -39,13 +38,7 @@ FILE_LISTS = {("CheckpointLoaderSimple", "ckpt_name")}     # options are the ins
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory):
     out = tmp_path_factory.mktemp("comfy_out")
-    folder_paths.set_output_directory(str(out / "output"))
-    folder_paths.set_temp_directory(str(out / "temp"))
-
-    async def setup():
-        await nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False)
-        assert await nodes.load_custom_node(str(ROOT))
-    asyncio.run(setup())
+    register_pack(out)
     return out
 
 

@@ -7,38 +7,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from comfy_env import ROOT, comfy_or_skip
+from comfy_env import ROOT, StubServer, comfy_or_skip, register_pack
 from PIL import Image
 
 pack = comfy_or_skip()
 
 import execution  # noqa: E402
-import folder_paths  # noqa: E402
 from attention_lab.attention.shapesworld.harness import colour_blobs  # noqa: E402
 from attention_lab.nodes.shapesworld import ShapesWorldLoader  # noqa: E402
 
 import nodes  # noqa: E402
 
 
-class StubServer:
-    client_id = None
-    last_node_id = None
-    last_prompt_id = None
-
-    def send_sync(self, event, data, sid=None):
-        pass
-
-
 @pytest.fixture(scope="module")
 def comfy_nodes(tmp_path_factory):
     out = tmp_path_factory.mktemp("comfy_out")
-    folder_paths.set_output_directory(str(out / "output"))
-    folder_paths.set_temp_directory(str(out / "temp"))
-
-    async def setup():
-        await nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False)
-        assert await nodes.load_custom_node(str(ROOT))
-    asyncio.run(setup())
+    register_pack(out)
     for name in ("AttentionCapture", "AttentionMapView", "ShapesWorldLoader"):
         assert name in nodes.NODE_CLASS_MAPPINGS, name
     return out
