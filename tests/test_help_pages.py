@@ -75,9 +75,9 @@ def test_web_directory_holds_no_script():
     assert not list(web_directory().rglob("*.js"))
 
 
-# Pages whose ShapesWorld picture was not made yet (tools/build_help_images.py did not finish on the shared
-# CPU on 2026-11-29); strict: a page that gets its picture must leave this set.
-PICTURE_PENDING = {'DPLTokenOptimizer', 'NullTextInvert', 'PromptMixSampler', 'ShapesWorldLoader', 'StructureDiffusion'}
+# Pages whose ShapesWorld picture is not made yet (tools/build_help_images.py --pictures NodeId); empty since
+# 2026-11-30, every page has one. Strict: a page that gets its picture must leave this set.
+PICTURE_PENDING: set[str] = set()
 
 
 @pytest.mark.parametrize("node_id", registered_node_ids())

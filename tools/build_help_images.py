@@ -1,7 +1,7 @@
 """Figure command: the help-page pictures (web/docs/images/<NodeId>.png) and the template thumbnails
 (workflows/<name>.jpg), made by running the ShapesWorld templates through ComfyUI's own executor.
 
-    COMFYUI_PATH=/path/to/ComfyUI python tools/build_help_images.py [--only NAME ...]
+    COMFYUI_PATH=/path/to/ComfyUI python tools/build_help_images.py [--only NAME ... | --pictures NODE ...]
 
 Each ShapesWorld API workflow in workflows/api/ runs as saved (its steps and seeds), with a few
 Preview Image nodes added to reach intermediate outputs; the pictures are cut from the results
@@ -9,6 +9,9 @@ and scaled up by whole pixels (ShapesWorld images are 32x32). A template for an 
 cannot run here: its thumbnail is a drawing of its graph instead. About 5 minutes on 2 idle CPU cores
 (the DPL template is most of it). ``--fast`` runs the editing samplers with FAST_STEPS steps and the DPL
 loops with a few iterations (for a busy machine; the pages' captions say which settings made the pictures).
+The ShapesWorld grounding template's thumbnail is Grounded Segment's help-page picture (THUMB_FROM_PICTURE).
+``--pictures NodeId ...`` writes only those help-page pictures (running only the templates they come from)
+and leaves every other picture and every thumbnail as it is.
 """
 
 from __future__ import annotations
@@ -53,7 +56,8 @@ def mask_preview(nid: str, source: tuple[str, int]) -> dict:
 FAST_STEPS = 12
 # --fast: (template, node id) -> inputs replaced (the images to edit and the plain samplers keep theirs)
 FAST = {("prompt_mixing_shapesworld", "4"): {"steps": FAST_STEPS}, ("p2p_edit_shapesworld", "4"): {"steps": FAST_STEPS},
-        ("nti_p2p_edit_shapesworld", "3"): {"steps": FAST_STEPS}, ("nti_p2p_edit_shapesworld", "4"): {"steps": FAST_STEPS},
+        ("nti_p2p_edit_shapesworld", "3"): {"steps": FAST_STEPS},
+        ("nti_p2p_edit_shapesworld", "4"): {"steps": FAST_STEPS},
         ("dpl_edit_shapesworld", "3"): {"steps": FAST_STEPS},
         ("dpl_edit_shapesworld", "4"): {"steps": FAST_STEPS, "attn_iters": 3, "null_iters": 3},
         ("dpl_edit_shapesworld", "5"): {"steps": FAST_STEPS}}
@@ -70,6 +74,18 @@ EXTRA = {   # in the order they run: cheap first
     "nti_p2p_edit_shapesworld": {"90": preview(("13", 0))},                              # the image to edit
     "dpl_edit_shapesworld": {"90": preview(("13", 0))},
 }
+
+# help-page picture (node id) -> the entry of EXTRA whose run makes it
+PICTURES = {"SelfAttnCluster": "dpl_cluster", "AttentionCapture": "attention_capture_shapesworld",
+            "AttentionMapView": "attention_capture_shapesworld", "SpaTextGuider": "spatext_shapesworld",
+            "StructureDiffusion": "structure_diffusion_shapesworld",
+            "ShapesWorldLoader": "structure_diffusion_shapesworld", "P2PEditSampler": "p2p_edit_shapesworld",
+            "PromptMixSampler": "prompt_mixing_shapesworld", "NullTextInvert": "nti_p2p_edit_shapesworld",
+            "DPLTokenOptimizer": "dpl_edit_shapesworld"}
+# ShapesWorld templates whose thumbnail is a help-page picture made elsewhere (the grounding pictures come from
+# the embedded head, not from a template run: training a head here would take minutes and write a model file)
+THUMB_FROM_PICTURE = {"grounding_shapesworld": "GroundedSegment"}
+
 
 class _Server:
     client_id = last_node_id = last_prompt_id = None
@@ -117,11 +133,23 @@ def strip(images: list[np.ndarray], scale: int = SCALE, cols: int | None = None)
     tiles = [t.resize((t.width * scale, t.height * scale), Image.NEAREST) for t in tiles]
     cols = cols or len(tiles)
     rows = (len(tiles) + cols - 1) // cols
-    w, h = max(t.width for t in tiles), max(t.height for t in tiles)
-    canvas = Image.new("RGB", (cols * w + (cols - 1) * GAP, rows * h + (rows - 1) * GAP), (40, 40, 40))
+    # each column as wide as its widest tile, each row as high as its highest (tiles may differ in width)
+    ws = [max(t.width for t in tiles[c::cols]) for c in range(cols)]
+    hs = [max(t.height for t in tiles[r * cols:(r + 1) * cols]) for r in range(rows)]
+    xs, ys = np.cumsum([0] + [w + GAP for w in ws]), np.cumsum([0] + [h + GAP for h in hs])
+    canvas = Image.new("RGB", (int(xs[-1]) - GAP, int(ys[-1]) - GAP), (40, 40, 40))
     for k, t in enumerate(tiles):
-        canvas.paste(t, ((k % cols) * (w + GAP), (k // cols) * (h + GAP)))
+        canvas.paste(t, (int(xs[k % cols]), int(ys[k // cols])))
     return canvas
+
+
+def at_height(image: np.ndarray, height: int) -> np.ndarray:
+    """``image`` (H, W, 3 floats) scaled to ``height`` rows, aspect kept (area average when shrinking)."""
+    if image.shape[0] == height:
+        return image
+    pil = Image.fromarray((np.clip(image, 0, 1) * 255).astype(np.uint8))
+    width = max(1, round(pil.width * height / pil.height))
+    return np.asarray(pil.resize((width, height), Image.BOX if height < pil.height else Image.NEAREST)) / 255.0
 
 
 def fit(picture: Image.Image, size=THUMB) -> Image.Image:
@@ -135,7 +163,8 @@ def fit(picture: Image.Image, size=THUMB) -> Image.Image:
     return canvas
 
 
-def graph_drawing(name: str, size=THUMB, note: str = "graph for an SD checkpoint (green: Attention Lab nodes)") -> Image.Image:
+def graph_drawing(name: str, size=THUMB,
+                  note: str = "graph for an SD checkpoint (green: Attention Lab nodes)") -> Image.Image:
     """The UI graph workflows/<name>.json drawn as boxes (title bar + body) and links, for templates that
     need an SD checkpoint and cannot be run here."""
     graph = json.loads((WORKFLOWS / f"{name}.json").read_text())
@@ -173,9 +202,19 @@ def graph_drawing(name: str, size=THUMB, note: str = "graph for an SD checkpoint
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", nargs="*", help="template names (without .json) to run; default all")
+    p.add_argument("--pictures", nargs="+", metavar="NODE",
+                   help="node ids whose help-page pictures to write (no thumbnails); runs only their templates")
     p.add_argument("--fast", action="store_true", help="fewer steps for the editing samplers (see FAST)")
     p.add_argument("--steps", type=int, help="steps of every sampler (not the one drawing an image to edit)")
     args = p.parse_args(argv)
+    if args.only and args.pictures:
+        p.error("--only and --pictures exclude each other")
+    unknown = [n for n in args.only or [] if n not in EXTRA and n not in THUMB_FROM_PICTURE]
+    if unknown:
+        p.error(f"unknown template(s) {unknown}; known: {sorted(EXTRA) + sorted(THUMB_FROM_PICTURE)}")
+    unknown = [n for n in args.pictures or [] if n not in PICTURES]
+    if unknown:
+        p.error(f"no picture of {unknown} is made here; known: {sorted(PICTURES)}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     boot()
     import folder_paths
@@ -183,27 +222,38 @@ def main(argv=None):
     folder_paths.set_output_directory(str(out_dir / "output"))
     folder_paths.set_temp_directory(str(out_dir / "temp"))
     IMAGES.mkdir(parents=True, exist_ok=True)
-    names = args.only or list(EXTRA)
+    wanted = set(args.pictures or [])
+    names = ([n for n in EXTRA if n in {PICTURES[w] for w in wanted}] if wanted
+             else [n for n in args.only if n in EXTRA] if args.only else list(EXTRA))
 
     def save(picture: Image.Image, node_id: str):
+        if wanted and node_id not in wanted:
+            return
         picture.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(IMAGES / f"{node_id}.png", optimize=True)
         logger.info("wrote %s (%dx%d)", IMAGES / f"{node_id}.png", *picture.size)
 
     def thumb(name: str, picture: Image.Image):
+        if wanted:
+            return
         fit(picture).save(WORKFLOWS / f"{name}.jpg", quality=88)
+        logger.info("wrote %s", WORKFLOWS / f"{name}.jpg")
 
-    if not args.only:
+    if not args.only and not wanted:
         for ui in sorted(WORKFLOWS.glob("*.json")):
             if not ui.stem.endswith("_shapesworld"):
                 graph_drawing(ui.stem).save(WORKFLOWS / f"{ui.stem}.jpg", quality=88)
                 logger.info("drew %s.jpg", ui.stem)
+    for name, node_id in THUMB_FROM_PICTURE.items():
+        if not wanted and (not args.only or name in args.only):
+            thumb(name, Image.open(IMAGES / f"{node_id}.png").convert("RGB"))
     for name in names:
         r = run_workflow(name, out_dir, args.fast, args.steps)
         if name == "dpl_cluster":
             save(strip(r["90"] + r["91"] + r["92p"]), "SelfAttnCluster")
             image = r["90"][0]
-            from attention.shapesworld.harness import colour_blobs
             import torch
+
+            from attention.shapesworld.harness import colour_blobs
             blobs = colour_blobs(torch.from_numpy(image).permute(2, 0, 1).float(), "red")
             logger.info("DPL template image: red blobs of %s px; word masks cover %s of the image",
                         [int(b.sum()) for b in blobs], [round(float((m[..., 0] > 0.5).mean()), 3) for m in r["92p"]])
@@ -223,7 +273,8 @@ def main(argv=None):
             save(strip(r["90"] + r["8"]), "NullTextInvert")
             thumb(name, strip(r["90"] + r["6"], cols=2))
         elif name == "dpl_edit_shapesworld":
-            save(strip(r["90"] + r["8"]), "DPLTokenOptimizer")
+            # the noun maps come at 8x the latent size (SD's image size), 8x ShapesWorld's: bring them to the image's
+            save(strip(r["90"] + [at_height(m, r["90"][0].shape[0]) for m in r["8"]]), "DPLTokenOptimizer")
             thumb(name, strip(r["90"] + r["7"], cols=3))
         elif name == "structure_diffusion_shapesworld":
             save(strip(r["7"] + r["10"], cols=4), "StructureDiffusion")
