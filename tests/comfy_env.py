@@ -2,6 +2,9 @@
 
 Every tier-2 test module calls ``comfy_or_skip()`` at import; without COMFYUI_PATH the
 module is skipped, so CI (which has no ComfyUI) runs tier 1 only.
+
+ComfyUI runs on the CPU (``--cpu``) unless ATTENTION_LAB_COMFY_DEVICE=cuda, which starts it without that
+flag so that it picks the GPU as it does for a user (the GPU check in a lent machine's session).
 """
 
 from __future__ import annotations
@@ -17,7 +20,21 @@ from compare import SAME_SAMPLES, assert_same_samples, rel  # noqa: F401  (re-ex
 
 ROOT = Path(__file__).resolve().parents[1]
 PACK_NAME = "attention_lab"
+DEVICE_ENV = "ATTENTION_LAB_COMFY_DEVICE"
 _state: dict = {}
+
+
+def comfy_device_args() -> list[str]:
+    """ComfyUI's device flags for ATTENTION_LAB_COMFY_DEVICE: "cpu" (the default) is ``--cpu``; "cuda" is
+    none, so ComfyUI takes the GPU as it does for a user. Anything else is refused by name."""
+    device = os.environ.get(DEVICE_ENV, "cpu").strip().lower() or "cpu"
+    if device == "cpu":
+        return ["--cpu"]
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"{DEVICE_ENV}=cuda but torch {torch.__version__} sees no CUDA device")
+        return []
+    raise ValueError(f"{DEVICE_ENV}={device!r}: use 'cpu' (the default) or 'cuda'")
 
 
 def comfy_or_skip():
@@ -27,11 +44,12 @@ def comfy_or_skip():
                     allow_module_level=True)
     if "pack" in _state:
         return _state["pack"]
+    device_args = comfy_device_args()
     sys.path.insert(0, path)
     cwd = os.getcwd()
     os.chdir(path)
     argv = sys.argv
-    sys.argv = [argv[0], "--cpu"]
+    sys.argv = [argv[0], *device_args]
     try:
         import comfy.options
         comfy.options.enable_args_parsing()
@@ -39,6 +57,10 @@ def comfy_or_skip():
     finally:
         sys.argv = argv
         os.chdir(cwd)
+    if not device_args:  # cuda: make sure ComfyUI really took the GPU, not a silent CPU fallback
+        device = comfy.model_management.get_torch_device()
+        if getattr(device, "type", str(device)) != "cuda":
+            raise RuntimeError(f"{DEVICE_ENV}=cuda but ComfyUI chose the device {device}")
     spec = importlib.util.spec_from_file_location(PACK_NAME, ROOT / "__init__.py",
                                                   submodule_search_locations=[str(ROOT)])
     pack = importlib.util.module_from_spec(spec)

@@ -125,7 +125,7 @@ def test_features_equal_block_outputs_sd15(sd15, batch):
     assert f.sizes == ((8, 8), (16, 16)) and f.batch == batch and f.concat_uncond
     assert f.channels == (2 * (32 + 64 + 64 + 64), 2 * (32 + 32 + 64 + 32 + 32))
     for ours, theirs in zip(f.levels, _expected_levels(ref)):
-        assert torch.equal(ours, theirs)
+        assert torch.equal(ours.cpu(), theirs.cpu())          # the hooks see the compute device's tensors
     assert f.family == "sd1" and f.context_dim == 64 and f.timestep == 1
     assert abs(f.sigma - float(model.get_model_object("model_sampling").sigmas[1])) < 1e-4
     # nothing left patched: options unchanged, no hook left on the UNet's out
@@ -166,7 +166,7 @@ def test_features_sdxl_three_levels_or_two():
         ref, _ = _reference_blocks(model, pos, neg, latent, 1, 0)
     assert f.family == "sdxl" and f.context_dim == 2048
     for ours, theirs in zip(f.levels, _expected_levels(ref)):
-        assert torch.equal(ours, theirs)
+        assert torch.equal(ours.cpu(), theirs.cpu())
 
 
 def _tiny_dataset(clip, n=2, hw=16, words=("cat", "mat")):

@@ -9,6 +9,7 @@ from comfy_env import comfy_or_skip, encode, rel, tiny_clip, tiny_sd15, tiny_sdx
 pack = comfy_or_skip()
 
 import comfy.ldm.modules.attention  # noqa: E402
+import comfy.model_management  # noqa: E402
 import comfy.sample  # noqa: E402
 import comfy.samplers  # noqa: E402
 from attention_lab.attention.shapesworld.world import COLOURS  # noqa: E402
@@ -27,7 +28,9 @@ def run(g, latent, steps=4, seed=1, scheduler="normal", sampler="euler"):
         noise = comfy.sample.prepare_noise(latent, seed)
         sigmas = comfy.samplers.calculate_sigmas(g.model_patcher.get_model_object("model_sampling"), scheduler,
                                                  steps).cpu()
-        return g.sample(noise, latent, comfy.samplers.sampler_object(sampler), sigmas, disable_pbar=True, seed=seed)
+        out = g.sample(noise, latent, comfy.samplers.sampler_object(sampler), sigmas, disable_pbar=True, seed=seed)
+    # as SamplerCustomAdvanced: a GUIDER samples on the model's device, the LATENT goes to the intermediate one
+    return out.to(comfy.model_management.intermediate_device())
 
 
 def plain(model, positive, negative, latent, cfg, **kw):
