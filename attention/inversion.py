@@ -167,12 +167,15 @@ def null_text_optimize(eps: EpsFn, trajectory: list[torch.Tensor], sigmas: torch
 
 
 @torch.no_grad()
-def reconstruct(eps: EpsFn, inv: Inversion, null_fallback: torch.Tensor, eps_null: EpsFn | None = None) -> torch.Tensor:
-    """Guided DDIM from x_T with the inversion's nulls (or ``null_fallback``): the reconstruction."""
+def reconstruct(eps: EpsFn, inv: Inversion, null_fallback: torch.Tensor, eps_null: EpsFn | None = None,
+                device: torch.device | str | None = None) -> torch.Tensor:
+    """Guided DDIM from x_T with the inversion's nulls (or ``null_fallback``): the reconstruction, on ``device``
+    (default: where x_T is; an Inversion keeps its tensors on the CPU, the UNet may be on a GPU)."""
     eps_null = eps_null or eps
-    x = inv.x_T
-    for i in range(len(inv.sigmas) - 1):
-        u = inv.nulls[i] if inv.nulls is not None else null_fallback
-        e_c, e_u = eps(x, inv.sigmas[i], inv.cond), eps_null(x, inv.sigmas[i], u)
-        x = ddim_step(x, e_u + inv.guidance * (e_c - e_u), inv.sigmas[i], inv.sigmas[i + 1])
+    dev = torch.device(device) if device is not None else inv.x_T.device
+    x, sigmas, cond = inv.x_T.to(dev), inv.sigmas.to(dev), inv.cond.to(dev)
+    for i in range(len(sigmas) - 1):
+        u = (inv.nulls[i] if inv.nulls is not None else null_fallback).to(dev)
+        e_c, e_u = eps(x, sigmas[i], cond), eps_null(x, sigmas[i], u)
+        x = ddim_step(x, e_u + inv.guidance * (e_c - e_u), sigmas[i], sigmas[i + 1])
     return x

@@ -121,7 +121,7 @@ class NullTextInvert(io.ComfyNode):
         # SDXL: the prompt's rows and the null rows each get their own pooled output and the image's size
         null_dict = positive[0][1] if mode == "negative-prompt" else empty[0][1]   # negative-prompt: null = prompt
         y_c, y_n = adm_of(model, positive[0][1], x0.shape), adm_of(model, null_dict, x0.shape)
-        eps_c, eps_n = calls.bind(y_c), calls.bind(y_n, [1])
+        eps_c = calls.bind(y_c)
         quiet_c, quiet_n = calls.bind(y_c, quiet=True), calls.bind(y_n, [1], quiet=True)
         dev = calls.device
         x0, cond, null0, sig_d = x0.to(dev), cond.to(dev), null0.to(dev), sigmas.to(dev)
@@ -154,8 +154,8 @@ class NullTextInvert(io.ComfyNode):
         inv.extra["model_key"] = model_key(model)
         if not optimize:
             with torch.no_grad():
-                rec = reconstruct(lambda x, s, c: (tick(), quiet_c(x, s, c))[1], inv, null0.cpu(),
-                                  eps_null=lambda x, s, c: quiet_n(x, s, c))
+                rec = reconstruct(lambda x, s, c: (tick(), quiet_c(x, s, c))[1], inv, null0,
+                                  eps_null=lambda x, s, c: quiet_n(x, s, c), device=dev)
             inv.unet_forward += 2 * steps
         mse = float(((rec.cpu() - x0.cpu()) ** 2).mean())
         logger.info("NullTextInvert (%s, %d steps): UNet forward %d, backward %d, reconstruction MSE %.2e, %.1f s",

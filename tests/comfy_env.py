@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from compare import SAME_SAMPLES, assert_same_samples, rel  # noqa: F401  (re-exported for the node tests)
+from compare import ON_GPU, SAME_SAMPLES, assert_same_samples, bound, rel  # noqa: F401  (re-exported for the node tests)
 
 ROOT = Path(__file__).resolve().parents[1]
 PACK_NAME = "attention_lab"
@@ -61,6 +61,11 @@ def comfy_or_skip():
         device = comfy.model_management.get_torch_device()
         if getattr(device, "type", str(device)) != "cuda":
             raise RuntimeError(f"{DEVICE_ENV}=cuda but ComfyUI chose the device {device}")
+        # The tests compare one computation done two ways (batched, split, patched with an identity) at float32
+        # precision; cuDNN's default TF32 convolutions would make every such comparison a 10-bit-mantissa one.
+        import torch
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     spec = importlib.util.spec_from_file_location(PACK_NAME, ROOT / "__init__.py",
                                                   submodule_search_locations=[str(ROOT)])
     pack = importlib.util.module_from_spec(spec)

@@ -9,11 +9,15 @@ import uuid
 import pytest
 import torch
 from comfy_env import (
+    ON_GPU,
     ROOT,
+    SAME_SAMPLES,
     StubServer,
+    bound,
     comfy_or_skip,
     encode,
     register_pack,
+    rel,
     sample,
     sdxl_cond,
     tiny_clip,
@@ -106,7 +110,7 @@ def test_identity_block_patches_leave_sampling_unchanged(sd15):
     m.set_model_output_block_patch(rec.output_block_patch)
     with rec.hook_final_block(m.get_model_object("diffusion_model")):
         patched = sample(m, pos, neg, latent, steps=3, seed=5)
-    assert torch.equal(plain, patched)
+    assert torch.equal(plain, patched) if not ON_GPU else rel(patched, plain) < bound(SAME_SAMPLES)
     assert rec.calls == 3 and len(rec.recorded_blocks) == 9        # 4 input + middle + 4 output blocks
 
 
@@ -149,7 +153,7 @@ def test_features_cond_only_and_low_memory_split(sd15):
             del bm.memory_required
     assert [c["cou"] for c in calls] == [[1], [0]]
     for a, b in zip(joint.levels, split.levels):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=bound(1e-5))
     assert not cond.concat_uncond and cond.channels == tuple(c // 2 for c in joint.channels)
     for a, b in zip(cond.levels, joint.levels):              # cond half of each block = the cond-only features
         assert a.shape[1] * 2 == b.shape[1]
