@@ -3,7 +3,8 @@
 The editor (ComfyUI frontend 1.35) restores ``widgets_values`` by position: one entry per widget input
 (INT, FLOAT, STRING, BOOLEAN, COMBO, required then optional, in ``input_order``), followed, for an INT or
 FLOAT that asks for it, or for an INT named seed/noise_seed that does not say (useIntWidget), by
-``control_after_generate``; LoadImage's image combo is followed by its ``upload`` widget; the
+``control_after_generate``; the ``upload`` widget of LoadImage / LoadImageMask comes after the last required
+widget (the Comfy.UploadImage extension appends it to the required inputs: image, channel, upload); the
 Comfy.PreviewAny extension adds ``previewMode`` to PreviewAny. A missing entry shifts every later widget.
 This module re-derives that list from ComfyUI's own definitions (stock nodes and ours) independently of
 tools/build_workflows.py, and checks count, order, type, range and options, and that each API twin
@@ -54,6 +55,7 @@ def expected_widgets(node_type: str) -> list[tuple[str, str, dict]]:
     info = definition(node_type)
     rows = []
     for section in ("required", "optional"):
+        upload = None
         for name in info.get("input_order", {}).get(section, []):
             spec = info["input"][section][name]
             kind, opts = spec[0], dict(spec[1]) if len(spec) > 1 and spec[1] else {}
@@ -67,8 +69,10 @@ def expected_widgets(node_type: str) -> list[tuple[str, str, dict]]:
                 wants_control = kind == "INT" and name in ("seed", "noise_seed")
             if wants_control:
                 rows.append(("control_after_generate", "CONTROL", {}))
-            if opts.get("image_upload"):
-                rows.append(("upload", "UPLOAD", {"target": name}))
+            if section == "required" and opts.get("image_upload") and upload is None:
+                upload = ("upload", "UPLOAD", {"target": name})
+        if upload:      # Comfy.UploadImage appends its input to the end of the required ones
+            rows.append(upload)
     if node_type == "PreviewAny":
         rows.append(("previewMode", "BOOLEAN", {}))
     return rows
@@ -123,6 +127,9 @@ def test_the_checker_sees_the_control_widget_of_a_seed(registered):
     assert ks[:2] == ["seed", "control_after_generate"]
     assert "control_after_generate" not in [r[0] for r in expected_widgets("SelfAttnCluster")]  # it says False
     assert [r[0] for r in expected_widgets("LoadImage")] == ["image", "upload"]
+    # the editor (frontend 1.35.9, tools/editor_check.py) makes image, channel, upload: saved as image, upload,
+    # channel, the channel widget got "image" and the API export an invalid channel
+    assert [r[0] for r in expected_widgets("LoadImageMask")] == ["image", "channel", "upload"]
 
 
 @pytest.mark.parametrize("node", pack.NODES, ids=lambda n: n.__name__)

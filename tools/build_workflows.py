@@ -6,8 +6,9 @@
 Each workflow is described once here as nodes with their widget values by name and their links.
 The saved ``widgets_values`` are generated from the node definitions of the ComfyUI at
 COMFYUI_PATH (stock nodes and ours alike): one entry per widget input in the editor's order, plus
-the entries the editor adds itself (``control_after_generate`` after a seed, LoadImage's ``upload``,
-PreviewAny's ``previewMode``), each value checked against its input's type, range and options.
+the entries the editor adds itself (``control_after_generate`` after a seed, ``upload`` after the last
+required widget of LoadImage / LoadImageMask, PreviewAny's ``previewMode``), each value checked against its
+input's type, range and options.
 Writes ``workflows/<name>.json`` (UI, LiteGraph version 0.4; the editor's template browser lists
 these) and ``workflows/api/<name>_api.json`` (API format). Thumbnails: tools/build_help_images.py.
 """
@@ -31,7 +32,9 @@ API = OUT / "api"
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 CONTROL_OPTIONS = ("fixed", "increment", "decrement", "randomize")
 # widgets that the editor's own extensions add to stock nodes (ComfyUI frontend 1.35, extension Comfy.PreviewAny;
-# its two 'preview' display widgets are not saved): (name, value saved in our files)
+# its two 'preview' display widgets take no saved value: on load the editor hands widgets_values out to the other
+# widgets only, so [false] sets previewMode; the editor itself saves [null, null, false], which would load
+# previewMode = null, checked in tools/editor_check.py): (name, value saved in our files)
 EXTENSION_WIDGETS = {"PreviewAny": [("previewMode", False)]}
 
 
@@ -49,9 +52,9 @@ class Node:
     control: str = "fixed"               # saved control_after_generate of a seed (the files are reproducible)
 
 
-def widget_inputs(info: dict):
+def widget_inputs(info: dict, sections=("required", "optional")):
     """(name, type, options) of every input the editor shows as a widget, in its order (required, optional)."""
-    for section in ("required", "optional"):
+    for section in sections:
         specs = info["input"].get(section, {})
         for name in info.get("input_order", {}).get(section, list(specs)):
             spec = specs[name]
@@ -64,19 +67,25 @@ def widget_inputs(info: dict):
 
 def editor_widgets(node_type: str, info: dict) -> list[tuple[str, str, dict]]:
     """The editor's saved widget list: the widget inputs plus the entries the frontend adds (useIntWidget adds
-    control_after_generate when the input asks for it, or, when it does not say, to inputs named seed/noise_seed)."""
+    control_after_generate when the input asks for it, or, when it does not say, to inputs named seed/noise_seed;
+    the Comfy.UploadImage extension appends an ``upload`` input to the *end* of the required inputs for the first
+    required combo with image_upload, so LoadImageMask saves image, channel, upload)."""
     out = []
-    for name, kind, opts in widget_inputs(info):
-        out.append((name, kind, opts))
-        control = opts.get("control_after_generate")
-        if control is None:
-            control = kind == "INT" and name in ("seed", "noise_seed")
-        if control and kind not in ("INT", "FLOAT"):
-            raise NotImplementedError(f"{node_type}.{name}: control_after_generate on a {kind} widget")
-        if control:
-            out.append(("control_after_generate", "CONTROL", {"options": list(CONTROL_OPTIONS)}))
-        if opts.get("image_upload"):
-            out.append(("upload", "UPLOAD", {}))
+    for section in ("required", "optional"):
+        upload = None
+        for name, kind, opts in widget_inputs(info, (section,)):
+            out.append((name, kind, opts))
+            control = opts.get("control_after_generate")
+            if control is None:
+                control = kind == "INT" and name in ("seed", "noise_seed")
+            if control and kind not in ("INT", "FLOAT"):
+                raise NotImplementedError(f"{node_type}.{name}: control_after_generate on a {kind} widget")
+            if control:
+                out.append(("control_after_generate", "CONTROL", {"options": list(CONTROL_OPTIONS)}))
+            if section == "required" and opts.get("image_upload") and upload is None:
+                upload = ("upload", "UPLOAD", {"target": name})
+        if upload:
+            out.append(upload)
     out += [(name, "EXTENSION", {}) for name, _ in EXTENSION_WIDGETS.get(node_type, [])]
     return out
 
@@ -103,18 +112,17 @@ def widget_values(n: Node, info: dict) -> tuple[list, dict]:
     if unknown or missing:
         raise KeyError(f"node {n.id} {n.type}: widgets {sorted(unknown)} unknown, {missing} missing")
     extension = dict(EXTENSION_WIDGETS.get(n.type, []))
-    last = None
     for name, kind, opts in editor_widgets(n.type, info):
         if kind == "CONTROL":
             value = n.control
         elif kind == "UPLOAD":
-            value = last
+            value = opts["target"]           # the upload button's value: the name of the image input it fills
         elif kind == "EXTENSION":
             value = extension[name]
         else:
             value = n.widgets[name]
             check_value(f"{n.type}.{name}", kind, opts, value)
-            api[name], last = value, name
+            api[name] = value
         if kind == "CONTROL" and value not in CONTROL_OPTIONS:
             raise ValueError(f"node {n.id}: control_after_generate {value!r}")
         saved.append(value)
