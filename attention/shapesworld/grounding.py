@@ -41,6 +41,7 @@ log = logging.getLogger("attention_lab.grounding")
 SPLITS = (("star", "diamond"), ("triangle", "cross"), ("circle", "square"))   # unseen words per split
 TEMPLATE = "a {word}"   # ShapesWorld's vocabulary has no "photograph"; "a {word}" is its in-vocabulary template
 HEAD = {"widths": (4, 8, 16), "dim": 64, "heads": 4, "ffn": 256}   # upstream layout, ShapesWorld-sized (B8)
+SAME_COLOUR_SHARE = 0.5   # same-colour training scenes per ordinary training scene (see training_examples)
 HEAD_ASSET = ASSETS / "shapesworld_grounding.safetensors"
 FAMILY = "shapesworld"
 PROMPT_ROW = "head, exact masks, prompt queries (ours, default)"
@@ -101,6 +102,17 @@ def exact_examples(seed: int, n: int, shapes: tuple[str, ...] = SHAPES, same_col
         out.append((scene.image, Example(scene.caption, [(ob.colour, ob.shape) for ob in scene.objects], masks,
                                          torch.ones(len(masks), dtype=torch.bool), masks)))
     return out
+
+
+def training_examples(seed: int, n: int, shapes: tuple[str, ...], same_colour_share: float = SAME_COLOUR_SHARE) -> list:
+    """The exact-mask training set: n scenes of 1-3 objects in any colours (seed ``seed``) followed by
+    ``round(n * same_colour_share)`` scenes of 2-3 objects sharing one colour (seed ``seed + 30_000``), all of
+    ``shapes`` only. Ours, not the paper's: the same-colour scenes make the shape the only cue that tells the
+    objects apart; without them a head learns to find the colour the causal text encoder puts into the shape
+    word's state (ablation "no same-colour training scenes")."""
+    extra = round(n * same_colour_share)
+    return exact_examples(seed, n, shapes) + (exact_examples(seed + 30_000, extra, shapes, same_colour=True)
+                                              if extra else [])
 
 
 @torch.no_grad()
@@ -247,7 +259,7 @@ def batch_of(pool: Pool, idx: list[int], mode: str, templates: dict, colours: bo
 @dataclass
 class Recipe:
     mode: str = "prompt"        # query mode
-    steps: int = 100
+    steps: int = 400
     batch: int = 16
     lr: float = 1e-3
     seed: int = 0
@@ -379,7 +391,7 @@ def _row(name: str, per_split: list[dict]) -> str:
             f"{avg['leak']:.3f} |")
 
 
-ABLATIONS = ("colours", "prior", "t200", "drop8", "seen2", "self", "pseudo_template")
+ABLATIONS = ("no_same", "colours", "prior", "t200", "drop8", "seen2", "self", "pseudo_template")
 
 
 def figure(model: ShapesWorldModel, quick: bool = False, seed: int = 0, sizes: tuple | None = None,
@@ -390,11 +402,11 @@ def figure(model: ShapesWorldModel, quick: bool = False, seed: int = 0, sizes: t
     ablations on split 1; quick: split 1, 160 scenes, 48 + 24 test scenes, no pseudo-label head, no ablations.
     ``part``: "all", "main" (the two tables) or "ablations" (``which`` of split 1's ablations); ``splits``: the
     split numbers of the main tables, so the figure can run as several processes; rows are also logged as they
-    are measured."""
+    are measured. Every exact-mask training set also holds half as many same-colour scenes (``training_examples``)."""
     t_all = time.perf_counter()
     ks = (1,) if quick or part == "ablations" else tuple(splits)
     n_train, n_pseudo, n_test, n_same = sizes or ((160, 0, 48, 24) if quick else (256, 96, 144, 60))
-    recipe = Recipe(steps=steps or (80 if quick else 100))
+    recipe = Recipe(steps=steps or (80 if quick else Recipe.steps))
     templates = template_vectors(model)
     costs: dict[str, float] = {}
 
@@ -434,8 +446,8 @@ def figure(model: ShapesWorldModel, quick: bool = False, seed: int = 0, sizes: t
         unseen = SPLITS[k - 1]
         seen = tuple(w for w in SHAPES if w not in unseen)
         t = time.perf_counter()
-        exact = build_pool(model, exact_examples(40_000 + 100 * (k - 1) + seed, n_train, seen), seed=3 + k)
-        costs["exact-mask fill: features (s/image)"] = (time.perf_counter() - t) / n_train
+        exact = build_pool(model, training_examples(40_000 + 100 * (k - 1) + seed, n_train, seen), seed=3 + k)
+        costs["exact-mask fill: features (s/image)"] = (time.perf_counter() - t) / len(exact.examples)
         runs = [(PROMPT_ROW, exact, replace(recipe, mode="prompt")),
                 ("head, exact masks, template queries (paper)", exact, replace(recipe, mode="template"))]
         own = None
@@ -525,6 +537,7 @@ def ablations(model, pools: tuple, reference: tuple, test: Pool, same: Pool, tes
     out: list = [["reference: the split-1 prompt-query head of the main table (t = 1, all 3 sizes, 4 seen words)",
                   reference[0].summary(unseen), reference[1].summary(unseen)]]
     exact, pseudo = pools
+    n_plain = round(len(exact.examples) / (1 + SAME_COLOUR_SHARE))   # ordinary scenes; same-colour ones follow
 
     def run(name, pool, rc, tpool=test, spool=same, seen_words=seen):
         head = train(pool, rc, templates, seen_words, name)[0]
@@ -533,13 +546,17 @@ def ablations(model, pools: tuple, reference: tuple, test: Pool, same: Pool, tes
         out.append([name, a, b])
         log.info("ablation %s: main %s; same-colour %s", name, _cells(a), _cells(b))
     for key in which:
-        if key == "colours":
+        if key == "no_same":
+            plain = training_examples(40_000 + seed, len(exact.examples), seen, same_colour_share=0.0)
+            run("no same-colour training scenes (the paper's kind of set; same number of scenes)",
+                build_pool(model, plain, seed=4), recipe)
+        elif key == "colours":
             run("colour words as extra training queries", exact, replace(recipe, colours=True))
         elif key == "prior":
             run("word's cross-attention map as an extra input (ours, not the paper's)", exact,
                 replace(recipe, prior=True))
         elif key == "t200":
-            items = exact_examples(40_000 + seed, len(exact.examples), seen)
+            items = training_examples(40_000 + seed, n_plain, seen)
             same_items = exact_examples(20_000 + seed, len(same.examples), same_colour=True)
             run("features at t = 200 (train and test)", build_pool(model, items, t=200, seed=4), recipe,
                 build_pool(model, test_items, t=200, seed=1), build_pool(model, same_items, t=200, seed=2))
@@ -549,7 +566,7 @@ def ablations(model, pools: tuple, reference: tuple, test: Pool, same: Pool, tes
         elif key == "seen2":
             two = seen[:2]
             run(f"2 seen words ({', '.join(two)}; same number of scenes)",
-                build_pool(model, exact_examples(50_000 + seed, len(exact.examples), two), seed=5), recipe,
+                build_pool(model, training_examples(50_000 + seed, n_plain, two), seed=5), recipe,
                 seen_words=two)
         elif key == "self":
             n_st = min(48, len(exact.examples))
@@ -571,17 +588,18 @@ def ablations(model, pools: tuple, reference: tuple, test: Pool, same: Pool, tes
 # ---------------------------------------------------------------------------------------------- embedded head
 
 def train_asset(model: ShapesWorldModel, path: Path = HEAD_ASSET, force: bool = False, scenes: int = 384,
-                steps: int = 300, seed: int = 0) -> tuple[Path, HeadMeta]:
+                steps: int = Recipe.steps, seed: int = 0) -> tuple[Path, HeadMeta]:
     """The embedded head: split 1 (unseen star, diamond), exact masks, prompt queries. Refuses to overwrite."""
     path = Path(path)
     if path.exists() and not force:
         raise FileExistsError(f"{path} exists (the shipped head); pass --force to retrain and replace it, or "
                               f"--out another path")
     seen = tuple(w for w in SHAPES if w not in SPLITS[0])
-    pool = build_pool(model, exact_examples(60_000 + seed, scenes, seen), seed=seed)
+    pool = build_pool(model, training_examples(60_000 + seed, scenes, seen), seed=seed)
     recipe = Recipe(steps=steps, seed=seed)
     head, meta, sec = train(pool, recipe, template_vectors(model), seen,
-                            f"exact masks of {scenes} ShapesWorld scenes (seed {60_000 + seed}), seen shapes only")
+                            f"exact masks of {len(pool.examples)} ShapesWorld scenes (seed {60_000 + seed}: {scenes} "
+                            f"in any colours + {len(pool.examples) - scenes} same-colour), seen shapes only")
     save_head(path, head, meta, overwrite=True)
     log.info("wrote %s: %d steps in %.0f s, final loss %.4f", path, steps, sec, meta.training["final_loss"])
     return path, meta
@@ -602,7 +620,7 @@ def main(argv=None):
     p.add_argument("--heads", default="prompt,template,pseudo", help="main-table heads to train (prompt, template: "
                    "exact masks; pseudo: pseudo-labels, prompt queries)")
     p.add_argument("--sizes", default="", help="train,pseudo,test,same (default 256,96,144,60; quick 160,0,48,24)")
-    p.add_argument("--steps", type=int, default=0, help="Adam steps per head (default 100; quick 80)")
+    p.add_argument("--steps", type=int, default=0, help=f"Adam steps per head (default {Recipe.steps}; quick 80)")
     p.add_argument("--scores", default="", help="also write the measurements as JSON here (for --combine)")
     p.add_argument("--combine", nargs="+", default=None, help="print the tables of several --scores files")
     p.add_argument("--train-asset", action="store_true", help="train the embedded head instead of the figure")
