@@ -14,8 +14,16 @@ from pathlib import Path
 import torch
 
 from .render import grid, overlay
-from .shapesworld.grounding import (HEAD_ASSET, Example, batch_of, build_pool, figure, load_asset, render,
-                                    template_vectors)
+from .shapesworld.grounding import (
+    HEAD_ASSET,
+    Example,
+    batch_of,
+    build_pool,
+    figure,
+    load_asset,
+    render,
+    template_vectors,
+)
 from .shapesworld.harness import colour_blobs, mask_iou
 from .shapesworld.model import ShapesWorldModel
 from .shapesworld.world import caption_for
@@ -42,7 +50,7 @@ def grounding_section(model: ShapesWorldModel, out: Path, save, quick: bool) -> 
     for b, (img, objs) in enumerate(zip(images, OBJECTS)):
         pic = img.permute(1, 2, 0)
         tiles.append(pic)
-        for n, (colour, shape) in enumerate(objs):
+        for n, (_colour, shape) in enumerate(objs):
             tiles.append(overlay(pic[None], probs[b, n][None].float())[0])
             tiles.append(masks[b, n].float()[..., None].expand(*hw, 3))
             blob = items[b][1].masks[n]

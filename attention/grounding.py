@@ -109,7 +109,8 @@ class HeadConfig:
 # ---------------------------------------------------------------------------------------------- modules
 
 class ResidualBlock(nn.Module):
-    """BigGAN-style block: BN-ReLU-conv3x3-BN-ReLU-conv3x3 plus a (1x1 conv) shortcut. (B, c_in, h, w) -> (B, c_out, h, w)"""
+    """BigGAN-style block: BN-ReLU-conv3x3-BN-ReLU-conv3x3 plus a (1x1 conv) shortcut.
+    (B, c_in, h, w) -> (B, c_out, h, w)"""
 
     def __init__(self, c_in: int, c_out: int, spectral: bool):
         super().__init__()

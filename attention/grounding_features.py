@@ -40,7 +40,6 @@ from torch import nn
 
 from . import logger
 
-
 COND, UNCOND = 0, 1          # ComfyUI's cond_or_uncond values (samplers.py: 0 = positive, 1 = negative)
 _KIND_ORDER = {"input": 0, "middle": 1, "output": 2}
 

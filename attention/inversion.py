@@ -101,8 +101,8 @@ def optimize_null(eps: EpsFn, x: torch.Tensor, sig: torch.Tensor, sig_next: torc
     lands on ``target``; stops early under ``threshold`` (None: never). Returns it and the iterations run.
     ``eps`` here evaluates null (unconditional) contexts. The embedding is optimized in float32 when its dtype
     is lower (Adam's small steps vanish in bf16/fp16); float64 stays float64. ``keep_best`` (not upstream):
-    return the null of the lowest loss evaluated, the starting one included, instead of the last; with a bf16/fp16 UNet the
-    gradients are noisy enough that the last Adam step can be worse than where it started."""
+    return the null of the lowest loss evaluated, the starting one included, instead of the last; with a bf16/fp16
+    UNet the gradients are noisy enough that the last Adam step can be worse than where it started."""
     null = null.detach().to(torch.promote_types(null.dtype, torch.float32)).clone().requires_grad_(True)
     opt = torch.optim.Adam([null], lr=lr)
     done = 0

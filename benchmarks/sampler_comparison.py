@@ -61,12 +61,11 @@ def main(argv=None):
     comfy_or_skip()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from comfy_extras.nodes_custom_sampler import BasicScheduler, KSamplerSelect
-
     from attention_lab.attention.shapesworld.harness import colour_blobs, load_classifier, psnr
     from attention_lab.nodes.p2p import P2PEditSampler
     from attention_lab.nodes.prompt_mix import PromptMixSampler
     from attention_lab.nodes.shapesworld import load_shapesworld
+    from comfy_extras.nodes_custom_sampler import BasicScheduler, KSamplerSelect
 
     model, clip, _ = load_shapesworld()
     clf = load_classifier()

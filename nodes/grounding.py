@@ -26,9 +26,22 @@ import torch.nn.functional as F
 from comfy_api.latest import io, ui
 
 from ..attention import logger
-from ..attention.grounding import (DEFAULT_TEMPLATE, GroundingLayoutError, HeadConfig, HeadMeta, TrainBatch,
-                                   build_head, check_compatible, check_query_mode, load_head, save_head,
-                                   stack_queries, template_text, train_head, word_query)
+from ..attention.grounding import (
+    DEFAULT_TEMPLATE,
+    GroundingLayoutError,
+    HeadConfig,
+    HeadMeta,
+    TrainBatch,
+    build_head,
+    check_compatible,
+    check_query_mode,
+    load_head,
+    save_head,
+    stack_queries,
+    template_text,
+    train_head,
+    word_query,
+)
 from ..attention.grounding_dataset import DatasetError, Example, GroundingDataset, check_name
 from ..attention.grounding_features import FeatureRecorder, FeatureRecordError, GroundingFeatures
 from ..attention.render import colorize, grid, overlay

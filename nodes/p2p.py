@@ -79,7 +79,8 @@ class P2PEditSampler(io.ComfyNode):
                 io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1,
                                tooltip="Guidance scale (with an inversion: its guidance)."),
                 io.Combo.Input("scheduler", options=list(comfy.samplers.SCHEDULER_NAMES), default="ddim_uniform",
-                               tooltip="Sigma schedule (with an inversion: its sigmas; unused when 'sigmas' is connected)."),
+                               tooltip=("Sigma schedule (with an inversion: its sigmas; unused when 'sigmas' is "
+                                        "connected).")),
                 io.Float.Input("cross_replace_steps", default=0.8, min=0.0, max=1.0, step=0.01, tooltip=(
                     "Fraction of the steps in which edits take the source's cross-attention (0-1; official "
                     "examples 0.8).")),
@@ -197,8 +198,8 @@ class P2PEditSampler(io.ComfyNode):
             # every row its own conditioning's pooled output and the image's size (SDXL), as ComfyUI's samplers
             shape = tuple(x_T.shape)
             y_conds = stack_adm([adm_of(m, p[0][1], shape) for p in positive])
-            null_dict = inv.extra.get("null_dict", inv.extra.get("cond_dict")) if inv is not None and nulls is not None \
-                else negative[0][1]
+            from_inversion = inv is not None and nulls is not None
+            null_dict = inv.extra.get("null_dict", inv.extra.get("cond_dict")) if from_inversion else negative[0][1]
             y_null = adm_of(m, null_dict, shape)
             out = sample_batch(m, x_T, sigmas, batch, nulls if nulls is not None else negative[0][0], cfg,
                                y_conds, y_null, blend)

@@ -12,9 +12,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attention.grounding import (GroundingHeadFileError, GroundingLayoutError, HeadConfig, HeadMeta, TrainBatch,
-                                 build_head, check_compatible, check_query_mode, grounding_loss, load_head, save_head,
-                                 stack_queries, template_text, train_head, word_query)
+from attention.grounding import (
+    GroundingHeadFileError,
+    GroundingLayoutError,
+    HeadConfig,
+    HeadMeta,
+    TrainBatch,
+    build_head,
+    check_compatible,
+    check_query_mode,
+    grounding_loss,
+    load_head,
+    save_head,
+    stack_queries,
+    template_text,
+    train_head,
+    word_query,
+)
 
 SMALL = {"widths": (4, 6, 8), "dim": 32, "heads": 4, "ffn": 64, "layers": 2}
 # shipped head (400 steps, 384 + 192 same-colour scenes): 0.805 / 0.737 here; oracle-threshold cross-attention

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attention.grounding_features import FeatureRecordError, FeatureRecorder, GroundingFeatures
+from attention.grounding_features import FeatureRecorder, FeatureRecordError, GroundingFeatures
 from attention.shapesworld.unet import ShapesUNet
 
 # c0/c1/c2 = 32/64/128, the committed model's widths (the test builds random weights of that layout)

@@ -113,8 +113,8 @@ def test_workflow_files_use_only_registered_nodes(comfy_nodes, path):
 
 def test_shapesworld_api_workflow_runs(comfy_nodes):
     import json
-    prompt = {k: {kk: vv for kk, vv in v.items() if kk != "_meta"}
-              for k, v in json.loads((WORKFLOWS / "api" / "attention_capture_shapesworld_api.json").read_text()).items()}
+    saved = json.loads((WORKFLOWS / "api" / "attention_capture_shapesworld_api.json").read_text())
+    prompt = {k: {kk: vv for kk, vv in v.items() if kk != "_meta"} for k, v in saved.items()}
     out = run(new_executor(), prompt)
     assert out["9"]["images"] and out["8"]["images"] and out["10"]["images"]
 

@@ -42,7 +42,7 @@ EXTENSION_WIDGETS = {"PreviewAny": [("previewMode", False)]}
 class Node:
     id: int
     type: str
-    widgets: dict                        # widget input name -> value (the editor-only entries are added from the schema)
+    widgets: dict                        # widget input name -> value (editor-only entries are added from the schema)
     inputs: dict = field(default_factory=dict)   # input name -> (source node id, output slot)
     outputs: list = field(default_factory=list)  # [(name, type)]
     input_types: dict = field(default_factory=dict)  # input name -> socket type
@@ -675,7 +675,7 @@ def build_parser():
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     out_dir = Path(args.out)
-    from comfy_boot import boot        # after the arguments: --help and bad flags need no ComfyUI
+    from comfy_boot import boot  # after the arguments: --help and bad flags need no ComfyUI
     comfy_nodes = boot()
     stale = []
     if not args.check:

@@ -30,6 +30,7 @@ def boot():
         import comfy.options
         comfy.options.enable_args_parsing()
         import comfy.model_management  # noqa: F401  (parses the arguments)
+
         import nodes
     finally:
         sys.argv = argv

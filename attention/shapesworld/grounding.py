@@ -27,8 +27,18 @@ from pathlib import Path
 import torch
 
 from ..cluster import cluster_store
-from ..grounding import (HeadConfig, HeadMeta, TrainBatch, build_head, load_head, save_head, stack_queries,
-                         template_text, train_head, word_query)
+from ..grounding import (
+    HeadConfig,
+    HeadMeta,
+    TrainBatch,
+    build_head,
+    load_head,
+    save_head,
+    stack_queries,
+    template_text,
+    train_head,
+    word_query,
+)
 from ..grounding_features import FeatureRecorder
 from ..render import normalize, upsample
 from ..store import AttentionStore, StoreConfig, word_maps
@@ -503,7 +513,8 @@ def render(results: list[dict]) -> list[str]:
         head_cols = " | ".join(f"split {k} (unseen {', '.join(SPLITS[k - 1])})" for k in ks)
         heads = [n for n in rows if n.startswith("head")]
         for title, which in (("Main test set", 0), ("Same-colour distractor set (colour cannot name the object)", 1)):
-            lines += [f"**{title}**", "", f"| method | {head_cols} | mean | leakage |", "|---|" + "---|" * (len(ks) + 2)]
+            lines += [f"**{title}**", "", f"| method | {head_cols} | mean | leakage |",
+                      "|---|" + "---|" * (len(ks) + 2)]
             for name in heads + [n for n in rows if n not in heads]:
                 per = rows[name]
                 if all(str(k) in per for k in ks):
@@ -581,7 +592,8 @@ def ablations(model, pools: tuple, reference: tuple, test: Pool, same: Pool, tes
                         score_masks(test.subset(list(range(n))), clus["main"]).summary(unseen),
                         score_masks(same.subset(list(range(n))), clus["same"]).summary(unseen)])
         elif key == "pseudo_template" and pseudo is not None:
-            run("pseudo-labels, template queries (the paper's whole pipeline)", pseudo, replace(recipe, mode="template"))
+            run("pseudo-labels, template queries (the paper's whole pipeline)", pseudo,
+                replace(recipe, mode="template"))
     return out
 
 
