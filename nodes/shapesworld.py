@@ -204,6 +204,11 @@ class ShapesWorldScenes(io.ComfyNode):
                     "Shapes that may appear, comma separated (circle, square, triangle, star, cross, diamond); "
                     "empty = all six.")),
                 io.Int.Input("max_objects", default=3, min=1, max=3, tooltip="Objects per scene: 1 to this (1-3)."),
+                io.Float.Input("same_colour_share", default=0.0, min=0.0, max=1.0, step=0.05, tooltip=(
+                    "Share of the scenes (0-1) drawn as 2 to max(2, max_objects) objects of ONE colour and distinct "
+                    "shapes, where only the shape tells the objects apart. 0 = every scene in random colours. "
+                    "Measured on ShapesWorld: a third of such scenes lifts a head's seen-word mIoU on same-"
+                    "colour scenes from 0.27 to 0.79 (docs/grounding.md). Needs at least two shapes.")),
             ],
             outputs=[io.Image.Output(display_name="images", tooltip="32x32 scenes; VAE Encode them for a LATENT."),
                      io.String.Output(display_name="prompts", tooltip="The caption of each scene, one per line."),
@@ -212,15 +217,29 @@ class ShapesWorldScenes(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, seed, count, shapes, max_objects) -> io.NodeOutput:
+    def execute(cls, seed, count, shapes, max_objects, same_colour_share=0.0) -> io.NodeOutput:
         allowed = _shape_list(shapes)
+        if not 0.0 <= same_colour_share <= 1.0:
+            raise ValueError(f"same_colour_share is {same_colour_share}; use a share from 0 to 1 (0 = random colours)")
+        if same_colour_share > 0 and len(allowed) < 2:
+            raise ValueError(f"same_colour_share is {same_colour_share} but 'shapes' allows only {allowed}: a "
+                             "same-colour scene needs two distinct shapes; name at least two shapes or set the share "
+                             "to 0")
         world = ShapesWorld(seed=seed % (2 ** 63), max_objects=max_objects)
         gen = torch.Generator().manual_seed((seed + 1) % (2 ** 63))
         images, prompts, word_lines, masks = [], [], [], []
+        colours = list(COLOURS)
         for _ in range(count):
-            n = 1 + int(torch.randint(max_objects, (), generator=gen))
-            picks = [allowed[int(torch.randint(len(allowed), (), generator=gen))] for _ in range(n)]
-            scene = world.sample(SceneSpec([(None, s) for s in picks]))
+            # the share draws from the generator only when it is used, so share 0 keeps the scenes of earlier versions
+            if same_colour_share > 0 and float(torch.rand((), generator=gen)) < same_colour_share:
+                k = min(2 + int(torch.randint(max(max_objects, 2) - 1, (), generator=gen)), len(allowed))
+                colour = colours[int(torch.randint(len(colours), (), generator=gen))]
+                picks = [allowed[j] for j in torch.randperm(len(allowed), generator=gen)[:k].tolist()]
+                scene = world.sample(SceneSpec([(colour, s) for s in picks]))
+            else:
+                n = 1 + int(torch.randint(max_objects, (), generator=gen))
+                picks = [allowed[int(torch.randint(len(allowed), (), generator=gen))] for _ in range(n)]
+                scene = world.sample(SceneSpec([(None, s) for s in picks]))
             words, ms = _union_by_word([o.shape for o in scene.objects], [o.mask for o in scene.objects])
             images.append(scene.image.permute(1, 2, 0))
             prompts.append(scene.caption)

@@ -33,6 +33,7 @@ import folder_paths  # noqa: E402
 from attention_lab.attention.grounding import GroundingLayoutError  # noqa: E402
 from attention_lab.attention.grounding_dataset import DatasetError, GroundingDataset  # noqa: E402
 from attention_lab.attention.grounding_features import FeatureRecorder  # noqa: E402
+from attention_lab.attention.shapesworld.world import COLOURS  # noqa: E402
 from attention_lab.nodes import grounding as G  # noqa: E402
 from attention_lab.nodes.shapesworld import ShapesWorldPseudoMasks, ShapesWorldScenes, load_shapesworld  # noqa: E402
 
@@ -269,6 +270,14 @@ def test_shapesworld_mask_sources(sw, out_dir):
     assert pm.shape[0] >= masks.shape[0] - 2, report
     with pytest.raises(ValueError, match="unknown shapes"):
         ShapesWorldScenes.execute(0, 1, "hexagon", 1)
+    # same_colour_share: the share 0 scenes are the scenes of before; share 1 gives one colour and distinct shapes
+    assert torch.equal(ShapesWorldScenes.execute(3, 6, "circle, square", 3, 0.0).result[0], imgs)
+    _, same_prompts, same_words, _ = ShapesWorldScenes.execute(5, 8, "circle, square, star", 3, 1.0).result
+    for caption, ws in zip(same_prompts.splitlines(), same_words.splitlines()):
+        named = [w for w in caption.split() if w in COLOURS]
+        assert len(ws.split(", ")) >= 2 and len(set(named)) == 1, caption
+    with pytest.raises(ValueError, match="needs two distinct shapes"):
+        ShapesWorldScenes.execute(0, 4, "star", 3, 0.5)
     model, clip, _ = sw
     with pytest.raises(ValueError, match="'hexagon' is not in the text encoder's vocabulary"):
         G.positions_in(clip, "a red hexagon", "hexagon")

@@ -567,7 +567,7 @@ def grounding_graph(shapesworld: bool) -> tuple[list[Node], list]:
         prompt, words, size = "a red star and a blue circle on a gray background", "star, circle", 256
         source = [
             Node(2, "ShapesWorldScenes", {"seed": 0, "count": 64, "shapes": "circle, square, triangle, cross",
-                                          "max_objects": 3}, {},
+                                          "max_objects": 3, "same_colour_share": 0.35}, {},
                  [("images", "IMAGE"), ("prompts", "STRING"), ("words", "STRING"), ("masks", "MASK")], {},
                  (0, 160), (320, 170), "Training scenes (seen shapes, exact masks)"),
             Node(3, "VAEEncode", {}, {"pixels": (2, 0), "vae": (1, 2)}, [("LATENT", "LATENT")],
@@ -635,8 +635,11 @@ def grounding_graph(shapesworld: bool) -> tuple[list[Node], list]:
             "Grounded Segment outputs one mask per word, also for words the head never saw.")
     if shapesworld:
         note += (" ShapesWorld: the training scenes show only circle, square, triangle and cross with their exact "
-                 "masks (ShapesWorld Scenes; ShapesWorld Pseudo Masks labels generated images instead, as the "
-                 "paper's detector); the test prompt names a star, an unseen shape. 'prompt' queries (the word's "
+                 "masks, about a third of them in one colour so that only the shape tells the objects apart "
+                 "(ShapesWorld Scenes' same_colour_share; ours, not the paper's: without such scenes a head finds the "
+                 "colour, which the causal text encoder writes into the shape word's state); ShapesWorld Pseudo "
+                 "Masks labels generated images instead, as the paper's detector. The test prompt names a star, "
+                 "an unseen shape. 'prompt' queries (the word's "
                  "states in the prompt) transfer to unseen shapes on this tiny model where the paper's template "
                  "queries do not (docs/grounding-nodes.md). Each queue adds 64 scenes (change the seed for new "
                  "ones) and retrains; runs on a CPU in a few minutes.")
