@@ -76,10 +76,15 @@ class GroundingDataset:
         index = int(files[-1].stem) + 1 if files else 1
         final = self.path / f"{index:06d}.safetensors"
         tmp = self.path / f".{index:06d}.tmp"
-        save_file({"latent": example.latent.detach().float().cpu().contiguous(),
-                   "masks": example.masks.detach().to(torch.uint8).cpu().contiguous()}, str(tmp),
-                  metadata={"format": FORMAT, "prompt": example.prompt, "words": json.dumps(example.words)})
-        os.replace(tmp, final)
+        try:
+            save_file({"latent": example.latent.detach().float().cpu().contiguous(),
+                       "masks": example.masks.detach().to(torch.uint8).cpu().contiguous()}, str(tmp),
+                      metadata={"format": FORMAT, "prompt": example.prompt, "words": json.dumps(example.words)})
+            os.chmod(tmp, 0o644)             # as save_head: not the temp file's 0600
+            os.replace(tmp, final)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
         return final
 
     def load(self) -> list[Example]:

@@ -25,6 +25,7 @@ def test_append_load_round_trip_and_listing(tmp_path):
     assert torch.equal(out[0].latent, a.latent) and torch.equal(out[0].masks, a.masks)
     assert out[1].words == ["dog"] and out[1].prompt == "a cat and a dog"
     assert ds.vocabulary() == ["cat", "dog"] and list_datasets(tmp_path) == ["pets"]
+    assert {f.stat().st_mode & 0o777 for f in ds.files()} == {0o644} and not list(ds.path.glob(".*tmp"))
     (ds.path / ".000003.tmp").write_bytes(b"half")           # an interrupted write is not an example
     assert len(ds) == 2
 

@@ -641,8 +641,10 @@ def grounding_graph(shapesworld: bool) -> tuple[list[Node], list]:
                  "Masks labels generated images instead, as the paper's detector. The test prompt names a star, "
                  "an unseen shape. 'prompt' queries (the word's "
                  "states in the prompt) transfer to unseen shapes on this tiny model where the paper's template "
-                 "queries do not (docs/grounding-nodes.md). Each queue adds 64 scenes (change the seed for new "
-                 "ones) and retrains; runs on a CPU in a few minutes.")
+                 "queries do not (docs/grounding-nodes.md). Change ShapesWorld Scenes' seed and queue again to add "
+                 "64 new scenes and retrain: ComfyUI caches an unchanged graph, so queueing it as it is adds and "
+                 "trains nothing (and the same seed after a restart adds the same scenes again). Runs on a CPU in "
+                 "a few minutes.")
     else:
         note += (" Where the masks come from: any MASK source, one per word, e.g. segment-anything + GroundingDINO "
                  "or CLIPSeg custom nodes, a mask painted in the mask editor (Load Image's MASK), or Attention Lab's "
