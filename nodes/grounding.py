@@ -214,7 +214,10 @@ def check_word_known(clip, word: str, key: str) -> list[int]:
 
 def positions_in(clip, prompt: str, word: str) -> tuple[int, ...]:
     chunks, key = prompt_token_chunks(clip, prompt)
-    ids = check_word_known(clip, word, key)
+    try:
+        ids = check_word_known(clip, word, key)
+    except ValueError as e:   # name the words the user can pick from
+        raise ValueError(f"{e}; the prompt {prompt!r} has the words {prompt.replace(',', ' ').split()}") from None
     return find_word_tokens(chunks, ids, word, prompt).positions
 
 

@@ -279,7 +279,8 @@ def test_shapesworld_mask_sources(sw, out_dir):
     with pytest.raises(ValueError, match="needs two distinct shapes"):
         ShapesWorldScenes.execute(0, 4, "star", 3, 0.5)
     model, clip, _ = sw
-    with pytest.raises(ValueError, match="'hexagon' is not in the text encoder's vocabulary"):
+    with pytest.raises(ValueError, match="'hexagon' is not in the text encoder's vocabulary.*has the words "
+                                         r"\['a', 'red', 'hexagon'\]"):
         G.positions_in(clip, "a red hexagon", "hexagon")
     with torch.inference_mode():                 # an SD dataset (4-channel latents) with the ShapesWorld model
         sd_latent = {"samples": torch.zeros(1, 4, 4, 4)}
