@@ -60,7 +60,7 @@ def grounding_section(model: ShapesWorldModel, out: Path, save, quick: bool) -> 
     save(grid(torch.stack(tiles), cols=5), out / "grounding.png")
     seg_s = time.perf_counter() - t
     n = (96, 0, 24, 12) if quick else None
-    table = render([figure(model, quick=True, sizes=n, steps=40 if quick else None)])
+    table = render([figure(model, quick=True, sizes=n, steps=200 if quick else None)])
     return ["## Grounded generation (grounding head on UNet features)", "",
             f"The embedded head (`{HEAD_ASSET.name}`: seen words {', '.join(meta.seen_words)}; {meta.query} "
             f"queries; features of every UNet block at t = {meta.timestep}, uncond ‖ cond) segments the shape words "

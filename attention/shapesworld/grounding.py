@@ -418,7 +418,7 @@ def figure(model: ShapesWorldModel, quick: bool = False, seed: int = 0, sizes: t
     t_all = time.perf_counter()
     ks = (1,) if quick or part == "ablations" else tuple(splits)
     n_train, n_pseudo, n_test, n_same = sizes or ((160, 0, 48, 24) if quick else (256, 96, 144, 60))
-    recipe = Recipe(steps=steps or (80 if quick else Recipe.steps), device=device)
+    recipe = Recipe(steps=steps or (200 if quick else Recipe.steps), device=device)
     templates = template_vectors(model)
     costs: dict[str, float] = {}
 
@@ -639,7 +639,7 @@ def main(argv=None):
     p.add_argument("--heads", default="prompt,template,pseudo", help="main-table heads to train (prompt, template: "
                    "exact masks; pseudo: pseudo-labels, prompt queries)")
     p.add_argument("--sizes", default="", help="train,pseudo,test,same (default 256,96,144,60; quick 160,0,48,24)")
-    p.add_argument("--steps", type=int, default=0, help=f"Adam steps per head (default {Recipe.steps}; quick 80)")
+    p.add_argument("--steps", type=int, default=0, help=f"Adam steps per head (default {Recipe.steps}; quick 200)")
     p.add_argument("--scores", default="", help="also write the measurements as JSON here (for --combine)")
     p.add_argument("--combine", nargs="+", default=None, help="print the tables of several --scores files")
     p.add_argument("--train-asset", action="store_true", help="train the embedded head instead of the figure")
