@@ -26,7 +26,7 @@ from ..attention.shapesworld.harness import colour_blobs, load_classifier
 from ..attention.shapesworld.model import DEFAULT_WEIGHTS, read_weights
 from ..attention.shapesworld.text import EOS, ShapesTokenizer
 from ..attention.shapesworld.train import build_models
-from ..attention.shapesworld.world import COLOURS, SHAPES, SceneSpec, ShapesWorld
+from ..attention.shapesworld.world import COLOURS, SHAPES, SceneSpec, ShapesWorld, one_colour_spec
 from .common import CATEGORY
 
 TOKEN_KEY = "sw"
@@ -228,14 +228,11 @@ class ShapesWorldScenes(io.ComfyNode):
         world = ShapesWorld(seed=seed % (2 ** 63), max_objects=max_objects)
         gen = torch.Generator().manual_seed((seed + 1) % (2 ** 63))
         images, prompts, word_lines, masks = [], [], [], []
-        colours = list(COLOURS)
         for _ in range(count):
             # the share draws from the generator only when it is used, so share 0 keeps the scenes of earlier versions
             if same_colour_share > 0 and float(torch.rand((), generator=gen)) < same_colour_share:
                 k = min(2 + int(torch.randint(max(max_objects, 2) - 1, (), generator=gen)), len(allowed))
-                colour = colours[int(torch.randint(len(colours), (), generator=gen))]
-                picks = [allowed[j] for j in torch.randperm(len(allowed), generator=gen)[:k].tolist()]
-                scene = world.sample(SceneSpec([(colour, s) for s in picks]))
+                scene = world.sample(one_colour_spec(allowed, k, gen))
             else:
                 n = 1 + int(torch.randint(max_objects, (), generator=gen))
                 picks = [allowed[int(torch.randint(len(allowed), (), generator=gen))] for _ in range(n)]

@@ -16,18 +16,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from compare import ON_GPU, SAME_SAMPLES, assert_same_samples, bound, rel  # noqa: F401  (re-exported for the node tests)
+from compare import DEVICE_ENV, ON_GPU, SAME_SAMPLES, assert_same_samples, bound, rel, requested_device  # noqa: F401  (re-exported for the node tests)
 
 ROOT = Path(__file__).resolve().parents[1]
 PACK_NAME = "attention_lab"
-DEVICE_ENV = "ATTENTION_LAB_COMFY_DEVICE"
 _state: dict = {}
 
 
 def comfy_device_args() -> list[str]:
     """ComfyUI's device flags for ATTENTION_LAB_COMFY_DEVICE: "cpu" (the default) is ``--cpu``; "cuda" is
     none, so ComfyUI takes the GPU as it does for a user. Anything else is refused by name."""
-    device = os.environ.get(DEVICE_ENV, "cpu").strip().lower() or "cpu"
+    device = requested_device()
     if device == "cpu":
         return ["--cpu"]
     if device == "cuda":

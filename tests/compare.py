@@ -16,7 +16,15 @@ SAME_SAMPLES = 1e-5
 # size and shape, so the two ways of a comparison take different summation orders; measured on an H200: up to
 # 2.7e-5 of the scale where the CPU stays under 1e-5. Every bound is widened by GPU_SLACK there, still orders of
 # magnitude under what a wrong row, step or patch gives (1e-2 and up).
-ON_GPU = os.environ.get("ATTENTION_LAB_COMFY_DEVICE", "cpu").strip().lower() == "cuda"
+DEVICE_ENV = "ATTENTION_LAB_COMFY_DEVICE"
+
+
+def requested_device() -> str:
+    """ATTENTION_LAB_COMFY_DEVICE as given ("cpu" when unset or empty); comfy_env validates it."""
+    return os.environ.get(DEVICE_ENV, "cpu").strip().lower() or "cpu"
+
+
+ON_GPU = requested_device() == "cuda"
 GPU_SLACK = 10.0
 
 

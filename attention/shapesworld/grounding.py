@@ -44,7 +44,7 @@ from ..render import normalize, upsample
 from ..store import AttentionStore, StoreConfig, word_maps
 from .harness import THRESHOLDS, colour_blobs, load_classifier
 from .model import ASSETS, ShapesWorldModel, patches_for
-from .world import COLOURS, SHAPES, SceneSpec, ShapesWorld, caption_for
+from .world import COLOURS, SHAPES, SceneSpec, ShapesWorld, caption_for, one_colour_spec
 
 log = logging.getLogger("attention_lab.grounding")
 
@@ -100,10 +100,7 @@ def exact_examples(seed: int, n: int, shapes: tuple[str, ...] = SHAPES, same_col
     out = []
     for i in range(n):
         if same_colour:
-            k = 2 + i % 2
-            colour = list(COLOURS)[int(torch.randint(len(COLOURS), (), generator=g))]
-            picks = torch.randperm(len(shapes), generator=g)[:k].tolist()
-            spec = SceneSpec([(colour, shapes[j]) for j in picks])
+            spec = one_colour_spec(shapes, 2 + i % 2, g)
         else:
             k = 1 + i % 3
             spec = SceneSpec([(None, shapes[int(torch.randint(len(shapes), (), generator=g))]) for _ in range(k)])
@@ -481,7 +478,7 @@ def figure(model: ShapesWorldModel, quick: bool = False, seed: int = 0, sizes: t
                      _cells(a.summary(unseen)), _cells(b.summary(unseen)))
         if k == 1 and not quick and part != "main":
             ablation_rows = ablations(model, (exact, own), reference, test, same, test_items, clus, templates,
-                                      recipe, seed, which)
+                                      recipe, seed, which, n_train)
     costs["train one head (s)"] = sum(train_s) / len(train_s)
     costs["segment (s/image)"] = sum(seg_s) / len(seg_s)
     costs["this process (s)"] = time.perf_counter() - t_all
@@ -512,9 +509,8 @@ def render(results: list[dict]) -> list[str]:
         extra = f" + {round(st['train'] * share)} same-colour" if share else ""
         lines += [f"Seen/unseen grounding on ShapesWorld ({len(ks)} split(s) of 4 seen / 2 unseen shapes; "
                   f"{st['train']}{extra} exact-mask training scenes per split {pseudo_note}, {st['steps']} Adam "
-                  f"steps of "
-                  f"{st['batch']}, lr {st['lr']}; test: {st['test']} scenes + a same-colour set of {st['same']}; "
-                  f"run on {st.get('device', 'cpu')}). "
+                  f"steps of {st['batch']}, lr {st['lr']}; test: {st['test']} scenes + a same-colour set of "
+                  f"{st['same']}; run on {st.get('device', 'cpu')}). "
                   "Cells: mIoU seen / unseen / harmonic mean per split; leakage = share of predicted pixels on "
                   "other objects.", ""]
         head_cols = " | ".join(f"split {k} (unseen {', '.join(SPLITS[k - 1])})" for k in ks)
@@ -547,15 +543,16 @@ def render(results: list[dict]) -> list[str]:
 
 
 def ablations(model, pools: tuple, reference: tuple, test: Pool, same: Pool, test_items: list, clus: dict,
-              templates: dict, recipe: Recipe, seed: int, which: tuple[str, ...] = ABLATIONS) -> list:
-    """Split 1 only, prompt queries unless named; reported, not tuned on the test split. Returns
-    [name, main summary, same-colour summary] rows."""
+              templates: dict, recipe: Recipe, seed: int, which: tuple[str, ...] = ABLATIONS,
+              n_plain: int = 256) -> list:
+    """Split 1 only, prompt queries unless named; reported, not tuned on the test split. ``n_plain``: the ordinary
+    (any-colour) scenes of the training set, its same-colour scenes come on top. Returns [name, main summary,
+    same-colour summary] rows."""
     unseen = SPLITS[0]
     seen = tuple(w for w in SHAPES if w not in unseen)
     out: list = [["reference: the split-1 prompt-query head of the main table (t = 1, all 3 sizes, 4 seen words)",
                   reference[0].summary(unseen), reference[1].summary(unseen)]]
     exact, pseudo = pools
-    n_plain = round(len(exact.examples) / (1 + SAME_COLOUR_SHARE))   # ordinary scenes; same-colour ones follow
 
     def run(name, pool, rc, tpool=test, spool=same, seen_words=seen):
         head = train(pool, rc, templates, seen_words, name)[0]

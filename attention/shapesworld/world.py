@@ -57,6 +57,14 @@ class SceneSpec:
     name_background: bool | None = None
 
 
+def one_colour_spec(shapes: list[str] | tuple[str, ...], k: int, generator: torch.Generator) -> SceneSpec:
+    """k objects of one random colour with k distinct shapes drawn from ``shapes`` (draws the colour, then the
+    shapes): a scene where only the shape tells the objects apart."""
+    colour = list(COLOURS)[int(torch.randint(len(COLOURS), (), generator=generator))]
+    picks = torch.randperm(len(shapes), generator=generator)[:k].tolist()
+    return SceneSpec([(colour, shapes[j]) for j in picks])
+
+
 def article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
