@@ -58,8 +58,10 @@ def dpl_section(model: ShapesWorldModel, out: Path, save, quick: bool) -> list[s
             f"DPL: background mask from self-attention clusters (5, threshold 0.2) of the DDIM inversion, then "
             f"per-step noun tokens with the official DPL.sh recipe (null-text early stop 1e-5 to save time). Rows "
             f"NTI, DPL: image, the nouns' cross-attention (coarsest maps, during the reconstruction), the P2P swap "
-            f"`{sc.objects[0].shape} -> triangle` (no LocalBlend). On ShapesWorld DPL does not sharpen the maps "
-            f"(see docs/figures.md and docs/dpl-design.md):", "",
+            f"`{sc.objects[0].shape} -> triangle` (no LocalBlend). On ShapesWorld DPL does not sharpen the maps, "
+            f"and its null text, restarted from the empty prompt every step as upstream, reconstructs worse than "
+            f"NTI's carried-over null (the node's null_start option; see docs/figures.md and docs/dpl-design.md):",
+            "",
             "![dpl](dpl.png)", "",
             "| inversion | best IoU per noun | reconstruction PSNR dB | swap PSNR outside the object dB | "
             "UNet forward / backward | token updates | s |", "|---|---|---|---|---|---|---|"]

@@ -118,7 +118,8 @@ class DPLTokenOptimizer(io.ComfyNode):
                 io.Combo.Input("null_start", options=list(NULL_STARTS), default=NULL_STARTS[0], optional=True,
                                tooltip=("Where each step's null-text optimization starts: the empty prompt's "
                                         "encoding every step (official DPL) or the previous step's result "
-                                        "(Null-Text Inversion's rule).")),
+                                        "(Null-Text Inversion's rule). If 'reconstruction' drifts from the "
+                                        "input, the loop did not undo the restart: try the previous step.")),
                 io.Combo.Input("token_init", options=list(TOKEN_INITS), default=TOKEN_INITS[0], optional=True,
                                tooltip=("Start of the learned noun vectors: the official code's word-internal BPE "
                                         "piece of each noun (e.g. 'cat', not the prompt's end-of-word 'cat</w>'),"

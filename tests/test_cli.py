@@ -46,6 +46,8 @@ BAD = [
     ("attention.shapesworld.prompt_mix", ["--probe-seeds", "3"], "argument --probe-seeds: not used without --probe"),
     ("attention.shapesworld.dpl", ["--steps", "0"], "argument --steps: 0 is out of range: give an integer >= 2"),
     ("attention.shapesworld.dpl", ["--sink", "--images", "3"], "argument --images: not used with --sink"),
+    ("attention.shapesworld.dpl", ["--cost-only", "--null-early-stop", "1e-5"],
+     "argument --null-early-stop: not used with --cost-only (one image, no early stop)"),
     ("attention.shapesworld.evaluate", ["--prompts", "0", "--scenes", "0"], "argument --prompts: 0 is out of range"),
     ("attention.shapesworld.spatext", ["--steps", "0"], "argument --steps: 0 is out of range: give an integer >= 1"),
     ("attention.shapesworld.structure", ["--cfg", "-1"], "argument --cfg: -1 is out of range: give a number >= 0"),
