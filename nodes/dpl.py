@@ -110,8 +110,9 @@ class DPLTokenOptimizer(io.ComfyNode):
                 io.Int.Input("null_iters", default=S.null.inner_steps, min=1, max=200,
                              tooltip="Null-text Adam iterations per step (official DPL 51; NTI uses 10)."),
                 io.Float.Input("null_early_stop", default=0.0, min=0.0, max=1.0, step=1e-6, tooltip=(
-                    "Stop a step's null-text loop under this latent MSE + step * 2e-5 (0 = never, as official DPL; "
-                    "NTI's 1e-5 saves much of the cost).")),
+                    "Stop a step's null-text loop under this latent MSE + step * 2e-5 (0 = never, as official DPL). "
+                    "With null_start = previous step NTI's 1e-5 saves much of the cost; after a restart from the "
+                    "empty prompt the loss rarely gets that low.")),
                 io.Int.Input("map_size", default=0, min=0, max=256, tooltip=(
                     "Cross-attention map size of the losses in feature pixels (0 = latent / 4: 16 at 512 px as "
                     "official; the nearest size the model has is used).")),

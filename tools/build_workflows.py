@@ -400,7 +400,7 @@ def dpl_graph(shapesworld: bool) -> tuple[list[Node], list]:
     sched = "simple" if shapesworld else "ddim_uniform"
     dpl = {"prompt": source, "nouns": nouns, "steps": 50, "guidance": 7.5, "scheduler": sched, "lam_at": 1.0,
            "lam_bg": 0.05, "lam_dj": 0.05, "alphas": "25, 50, 25", "betas": "0.3, 0.7, 0.9",
-           "attn_iters": 21, "lr": 0.001, "null_iters": 51, "null_early_stop": 1e-5 if shapesworld else 0.0,
+           "attn_iters": 21, "lr": 0.001, "null_iters": 51, "null_early_stop": 0.0,
            "map_size": 0, "null_start": "empty prompt each step (official DPL)",
            "token_init": "word-internal piece (official)"}
     nodes += [
@@ -447,8 +447,9 @@ def dpl_graph(shapesworld: bool) -> tuple[list[Node], list]:
             "per-step noun tokens (attention balancing, background leakage, disjoint objects, gradual thresholds), "
             "then null-text. 3) P2P Edit Sampler edits with those tokens. Keep 'prompt', 'source_prompt' and the "
             "cluster's 'prompt' the same text, and 'nouns' = the cluster's 'words'.")
-    note += (" ShapesWorld: a same-colour distractor, the official values except null_early_stop (NTI's 1e-5, "
-             "for speed); a few minutes on a CPU. On this tiny model DPL does not sharpen the maps (README)."
+    note += (" ShapesWorld: a same-colour distractor, the official DPL.sh values; a few minutes on a CPU. On this "
+             "tiny model DPL does not sharpen the maps, and the null text restarted from the empty prompt every "
+             "step reconstructs worse than null_start = previous step (README)."
              if shapesworld else " Official DPL.sh values for SD 1.x at 512 px; expect minutes per image on a GPU.")
     return nodes, [(note, (0, 1060))]
 
