@@ -448,8 +448,9 @@ def dpl_graph(shapesworld: bool) -> tuple[list[Node], list]:
             "then null-text. 3) P2P Edit Sampler edits with those tokens. Keep 'prompt', 'source_prompt' and the "
             "cluster's 'prompt' the same text, and 'nouns' = the cluster's 'words'.")
     note += (" ShapesWorld: a same-colour distractor, the official DPL.sh values; a few minutes on a CPU. On this "
-             "tiny model DPL does not sharpen the maps, and the null text restarted from the empty prompt every "
-             "step reconstructs worse than null_start = previous step (README)."
+             "tiny model DPL does not sharpen the maps (the swap also changes the square), and the null text "
+             "restarted from the empty prompt every step reconstructs worse than null_start = previous step "
+             "(this graph's reconstruction MSE 1.3e-2 against 4.6e-4; README)."
              if shapesworld else " Official DPL.sh values for SD 1.x at 512 px; expect minutes per image on a GPU.")
     return nodes, [(note, (0, 1060))]
 
