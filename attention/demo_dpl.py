@@ -50,8 +50,8 @@ def dpl_section(model: ShapesWorldModel, out: Path, save, quick: bool) -> list[s
         edited = edit(model, sc.caption, [target], inversion=inv, step_conds=conds)[1]
         rows.append(torch.cat([sc.image[None].permute(0, 2, 3, 1), pics, edited[None].permute(0, 2, 3, 1)]))
         res[method] = {"iou": sum(ious) / len(ious), "rec": psnr(rec, sc.image),
-                       "null_iters": inv.unet_backward - counts.get("token_updates", 0)}
-        lines.append(f"| {method} | {', '.join(f'{v:.2f}' for v in ious)} | {psnr(rec, sc.image):.2f} | "
+                       "null_iters": counts.get("null_iters", 0)}
+        lines.append(f"| {method} | {', '.join(f'{v:.2f}' for v in ious)} | {res[method]['rec']:.2f} | "
                      f"{psnr(edited, sc.image, ~region):.2f} | {inv.unet_forward} / {inv.unet_backward} | "
                      f"{counts.get('token_updates', 0)} | {secs:.1f} |")
     save(grid(torch.cat(rows), cols=2 + len(nouns)), out / "dpl.png")
@@ -60,7 +60,8 @@ def dpl_section(model: ShapesWorldModel, out: Path, save, quick: bool) -> list[s
             f"A same-colour distractor, `{sc.caption}`, nouns {', '.join(nouns)}, {steps} DDIM steps, guidance 7.5. "
             f"DPL: background mask from self-attention clusters (5, threshold 0.2) of the DDIM inversion, then "
             f"per-step noun tokens with the official DPL.sh recipe (null-text early stop 1e-5; it ran "
-            f"{dpl['null_iters'] / steps:.1f} of 51 null iterations per step after the restart from the empty prompt). "
+            f"{dpl['null_iters'] / steps:.1f} of {settings.null.inner_steps} null iterations per step after the "
+            f"restart from the empty prompt). "
             f"Rows NTI, DPL: image, the nouns' cross-attention (coarsest maps, during the reconstruction), the P2P "
             f"swap `{sc.objects[0].shape} -> triangle` (no LocalBlend). On this image DPL's maps localize "
             f"{'better' if dpl['iou'] > nti['iou'] else 'no better'} than NTI's (mean best IoU {dpl['iou']:.2f} "
