@@ -6,7 +6,8 @@ import comfy.patcher_extension
 from comfy.ldm.modules.attention import SpatialTransformer, optimized_attention
 from comfy_api.latest import io
 
-from ..attention.controller import AttentionController, chain_patch
+from ..attention.controller import AttentionController
+from ..attention.hook import HOOK_KEY, OVERRIDE_KEY, AttentionHook, Install, SlotMarker, with_foreign_slots
 from ..attention.layers import LayerId
 from ..attention.store import AttentionStore
 from ..attention.words import PromptWords, locate_words
@@ -49,17 +50,36 @@ def model_layer_ids(model) -> list[LayerId]:
 
 def install_controller(m, controller: AttentionController, layers: list[LayerId],
                        self_attn: bool = True, cross_attn: bool = True) -> None:
-    """Put ``controller`` on ``layers`` of the (already cloned) ModelPatcher ``m``, chaining onto
-    whatever replace patch is there (ours, another pack's, or ComfyUI's 2-tuple fallback)."""
-    replaces = m.model_options.get("transformer_options", {}).get("patches_replace", {})
-    for lid in layers:
-        for name, is_cross, wanted in (("attn1", False, self_attn), ("attn2", True, cross_attn)):
-            if not wanted:
-                continue
-            existing = replaces.get(name, {})
-            prev = existing.get((lid.kind, lid.number, lid.depth)) or existing.get((lid.kind, lid.number))
-            patch = chain_patch(prev, controller, is_cross, comfy_attention)
-            m.set_model_patch_replace(patch, name, lid.kind, lid.number, lid.depth)
+    """Put ``controller`` on ``layers`` of the (already cloned) ModelPatcher ``m`` through the pack's attention hook
+    (``attention/hook.py``): one ``transformer_options["optimized_attention_override"]``, chained onto an override
+    already on the model, two slot markers (attn1/attn2 patch lists) and an APPLY_MODEL wrapper that prepares each
+    model call. No attn1/attn2 replace slot is taken: other packs' replace objects stay theirs (a layer whose slot
+    one of them owns is observed around its function, see ``hook.with_foreign_slots``)."""
+    to = m.model_options.setdefault("transformer_options", {})
+    hook, current = to.get(HOOK_KEY), to.get(OVERRIDE_KEY)
+    if hook is None:
+        hook = AttentionHook(previous=current, kernel=comfy_attention)
+    elif current is not hook:   # another override went on after ours (calling ours as its previous, we trust)
+        hook = AttentionHook(hook.installs, previous=current, kernel=hook.kernel, tracker=hook.tracker, dit=hook.dit)
+    hook = hook.with_install(Install(controller, frozenset(layers), self_attn, cross_attn))
+    to[OVERRIDE_KEY] = to[HOOK_KEY] = hook
+    patches = to.get("patches", {})
+    for name, marker in hook.markers().items():
+        if not any(isinstance(p, SlotMarker) and p.tracker is hook.tracker for p in patches.get(name, [])):
+            m.set_model_patch(marker, name)
+    kind = comfy.patcher_extension.WrappersMP.APPLY_MODEL
+    if not comfy.patcher_extension.get_wrappers_with_key(kind, HOOK_KEY, to):
+        comfy.patcher_extension.add_wrapper_with_key(kind, HOOK_KEY, prepare_model_call, to)
+
+
+def prepare_model_call(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,
+                       **kwargs):
+    """APPLY_MODEL wrapper: this call's transformer_options with our per-call preparation (``hook.py``); the
+    MODEL's options are not changed."""
+    to = transformer_options if transformer_options is not None else {}
+    if to.get(HOOK_KEY) is not None:
+        to = with_foreign_slots(to)
+    return executor(x, t, c_concat, c_crossattn, control, to, **kwargs)
 
 
 def add_outer_sample_wrapper(m, key: str, before=None, after=None, on_success=None) -> None:
