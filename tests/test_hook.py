@@ -3,6 +3,7 @@ exactly as ComfyUI's UNet does, with another pack's replace slots and overrides 
 
 import pytest
 import torch
+from standins import CrossAttentionPatchStandIn
 
 from attention.controller import AttentionController
 from attention.explicit import attention_with_probs, sdpa_attention
@@ -19,30 +20,12 @@ def model():
     return ShapesWorldModel()
 
 
-class IPAdapterStandIn:
-    """What IPAdapter's CrossAttentionPatch is to ComfyUI: one replace object per attn2 slot that calls ComfyUI's
-    attention itself (without transformer_options, so no override) and adds one term per ``.add``."""
-
-    def __init__(self, weight: float):
-        self.weights = [weight]
-
-    def add(self, weight: float):
-        self.weights.append(weight)
-
-    def set_new_condition(self, weight: float):
-        self.weights[-1] = weight
-
-    def __call__(self, q, k, v, extra_options):
-        out = sdpa_attention(q, k, v, extra_options["n_heads"])
-        for i, w in enumerate(self.weights):   # an "image prompt" term per add: q over a fixed random key set
-            g = torch.Generator().manual_seed(i)
-            kv = torch.randn(1, 4, q.shape[-1], generator=g).to(q).expand(q.shape[0], -1, -1)
-            out = out + w * sdpa_attention(q, kv, kv, extra_options["n_heads"])
-        return out
+def standin(weight: float) -> CrossAttentionPatchStandIn:
+    return CrossAttentionPatchStandIn(weight, sdpa_attention)
 
 
 def standin_slots(weight: float) -> dict:
-    return {"patches_replace": {"attn2": {(lid.kind, lid.number, lid.depth): IPAdapterStandIn(weight)
+    return {"patches_replace": {"attn2": {(lid.kind, lid.number, lid.depth): standin(weight)
                                           for lid in ShapesUNet.attention_layer_ids()}}}
 
 
@@ -98,7 +81,7 @@ def test_another_packs_slot_objects_stay_theirs_and_both_apply(model, order):
     for slot in slots.values():     # what IPAdapter does with whatever it finds in a slot
         slot.add(0.0)
         slot.set_new_condition(0.0)
-    assert all(isinstance(s, IPAdapterStandIn) for s in slots.values())    # we took no slot
+    assert all(isinstance(s, CrossAttentionPatchStandIn) for s in slots.values())    # we took no slot
     assert torch.equal(run(model, opts), theirs_alone)                    # their effect, exactly
     assert {i.layer for i in store.layers(cross=True)} == set(ShapesUNet.attention_layer_ids())
     # our maps are the probabilities of the q, k their function received: with a zero-weight stand-in they are
@@ -136,11 +119,11 @@ def test_probability_edits_compose_with_another_packs_term(model):
     extra = {"block": ("middle", 0), "block_index": 0, "n_heads": 4, "cond_or_uncond": [0],
              "activations_shape": [2, 128, 8, 8]}
     hook = patches_for(Reweight(), self_layers=False)[HOOK_KEY]
-    standin = IPAdapterStandIn(0.5)
-    got = with_foreign_slots({"patches_replace": {"attn2": {("middle", 0, 0): standin}}}, hook)
+    theirs = standin(0.5)
+    got = with_foreign_slots({"patches_replace": {"attn2": {("middle", 0, 0): theirs}}}, hook)
     out = got["patches_replace"]["attn2"][("middle", 0, 0)](q, k, v, extra)
     edited = attention_with_probs(q, k, v, 4, lambda p, sl: Reweight().edit_probs(p, None, sl))
-    assert torch.allclose(out, edited + standin(q, k, v, extra) - sdpa_attention(q, k, v, 4), atol=1e-5)
+    assert torch.allclose(out, edited + theirs(q, k, v, extra) - sdpa_attention(q, k, v, 4), atol=1e-5)
 
 
 def test_another_override_stays_the_fast_path(model):
