@@ -50,6 +50,7 @@ from .layers import LayerId
 OVERRIDE_KEY = "optimized_attention_override"
 HOOK_KEY = "attention_lab_hook"
 INSIDE_KEY = "attention_lab_inside"
+DIT_BLOCK_KEY = "attention_lab_block"      # = joint.BLOCK_KEY (joint.py imports this module)
 OPAQUE_ATTR = "attention_lab_opaque"
 _warned: set = set()
 
@@ -113,7 +114,8 @@ class AttentionHook:
     ``installs``: controllers with their layers, in install order (their composition order). ``previous``: the
     override that was on the model (called as the fast path). ``kernel(q, k, v, heads)``: plain attention in
     ComfyUI's (b, n, h*d) layout for ``SlotProxy`` (ComfyUI's optimized attention there, SDPA outside).
-    ``dit``: the DiT model's block table (``joint.DitInfo``), None for UNets. Immutable; survives
+    ``dit``: the DiT model's block table (``joint.DitInfo``) for the glue's per-call preparation, None for UNets
+    (DiT calls are recognized by their keys either way). Immutable; survives
     ``copy.deepcopy`` of model options as itself (a store reached through it stays the one the user wired).
     """
 
@@ -160,7 +162,7 @@ class AttentionHook:
             return self.forward(func, args, kwargs)
         if "block" in to:
             return self._unet_call(func, args, kwargs, to)
-        if self.dit is not None:
+        if DIT_BLOCK_KEY in to or to.get("block_type") in ("double", "single"):
             from .joint import dit_call
             return dit_call(self, func, args, kwargs, to)
         return self.forward(func, args, kwargs)
