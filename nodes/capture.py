@@ -19,6 +19,9 @@ from .common import (
     require_finished_store,
     word_positions,
 )
+from .dit import concept_tokens
+
+MAP_KINDS = ("attention", "concept attention")
 
 
 class AttentionCapture(io.ComfyNode):
@@ -30,14 +33,15 @@ class AttentionCapture(io.ComfyNode):
             category=CATEGORY,
             description=(
                 "Clones the MODEL and records head-averaged attention maps of the positive prompt while any "
-                "sampler node samples with the returned MODEL. Wire the sampler's LATENT into an "
-                "Attention Map View to see them. The sampled image is unchanged."),
+                "sampler node samples with the returned MODEL (SD1.x/SDXL UNets, Flux, SD3/3.5). Wire the "
+                "sampler's LATENT into an Attention Map View to see them. The sampled image is unchanged. On Flux, "
+                "'concepts' also records ConceptAttention maps (Helbling et al. 2025)."),
             inputs=[
                 io.Model.Input("model", tooltip="The model to watch. It is cloned; the input stays unpatched."),
                 io.String.Input("layers", default="all", tooltip=(
                     "Which attention layers to record: 'all', a feature size such as '16' (every 16x16 layer), "
-                    "block ids such as 'output.3-5' or 'input.7', depth ranges such as 'output.0-2.1'; comma "
-                    "separated.")),
+                    "block ids such as 'output.3-5' or 'input.7', depth ranges such as 'output.0-2.1'; on Flux/SD3 "
+                    "'double.15-18' or 'single'; comma separated.")),
                 io.Boolean.Input("capture_self", default=True, tooltip=(
                     "Also record self-attention (pixel-to-pixel) maps, needed by SelfAttnCluster.")),
                 io.Int.Input("self_max_size", default=32, min=1, max=128, tooltip=(
@@ -47,6 +51,11 @@ class AttentionCapture(io.ComfyNode):
                     "First step recorded, as a fraction of the sampling steps (0 = first step). Range 0-1.")),
                 io.Float.Input("end", default=1.0, min=0.0, max=1.0, step=0.01, tooltip=(
                     "Recording stops before this fraction of the steps (1 = through the last step). Range 0-1.")),
+                io.String.Input("concepts", default="", optional=True, tooltip=(
+                    "Flux only: concepts for ConceptAttention maps, comma separated, at least two (e.g. 'cat, "
+                    "grass, sky'); any words, in the prompt or not. Empty: attention maps only. Needs 'clip'.")),
+                io.Clip.Input("clip", optional=True, tooltip=(
+                    "The CLIP that encodes the prompt; needed only to encode 'concepts'.")),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The model with capture patches; sample with this."),
@@ -65,17 +74,19 @@ class AttentionCapture(io.ComfyNode):
         return True
 
     @classmethod
-    def execute(cls, model, layers, capture_self, self_max_size, start, end) -> io.NodeOutput:
+    def execute(cls, model, layers, capture_self, self_max_size, start, end, concepts="", clip=None) -> io.NodeOutput:
         selection = parse_layer_selection(layers)
-        ids = model_layer_ids(model)
+        ids = model_layer_ids(model, dit=True)
         selection.validate_ids(ids)
+        names, emb = concept_tokens(model, clip, concepts) if (concepts or "").strip() else ((), None)
         store = AttentionStore(StoreConfig(selection=selection, capture_self=capture_self,
                                            self_max_tokens=self_max_size * self_max_size,
-                                           step_start=start, step_end=end))
+                                           step_start=start, step_end=end, concepts=names, concept_embeddings=emb))
         m = model.clone()
         install_controller(m, store, ids, self_attn=capture_self, cross_attn=True)
         add_outer_sample_wrapper(m, f"attention_lab_capture_{id(store)}", before=store.reset, on_success=store.finish)
-        logger.info("AttentionCapture: watching %d layers (%s)", len(ids), layers)
+        logger.info("AttentionCapture: watching %d layers (%s)%s", len(ids), layers,
+                    f", concepts {list(names)}" if names else "")
         return io.NodeOutput(m, store)
 
 
@@ -89,7 +100,8 @@ class AttentionMapView(io.ComfyNode):
             description=(
                 "Shows the cross-attention of chosen words recorded by Attention Capture: a heatmap grid "
                 "(one row per word, one column per feature size plus their mean), overlays on the image and a "
-                "MASK per word. Connect the sampler's LATENT to 'samples' so it runs after sampling."),
+                "MASK per word; on Flux, ConceptAttention maps of the captured concepts instead. Connect the "
+                "sampler's LATENT to 'samples' so it runs after sampling."),
             inputs=[
                 AttentionStoreType.Input("store", tooltip="From Attention Capture."),
                 io.Clip.Input("clip", tooltip="The CLIP that encoded the prompt; used to find the words' tokens."),
@@ -114,6 +126,9 @@ class AttentionMapView(io.ComfyNode):
                     "image's size, or this size when no image is given.")),
                 io.Image.Input("image", optional=True,
                                tooltip="The decoded image, for overlays; sets the output size."),
+                io.Combo.Input("maps", options=list(MAP_KINDS), default=MAP_KINDS[0], optional=True, tooltip=(
+                    "'attention': the words' attention maps; 'concept attention': ConceptAttention maps of "
+                    "concepts given to Attention Capture (Flux; 'words' then names those concepts).")),
             ],
             outputs=[
                 io.Image.Output(display_name="heatmaps",
@@ -127,11 +142,12 @@ class AttentionMapView(io.ComfyNode):
 
     @classmethod
     def execute(cls, store, clip, prompt, words, samples, resolution, threshold, batch_index, tile_size,
-                image=None) -> io.NodeOutput:
+                image=None, maps=MAP_KINDS[0]) -> io.NodeOutput:
         require_finished_store(store)
         check_store_run(store, samples)
-        names, positions = word_positions(clip, prompt, words)
-        sizes = store.resolutions(cross=True)
+        kind = map_kind(maps)
+        names, positions = concept_positions(store, words) if kind == "concept" else word_positions(clip, prompt, words)
+        sizes = store.resolutions(cross=kind)
         size = _parse_resolution(resolution, sizes)
         if image is not None:
             out_hw = tuple(image.shape[1:3])
@@ -139,9 +155,9 @@ class AttentionMapView(io.ComfyNode):
         else:
             out_hw = (tile_size, tile_size)
             base = torch.zeros(*out_hw, 3)
-        columns = [word_maps(store, positions, s, batch_index) for s in sizes]
-        mean_maps = word_maps(store, positions, None, batch_index)
-        chosen = mean_maps if size is None else word_maps(store, positions, size, batch_index)
+        columns = [word_maps(store, positions, s, batch_index, kind) for s in sizes]
+        mean_maps = word_maps(store, positions, None, batch_index, kind)
+        chosen = mean_maps if size is None else word_maps(store, positions, size, batch_index, kind)
         tiles = []
         tile_hw = (tile_size, tile_size)
         for w in range(len(names)):
@@ -153,6 +169,30 @@ class AttentionMapView(io.ComfyNode):
         masks = masks_from_maps(maps01, threshold)
         logger.info("AttentionMapView: %s at sizes %s (steps recorded: %d)", names, sizes, len(store.steps_recorded))
         return io.NodeOutput(heat, over, masks, ui=ui.PreviewImage(heat, cls=cls))
+
+
+def map_kind(maps: str):
+    """The store table of a ``maps`` choice: True (attention) or "concept"."""
+    if maps not in MAP_KINDS:
+        raise ValueError(f"maps {maps!r} is not one of {list(MAP_KINDS)}")
+    return "concept" if maps == MAP_KINDS[1] else True
+
+
+def concept_positions(store: AttentionStore, words: str) -> tuple[list[str], list[tuple[int, ...]]]:
+    """Concept names from a comma-separated list and their indices among the store's concepts."""
+    from ..attention.words import split_word_list
+    have = [c.casefold() for c in store.config.concepts]
+    if not have or not store.concepts:
+        raise ValueError("this store has no ConceptAttention maps: give Attention Capture 'concepts' (and its "
+                         "'clip') on a Flux model, sample, then view them")
+    names = split_word_list(words)
+    if not names:
+        raise ValueError(f"no concepts given ({words!r}); the captured concepts are {list(store.config.concepts)}")
+    bad = [n for n in names if n.casefold() not in have]
+    if bad:
+        raise ValueError(f"concept(s) {bad} were not captured; the captured concepts are "
+                         f"{list(store.config.concepts)}. Name those, or add them to Attention Capture's 'concepts'.")
+    return names, [(have.index(n.casefold()),) for n in names]
 
 
 def _parse_resolution(text: str, sizes: list[tuple[int, int]]):
