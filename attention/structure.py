@@ -23,7 +23,9 @@ keeps every attention function, replace patch and optimisation of the model work
 Noun phrases: upstream parses the prompt with Stanza's constituency parser (every NP of more than one word, the
 coordinations "A and B" included). No parser model can be downloaded here, so ``noun_phrases`` is a rule-based
 chunker that splits at conjunctions, prepositions and punctuation and keeps the chunks of two words or more and
-the coordinations of two such chunks; users can list the phrases themselves instead.
+the coordinations of two such chunks; users can list the phrases themselves instead. A textual inversion
+``embedding:name`` is one word of a phrase (its name kept as written), as in every word list of the pack
+(``words.py``).
 
 Shape legend:
     context, value (b, m, c): pre-projection text states per attention row, m tokens of width c
@@ -37,13 +39,15 @@ from typing import Callable
 
 import torch
 
+from .words import EMBEDDING_WORD, is_embedding
+
 # Words that end a noun phrase (no part-of-speech tagger offline): conjunctions, prepositions, linking verbs.
 _BREAK = frozenset("""
 and or but nor while with without on in at under over above below behind beside besides near next to of by
 from into onto inside outside between among against along across around through toward towards for beneath
 underneath atop upon via is are was were be being has have had who which that where
 """.split())
-_WORD = re.compile(r"[\w'-]+|[,.;:!?]")
+_WORD = re.compile(EMBEDDING_WORD + r"|[\w'-]+|[,.;:!?]")     # a textual inversion 'embedding:name' is one word
 _WEIGHT = re.compile(r":\s*-?\d*\.?\d+\s*\)")
 
 
@@ -51,7 +55,7 @@ def noun_phrases(prompt: str) -> list[str]:
     """Noun-phrase candidates of ``prompt`` in order: chunks of 2+ words between break words and punctuation,
     then each "A and B" whose sides are both such chunks. The prompt itself is never returned."""
     text = _WEIGHT.sub(" ", prompt).replace("\\(", " ").replace("\\)", " ")
-    words = _WORD.findall(re.sub(r"[()\[\]{}]", " ", text).lower())
+    words = [w if is_embedding(w) else w.lower() for w in _WORD.findall(re.sub(r"[(){}]", " ", text))]
     chunks: list[tuple[int, int]] = []          # [start, end) word spans
     start = 0
     for i, w in enumerate(words + ["."]):
