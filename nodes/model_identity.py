@@ -33,7 +33,8 @@ from ..attention.controller import AttentionController
 
 IDENTITY_KEY = "model_identity"             # where an Inversion's ``extra`` keeps it
 _PACKAGE = __name__.rsplit(".", 2)[0]        # this pack's package name (entries of ours are recognized by it)
-_SKIPPED_OPTIONS = ("transformer_options.wrappers", "transformer_options.callbacks")
+_CALLBACKS = "transformer_options.callbacks"   # observe only
+_WRAPPERS = "transformer_options.wrappers"     # {wrapper type: {key: [functions]}}, as ModelPatcher.wrappers
 
 
 @dataclass(frozen=True)
@@ -80,10 +81,9 @@ def is_observer(obj) -> bool:
         return False
     if t.__name__ in ("SlotMarker", "SlotTracker"):
         return True
-    controllers = getattr(obj, "controllers", None)
-    if isinstance(controllers, tuple):
-        pass
-    elif isinstance(getattr(obj, "installs", None), tuple):
+    if isinstance(getattr(obj, "controllers", None), tuple):          # a replace patch (ControlledAttention)
+        controllers = obj.controllers
+    elif isinstance(getattr(obj, "installs", None), tuple):          # the override hook (AttentionHook)
         controllers = tuple(i.controller for i in obj.installs)
     else:
         return False
@@ -93,7 +93,10 @@ def is_observer(obj) -> bool:
 
 def _entries(value, path: str):
     """(path, kind) of every leaf of a model_options tree, observers and bookkeeping left out."""
-    if path in _SKIPPED_OPTIONS:
+    if path == _CALLBACKS:
+        return
+    if path == _WRAPPERS and isinstance(value, dict):
+        yield from _wrapper_entries(value, path)
         return
     if isinstance(value, dict):
         for k in sorted(value, key=repr):
@@ -106,21 +109,23 @@ def _entries(value, path: str):
         yield path, _kind(value)
 
 
-def _wrapper_entries(model) -> list[tuple[str, str]]:
-    """Wrappers of the ModelPatcher (not this pack's: ours only reset stores and count)."""
+def _wrapper_entries(wrappers: dict, path: str) -> list[tuple[str, str]]:
+    """Wrappers ({type: {key: [functions]}}) but this pack's (keys 'attention_lab...': ours reset stores, count
+    and prepare our hook's calls; they never change the output)."""
     out = []
-    for wtype, by_key in sorted(getattr(model, "wrappers", {}).items()):
+    for wtype, by_key in sorted(wrappers.items(), key=lambda kv: repr(kv[0])):
         for key, fns in sorted(by_key.items(), key=lambda kv: repr(kv[0])):
             if isinstance(key, str) and key.startswith("attention_lab"):
                 continue
-            out += [(f"wrappers[{wtype!r}][{key!r}]", _kind(f)) for f in fns]
+            out += [(f"{path}[{wtype!r}][{key!r}]", _kind(f)) for f in fns]
     return out
 
 
 def identify(model) -> ModelIdentity:
     """The identity of a ComfyUI MODEL (``ModelPatcher``)."""
     base = model.model
-    opts = sorted(_entries(getattr(model, "model_options", {}), "")) + _wrapper_entries(model)
+    opts = sorted(list(_entries(getattr(model, "model_options", {}), ""))
+                  + _wrapper_entries(getattr(model, "wrappers", {}), "wrappers"))
     return ModelIdentity(
         model=weakref.ref(base),
         model_type=f"{type(base).__name__} ({type(getattr(base, 'model_config', None)).__name__})",
