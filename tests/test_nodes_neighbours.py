@@ -16,6 +16,7 @@ import folder_paths  # noqa: E402
 from attention_lab.attention.grounding_dataset import GroundingDataset  # noqa: E402
 from attention_lab.attention.masks import MaskLayoutError  # noqa: E402
 from attention_lab.attention.p2p import build_plan  # noqa: E402
+from attention_lab.attention.render import masks_from_maps, normalize, upsample  # noqa: E402
 from attention_lab.attention.store import word_maps  # noqa: E402
 from attention_lab.nodes.capture import AttentionCapture, AttentionMapView  # noqa: E402
 from attention_lab.nodes.cluster import SelfAttnCluster  # noqa: E402
@@ -206,9 +207,9 @@ def test_viewer_cluster_and_prompt_mix_take_the_embedding_as_a_word(sd):
         out = sample(m, encode(clip, PROMPT), encode(clip, ""), lat, steps=3)
         heat, over, masks = AttentionMapView.execute(store, clip, PROMPT, "embedding:emb3, dog", {"samples": out},
                                                      "8", 0.5, 0, 32).result
-        assert masks.shape[0] == 2
-        ours = word_maps(store, [EMB, (10,)], (8, 8), 0)
-        assert torch.equal(ours[0], word_maps(store, [EMB], (8, 8), 0)[0])
+        maps = word_maps(store, [EMB, (10,)], (8, 8), 0)                  # both vectors of emb3, then 'dog'
+        assert torch.equal(masks, masks_from_maps(normalize(upsample(maps, (32, 32))), 0.5))
+        assert not torch.equal(maps[0], word_maps(store, [EMB[:1]], (8, 8), 0)[0])
         wm, bg, _ = SelfAttnCluster.execute(store, clip, PROMPT, "embedding:emb3, dog", {"samples": out}, 3, 0.3, 16,
                                             8, 1, 0).result
         assert wm.shape == (2, 16, 16)
