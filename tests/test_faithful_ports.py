@@ -110,16 +110,60 @@ def official_attend_excite_loss(maps, indices):
     return max(max(torch.zeros(()), 1.0 - m) for m in maxima)
 
 
+def official_background_loss(maps, indices, seg):
+    """DPL ``_compute_BG``: each noun's flattened map against the background mask, cosine (eps 1e-8), mean."""
+    x = maps[:, :, indices].reshape(-1, len(indices)).t()
+    return F.cosine_similarity(x, seg.reshape(1, -1)).mean()
+
+
+def official_cosine_loss(maps, indices):
+    """DPL ``_compute_cosine``: the nouns' pairwise cosine matrix by broadcasting, mean of its strict lower
+    triangle."""
+    x = maps[:, :, indices].reshape(-1, len(indices)).t()
+    mask = torch.tril(torch.ones(len(indices), len(indices)), diagonal=-1).bool()
+    return F.cosine_similarity(x[:, :, None], x.t()[None, :, :])[mask].mean()
+
+
+def official_target(i: int, alpha: float, beta: float) -> float:
+    """DPL ``__call__``: np.exp(-float(i) / alpha) * beta (BG: i - max_iter_to_alter, 0 in DPL.sh)."""
+    return float(np.exp(-float(i) / alpha) * beta)
+
+
 def test_attention_balancing_kernel_and_loss_equal_upstream():
     assert torch.allclose(gaussian_kernel(), official_gaussian_smoothing_weight(), atol=1e-7)
+    assert torch.allclose(gaussian_kernel(sigma=1.0), official_gaussian_smoothing_weight(sigma=1.0), atol=1e-7)
     assert abs(float(gaussian_kernel()[1, 1]) - 0.332) < 1e-3                        # effective sigma 0.707
-    assert abs(float(gaussian_kernel(upstream=False)[1, 1]) - 0.619) < 1e-3           # a true sigma 0.5
+    true = torch.outer(*[torch.exp(-torch.arange(-1.0, 2.0) ** 2 / (2 * 0.5 ** 2))] * 2)
+    assert abs(float((true / true.sum())[1, 1]) - 0.619) < 1e-3                      # a true sigma 0.5 differs
     g = torch.Generator().manual_seed(1)
-    for _ in range(5):
-        maps = torch.rand(16, 16, 12, generator=g) * 0.05
-        maps[4:8, 4:8, 2] += torch.rand(4, 4, generator=g) * 0.2
-        ours = attend_excite_loss(maps, [(2,), (5,)])
-        assert torch.allclose(ours, official_attend_excite_loss(maps, [2, 5]), atol=1e-6)
+    for corner in (slice(4, 8), slice(0, 3), slice(13, 16)):                          # the peak inside, at borders
+        for _ in range(3):
+            maps = torch.rand(16, 16, 12, generator=g) * 0.05
+            maps[corner, corner, 2] += torch.rand(maps[corner, corner, 2].shape, generator=g) * 0.2
+            ours = attend_excite_loss(maps, [(2,), (5,)])
+            assert torch.allclose(ours, official_attend_excite_loss(maps, [2, 5]), atol=1e-6)
+    maps = maps.double()                                                               # the maps' dtype is kept
+    assert attend_excite_loss(maps, [(2,), (5,)]).dtype == torch.float64
+
+
+def test_background_and_disjoint_losses_and_thresholds_equal_upstream():
+    from attention.dpl_losses import background_loss, disjoint_loss, gradual_threshold
+    g = torch.Generator().manual_seed(6)
+    seg = torch.zeros(16, 16)
+    seg[:, :5] = 1
+    for dtype in (torch.float32, torch.float64):
+        maps = (torch.rand(16, 16, 12, generator=g) * 0.05).to(dtype)                # norms under 1, as real maps
+        maps[2:9, 1:6, 3] += 0.1
+        for nouns in ([(2,), (3,)], [(2,), (3,), (7,)]):
+            idx = [p for (p,) in nouns]
+            assert torch.allclose(background_loss(maps, nouns, seg), official_background_loss(maps, idx, seg.to(dtype)),
+                                  atol=1e-6)
+            assert torch.allclose(disjoint_loss(maps, nouns), official_cosine_loss(maps, idx), atol=1e-6)
+    with pytest.raises(ValueError, match=r"background mask \(8, 8\) and maps \(16, 16\) differ"):
+        background_loss(maps, [(2,)], torch.zeros(8, 8))
+    for i in (0, 7, 49):
+        for alpha, beta in ((25.0, 0.3), (50.0, 0.7), (25.0, 0.9)):
+            assert abs(gradual_threshold(i, alpha, beta) - official_target(i, alpha, beta)) < 1e-12
 
 
 # ----------------------------------------------------------------------------- Null-Text Inversion's loop
@@ -262,6 +306,6 @@ def test_background_mask_at_map_size_equals_upstream():
         assert torch.equal(ours, official_background(mask))
     square = torch.zeros(32, 32)
     square[8:24, 8:24] = 1
-    # dilated: every cell touched by the bicubic kernel counts, more than the majority rule's
-    assert background_at_size(square, (16, 16), (512, 512)).sum() > background_at_size(square, (16, 16),
-                                                                                        rule="majority").sum()
+    # dilated: every cell touched by the bicubic kernel counts, more than an area-majority rule's
+    majority = (F.adaptive_avg_pool2d(square[None, None], (16, 16))[0, 0] >= 0.5).float()
+    assert background_at_size(square, (16, 16), (512, 512)).sum() > majority.sum()
