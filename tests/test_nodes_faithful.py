@@ -120,3 +120,21 @@ def test_departures_from_upstream_are_off_by_default():
         assert "fp16" in inputs["keep_best_null"].tooltip
     nouns = {i.id: i for i in PromptMixSampler.define_schema().inputs}["nouns"]
     assert nouns.default == "" and "every noun" in nouns.tooltip
+
+
+def test_grounding_template_query_equals_upstream_class_embedding(sd):
+    """The grounding nodes' template queries (``QueryEncoder`` in 'template' mode, upstream's "a photograph of a
+    {word}") through ComfyUI's CLIP, against train.py's slice: the states of the template prompt at tokens
+    5 .. len(tokenizer.tokenize(text)), averaged when the class has several tokens (pottedplant: 3)."""
+    from attention_lab.attention.grounding import DEFAULT_TEMPLATE
+    from attention_lab.nodes.grounding_words import QueryEncoder
+    _, clip = sd
+    encoder = QueryEncoder(clip, "template", DEFAULT_TEMPLATE)
+    hf = clip.tokenizer.clip_l.tokenizer
+    for word in ("dog", "pottedplant"):
+        text = "a photograph of a " + word
+        states = clip.encode_from_tokens(clip.tokenize(text)).float().cpu()[0]       # (77, T), BOS at 0
+        n = len(hf.tokenize(text))
+        assert word != "pottedplant" or n - 4 > 1                                     # a multi-token class
+        official = states[5:n + 1].mean(0)
+        torch.testing.assert_close(encoder("any prompt", word), official)
