@@ -239,12 +239,58 @@ def test_null_text_optimization_equals_the_official_loop(text_toy):
                                                 on_inner=lambda i, j, v: runs.__setitem__(i, j + 1))
     official, z_end, iters = official_null_optimization(text_unet, traj_z, sigmas, cond, null, 7.5, 10, 1e-5)
     assert [runs[i] for i in range(len(iters))] == iters
-    assert counts["inner_steps"] == sum(iters)
+    assert counts["inner_steps"] == counts["backward"] == sum(iters)
+    assert counts["forward"] == sum(2 + n for n in iters)          # e_cond, each inner step, the guided step
     assert 10 in iters and min(iters) < 10              # the early stop fires at some steps, not at all
     for i, (ours, theirs) in enumerate(zip(nulls, official)):
         assert torch.allclose(ours, theirs, atol=1e-10), i
     assert torch.allclose(rec, z_end, atol=1e-10)                        # last sigma 0: x = z
     assert (rec - x0).abs().max() < 0.05                                   # and it does reconstruct
+
+
+def test_keep_best_null_returns_the_lowest_loss_evaluated(text_toy):
+    """The option keep_best_null (not upstream): per step the null of the lowest loss among those Adam evaluated
+    (the starting one included) and the last one, the last on a tie; one more UNet evaluation per step. A
+    bf16 null is optimized in float32."""
+    from attention.inversion import optimize_null
+    sigmas, x0, cond, null, traj, traj_z = text_toy
+    i, sig, sig_next = 2, sigmas[2], sigmas[3]
+    a_cur, a_prev = alphabar(sig), alphabar(sig_next)
+    t = sigma_to_t(sig.reshape(1))
+    x, z = traj[i], traj_z[i]
+    with torch.no_grad():
+        e_c = text_eps(x, sig, cond)
+
+    def loss_of(u):
+        e_u = text_unet(z, t, u)
+        return F.mse_loss(official_prev_step(e_u + 7.5 * (e_c - e_u), a_cur, a_prev, z), traj_z[i + 1])
+    for lr in (1e-2, 0.3):                                    # a small step improves; a large one overshoots
+        u = null.clone().requires_grad_(True)
+        opt = torch.optim.Adam([u], lr=lr)
+        seen = []
+        for _ in range(5):
+            loss = loss_of(u)
+            seen.append((loss.item(), u.detach().clone()))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        last = loss_of(u).item()
+        best = min(range(5), key=lambda j: (seen[j][0], j))
+        want = u.detach() if last <= seen[best][0] else seen[best][1]
+        with torch.enable_grad():
+            got, done = optimize_null(text_eps, x, sig, sig_next, e_c, traj[i + 1], null, 7.5, lr, 5, None,
+                                      keep_best=True)
+            plain, _ = optimize_null(text_eps, x, sig, sig_next, e_c, traj[i + 1], null, 7.5, lr, 5, None)
+        assert done == 5 and torch.allclose(got, want, atol=1e-10) and torch.allclose(plain, u.detach(), atol=1e-10)
+    assert not torch.allclose(got, plain)                     # at lr 0.3 the best is not the last
+    with torch.enable_grad():
+        low, _ = optimize_null(lambda x_, s_, c_: text_eps(x_, s_, c_.double()).float(), x.float(), sig.float(),
+                               sig_next.float(), e_c.float(), traj[i + 1].float(), null.bfloat16(), 7.5, 1e-2, 2, None)
+    assert low.dtype == torch.float32
+    with torch.enable_grad():
+        _, counts, _ = null_text_optimize(text_eps, [t_.clone() for t_ in traj], sigmas, cond, null,
+                                          NullTextSettings(guidance=7.5, keep_best=True))
+    assert counts["forward"] == 3 * (len(sigmas) - 1) + counts["inner_steps"]        # one more per step
 
 
 # ----------------------------------------------------------------------------- 3. DPL's null text, restarted

@@ -92,8 +92,9 @@ def main(argv=None) -> int:
                    help="module of attention/ to mutate (repeatable; default: all, one after the other)")
     p.add_argument("--workdir", default="/tmp/attention_lab_mutation", help="where the copies and results go")
     p.add_argument("--max-children", type=int, default=1, help="mutmut workers (default 1)")
-    p.add_argument("--mutmut", default=shutil.which("mutmut") or str(Path(sys.executable).parent / "mutmut"),
-                   help="the mutmut executable (requirements-test.txt pins it)")
+    beside = Path(sys.executable).parent / "mutmut"
+    p.add_argument("--mutmut", default=str(beside) if beside.exists() else shutil.which("mutmut"),
+                   help="the mutmut executable (default: the one next to this python; requirements-test.txt pins it)")
     p.add_argument("--list", action="store_true", help="print the modules and their test files, run nothing")
     args = p.parse_args(argv)
     modules = args.module or sorted(COVERING)
