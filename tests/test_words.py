@@ -220,3 +220,74 @@ def test_capture_size_matching_no_layer_is_refused_naming_the_sizes():
     ok.wants_probs(AttnContext(LayerId("middle", 0, 0), True, 8, 12, 2, [0], 1, 1.0, 0, 4))
     ok.finish(torch.ones(1, 4, 16, 24))
     assert ok.matches_output(torch.ones(1, 4, 16, 24)) and ok.matches_output(torch.zeros(1, 4, 16, 24)) is False
+
+
+def official_word_inds(text: str, word_place: int) -> list[int]:
+    """ptp_utils ``get_word_inds`` for a word index, on this file's tokenizer: the word's token positions after
+    BOS (upstream decodes the tokens back to text to find them; here each word's tokens are known)."""
+    pos, out = 1, []
+    for i, w in enumerate(text.split(" ")):
+        n = len(VOCAB.get(w, [99]))
+        if i == word_place:
+            out = list(range(pos, pos + n))
+        pos += n
+    return out
+
+
+def official_replacement_mapper(x: str, y: str, max_len: int) -> torch.Tensor:
+    """seq_aligner ``get_replacement_mapper_`` (same word count; swapped words of equal token counts, where
+    upstream's tail ``mapper[j, j]`` is right)."""
+    wx, wy = x.split(" "), y.split(" ")
+    replace = [i for i in range(len(wy)) if wy[i] != wx[i]]
+    src, dst = [official_word_inds(x, i) for i in replace], [official_word_inds(y, i) for i in replace]
+    mapper = np.zeros((max_len, max_len))
+    i = j = cur = 0
+    while i < max_len and j < max_len:
+        if cur < len(src) and src[cur][0] == i:
+            if len(src[cur]) == len(dst[cur]):
+                mapper[src[cur], dst[cur]] = 1
+            else:
+                for t in dst[cur]:
+                    mapper[src[cur], t] = 1 / len(dst[cur])
+            i, j, cur = i + len(src[cur]), j + len(dst[cur]), cur + 1
+        elif cur < len(src):
+            mapper[i, j] = 1
+            i, j = i + 1, j + 1
+        else:
+            mapper[j, j] = 1
+            i, j = i + 1, j + 1
+    return torch.from_numpy(mapper).float()
+
+
+def official_time_words_alpha(prompts: list[str], steps: int, default: float, words: dict, max_len: int):
+    """ptp_utils ``get_time_words_attention_alpha`` with ``update_alpha_time_word`` (bounds (0, end) for a float)."""
+    alpha = torch.zeros(steps + 1, len(prompts) - 1, max_len)
+
+    def update(bounds, b, inds=None):
+        start, end = int(bounds[0] * alpha.shape[0]), int(bounds[1] * alpha.shape[0])
+        inds = torch.arange(max_len) if inds is None else inds
+        alpha[:start, b, inds] = 0
+        alpha[start:end, b, inds] = 1
+        alpha[end:, b, inds] = 0
+    for b in range(len(prompts) - 1):
+        update((0.0, default), b)
+    for word, end in words.items():
+        for b, p in enumerate(prompts[1:]):
+            inds = [k for i, w in enumerate(p.split(" ")) if w == word for k in official_word_inds(p, i)]
+            if inds:
+                update((0.0, end), b, inds)
+    return alpha
+
+
+def test_replace_plan_and_cross_replace_alphas_equal_upstream():
+    """P2P Edit Sampler's replace plan (``build_plan``: the word-swap mapper, per-word cross-replace windows)
+    against ``get_replacement_mapper`` and ``get_time_words_attention_alpha``, one- and two-token swaps."""
+    src = "a cat and a bobcat in a garden"
+    targets = ["a tiger and a bobcat in a garden", "a cat and a catfish in a red"]
+    plan = build_plan(src, targets, "replace", 10, 0.8, {"tiger": 0.3, "catfish": 0.55}, 0.4, {}, 12, 0, pw)
+    assert plan.kind == ["replace", "replace"]
+    for b, tgt in enumerate(targets):
+        assert torch.equal(plan.replace[b], official_replacement_mapper(src, tgt, 12)), tgt
+    want = official_time_words_alpha([src] + targets, 10, 0.8, {"tiger": 0.3, "catfish": 0.55}, 12)
+    assert torch.equal(plan.alpha, want)
+    assert not torch.equal(want[:, 0], want[:, 1])           # the per-word windows differ between the edits

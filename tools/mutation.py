@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 COVERING: dict[str, list[str]] = {
     "p2p": ["tests/test_faithful_attention.py", "tests/test_words.py"],
     "inversion": ["tests/test_faithful_ports.py"],
-    "dpl": ["tests/test_faithful_ports.py"],
+    "dpl": ["tests/test_faithful_ports.py", "tests/test_faithful_dpl.py"],
     "dpl_losses": ["tests/test_faithful_ports.py", "tests/test_dpl_losses.py"],
     "prompt_mixing": ["tests/test_faithful_attention.py"],
     "structure": ["tests/test_structure.py"],
