@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from sklearn.cluster import KMeans
 
 from attention.controller import ControlledAttention
@@ -198,3 +199,44 @@ def test_self_attention_limit_is_16_generated_32_inverted_at_512px(model, invert
         # outside the window (step 4 of 10 with self_replace_steps 0.4): nothing is replaced
         late = run_layer([ctl], False, ("input", 1), (side, side), q, k, v, 4, 1)
         assert torch.allclose(late[3], probs[3, 0] @ v[3], atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- P2P LocalBlend
+def test_local_blend_equals_upstream_mask():
+    """``LocalBlend`` (P2P Edit Sampler's after-step hook) on a store filled through ``ControlledAttention`` against
+    the null-text notebook's ``LocalBlend.get_mask`` / ``__call__``: each item's blend words' maps summed over the
+    words, averaged over the 16x16-type layers and heads (ours: the store's mean over steps; upstream sums the
+    steps, which the max-normalization cancels), 3x3 max-pool, nearest resize to the latent, divided by the max,
+    over the threshold, the source's mask added; x = x_src + mask * (x - x_src) from ``start_blend`` on."""
+    from attention.p2p import LocalBlend
+    g = torch.Generator().manual_seed(8)
+    heads, d, m = 2, 4, 8
+    words = [[2], [3, 5]]                                             # source: one word; edit: a two-token word
+    store = AttentionStore(StoreConfig(capture_self=False))
+    store.reset()
+    probs = []
+    for step in range(2):
+        for block in (("input", 4), ("output", 1)):
+            q = torch.randn(4, 16, heads * d, generator=g) * 2            # [uncond src, edit, cond src, edit]
+            k = torch.randn(4, m, heads * d, generator=g) * 2
+            run_layer([store], True, block, (4, 4), q, k, torch.zeros(4, m, heads * d), step, heads)
+            probs.append(official_probs(q, k, heads)[2:])                 # cond rows: (2, heads, 16, m)
+        run_layer([store], True, ("middle", 0), (2, 2), torch.randn(4, 4, heads * d, generator=g),
+                  torch.randn(4, m, heads * d, generator=g), torch.zeros(4, m, heads * d), step, heads)
+    store.finish()
+    maps = torch.stack(probs, 1)                                          # (2, layers x steps, heads, 16, m)
+    alpha = torch.zeros(2, m)
+    for b, w in enumerate(words):
+        alpha[b, w] = 1
+    per = (maps * alpha[:, None, None, None, :]).sum(-1).mean((1, 2)).reshape(2, 1, 4, 4)
+    pooled = F.max_pool2d(per, (3, 3), (1, 1), padding=(1, 1))
+    mask = F.interpolate(pooled, size=(8, 8))
+    mask = mask / mask.amax((2, 3), keepdim=True)
+    mask = mask.gt(0.8)
+    mask = (mask[:1] + mask).float()
+    x = torch.randn(2, 3, 8, 8, generator=g)
+    blend = LocalBlend(store, words, (4, 4), 0.8, start=1)
+    assert torch.equal(blend(0, x), x)                                   # before start_blend: untouched
+    ours = blend(1, x)
+    assert torch.allclose(ours, x[:1] + mask * (x - x[:1]), atol=1e-6)
+    assert 0 < mask[1].mean() < 1
