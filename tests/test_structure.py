@@ -24,6 +24,16 @@ def test_noun_phrases_split_at_conjunctions_prepositions_and_punctuation():
     assert noun_phrases("a dog in front of a white building") == ["a dog", "a white building"]
 
 
+def test_prompt_nouns_are_the_chunk_heads_nltk_tags_as_nouns():
+    """MnM's default blend nouns (upstream: NLTK's NN* tags) on prompts of noun phrases."""
+    from attention.structure import prompt_nouns
+    assert prompt_nouns(PROMPT) == ["circle", "square", "background"]
+    assert prompt_nouns("a hamburger and a cup of coffee on a wooden table") == ["hamburger", "cup", "coffee", "table"]
+    assert prompt_nouns("a photo of a cat sitting on a mat, high quality") == ["photo", "cat", "mat", "quality"]
+    assert prompt_nouns("(red:1.2) car and the car, 2 dogs") == ["car", "dogs"]      # once each; no numbers
+    assert prompt_nouns("the") == [] and prompt_nouns("") == []
+
+
 def test_phrase_spans_take_the_next_occurrence_and_refuse_extra_ones():
     occ = {"a cube": ((1, 2), (4, 5))}
     assert phrase_spans(["a cube", "a cube"], occ.__getitem__) == [(1, 2), (4, 5)]
