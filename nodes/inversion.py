@@ -30,7 +30,8 @@ MODES = ["null-text", "ddim", "negative-prompt"]
 KEEP_BEST_TOOLTIP = (
     "Null-text: per step, return the null embedding of the lowest loss evaluated instead of Adam's last one. Off = "
     "upstream (the last). Not upstream; meant for fp16/bf16 UNets, whose noisy gradients can leave the last Adam "
-    "step worse than an earlier one. Measured in fp16 on ShapesWorld (3 images, 50 steps): MEASURED.")
+    "step worse than an earlier one. Measured in fp16 on ShapesWorld (2 images, 20 steps): 28.19 dB "
+    "reconstruction PSNR either way, no gain (python -m attention.shapesworld.null_precision).")
 
 
 def source_latent(model, latent, image, vae) -> torch.Tensor:
