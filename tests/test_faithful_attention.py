@@ -19,7 +19,7 @@ from attention.controller import ControlledAttention
 from attention.p2p import P2PController, build_plan, self_replace_limit
 from attention.prompt_mixing import MixSettings, blend_labels, foreground, injection_masks
 from attention.schedule import simple_sigmas
-from attention.store import AttentionStore, StoreConfig
+from attention.store import AttentionStore, StoreConfig, word_maps
 
 SIGMAS = simple_sigmas(10)
 PROMPT = "a red circle and a blue square on a gray background"
@@ -240,3 +240,63 @@ def test_local_blend_equals_upstream_mask():
     ours = blend(1, x)
     assert torch.allclose(ours, x[:1] + mask * (x - x[:1]), atol=1e-6)
     assert 0 < mask[1].mean() < 1
+
+
+# ----------------------------------------------------------------------------- the attention store's averages
+class _PassThroughEditor:
+    """An editor that changes nothing: its presence makes the layer compute every row's probabilities, so the
+    store reads the cond rows out of the whole batch (what happens next to P2P or MnM's injection)."""
+
+    edits_probs = True
+
+    def wants_probs(self, ctx):
+        return True
+
+    def edit_qkv(self, q, k, v, ctx):
+        return q, k, v
+
+    def edit_probs(self, probs, ctx, query_slice):
+        return probs
+
+    def edit_output(self, out, ctx):
+        return out
+
+
+def test_store_averages_equal_upstream_attention_store():
+    """``AttentionStore`` filled through ``ControlledAttention`` (two 8x8 cross layers, one of them next to an
+    editor, a 4x4 cross layer and an 8x8 self layer; three steps; a batch of two images) against upstream's
+    ``AttentionStore.get_average_attention`` + ``aggregate_attention``: per layer the cond rows' probabilities summed
+    over the steps and divided by their number, then the layers of one size concatenated on the head axis and
+    averaged. ``word_maps`` (SelfAttnCluster, MnM's labels) is a word's tokens averaged on that."""
+    g = torch.Generator().manual_seed(9)
+    heads, d, m = 2, 4, 7
+    store = AttentionStore(StoreConfig(self_max_tokens=32 * 32, keep_heads=True))
+    store.reset()
+    layers = [(("input", 4), (8, 8), True, False), (("output", 1), (8, 8), True, True),
+              (("middle", 0), (4, 4), True, False), (("input", 1), (8, 8), False, False)]
+    sums: dict = {}
+    for step in range(3):
+        for block, hw, cross, editor in layers:
+            n = hw[0] * hw[1]
+            q = torch.randn(4, n, heads * d, generator=g) * 2
+            k = torch.randn(4, m if cross else n, heads * d, generator=g) * 2
+            controllers = [_PassThroughEditor(), store] if editor else [store]
+            run_layer(controllers, cross, block, hw, q, k, torch.zeros_like(k), step, heads)
+            probs = official_probs(q, k, heads)[2:]                      # cond rows of both images
+            sums[block] = sums.get(block, 0) + probs
+    store.finish()
+    avg = {b: v / 3 for b, v in sums.items()}                            # get_average_attention: (2, heads, n, m)
+
+    def aggregate(blocks, res):
+        out = torch.cat([avg[b].reshape(2, heads, res, res, -1) for b in blocks], dim=1)
+        return out.sum(1) / out.shape[1]
+    big = aggregate([("input", 4), ("output", 1)], 8)
+    assert torch.allclose(store.aggregate((8, 8), cross=True), big, atol=1e-6)
+    assert torch.allclose(store.aggregate((4, 4), cross=True), aggregate([("middle", 0)], 4), atol=1e-6)
+    assert torch.allclose(store.aggregate((8, 8), cross=False), aggregate([("input", 1)], 8), atol=1e-6)
+    assert torch.allclose(word_maps(store, [(2,), (3, 5)], (8, 8), item=1),
+                          torch.stack([big[1, ..., 2], big[1, ..., [3, 5]].mean(-1)]), atol=1e-6)
+    from attention.layers import LayerId
+    for block in (("input", 4), ("output", 1), ("middle", 0)):
+        assert torch.allclose(store.layer_heads(LayerId(block[0], block[1], 0)), avg[block], atol=1e-6)
+    assert store.resolutions(cross=True) == [(8, 8), (4, 4)] and store.steps_recorded == {0, 1, 2}

@@ -10,8 +10,8 @@ machine run it in the background with a log, e.g.
     OMP_NUM_THREADS=1 nohup python tools/mutation.py --module dpl_losses > /tmp/mutation.log 2>&1 &
 
 It prints, per module, mutmut's result counts (killed, survived, timeout, no tests, ...) and writes the surviving
-mutants' diffs to <workdir>/<module>/survivors.txt. Which survivors are equivalent is judged by a person and
-recorded in docs/faithful-ports.md.
+mutants' names (with --show their diffs) to <workdir>/<module>/survivors.txt. Which survivors are equivalent is
+judged by a person and recorded in docs/faithful-ports.md.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def prepare(module: str, workdir: Path) -> Path:
     return dest
 
 
-def results(dest: Path, mutmut: str, env: dict) -> Counter:
+def results(dest: Path, mutmut: str, env: dict, show: bool = False) -> Counter:
     out = subprocess.run([mutmut, "results", "--all", "true"], cwd=dest, env=env, capture_output=True, text=True)
     counts: Counter = Counter()
     survivors = []
@@ -81,7 +81,8 @@ def results(dest: Path, mutmut: str, env: dict) -> Counter:
                 survivors.append(name)
     with open(dest / "survivors.txt", "w") as f:
         for name in survivors:
-            diff = subprocess.run([mutmut, "show", name], cwd=dest, env=env, capture_output=True, text=True).stdout
+            diff = subprocess.run([mutmut, "show", name], cwd=dest, env=env, capture_output=True,
+                                  text=True).stdout if show else ""
             f.write(f"==== {name}\n{diff}\n")
     return counts
 
@@ -96,6 +97,8 @@ def main(argv=None) -> int:
     p.add_argument("--mutmut", default=str(beside) if beside.exists() else shutil.which("mutmut"),
                    help="the mutmut executable (default: the one next to this python; requirements-test.txt pins it)")
     p.add_argument("--list", action="store_true", help="print the modules and their test files, run nothing")
+    p.add_argument("--show", action="store_true",
+                   help="also write each survivor's diff (one 'mutmut show' per survivor; else see 'mutmut show NAME')")
     args = p.parse_args(argv)
     modules = args.module or sorted(COVERING)
     if args.list:
@@ -109,7 +112,7 @@ def main(argv=None) -> int:
         dest = prepare(module, Path(args.workdir))
         print(f"== attention/{module}.py in {dest} (tests: {', '.join(COVERING[module])})", flush=True)
         run = subprocess.run([args.mutmut, "run", "--max-children", str(args.max_children)], cwd=dest, env=env)
-        counts = results(dest, args.mutmut, env)
+        counts = results(dest, args.mutmut, env, args.show)
         summary[module] = dict(counts, mutants=sum(counts.values()), seconds=round(time.time() - t0),
                                mutmut_exit=run.returncode)
         print(json.dumps({module: summary[module]}), flush=True)
