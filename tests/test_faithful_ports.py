@@ -264,7 +264,8 @@ def test_keep_best_null_returns_the_lowest_loss_evaluated(text_toy):
     def loss_of(u):
         e_u = text_unet(z, t, u)
         return F.mse_loss(official_prev_step(e_u + 7.5 * (e_c - e_u), a_cur, a_prev, z), traj_z[i + 1])
-    for lr in (1e-2, 0.3):                                    # a small step improves; a large one overshoots
+    picked_last = []
+    for lr in (3e-3, 1e-2, 0.3):           # the last null is best; an earlier one; the start (Adam overshoots)
         u = null.clone().requires_grad_(True)
         opt = torch.optim.Adam([u], lr=lr)
         seen = []
@@ -282,15 +283,22 @@ def test_keep_best_null_returns_the_lowest_loss_evaluated(text_toy):
                                       keep_best=True)
             plain, _ = optimize_null(text_eps, x, sig, sig_next, e_c, traj[i + 1], null, 7.5, lr, 5, None)
         assert done == 5 and torch.allclose(got, want, atol=1e-10) and torch.allclose(plain, u.detach(), atol=1e-10)
-    assert not torch.allclose(got, plain)                     # at lr 0.3 the best is not the last
+        picked_last.append(bool(torch.equal(got, plain)))
+    assert picked_last == [True, False, False]
     with torch.enable_grad():
         low, _ = optimize_null(lambda x_, s_, c_: text_eps(x_, s_, c_.double()).float(), x.float(), sig.float(),
                                sig_next.float(), e_c.float(), traj[i + 1].float(), null.bfloat16(), 7.5, 1e-2, 2, None)
     assert low.dtype == torch.float32
     with torch.enable_grad():
-        _, counts, _ = null_text_optimize(text_eps, [t_.clone() for t_ in traj], sigmas, cond, null,
-                                          NullTextSettings(guidance=7.5, keep_best=True))
+        best, counts, _ = null_text_optimize(text_eps, [t_.clone() for t_ in traj], sigmas, cond, null,
+                                             NullTextSettings(guidance=7.5, keep_best=True))
+        last, _, _ = null_text_optimize(text_eps, [t_.clone() for t_ in traj], sigmas, cond, null,
+                                        NullTextSettings(guidance=7.5))
+        _, no_stop, _ = null_text_optimize(text_eps, [t_.clone() for t_ in traj], sigmas, cond, null,
+                                           NullTextSettings(guidance=7.5, inner_steps=2, epsilon=None))
     assert counts["forward"] == 3 * (len(sigmas) - 1) + counts["inner_steps"]        # one more per step
+    assert any(not torch.equal(a, b) for a, b in zip(best, last))                   # the option is passed on
+    assert no_stop["inner_steps"] == 2 * (len(sigmas) - 1)                           # epsilon None: no early stop
 
 
 # ----------------------------------------------------------------------------- 3. DPL's null text, restarted
