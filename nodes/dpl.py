@@ -18,11 +18,13 @@ from comfy_api.latest import io, ui
 from ..attention import logger
 from ..attention.dpl import DPL_SH, CrossMapRecorder, DPLSettings, background_at_size, dpl_invert
 from ..attention.inversion import Inversion, NullTextSettings, ddim_invert
+from ..attention.masks import check_aspect, mask_batch
 from ..attention.render import colorize, grid, normalize, upsample
 from .common import CATEGORY, InversionType, encode_prompt, install_controller, model_layer_ids
 from .inversion import KEEP_BEST_TOOLTIP
 from .learnable_tokens import TOKEN_INITS, DPLTokens, autograd_safe_clip, encode, initial_values, locate, splice
-from .unet_calls import UNetCalls, adm_of, autograd_safe, fit_context, model_key
+from .model_identity import IDENTITY_KEY, identify
+from .unet_calls import UNetCalls, adm_of, autograd_safe, fit_context
 
 S = DPL_SH   # the official recipe: the schema's defaults
 NULL_STARTS = ("empty prompt each step (official DPL)", "previous step (NTI)")
@@ -32,15 +34,9 @@ def background_at(mask: torch.Tensor, size: tuple[int, int], latent_hw: tuple[in
     """The MASK's first item as {0, 1} at the attention map ``size``, by upstream's rule (Pillow bicubic from the
     mask's own size to the map size, nonzero = background; ``attention/dpl.background_at_size``). Upstream resizes
     a mask at the image's pixel size (512 px), so a mask at the image size reproduces it exactly."""
-    m = mask.float()
-    m = m[0] if m.ndim == 3 else m
-    if m.ndim != 2:
-        raise ValueError(f"background must be a MASK (H, W) or (B, H, W); got shape {tuple(mask.shape)}")
+    m = mask_batch(mask, "DPLTokenOptimizer", "background")[0]           # the pack's one MASK rule
     h, w = m.shape
-    if abs(h / w - latent_hw[0] / latent_hw[1]) > 0.05:
-        raise ValueError(f"the background mask is {w}x{h} but the image latent is {latent_hw[1]}x{latent_hw[0]}: "
-                         f"different aspect ratios. Make the mask from this image (e.g. Self-Attention Cluster's "
-                         f"background output with the same latent)")
+    check_aspect((h, w), latent_hw, "DPLTokenOptimizer", "background", "image latent")
     if (h, w) != tuple(size):
         logger.info("DPLTokenOptimizer: background mask %dx%d resized to the %dx%d attention maps", w, h,
                     size[1], size[0])
@@ -128,9 +124,9 @@ class DPLTokenOptimizer(io.ComfyNode):
                                         " or the prompt's own tokens (step 0 then equals the plain prompt).")),
                 io.Boolean.Input("keep_best_null", default=False, optional=True, tooltip=KEEP_BEST_TOOLTIP),
                 io.Mask.Input("background", optional=True, tooltip=(
-                    "Background MASK of the image (any size of the same aspect; resized to the maps as upstream: "
-                    "bicubic, any nonzero cell is background, so give it at the image's pixel size, e.g. Self-"
-                    "Attention Cluster with its image input). Without it L_bg is off.")),
+                    "Background MASK of the image (any size within 2 % of the image's aspect; resized to the maps "
+                    "as upstream: bicubic, any nonzero cell is background, so give it at the image's pixel size, e.g. "
+                    "Self-Attention Cluster with its image input). Without it L_bg is off.")),
             ],
             outputs=[
                 InversionType.Output(display_name="inversion", tooltip=(
@@ -195,7 +191,8 @@ class DPLTokenOptimizer(io.ComfyNode):
                         nulls=[n.cpu() for n in res.nulls], prompt=prompt, mode="dpl", guidance=guidance,
                         unet_forward=counts["forward"], unet_backward=counts["backward"])
         mse = float(((res.reconstruction.cpu() - x0.cpu()) ** 2).mean())
-        inv.extra.update(cond_dict=dict(positive[0][1]), null_dict=dict(empty[0][1]), model_key=model_key(model),
+        inv.extra[IDENTITY_KEY] = identify(model)               # checked by the editors (model_identity.py)
+        inv.extra.update(cond_dict=dict(positive[0][1]), null_dict=dict(empty[0][1]),
                          reconstruction_mse=mse,
                          dpl=learned, conds=[c.cpu() for c in res.conds], dpl_losses=res.losses,
                          map_size=res.map_size, token_updates=res.counts["token_updates"])

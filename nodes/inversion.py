@@ -16,13 +16,13 @@ from comfy_api.latest import io
 from ..attention import logger
 from ..attention.inversion import Inversion, NullTextSettings, ddim_invert, null_text_optimize, reconstruct
 from .common import CATEGORY, InversionType, encode_prompt
+from .model_identity import IDENTITY_KEY, identify
 from .unet_calls import (
     UNetCalls,
     adm_of,
     autograd_safe,
     common_length,
     fit_context,
-    model_key,
     run_with_pack_wrappers,
 )
 
@@ -156,7 +156,7 @@ class NullTextInvert(io.ComfyNode):
                         guidance=guidance, unet_forward=counts["forward"], unet_backward=counts["backward"])
         inv.extra["cond_dict"] = {k: v for k, v in positive[0][1].items()}
         inv.extra["null_dict"] = dict(null_dict)
-        inv.extra["model_key"] = model_key(model)
+        inv.extra[IDENTITY_KEY] = identify(model)               # checked by the editors (model_identity.py)
         if not optimize:
             with torch.no_grad():
                 rec = reconstruct(lambda x, s, c: (tick(), quiet_c(x, s, c))[1], inv, null0,

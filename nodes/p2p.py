@@ -28,7 +28,8 @@ from ..attention.words import split_word_list
 from . import comfy_sampling
 from .common import CATEGORY, InversionType, encode_prompt, install_controller, model_layer_ids, prompt_words
 from .learnable_tokens import encode_with_learned
-from .unet_calls import adm_of, model_key, sample_batch, stack_adm
+from .model_identity import check_inversion_model
+from .unet_calls import adm_of, sample_batch, stack_adm
 
 
 def words_fn(clip):
@@ -137,9 +138,7 @@ class P2PEditSampler(io.ComfyNode):
             if steps != len(inv.sigmas) - 1:
                 raise ValueError(f"the inversion was made with {len(inv.sigmas) - 1} steps but steps is {steps}; set "
                                  f"steps to {len(inv.sigmas) - 1} (the edit retraces the inversion step by step)")
-            if inv.extra.get("model_key") not in (None, model_key(model)):
-                raise ValueError("the inversion was made with another model (diffusion model or latent format "
-                                 "differ); invert the image with the MODEL you edit with")
+            check_inversion_model(inv, model, "P2PEditSampler")    # object, weight patches, options (by name)
             if cfg != inv.guidance:
                 logger.info("P2PEditSampler: using the inversion's guidance %.2f instead of cfg %.2f",
                             inv.guidance, cfg)

@@ -47,6 +47,7 @@ from .common import (
     tokenizer_words,
     word_ids,
 )
+from .model_identity import check_inversion_model
 from .unet_calls import adm_of, sample_batch
 
 SELF_MAX = 32 * 32          # official: self-attention of layers up to 32x32 (SD at 512 px)
@@ -263,6 +264,7 @@ class PromptMixSampler(io.ComfyNode):
             if inv.prompt.strip() != prompt.strip():
                 raise ValueError(f"the inversion was made with the prompt {inv.prompt!r}, not {prompt!r}; use the "
                                  f"same prompt on both nodes")
+            check_inversion_model(inv, model, "PromptMixSampler")   # object, weight patches, options (by name)
             steps = len(inv.sigmas) - 1
         latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"][:1])
         noise = comfy.sample.prepare_noise(latent, seed)

@@ -114,14 +114,17 @@ def tiny_sdxl():
     return _tiny_unet(comfy.supported_models.SDXL, cfg, seed=1, std=0.02)
 
 
-def tiny_clip():
+def tiny_clip(embedding_directory: str | None = None):
+    """A 2-layer SD1 CLIP of width CTX; ``embedding_directory``: ComfyUI's embeddings folder (textual inversions
+    named ``embedding:name`` in prompts), as CheckpointLoader passes it."""
     import comfy.sd
     import comfy.sd1_clip
     import comfy.supported_models_base
     target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
     te_cfg = {"hidden_size": CTX, "intermediate_size": 128, "num_attention_heads": 2,
               "num_hidden_layers": 2, "projection_dim": CTX}
-    clip = comfy.sd.CLIP(target=target, model_options={"clip_l_model_config": te_cfg})
+    clip = comfy.sd.CLIP(target=target, embedding_directory=embedding_directory,
+                         model_options={"clip_l_model_config": te_cfg})
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for p in clip.cond_stage_model.parameters():
