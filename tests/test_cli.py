@@ -18,6 +18,7 @@ import torch
 
 from attention import cli, demo
 from attention.shapesworld import model as model_module
+from attention.shapesworld import weights as weight_files
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -113,7 +114,7 @@ def test_a_flag_error_runs_as_a_clean_process():
 
 def test_weight_hints_fit_the_path(tmp_path, monkeypatch, capsys, no_model):
     monkeypatch.chdir(ROOT)
-    shipped = cli.weights_fix(cli.SHIPPED_WEIGHTS)
+    shipped = weight_files.weights_fix(weight_files.SHIPPED_WEIGHTS)
     assert "git checkout -- assets/shapesworld.safetensors" in shipped and "--out assets" not in shipped
     for path in ("README.md", str(tmp_path / "mine.safetensors")):
         with pytest.raises(SystemExit):
@@ -122,8 +123,8 @@ def test_weight_hints_fit_the_path(tmp_path, monkeypatch, capsys, no_model):
         assert path in err and "git" not in err and "--out" not in err, err
         assert "use the shipped assets/shapesworld.safetensors" in err
     (tmp_path / "plain.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00" + b'{"x": 1}'.ljust(16))
-    assert "without a ShapesWorld model config" in cli.weights_problem(tmp_path / "plain.safetensors")
-    assert cli.weights_problem(cli.SHIPPED_WEIGHTS) is None
+    assert "without a ShapesWorld model config" in weight_files.weights_problem(tmp_path / "plain.safetensors")
+    assert weight_files.weights_problem(weight_files.SHIPPED_WEIGHTS) is None
 
 
 def test_no_default_writes_a_shipped_file_and_shipped_files_need_the_flag(tmp_path, monkeypatch, capsys, no_model):
@@ -131,16 +132,16 @@ def test_no_default_writes_a_shipped_file_and_shipped_files_need_the_flag(tmp_pa
     for name in ("attention.shapesworld.train", "attention.shapesworld.recipe", "attention.shapesworld.classifier"):
         module = entry(name)
         default = Path(module.build_parser().parse_args([]).out)
-        assert default.resolve().parent != cli.ASSETS.resolve()
-        for shipped in (cli.SHIPPED_WEIGHTS, cli.SHIPPED_CLASSIFIER):
+        assert default.resolve().parent != weight_files.ASSETS.resolve()
+        for shipped in (weight_files.SHIPPED_WEIGHTS, weight_files.SHIPPED_CLASSIFIER):
             with pytest.raises(SystemExit) as exit_:
                 module.main(["--out", str(shipped.relative_to(ROOT))])
             err = capsys.readouterr().err
             assert exit_.value.code == 2 and "is a shipped file" in err and "add --overwrite-shipped" in err
     p = cli.parser(None)
-    cli.refuse_shipped(p, str(cli.SHIPPED_WEIGHTS), allowed=True)   # the flag lets it through
+    cli.refuse_shipped(p, str(weight_files.SHIPPED_WEIGHTS), allowed=True)   # the flag lets it through
     with pytest.raises(SystemExit):
-        cli.refuse_shipped(p, str(cli.SHIPPED_WEIGHTS), allowed=False)
+        cli.refuse_shipped(p, str(weight_files.SHIPPED_WEIGHTS), allowed=False)
     # the README's own commands never write into assets/
     assert "--out assets/" not in (ROOT / "README.md").read_text()
 
@@ -207,7 +208,7 @@ class FakeModel:
 def test_demo_checks_the_weights_before_creating_its_folder(tmp_path, capsys, monkeypatch):
     from safetensors.torch import save_file
 
-    from attention.shapesworld.train import MODEL_CONFIG
+    from attention.shapesworld.model import MODEL_CONFIG
     wrong = tmp_path / "wrong.safetensors"  # a valid header and config, but tensors of another model
     save_file({"unet.nothing": torch.zeros(1)}, str(wrong), metadata={"config": json.dumps(MODEL_CONFIG)})
     for weights in ("README.md", str(wrong)):

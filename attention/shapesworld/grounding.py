@@ -43,7 +43,8 @@ from ..grounding_features import FeatureRecorder
 from ..render import normalize, upsample
 from ..store import AttentionStore, StoreConfig, word_maps
 from .harness import THRESHOLDS, colour_blobs, load_classifier
-from .model import ASSETS, ShapesWorldModel, patches_for
+from .model import ShapesWorldModel, patches_for
+from .weights import ASSETS
 from .world import COLOURS, SHAPES, SceneSpec, ShapesWorld, caption_for, one_colour_spec
 
 log = logging.getLogger("attention_lab.grounding")
