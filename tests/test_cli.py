@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from attention import cli, demo
+from attention.demo.runner import Progress
 from attention.shapesworld import model as model_module
 from attention.shapesworld import weights as weight_files
 
@@ -248,10 +249,30 @@ def test_an_interrupted_demo_leaves_a_linked_report(tmp_path, monkeypatch):
     assert "## First" in report and "## Second" in report
 
 
+def test_a_sections_log_goes_to_its_report_and_only_warnings_to_the_terminal(tmp_path, monkeypatch, caplog):
+    import logging
+
+    def talkative(model, out, save, quick):
+        logging.getLogger("attention_lab.figure").info("baseline: {'1': '0.681 / 0.515'}")
+        logging.getLogger("attention_lab").warning("something to see now")
+        return ["## Talkative", ""]
+
+    monkeypatch.setattr(cli, "load_model", lambda p, w: FakeModel())
+    monkeypatch.setattr(demo, "SECTIONS", (demo.Section("talk", "Talk", talkative),))
+    with caplog.at_level(logging.INFO):
+        assert demo.main(["--out", str(tmp_path)]) == 0
+    shown = [r.getMessage() for r in caplog.records]
+    assert "something to see now" in shown and not any("baseline" in m for m in shown), shown
+    assert any(m.startswith("[1/1] Talk: ") for m in shown), shown    # the section's result line
+    report = (tmp_path / "report.md").read_text()
+    assert "Section log (2 lines)" in report and "baseline: {'1': '0.681 / 0.515'}" in report
+    assert "something to see now" in report
+    assert not logging.getLogger("attention_lab").handlers and logging.getLogger("attention_lab").propagate
+
+
 def test_every_demo_section_is_registered_and_importable():
-    for section in demo.SECTIONS:
-        module, _, attr = section.function.partition(":")
-        assert callable(getattr(importlib.import_module(f"attention.{module}"), attr)), section
+    for section in demo.SECTIONS:   # imported by name in attention/demo/__init__.py, defined in the demo package
+        assert callable(section.function) and section.function.__module__.startswith("attention.demo."), section
     assert len({s.name for s in demo.SECTIONS}) == len(demo.SECTIONS)
 
 
@@ -263,7 +284,7 @@ def test_progress_draws_a_bar_on_a_terminal_and_lines_in_a_log():
             return True
 
     tty, log = Terminal(), io.StringIO()
-    bar, plain = demo.Progress("[1/2] One", 4, tty), demo.Progress("[1/2] One", None, log)
+    bar, plain = Progress("[1/2] One", 4, tty), Progress("[1/2] One", None, log)
     for _ in range(2):
         bar.hook(None, None, None)
         plain.hook(None, None, None)

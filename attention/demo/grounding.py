@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from .render import grid, overlay
-from .shapesworld.grounding import (
+from ..render import grid, overlay
+from ..shapesworld.grounding import (
     HEAD_ASSET,
     Example,
     batch_of,
@@ -24,9 +24,9 @@ from .shapesworld.grounding import (
     render,
     template_vectors,
 )
-from .shapesworld.harness import colour_blobs, mask_iou
-from .shapesworld.model import ShapesWorldModel
-from .shapesworld.world import caption_for
+from ..shapesworld.harness import colour_blobs, mask_iou
+from ..shapesworld.model import ShapesWorldModel
+from ..shapesworld.world import caption_for
 
 OBJECTS = [[("red", "circle"), ("blue", "star")], [("green", "diamond"), ("yellow", "square")],
            [("purple", "triangle"), ("orange", "cross")], [("cyan", "star"), ("red", "diamond")]]
