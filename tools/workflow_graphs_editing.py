@@ -86,7 +86,7 @@ def nti_p2p_graph(shapesworld: bool) -> tuple[list[Node], list]:
     nodes += [
         Node(3, "NullTextInvert", {"prompt": source, "mode": "null-text", "steps": 50, "guidance": 7.5,
                                    "scheduler": "simple" if shapesworld else "ddim_uniform", "inner_steps": 10,
-                                   "early_stop": 1e-5},
+                                   "early_stop": 1e-5, "keep_best_null": False},
              {"model": (1, 0), "clip": (1, 1), "image": image, "vae": (1, 2)},
              [("inversion", "ATTENTION_LAB_INVERSION"), ("reconstruction", "LATENT")],
              {"model": "MODEL", "clip": "CLIP", "image": "IMAGE", "vae": "VAE"}, (360, 0), (380, 330)),
@@ -129,7 +129,7 @@ def dpl_graph(shapesworld: bool) -> tuple[list[Node], list]:
            "lam_bg": 0.05, "lam_dj": 0.05, "alphas": "25, 50, 25", "betas": "0.3, 0.7, 0.9",
            "attn_iters": 21, "lr": 0.001, "null_iters": 51, "null_early_stop": 0.0,
            "map_size": 0, "null_start": "empty prompt each step (official DPL)",
-           "token_init": "word-internal piece (official)"}
+           "token_init": "word-internal piece (official)", "keep_best_null": False}
     nodes += [
         Node(14, "VAEEncode", {}, {"pixels": (13, 0), "vae": (1, 2)}, [("LATENT", "LATENT")],
              {"pixels": "IMAGE", "vae": "VAE"}, (360, 940), (220, 50)),
@@ -137,7 +137,8 @@ def dpl_graph(shapesworld: bool) -> tuple[list[Node], list]:
                                       "end": 1.0}, {"model": (1, 0)},
              [("model", "MODEL"), ("store", "ATTENTION_STORE")], {"model": "MODEL"}, (360, 0), (320, 200)),
         Node(3, "NullTextInvert", {"prompt": source, "mode": "ddim", "steps": 50, "guidance": 7.5,
-                                   "scheduler": sched, "inner_steps": 10, "early_stop": 1e-5},
+                                   "scheduler": sched, "inner_steps": 10, "early_stop": 1e-5,
+                                   "keep_best_null": False},
              {"model": (15, 0), "clip": (1, 1), "latent": (14, 0)},
              [("inversion", "ATTENTION_LAB_INVERSION"), ("reconstruction", "LATENT")],
              {"model": "MODEL", "clip": "CLIP", "latent": "LATENT"}, (360, 240), (380, 330),

@@ -62,10 +62,12 @@ def prompt_mix_graph(shapesworld: bool) -> tuple[list[Node], list]:
     if shapesworld:
         prompt, obj, proxies, keep = SW_MIX
         size, cfg, scheduler, window, injection = 256, 5.0, "simple", (0.34, 1.0), 1.0
+        nouns, background_nouns = "circle, square, background", "background"      # the caption names its background
     else:
         prompt, obj, proxies, keep = ("a hamburger and a cup of coffee on a wooden table", "hamburger", "",
                                       "cup, table")
         size, cfg, scheduler, window, injection = 512, 7.5, "ddim_uniform", (0.14, 0.34), 0.8
+        nouns, background_nouns = "hamburger, cup, coffee, table", ""             # what NLTK tags as nouns
     nodes = [
         loader_node(shapesworld),
         Node(2, "CLIPTextEncode", {"text": ""}, {"clip": (1, 1)}, [("CONDITIONING", "CONDITIONING")],
@@ -77,7 +79,8 @@ def prompt_mix_graph(shapesworld: bool) -> tuple[list[Node], list]:
               "preserve_words": keep, "seed": 7, "steps": 50, "cfg": cfg, "scheduler": scheduler,
               "mix_start": window[0], "mix_end": window[1], "self_injection_end": injection,
               "injection_threshold": 0.05,
-              "blend_at": 0.7, "clusters": 5, "cluster_threshold": 0.3, "nouns": "", "background_nouns": "",
+              "blend_at": 0.7, "clusters": 5, "cluster_threshold": 0.3, "nouns": nouns,
+              "background_nouns": background_nouns,
               "proxy_candidates": "word-internal pieces (official)"},
              {"model": (1, 0), "clip": (1, 1), "negative": (2, 0), "latent_image": (3, 0)},
              [("latents", "LATENT"), ("blend_masks", "MASK"), ("proxies", "STRING")],
