@@ -30,7 +30,7 @@ import comfy.sample
 import comfy.samplers
 import torch
 
-from ..attention.chunks import CHUNKS_KEY, ChunkTable, is_crop
+from ..attention.chunks import CHUNKS_KEY, HIDDEN, ChunkTable, is_crop, relabel
 from ..attention.store import QUIET_KEY
 from .unet_calls import autograd_safe
 
@@ -117,6 +117,19 @@ def add_chunk_wrapper(m) -> None:
     """Publish each sampling run's ChunkTable on the (cloned) ModelPatcher ``m``; put it on every MODEL whose
     attention the pack records or edits."""
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, CHUNKS_KEY, _publish_chunks)
+
+
+def full_frame_only(patch):
+    """A block patch ``patch(h, [hsp,] transformer_options)`` that runs only on UNet calls of the full frame: a
+    call of area entries (evaluated on a crop of the latent, ``add_chunk_wrapper``) passes its inputs on
+    untouched (for feature recorders such as GroundingFeatures')."""
+    def fn(*args):
+        to = args[-1]
+        kinds = list(to.get("cond_or_uncond") or [0])
+        if all(k == HIDDEN for k in relabel(kinds, to, full_frame=True, text_only=False)):
+            return args[0] if len(args) == 2 else tuple(args[:-1])
+        return patch(*args)
+    return fn
 
 
 def _full_load(executor, *args, **kwargs):
