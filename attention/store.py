@@ -7,7 +7,9 @@ of steps. Shapes:
     cross_heads[layer]: (items, heads, n, m)   only with ``keep_heads`` (MnM's injection mask needs the heads)
     concepts[layer]: (items, n, C)   ConceptAttention maps of C concepts (DiT double blocks, ``concept_attention``)
 Maps are averaged over heads, over the calls in the step range and over the positive
-conditioning chunks (several positive entries are averaged together). On DiT blocks the cross and self maps are
+conditioning chunks (several positive entries are averaged together). Only chunks of the full frame are
+recorded: an area entry, which ComfyUI evaluates on a crop of the latent, is left out, and where the run marks
+a node's own prompt entries only those count (``chunks.visible``). On DiT blocks the cross and self maps are
 the image queries' rows of the joint softmax over the text and image-grid keys (``joint.py``).
 Reading methods take ``cross``: True (cross maps), False (self maps) or "concept" (concept maps).
 """
@@ -21,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from . import logger
+from .chunks import HIDDEN, visible
 from .context import AttnContext
 from .controller import AttentionController
 from .layers import LayerId, LayerInfo, LayerSelection, LayerSelectionError, describe, parse_layer_selection
@@ -120,7 +123,7 @@ class AttentionStore(AttentionController):
 
     def records(self, ctx: AttnContext) -> bool:
         """Whether this call is one the store records at all: positive rows, not a quiet helper call, in range."""
-        return 0 in ctx.cond_or_uncond and not ctx.extra.get(QUIET_KEY) and self._in_range(ctx)
+        return 0 in visible(ctx).cond_or_uncond and not ctx.extra.get(QUIET_KEY) and self._in_range(ctx)
 
     def wants_concepts(self, ctx: AttnContext) -> bool:
         return bool(self.config.concepts) and self.records(ctx) and \
@@ -128,6 +131,7 @@ class AttentionStore(AttentionController):
 
     def observe_concepts(self, scores: torch.Tensor, ctx: AttnContext, rows: list[int]) -> None:
         """Concept maps (len(rows), C, n) of the positive ``rows`` (all of them) of one DiT block call."""
+        ctx = visible(ctx)
         cond = [r for r, _ in ctx.rows(0)]
         pos = {r: i for i, r in enumerate(rows)}
         got = scores.index_select(0, torch.tensor([pos[r] for r in cond], device=scores.device))
@@ -146,6 +150,9 @@ class AttentionStore(AttentionController):
 
     def wants_probs(self, ctx: AttnContext) -> bool:
         c = self.config
+        ctx = visible(ctx)
+        if all(kind == HIDDEN for kind in ctx.cond_or_uncond):   # a crop's call (area conditioning)
+            return False
         if ctx.is_cross:
             if ctx.layer in self.sizes_seen and not self._checked:   # a layer again: one UNet call seen whole
                 self.check_selection()
@@ -161,9 +168,10 @@ class AttentionStore(AttentionController):
     edits_probs = False  # a capture only reads: the output stays the fast kernel's
 
     def probs_rows(self, ctx: AttnContext) -> list[int]:
-        return [r for r, _ in ctx.rows(0)]
+        return [r for r, _ in visible(ctx).rows(0)]
 
     def observe_probs(self, probs: torch.Tensor, ctx: AttnContext, query_slice: slice, rows: list[int]) -> None:
+        ctx = visible(ctx)
         cond = [r for r, _ in ctx.rows(0)]
         if rows != cond:  # probabilities of every row (an editor ran): pick the cond rows
             pos = {r: i for i, r in enumerate(rows)}

@@ -20,6 +20,7 @@ from .common import (
     word_positions,
 )
 from .dit import concept_tokens
+from .guided import add_chunk_wrapper
 
 MAP_KINDS = ("attention", "concept attention")
 
@@ -34,8 +35,9 @@ class AttentionCapture(io.ComfyNode):
             description=(
                 "Clones the MODEL and records head-averaged attention maps of the positive prompt while any "
                 "sampler node samples with the returned MODEL (SD1.x/SDXL UNets, Flux, SD3/3.5). Wire the "
-                "sampler's LATENT into an Attention Map View to see them. The sampled image is unchanged. On Flux, "
-                "'concepts' also records ConceptAttention maps (Helbling et al. 2025)."),
+                "sampler's LATENT into an Attention Map View to see them. The sampled image is unchanged. "
+                "Conditioning entries with an area (evaluated on a crop) are not recorded; the maps are always the "
+                "full frame's. On Flux, 'concepts' also records ConceptAttention maps (Helbling et al. 2025)."),
             inputs=[
                 io.Model.Input("model", tooltip="The model to watch. It is cloned; the input stays unpatched."),
                 io.String.Input("layers", default="all", tooltip=(
@@ -85,6 +87,7 @@ class AttentionCapture(io.ComfyNode):
         m = model.clone()
         install_controller(m, store, ids, self_attn=capture_self, cross_attn=True)
         add_outer_sample_wrapper(m, f"attention_lab_capture_{id(store)}", before=store.reset, on_success=store.finish)
+        add_chunk_wrapper(m)    # area entries run on a crop: the store records the full frame only
         logger.info("AttentionCapture: watching %d layers (%s)%s", len(ids), layers,
                     f", concepts {list(names)}" if names else "")
         return io.NodeOutput(m, store)

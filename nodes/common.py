@@ -195,7 +195,8 @@ def _sub_tokenizer(clip, key: str):
 
 
 def word_ids(clip, word: str, key: str) -> list[int]:
-    """Token ids of ``word`` alone, without BOS/EOS/padding, for any ComfyUI tokenizer (T5: no BOS)."""
+    """Token ids of ``word`` alone, without BOS/EOS/padding, for any ComfyUI tokenizer (T5: no BOS); an embedding
+    vector (``embedding:name``) is -1, as in ``prompt_token_chunks``."""
     sub = _sub_tokenizer(clip, key)
     if sub is not None and hasattr(sub, "tokens_start"):
         start, eos = sub.tokens_start, sub.end_token
@@ -203,9 +204,10 @@ def word_ids(clip, word: str, key: str) -> list[int]:
         start, eos = 1, clip.tokenize("")[key][0][1][0]
     out = []
     for t in clip.tokenize(word)[key][0][start:]:
-        if t[0] == eos:
+        tid = t[0] if isinstance(t[0], int) else -1
+        if tid == eos:
             break
-        out.append(t[0])
+        out.append(tid)
     return out
 
 

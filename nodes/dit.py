@@ -11,6 +11,7 @@ import comfy.ldm.flux.model
 import comfy.ldm.modules.diffusionmodules.mmdit as mmdit
 import torch
 
+from ..attention.chunks import visible
 from ..attention.concept_attention import ConceptStream
 from ..attention.joint import LAYOUT_KEY, DitCall, DitInfo, JointLayout, dit_context, with_dit_blocks
 from ..attention.layers import LayerId
@@ -46,7 +47,7 @@ def _concept_streams(hook, to: dict, layout: JointLayout, x, t, kwargs, bm) -> l
     readers = concept_readers(hook)
     if not readers:
         return []
-    ctx = dit_context(LayerId("double", 0, 0), True, layout, 1, x.shape[0], to)
+    ctx = visible(dit_context(LayerId("double", 0, 0), True, layout, 1, x.shape[0], to))   # full-frame cond rows
     readers = [r for r in readers if r.records(ctx)]
     if not readers:
         return []

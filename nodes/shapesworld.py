@@ -23,9 +23,8 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..attention.shapesworld.harness import colour_blobs, load_classifier
-from ..attention.shapesworld.model import DEFAULT_WEIGHTS, read_weights
+from ..attention.shapesworld.model import DEFAULT_WEIGHTS, build_models, read_weights
 from ..attention.shapesworld.text import EOS, ShapesTokenizer
-from ..attention.shapesworld.train import build_models
 from ..attention.shapesworld.world import COLOURS, SHAPES, SceneSpec, ShapesWorld, one_colour_spec
 from .common import CATEGORY
 
@@ -165,7 +164,7 @@ class ShapesWorldLoader(io.ComfyNode):
 
 
 # --------------------------------------------------------------------------------------------- grounding masks
-# Mask sources for the grounding nodes (nodes/grounding.py) on ShapesWorld, so a CPU-only graph can fill a
+# Mask sources for the grounding nodes (nodes/grounding_*.py) on ShapesWorld, so a CPU-only graph can fill a
 # dataset without an external segmenter: exact scenes of the world, or the pack's pseudo-labeller.
 
 def _shape_list(text: str) -> list[str]:
