@@ -41,26 +41,18 @@ from typing import Callable, Sequence
 
 import torch
 
-from . import logger
+from .calls import split_args, warn_once
 from .context import context_from_extra_options
 from .controller import AttentionController, AttentionFn, run_attention
 from .explicit import sdpa_attention, sdpa_kernel
+from .joint import BLOCK_KEY as DIT_BLOCK_KEY
+from .joint import dit_call
 from .layers import LayerId
 
 OVERRIDE_KEY = "optimized_attention_override"
 HOOK_KEY = "attention_lab_hook"
 INSIDE_KEY = "attention_lab_inside"
-DIT_BLOCK_KEY = "attention_lab_block"      # = joint.BLOCK_KEY (joint.py imports this module)
 OPAQUE_ATTR = "attention_lab_opaque"
-_warned: set = set()
-
-
-def warn_once(key, msg: str, *args) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        logger.warning(msg, *args)
-
-
 @dataclass(frozen=True)
 class Install:
     """One controller on a set of layers; ``self_attn`` / ``cross_attn`` pick the UNet slots (on a DiT joint call
@@ -95,17 +87,6 @@ class SlotMarker:
         self.tracker.slot = (self.slot, None if block is None else (block[0], int(block[1])),
                              int(extra_options.get("block_index", 0)))
         return n, context, value
-
-
-def split_args(args: tuple, kwargs: dict):
-    """(q, k, v, heads, mask, skip_reshape) of a call with ComfyUI's attention signature
-    ``(q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False, skip_output_reshape=False, **kw)``."""
-    q, k, v = args[:3]
-    heads = args[3] if len(args) > 3 else kwargs["heads"]
-    mask = args[4] if len(args) > 4 else kwargs.get("mask")
-    skip = args[6] if len(args) > 6 else kwargs.get("skip_reshape", False)
-    skip_out = args[7] if len(args) > 7 else kwargs.get("skip_output_reshape", False)
-    return q, k, v, int(heads), mask, bool(skip), bool(skip_out)
 
 
 class AttentionHook:
@@ -163,7 +144,6 @@ class AttentionHook:
         if "block" in to:
             return self._unet_call(func, args, kwargs, to)
         if DIT_BLOCK_KEY in to or to.get("block_type") in ("double", "single"):
-            from .joint import dit_call
             return dit_call(self, func, args, kwargs, to)
         return self.forward(func, args, kwargs)
 

@@ -41,13 +41,13 @@ from typing import Callable
 
 import torch
 
+from .calls import split_args, warn_once
 from .context import AttnContext, batch_and_step
 from .explicit import DEFAULT_CHUNK_ELEMENTS, query_chunks
-from .hook import DIT_BLOCK_KEY, split_args, warn_once
 from .layers import LayerId
 
 LAYOUT_KEY = "attention_lab_joint"
-BLOCK_KEY = DIT_BLOCK_KEY
+BLOCK_KEY = "attention_lab_block"
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from ..attention import logger
 from ..attention.layers import LayerSelectionError, parse_layer_selection
 from ..attention.render import colorize, grid, masks_from_maps, normalize, overlay, upsample
 from ..attention.store import AttentionStore, StoreConfig, word_maps
+from ..attention.words import split_word_list
 from .common import (
     CATEGORY,
     AttentionStoreType,
@@ -16,10 +17,11 @@ from .common import (
     check_store_run,
     install_controller,
     model_layer_ids,
+    prompt_words,
     require_finished_store,
     word_positions,
 )
-from .dit import concept_tokens
+from .dit import concept_support
 from .guided import add_chunk_wrapper
 
 MAP_KINDS = ("attention", "concept attention")
@@ -174,6 +176,33 @@ class AttentionMapView(io.ComfyNode):
         return io.NodeOutput(heat, over, masks, ui=ui.PreviewImage(heat, cls=cls))
 
 
+def concept_tokens(model, clip, text: str) -> tuple[tuple[str, ...], torch.Tensor]:
+    """ConceptAttention's concept tokens: each concept encoded alone by ``clip``, its first token (upstream: T5's
+    token 0) -> (names, (C, context width)). Refused on models without a Flux text stream, without a CLIP, with
+    fewer than two concepts (the maps are a softmax over concepts) or a CLIP whose width is not the model's."""
+    dm = model.get_model_object("diffusion_model")
+    reason = concept_support(dm)
+    if reason:
+        raise ValueError(f"concepts {text!r}: {reason}. Leave 'concepts' empty for attention maps.")
+    if clip is None:
+        raise ValueError(f"concepts {text!r} need the CLIP that encodes the prompt: connect it to 'clip'")
+    names = tuple(split_word_list(text))
+    if len(set(n.casefold() for n in names)) < 2:
+        raise ValueError(f"concepts {text!r}: give at least two different concepts, comma separated (e.g. 'cat, "
+                         f"grass, sky'); a concept map is a softmax over the concepts, so one concept is 1 everywhere")
+    rows = []
+    for name in names:
+        cond = clip.encode_from_tokens(clip.tokenize(name))            # (1, T, width)
+        first = min(prompt_words(clip, name).positions(name, "concept"))
+        rows.append(cond[0, first].float().cpu())
+    emb = torch.stack(rows)
+    width = dm.params.context_in_dim
+    if emb.shape[-1] != width:
+        raise ValueError(f"the CLIP encodes {emb.shape[-1]}-wide tokens but the model's text input is {width} wide; "
+                         f"connect the CLIP that goes with this model")
+    return names, emb
+
+
 def map_kind(maps: str):
     """The store table of a ``maps`` choice: True (attention) or "concept"."""
     if maps not in MAP_KINDS:
@@ -183,7 +212,6 @@ def map_kind(maps: str):
 
 def concept_positions(store: AttentionStore, words: str) -> tuple[list[str], list[tuple[int, ...]]]:
     """Concept names from a comma-separated list and their indices among the store's concepts."""
-    from ..attention.words import split_word_list
     have = [c.casefold() for c in store.config.concepts]
     if not have or not store.concepts:
         raise ValueError("this store has no ConceptAttention maps: give Attention Capture 'concepts' (and its "

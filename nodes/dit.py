@@ -1,5 +1,5 @@
 """DiT glue for the attention hook: ComfyUI's Flux and MMDiT (SD3/3.5) block tables, the per-call preparation
-(token layout, block proxies, ConceptAttention's concept stream) and concept tokens from a CLIP.
+(token layout, block proxies, ConceptAttention's concept stream); concept tokens are encoded in ``capture.py``.
 
 The pure parts are ``attention/joint.py`` (layout, views, block proxies) and ``attention/concept_attention.py``.
 """
@@ -82,32 +82,3 @@ def prepare_dit_call(hook, to: dict, x, t, context, kwargs, bm) -> dict:
     streams = _concept_streams(hook, to, layout, x, t, kwargs, bm) if info.family == "flux" else []
     call = DitCall(info, layout, streams)
     return {**with_dit_blocks(to, info, call), LAYOUT_KEY: layout}
-
-
-def concept_tokens(model, clip, text: str) -> tuple[tuple[str, ...], torch.Tensor]:
-    """ConceptAttention's concept tokens: each concept encoded alone by ``clip``, its first token (upstream: T5's
-    token 0) -> (names, (C, context width)). Refused on models without a Flux text stream, without a CLIP, with
-    fewer than two concepts (the maps are a softmax over concepts) or a CLIP whose width is not the model's."""
-    from ..attention.words import split_word_list
-    from .common import prompt_words
-    dm = model.get_model_object("diffusion_model")
-    reason = concept_support(dm)
-    if reason:
-        raise ValueError(f"concepts {text!r}: {reason}. Leave 'concepts' empty for attention maps.")
-    if clip is None:
-        raise ValueError(f"concepts {text!r} need the CLIP that encodes the prompt: connect it to 'clip'")
-    names = tuple(split_word_list(text))
-    if len(set(n.casefold() for n in names)) < 2:
-        raise ValueError(f"concepts {text!r}: give at least two different concepts, comma separated (e.g. 'cat, "
-                         f"grass, sky'); a concept map is a softmax over the concepts, so one concept is 1 everywhere")
-    rows = []
-    for name in names:
-        cond = clip.encode_from_tokens(clip.tokenize(name))            # (1, T, width)
-        first = min(prompt_words(clip, name).positions(name, "concept"))
-        rows.append(cond[0, first].float().cpu())
-    emb = torch.stack(rows)
-    width = dm.params.context_in_dim
-    if emb.shape[-1] != width:
-        raise ValueError(f"the CLIP encodes {emb.shape[-1]}-wide tokens but the model's text input is {width} wide; "
-                         f"connect the CLIP that goes with this model")
-    return names, emb
