@@ -13,7 +13,6 @@ from __future__ import annotations
 import comfy.model_management as mm
 import comfy.sample
 import comfy.samplers
-import comfy.utils
 import latent_preview
 import torch
 from comfy_api.latest import io, ui
@@ -27,13 +26,12 @@ from ..attention.prompt_mixing import (
     foreground,
     injection_masks,
     proxy_prompt,
-    suggest_proxies,
 )
 from ..attention.render import upsample
 from ..attention.sampling import sample_euler
 from ..attention.store import AttentionStore, StoreConfig
 from ..attention.words import locate_words, split_word_list, text_words
-from . import comfy_sampling
+from . import comfy_sampling, proxy_search
 from .common import (
     CATEGORY,
     PROXY_CANDIDATES,
@@ -43,13 +41,11 @@ from .common import (
     model_layer_ids,
     prompt_words,
     token_key,
-    tokenizer_words,
     word_ids,
 )
 from .unet_calls import adm_of, sample_batch
 
 SELF_MAX = 32 * 32          # official: self-attention of layers up to 32x32 (SD at 512 px)
-_SUGGESTION_CACHE: dict = {}
 
 
 def ddim_sampler(after_step=None, on_step=None):
@@ -92,25 +88,6 @@ def _sample_inverted(model, inv, positive, rows, negative, after_step=None, labe
                         y_conds, adm_of(model, null_dict, shape), after_step)
 
 
-def _proxies(clip, prompt: str, word: str, proxy_words: str, count: int, candidates: str) -> list[str]:
-    given = split_word_list(proxy_words)
-    if given:
-        return given
-    key = (id(clip.cond_stage_model), prompt, word, count, candidates)
-    if key not in _SUGGESTION_CACHE:
-        vocab = tokenizer_words(clip, candidates)
-        pbar = comfy.utils.ProgressBar(len(vocab))
-
-        def encode_pooled(texts):
-            out = [clip.encode_from_tokens(clip.tokenize(t), return_pooled=True)[1] for t in texts]
-            return torch.cat([o.reshape(1, -1).float().cpu() for o in out])
-        _SUGGESTION_CACHE[key] = suggest_proxies(encode_pooled, vocab, prompt, word, count,
-                                                 progress=lambda done, total: pbar.update_absolute(done, total))
-    words = _SUGGESTION_CACHE[key]
-    logger.info("PromptMixSampler: suggested proxies for %r: %s", word, words)
-    return words
-
-
 def _check_proxy(clip, key: str, word: str, proxy: str):
     a, b = word_ids(clip, word, key), word_ids(clip, proxy, key)
     if len(a) != len(b):
@@ -149,8 +126,9 @@ class PromptMixSampler(io.ComfyNode):
                                 tooltip="The word of the prompt whose shape varies (object of interest)."),
                 io.String.Input("proxy_words", default="triangle, star, diamond, cross", tooltip=(
                     "Comma-separated proxies, one variation each; empty = suggest 'suggestions' words from the "
-                    "tokenizer vocabulary by text-encoder similarity (official prompt_utils; encodes the whole "
-                    "vocabulary once, minutes on a CPU for SD's CLIP, cached).")),
+                    "tokenizer vocabulary entries of the object word's token count by text-encoder similarity "
+                    "(official prompt_utils ranking; the first search per text encoder takes minutes on a CPU "
+                    "for SD's CLIP, then it is cached on disk in models/attention_lab_cache: seconds).")),
                 io.Int.Input("suggestions", default=4, min=1, max=16,
                              tooltip="How many proxies to suggest when proxy_words is empty (1-16)."),
                 io.String.Input("preserve_words", default="square", tooltip=(
@@ -245,7 +223,7 @@ class PromptMixSampler(io.ComfyNode):
         label_names = list(dict.fromkeys([word] + (split_word_list(nouns) or keep_names) + bg_names))
         labels = locate_words(pw, ", ".join(label_names), "noun")[1]
         bg_words = frozenset(label_names.index(n) for n in bg_names if n != word)
-        proxies = _proxies(clip, prompt, word, proxy_words, suggestions, proxy_candidates)
+        proxies = proxy_search.proxies(clip, prompt, word, proxy_words, suggestions, proxy_candidates)
         key = token_key(clip)
         for p in proxies:
             _check_proxy(clip, key, word, p)
