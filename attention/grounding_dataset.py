@@ -25,6 +25,10 @@ FORMAT = "attention_lab.grounding_dataset/1"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
+SKIP_FIX = ("Give each word a mask that covers its object (a segmentation node such as SAM or CLIPSeg, or the mask "
+            "editor; LoadImageMask's alpha channel of an image without transparency is empty), then queue again")
+
+
 class DatasetError(ValueError):
     pass
 
@@ -47,10 +51,14 @@ def check_name(name: str) -> str:
 
 @dataclass
 class GroundingDataset:
-    """A named folder of examples. ``len()`` counts files; ``load()`` reads them all (they are small)."""
+    """A named folder of examples. ``len()`` counts files; ``load()`` reads them all (they are small).
+
+    ``skipped``: what the Grounding Dataset Add run that handed this object on skipped, and why, when it
+    added nothing (e.g. "image 0 'cat': empty mask ..."); ``load()`` of a still missing dataset says so."""
 
     name: str
     path: Path
+    skipped: tuple[str, ...] = ()
 
     @classmethod
     def at(cls, root: Path | str, name: str) -> "GroundingDataset":
@@ -92,6 +100,10 @@ class GroundingDataset:
         files = self.files()
         if not files:
             why = "does not exist" if not self.path.is_dir() else "is empty"
+            if self.skipped:
+                raise DatasetError(
+                    f"grounding dataset {self.name!r} ({self.path}) {why}: Grounding Dataset Add skipped every "
+                    f"example it was given ({'; '.join(self.skipped)}). {SKIP_FIX}")
             raise DatasetError(f"grounding dataset {self.name!r} ({self.path}) {why}; fill it first with "
                                "Grounding Dataset Add (queue the filling graph), or pick another dataset")
         out = []
