@@ -137,6 +137,7 @@ def write(path: Path, cache: VocabFeatures) -> bool:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(tmp), metadata=meta)
+        os.chmod(tmp, 0o644)                 # readable like the models around it, not a temporary file's 0600
         os.replace(tmp, path)
     except OSError as e:
         logger.warning("could not write the proxy search cache %s (%s); the search will run again next time",

@@ -5,9 +5,10 @@ Glue around ``attention/prompt_mixing.py`` ``suggest_proxies`` (upstream ``promp
   (the node swaps values token by token and refuses another count; upstream ranks them all);
 * the pooled features of the template prompts are computed in batches (``PooledTextEncoder``), for SD-family
   CLIP text encoders on sequences cut after the end token: the pooled output is the final layer's state at
-  the first end token and the encoder is causal, so the padding after it changes nothing (checked on every
-  run against ``CLIP.encode_from_tokens``, with full-length batches and then one prompt at a time as
-  fallbacks);
+  the first end token and the encoder is causal, so the padding after it changes nothing; and the tokens all
+  rows of a batch begin with ('<start> a photo of a') run once, their keys and values shared (checked on every
+  run against ``CLIP.encode_from_tokens``, with plain cut batches, full-length batches and one prompt at a
+  time as fallbacks);
 * the features are cached on disk per text encoder (``attention/text_feature_cache.py``) in the folder
   ``attention_lab_cache`` (default ``models/attention_lab_cache``; extra_model_paths.yaml can move it), named
   by a digest of the encoder's weights, its LoRA patches, the tokenizers and the template;
@@ -25,6 +26,7 @@ import comfy.ops
 import comfy.utils
 import folder_paths
 import torch
+from comfy.ldm.modules.attention import optimized_attention_for_device
 
 from ..attention import logger
 from ..attention import text_feature_cache as tfc
@@ -58,10 +60,14 @@ def _pooled_encoder(cond_stage_model):
     return None
 
 
+MODES = ("shared-prefix", "truncated", "batched", "per-text")     # fastest first; probe() falls back in order
+
+
 class PooledTextEncoder:
     """Pooled text features of many texts, as ``clip.encode_from_tokens(clip.tokenize(t), return_pooled=True)[1]``
-    gives them one by one. ``mode``: "truncated" (batches cut after the end token), "batched" (full-length
-    batches through the encoder's own forward) or "per-text" (the public call), chosen by ``probe``."""
+    gives them one by one. ``mode`` (chosen by ``probe``): "shared-prefix" (batches cut after the end token,
+    the tokens every row of a batch begins with run once), "truncated" (batches cut after the end token),
+    "batched" (full-length batches through the encoder's own forward) or "per-text" (the public call)."""
 
     def __init__(self, clip):
         self.clip = clip
@@ -69,10 +75,11 @@ class PooledTextEncoder:
         self.enc, self.key = found if found is not None else (None, None)
         self.mode = "per-text"
         if self.enc is not None and self.enc.special_tokens.get("end") is not None:
-            self.mode = "truncated" if isinstance(self.enc.transformer, comfy.clip_model.CLIPTextModel) else "batched"
+            cut = isinstance(self.enc.transformer, comfy.clip_model.CLIPTextModel)
+            self.mode = "shared-prefix" if cut else "batched"
         self.module = self.enc if self.enc is not None else clip.cond_stage_model
 
-    # -- the three ways -----------------------------------------------------------------------------------
+    # -- the ways -----------------------------------------------------------------------------------------
     def plain(self, texts: list[str]) -> torch.Tensor:
         out = [self.clip.encode_from_tokens(self.clip.tokenize(t), return_pooled=True)[1] for t in texts]
         return torch.cat([o.reshape(1, -1).float().cpu() for o in out])
@@ -93,12 +100,21 @@ class PooledTextEncoder:
         n = max(ends) + 1
         text = self.enc.transformer.text_model
         ids = torch.tensor([r[:n] for r in rows], device=device, dtype=torch.long)              # (b, n)
-        x = text.embeddings.token_embedding(ids, out_dtype=torch.float32)                      # (b, n, c)
-        x = x + comfy.ops.cast_to(text.embeddings.position_embedding.weight, dtype=torch.float32, device=device)[:n]
-        causal = torch.full((n, n), -torch.finfo(x.dtype).max, dtype=x.dtype, device=device).triu_(1)
-        x, _ = text.encoder(x, mask=causal)
+        pos = comfy.ops.cast_to(text.embeddings.position_embedding.weight, dtype=torch.float32, device=device)[:n]
+        shared = 0                      # leading positions equal in every row, before every end token
+        while shared < min(ends) and bool((ids[:, shared] == ids[0, shared]).all()):
+            shared += 1
+        if self.mode != "shared-prefix" or shared < 2:
+            shared = 0
+        x = text.embeddings.token_embedding(ids[:, shared:], out_dtype=torch.float32) + pos[shared:]   # (b, u, c)
+        if shared:
+            prefix = text.embeddings.token_embedding(ids[:1, :shared], out_dtype=torch.float32) + pos[:shared]
+            x = _layers_after_prefix(text.encoder, prefix, x)
+        else:
+            causal = torch.full((n, n), -torch.finfo(x.dtype).max, dtype=x.dtype, device=device).triu_(1)
+            x, _ = text.encoder(x, mask=causal)
         x = text.final_layer_norm(x)
-        pooled = x[torch.arange(len(rows), device=device), torch.tensor(ends, device=device)]   # (b, c)
+        pooled = x[torch.arange(len(rows), device=device), torch.tensor(ends, device=device) - shared]  # (b, c)
         if self.enc.return_projected_pooled:
             pooled = self.enc.transformer.text_projection(pooled)
         return pooled.float().cpu()
@@ -133,7 +149,7 @@ class PooledTextEncoder:
             if r is None:
                 out[i] = self.plain([texts[i]])[0]
         eos = self.enc.special_tokens["end"]
-        truncated = self.mode == "truncated"
+        truncated = self.mode in ("shared-prefix", "truncated")
 
         def length(i):
             return rows[i].index(eos) + 1 if truncated else len(rows[i])
@@ -143,8 +159,8 @@ class PooledTextEncoder:
         j = 0
         with torch.inference_mode():
             while j < len(todo):
-                k = j + 1                   # sorted by length: the batch's last row is its longest
-                while k < len(todo) and (k + 1 - j) * length(todo[k]) <= TOKEN_BUDGET:
+                n, k = length(todo[j]), j + 1           # rows of one length (sorted): no padding
+                while k < len(todo) and length(todo[k]) == n and (k + 1 - j) * n <= TOKEN_BUDGET:
                     k += 1
                 batch = todo[j:k]
                 mm.throw_exception_if_processing_interrupted()
@@ -158,7 +174,7 @@ class PooledTextEncoder:
 
     def probe(self, texts: list[str]) -> str:
         """Check the batched mode against the one-at-a-time call on ``texts`` (different lengths); fall back
-        (truncated -> batched -> per-text) while they disagree. Returns the mode kept."""
+        (shared-prefix -> truncated -> batched -> per-text) while they disagree. Returns the mode kept."""
         if self.mode == "per-text":
             return self.mode
         ref = self.plain(texts)
@@ -167,11 +183,35 @@ class PooledTextEncoder:
             if tfc.close(got, ref, PROBE_RTOL):
                 return self.mode
             err = float(((got - ref).norm(dim=-1) / ref.norm(dim=-1).clamp(min=1e-12)).max())
-            fallback = "batched" if self.mode == "truncated" else "per-text"
+            fallback = MODES[MODES.index(self.mode) + 1]
             logger.warning("proxy search: %s pooled features differ from CLIP.encode_from_tokens by %.2e (relative); "
                            "using %s encoding", self.mode, err, fallback)
             self.mode = fallback
         return self.mode
+
+
+def _layers_after_prefix(encoder, prefix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The causal CLIP ``encoder``'s final states of ``x`` (b, u, c), the positions that follow the shared
+    ``prefix`` (1, p, c) in every row: each layer as ``comfy.clip_model.CLIPLayer`` (pre-norm attention, then
+    MLP, both residual) with its own modules, the prefix's keys and values computed once (a key-value cache).
+    Equal to running the whole rows (tests/test_nodes_proxy_search.py; checked again by ``probe``)."""
+    p, (b, u, _) = prefix.shape[1], x.shape
+    attention = optimized_attention_for_device(x.device, mask=True, small_input=True)
+    big = -torch.finfo(x.dtype).max
+    prefix_mask = torch.full((p, p), big, dtype=x.dtype, device=x.device).triu_(1)
+    rows_mask = torch.full((u, p + u), big, dtype=x.dtype, device=x.device).triu_(p + 1)   # row i sees <= p + i
+    for layer in encoder.layers:
+        a = layer.self_attn
+        h = layer.layer_norm1(prefix)
+        k_pre, v_pre = a.k_proj(h), a.v_proj(h)
+        prefix = prefix + a.out_proj(attention(a.q_proj(h), k_pre, v_pre, a.heads, prefix_mask))
+        prefix = prefix + layer.mlp(layer.layer_norm2(prefix))
+        h = layer.layer_norm1(x)
+        k = torch.cat([k_pre.expand(b, -1, -1), a.k_proj(h)], dim=1)
+        v = torch.cat([v_pre.expand(b, -1, -1), a.v_proj(h)], dim=1)
+        x = x + a.out_proj(attention(a.q_proj(h), k, v, a.heads, rows_mask))
+        x = x + layer.mlp(layer.layer_norm2(x))
+    return x
 
 
 def _tokenizer_parts(clip) -> list:
@@ -253,8 +293,8 @@ def suggest(clip, prompt: str, word: str, count: int, candidates: str) -> list[s
     n_word = len(word_ids(clip, word, key))
     words = proxy_candidates(tokenizer_words(clip, candidates), word)
     encoder = PooledTextEncoder(clip)
-    long_word = max(words, key=len) if words else word
-    encoder.probe([PROXY_TEMPLATE.format(word=word), PROXY_TEMPLATE.format(word=long_word), prompt])
+    probe = [word] + words[:3] + ([max(words, key=len)] if words else [])     # one batch of equal rows, a long one
+    encoder.probe([PROXY_TEMPLATE.format(word=w) for w in probe] + [prompt])
     path = cache_dir() / f"{cache_key(clip, encoder)}.safetensors"
     cache = _load_cache(path, path.stem, encoder)
     new_counts = [w for w in words if w not in cache.counts]

@@ -52,21 +52,28 @@ def test_batched_features_equal_one_prompt_at_a_time_on_sd15s_text_encoder(sd15)
     enc = proxy_search.PooledTextEncoder(clip)
     with torch.inference_mode():
         ref = enc.plain(texts)
-        assert enc.mode == "truncated" and enc.probe(texts[:2]) == "truncated"
-        for mode in ("truncated", "batched"):
+        assert enc.mode == "shared-prefix" and enc.probe(texts[:2]) == "shared-prefix"
+        for mode in ("shared-prefix", "truncated", "batched"):
             enc.mode = mode
             got = enc.encode(texts)
             assert got.shape == ref.shape == (len(texts), 768) and max_rel(got, ref) < 1e-5, mode
-        # the sequences really are cut: at most the longest text's end token + 1 positions reach the encoder
-        seen = []
+        # the sequences really are cut after the end token, and the shared prefix runs once
         text = enc.enc.transformer.text_model
-        hook = text.encoder.register_forward_pre_hook(lambda m, a, kw: seen.append(a[0].shape[1]), with_kwargs=True)
+        seen = {"encoder": [], "layer 0": []}
+        hooks = [text.encoder.register_forward_pre_hook(lambda m, a: seen["encoder"].append(tuple(a[0].shape[:2]))),
+                 text.encoder.layers[0].layer_norm1.register_forward_pre_hook(
+                     lambda m, a: seen["layer 0"].append(tuple(a[0].shape[:2])))]
         try:
             enc.mode = "truncated"
             enc.encode(texts[:2])
+            assert seen["encoder"] == [(2, 7)]                 # BOS 'a photo of a cat' EOS; '... ing' alike
+            seen["layer 0"].clear()
+            enc.mode = "shared-prefix"
+            enc.encode(texts[:2])
+            assert seen["layer 0"] == [(1, 5), (2, 2)]          # BOS 'a photo of a' once; the word and EOS per row
         finally:
-            hook.remove()
-        assert seen == [7]                                      # BOS 'a photo of a cat' EOS; '... ing' alike
+            for h in hooks:
+                h.remove()
 
 
 def test_a_batched_mode_that_disagrees_falls_back(sd15, monkeypatch, caplog):
@@ -75,7 +82,7 @@ def test_a_batched_mode_that_disagrees_falls_back(sd15, monkeypatch, caplog):
     monkeypatch.setattr(enc, "_truncated", lambda rows, device: enc._batched(rows, device) * 1.01)
     with torch.inference_mode(), caplog.at_level(logging.WARNING, logger="attention_lab"):
         assert enc.probe(texts[:2]) == "batched"
-    assert "truncated pooled features differ" in caplog.text
+    assert "shared-prefix pooled features differ" in caplog.text and "truncated pooled features differ" in caplog.text
 
 
 @pytest.mark.parametrize("layout", ["sd2", "sdxl"])
@@ -98,8 +105,11 @@ def test_cut_batches_equal_one_prompt_at_a_time_on_sd2_and_sdxl_layouts(layout):
     enc = proxy_search.PooledTextEncoder(clip)
     texts = [PROXY_TEMPLATE.format(word=w) for w in ("cat", "ing", "hamburger", "bicycles")] + [PROMPT]
     with torch.inference_mode():
-        assert enc.probe(texts) == "truncated"
-        assert max_rel(enc.encode(texts), enc.plain(texts)) < 1e-5
+        assert enc.probe(texts) == "shared-prefix"
+        ref = enc.plain(texts)
+        for mode in ("shared-prefix", "truncated"):
+            enc.mode = mode
+            assert max_rel(enc.encode(texts), ref) < 1e-5, mode
 
 
 # ---------------------------------------------------------------------------------------------- the search
