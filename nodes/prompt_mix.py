@@ -127,8 +127,8 @@ class PromptMixSampler(io.ComfyNode):
                 io.String.Input("proxy_words", default="triangle, star, diamond, cross", tooltip=(
                     "Comma-separated proxies, one variation each; empty = suggest 'suggestions' words from the "
                     "tokenizer vocabulary entries of the object word's token count by text-encoder similarity "
-                    "(official prompt_utils ranking; the first search per text encoder takes minutes on a CPU "
-                    "for SD's CLIP, then it is cached on disk in models/attention_lab_cache: seconds).")),
+                    "(official prompt_utils ranking; the first search per text encoder takes a minute or two on a "
+                    "CPU for SD's CLIP, then it is cached on disk in models/attention_lab_cache: seconds).")),
                 io.Int.Input("suggestions", default=4, min=1, max=16,
                              tooltip="How many proxies to suggest when proxy_words is empty (1-16)."),
                 io.String.Input("preserve_words", default="square", tooltip=(
