@@ -48,13 +48,17 @@ class VocabFeatures:
 
 def digest(parts: Iterable) -> str:
     """sha256 hex of a sequence of strings, bytes, numbers, tensors (dtype, shape and bytes) and nested
-    lists/tuples/dicts of them; other objects by type name and their attributes."""
+    lists/tuples/sets/dicts of them; other objects by type name and their attributes (to a depth of 16)."""
     h = hashlib.sha256()
     _feed(h, list(parts))
     return h.hexdigest()
 
 
-def _feed(h, obj) -> None:
+def _feed(h, obj, depth: int = 0) -> None:
+    if depth > 16:                         # a cycle or a deep object graph: its type stands for it
+        h.update(f"X{type(obj).__qualname__}".encode())
+        return
+    depth += 1
     if isinstance(obj, torch.Tensor):
         t = obj.detach().to("cpu").contiguous()
         h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
@@ -67,18 +71,20 @@ def _feed(h, obj) -> None:
     elif isinstance(obj, (list, tuple)):
         h.update(f"L{len(obj)}[".encode())
         for x in obj:
-            _feed(h, x)
+            _feed(h, x, depth)
         h.update(b"]")
+    elif isinstance(obj, (set, frozenset)):
+        _feed(h, ["set", sorted(obj, key=repr)], depth)
     elif isinstance(obj, dict):
         h.update(f"D{len(obj)}{{".encode())
         for k in sorted(obj, key=repr):
-            _feed(h, k)
-            _feed(h, obj[k])
+            _feed(h, k, depth)
+            _feed(h, obj[k], depth)
         h.update(b"}")
     elif callable(obj) and hasattr(obj, "__qualname__"):
-        _feed(h, f"{getattr(obj, '__module__', '')}.{obj.__qualname__}")
+        _feed(h, f"{getattr(obj, '__module__', '')}.{obj.__qualname__}", depth)
     else:
-        _feed(h, [type(obj).__qualname__, dict(getattr(obj, "__dict__", {}))])
+        _feed(h, [type(obj).__qualname__, dict(getattr(obj, "__dict__", {}))], depth)
 
 
 def read(path: Path, key: str, template: str) -> VocabFeatures | None:

@@ -122,7 +122,6 @@ class PooledTextEncoder:
     def _batched(self, rows: list[list[int]], device) -> torch.Tensor:
         return self.enc(rows)[1].float().cpu()
 
-    # -- public -------------------------------------------------------------------------------------------
     def _rows(self, texts: list[str]) -> list[list[int] | None]:
         """First-chunk token ids of each text (the pooled output is the first chunk's); None for a text with an
         embedding in it (encoded one at a time)."""
@@ -132,6 +131,7 @@ class PooledTextEncoder:
             out.append([tok[0] for tok in chunk] if all(isinstance(tok[0], int) for tok in chunk) else None)
         return out
 
+    # -- public -------------------------------------------------------------------------------------------
     def encode(self, texts: list[str], progress=None) -> torch.Tensor:
         """(len(texts), d) float32 CPU pooled features. ``progress(done, total)`` after each call; stops on
         ComfyUI's interrupt."""

@@ -90,3 +90,12 @@ def test_close_is_relative_per_row():
     assert tfc.close(b + torch.tensor([[0.5, 0], [0.00005, 0]]), b, 1e-2)
     assert not tfc.close(b + torch.tensor([[0.0, 0], [0.001, 0]]), b, 1e-2)
     assert not tfc.close(b[:1], b, 1e-2)
+
+
+def test_digest_of_sets_and_cyclic_objects():
+    class Adapter:                                   # a patch object holding a set and a reference to itself
+        def __init__(self, keys):
+            self.keys, self.me = set(keys), None
+            self.me = self
+    assert tfc.digest([Adapter({"a", "b"})]) == tfc.digest([Adapter({"b", "a"})])
+    assert tfc.digest([Adapter({"a", "b"})]) != tfc.digest([Adapter({"a", "c"})])
