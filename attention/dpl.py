@@ -151,19 +151,13 @@ def initializer_ids(ids: list[int], vocab: dict | None) -> list[int]:
     return out
 
 
-def background_at_size(mask: torch.Tensor, size: tuple[int, int], image_size: tuple[int, int] | None = None,
-                       rule: str = "upstream") -> torch.Tensor:
-    """A (H, W) background mask (1 = background) as {0, 1} at the map ``size`` (mh, mw).
-
-    ``rule="upstream"`` (default), as the official ``_2_DDIM_inv.py`` / ``_3_dpl_inv.py``: the mask (>= 0.5) is
-    nearest-upsampled to ``image_size`` (the image's pixel size; None = keep its size), written as an 8-bit
-    0/255 image, resized to the map size with Pillow's default (bicubic) filter, and every nonzero cell counts as
-    background - a dilated mask, since bicubic ringing leaves small positive values next to the background.
-    ``rule="majority"``: area average, then >= 0.5 (this pack's earlier rule)."""
-    if rule == "majority":
-        return (F.adaptive_avg_pool2d(mask.float()[None, None], size)[0, 0] >= 0.5).float()
-    if rule != "upstream":
-        raise ValueError(f"background rule {rule!r} is not one of 'upstream', 'majority'")
+def background_at_size(mask: torch.Tensor, size: tuple[int, int],
+                       image_size: tuple[int, int] | None = None) -> torch.Tensor:
+    """A (H, W) background mask (1 = background) as {0, 1} at the map ``size`` (mh, mw), as the official
+    ``_2_DDIM_inv.py`` / ``_3_dpl_inv.py``: the mask (>= 0.5) is nearest-upsampled to ``image_size`` (the image's
+    pixel size; None = keep its size), written as an 8-bit 0/255 image, resized to the map size with Pillow's
+    default (bicubic) filter, and every nonzero cell counts as background - a dilated mask, since bicubic ringing
+    leaves small positive values next to the background."""
     m = (mask.float() >= 0.5).float()[None, None]
     if image_size is not None and tuple(m.shape[-2:]) != tuple(image_size):
         m = F.interpolate(m, size=tuple(image_size), mode="nearest")

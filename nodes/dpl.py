@@ -20,8 +20,9 @@ from ..attention.dpl import DPL_SH, CrossMapRecorder, DPLSettings, background_at
 from ..attention.inversion import Inversion, NullTextSettings, ddim_invert
 from ..attention.render import colorize, grid, normalize, upsample
 from .common import CATEGORY, InversionType, encode_prompt, install_controller, model_layer_ids
+from .inversion import KEEP_BEST_TOOLTIP
 from .learnable_tokens import TOKEN_INITS, DPLTokens, autograd_safe_clip, encode, initial_values, locate, splice
-from .unet_calls import UNetCalls, adm_of, autograd_safe, fit_context, low_precision, model_key
+from .unet_calls import UNetCalls, adm_of, autograd_safe, fit_context, model_key
 
 S = DPL_SH   # the official recipe: the schema's defaults
 NULL_STARTS = ("empty prompt each step (official DPL)", "previous step (NTI)")
@@ -125,6 +126,7 @@ class DPLTokenOptimizer(io.ComfyNode):
                                tooltip=("Start of the learned noun vectors: the official code's word-internal BPE "
                                         "piece of each noun (e.g. 'cat', not the prompt's end-of-word 'cat</w>'),"
                                         " or the prompt's own tokens (step 0 then equals the plain prompt).")),
+                io.Boolean.Input("keep_best_null", default=False, optional=True, tooltip=KEEP_BEST_TOOLTIP),
                 io.Mask.Input("background", optional=True, tooltip=(
                     "Background MASK of the image (any size of the same aspect; resized to the maps as upstream: "
                     "bicubic, any nonzero cell is background, so give it at the image's pixel size, e.g. Self-"
@@ -143,12 +145,12 @@ class DPLTokenOptimizer(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, latent, prompt, nouns, steps, guidance, scheduler, lam_at, lam_bg, lam_dj,
                 alphas, betas, attn_iters, lr, null_iters, null_early_stop, map_size, null_start=None,
-                token_init=TOKEN_INITS[0], background=None) -> io.NodeOutput:
+                token_init=TOKEN_INITS[0], keep_best_null=False, background=None) -> io.NodeOutput:
         t0 = time.time()
         a, b = _triple(alphas, "alphas", positive=True), _triple(betas, "betas")
         settings = DPLSettings(lam_at, lam_bg, lam_dj, *a, *b, attn_iters, lr,
                                NullTextSettings(guidance=guidance, inner_steps=null_iters, lr=S.null.lr,
-                                               epsilon=null_early_stop or None, keep_best=low_precision(model)),
+                                               epsilon=null_early_stop or None, keep_best=keep_best_null),
                                null_carry_over=(null_start or NULL_STARTS[0]) == NULL_STARTS[1])
         nt = locate(clip, prompt, nouns)
         x0 = model.model.process_latent_in(latent["samples"][:1].float())

@@ -23,6 +23,7 @@ from ..attention.prompt_mixing import (
     MixSettings,
     ProxyValuePatch,
     SelfAttentionInjection,
+    blend_labels,
     foreground,
     injection_masks,
     proxy_prompt,
@@ -162,10 +163,11 @@ class PromptMixSampler(io.ComfyNode):
                     "A cluster is foreground when a noun's normalized cross-attention covers it above this "
                     "(official 0.3). Range 0-1.")),
                 io.String.Input("nouns", default="", optional=True, tooltip=(
-                    "Every noun of the prompt, comma separated, e.g. 'hamburger, cup, coffee, table': they label "
-                    "the background clusters, and clusters of any of them stay the variation's at the blend "
-                    "(upstream tags the nouns with NLTK; list them for its behaviour). Empty = the object word, "
-                    "preserve_words and background_nouns.")),
+                    "The nouns that label the background clusters, comma separated, e.g. 'hamburger, cup, coffee, "
+                    "table'; clusters of any of them stay the variation's at the blend. Empty (default) = every "
+                    "noun of the prompt, as upstream (which tags them with NLTK; here the head word of each noun "
+                    "phrase, the StructureDiffusion chunker's): list them when a noun modifies another, e.g. "
+                    "'coffee cup'. The object word and background_nouns always label.")),
                 io.String.Input("background_nouns", default="", optional=True, tooltip=(
                     "Nouns whose clusters are taken from the original at the blend, like the background "
                     "(upstream's background_nouns, default none), e.g. 'background' when the prompt names it.")),
@@ -219,10 +221,7 @@ class PromptMixSampler(io.ComfyNode):
         obj = pw.positions(word, "object word")
         keep_names = split_word_list(preserve_words)
         keep = locate_words(pw, preserve_words, "preserve word")[1] if keep_names else []
-        bg_names = split_word_list(background_nouns)
-        label_names = list(dict.fromkeys([word] + (split_word_list(nouns) or keep_names) + bg_names))
-        labels = locate_words(pw, ", ".join(label_names), "noun")[1]
-        bg_words = frozenset(label_names.index(n) for n in bg_names if n != word)
+        labels = blend_labels(pw, word, nouns, background_nouns)
         proxies = proxy_search.proxies(clip, prompt, word, proxy_words, suggestions, proxy_candidates)
         key = token_key(clip)
         for p in proxies:
@@ -262,7 +261,7 @@ class PromptMixSampler(io.ComfyNode):
         else:
             _sample_inverted(m1, inv, positive, 1, negative, label="original")
         orig_store.finish()
-        orig_fg = foreground(orig_store, 0, labels, s, bg_words, 0)
+        orig_fg = foreground(orig_store, 0, labels.positions, s, labels.background, labels.obj)
 
         # 2. [original, variations] from the same noise
         step = s.blend_step(steps)
@@ -273,7 +272,7 @@ class PromptMixSampler(io.ComfyNode):
             install_controller(m2, SelfAttentionInjection(masks, s.self_injection_end),
                                [lid for lid in ids if lid in masks], self_attn=True, cross_attn=False)
         var_store = AttentionStore(StoreConfig(self_max_tokens=SELF_MAX, step_end=((step or steps) + 1) / steps))
-        blend = BackgroundBlend(var_store, orig_fg, labels, s, step, bg_words, 0)
+        blend = BackgroundBlend(var_store, orig_fg, labels.positions, s, step, labels.background, labels.obj)
         if step is not None:
             install_controller(m2, var_store, ids)
         var_store.reset()

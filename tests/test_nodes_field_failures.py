@@ -310,9 +310,11 @@ def test_bf16_null_text_inversion_is_not_worse_than_ddim_inversion(sd):
         image = sample(model, encode(clip, SRC), encode(clip, ""), torch.zeros(1, 4, 16, 16), cfg=7.5,
                        sampler="euler", steps=4, seed=3, scheduler="simple")
         err = {}
-        for mode in ("ddim", "null-text"):
+        for mode, keep_best in (("ddim", False), ("null-text", True)):
             inv, rec = NullTextInvert.execute(model, clip, SRC, mode, 4, 7.5, "simple", 10, 1e-5,
-                                              latent={"samples": image}).result
+                                              keep_best_null=keep_best, latent={"samples": image}).result
             err[mode] = float(((rec["samples"] - image) ** 2).mean())
     assert inv.nulls[0].dtype == torch.float32                # optimized in float32
-    assert err["null-text"] <= err["ddim"], err    # measured: 3.91e-3 vs 3.96e-3 (upstream's last null: 4.18e-3)
+    # with keep_best_null (an input, off by default as upstream): measured 3.91e-3 vs 3.96e-3; upstream's last
+    # null gives 4.18e-3 on this random bf16 UNet
+    assert err["null-text"] <= err["ddim"], err

@@ -231,10 +231,12 @@ def prompt_mix_graph(shapesworld: bool) -> tuple[list[Node], list]:
     if shapesworld:
         prompt, obj, proxies, keep = SW_MIX
         size, cfg, scheduler, window, injection = 256, 5.0, "simple", (0.34, 1.0), 1.0
+        nouns, background_nouns = "circle, square, background", "background"      # the caption names its background
     else:
         prompt, obj, proxies, keep = ("a hamburger and a cup of coffee on a wooden table", "hamburger", "",
                                       "cup, table")
         size, cfg, scheduler, window, injection = 512, 7.5, "ddim_uniform", (0.14, 0.34), 0.8
+        nouns, background_nouns = "hamburger, cup, coffee, table", ""             # what NLTK tags as nouns
     nodes = [
         _loader(shapesworld),
         Node(2, "CLIPTextEncode", {"text": ""}, {"clip": (1, 1)}, [("CONDITIONING", "CONDITIONING")],
@@ -246,7 +248,8 @@ def prompt_mix_graph(shapesworld: bool) -> tuple[list[Node], list]:
               "preserve_words": keep, "seed": 7, "steps": 50, "cfg": cfg, "scheduler": scheduler,
               "mix_start": window[0], "mix_end": window[1], "self_injection_end": injection,
               "injection_threshold": 0.05,
-              "blend_at": 0.7, "clusters": 5, "cluster_threshold": 0.3, "nouns": "", "background_nouns": "",
+              "blend_at": 0.7, "clusters": 5, "cluster_threshold": 0.3, "nouns": nouns,
+              "background_nouns": background_nouns,
               "proxy_candidates": "word-internal pieces (official)"},
              {"model": (1, 0), "clip": (1, 1), "negative": (2, 0), "latent_image": (3, 0)},
              [("latents", "LATENT"), ("blend_masks", "MASK"), ("proxies", "STRING")],
@@ -359,7 +362,7 @@ def nti_p2p_graph(shapesworld: bool) -> tuple[list[Node], list]:
     nodes += [
         Node(3, "NullTextInvert", {"prompt": source, "mode": "null-text", "steps": 50, "guidance": 7.5,
                                    "scheduler": "simple" if shapesworld else "ddim_uniform", "inner_steps": 10,
-                                   "early_stop": 1e-5},
+                                   "early_stop": 1e-5, "keep_best_null": False},
              {"model": (1, 0), "clip": (1, 1), "image": image, "vae": (1, 2)},
              [("inversion", "ATTENTION_LAB_INVERSION"), ("reconstruction", "LATENT")],
              {"model": "MODEL", "clip": "CLIP", "image": "IMAGE", "vae": "VAE"}, (360, 0), (380, 330)),
@@ -402,7 +405,7 @@ def dpl_graph(shapesworld: bool) -> tuple[list[Node], list]:
            "lam_bg": 0.05, "lam_dj": 0.05, "alphas": "25, 50, 25", "betas": "0.3, 0.7, 0.9",
            "attn_iters": 21, "lr": 0.001, "null_iters": 51, "null_early_stop": 0.0,
            "map_size": 0, "null_start": "empty prompt each step (official DPL)",
-           "token_init": "word-internal piece (official)"}
+           "token_init": "word-internal piece (official)", "keep_best_null": False}
     nodes += [
         Node(14, "VAEEncode", {}, {"pixels": (13, 0), "vae": (1, 2)}, [("LATENT", "LATENT")],
              {"pixels": "IMAGE", "vae": "VAE"}, (360, 940), (220, 50)),
@@ -410,7 +413,8 @@ def dpl_graph(shapesworld: bool) -> tuple[list[Node], list]:
                                       "end": 1.0}, {"model": (1, 0)},
              [("model", "MODEL"), ("store", "ATTENTION_STORE")], {"model": "MODEL"}, (360, 0), (320, 200)),
         Node(3, "NullTextInvert", {"prompt": source, "mode": "ddim", "steps": 50, "guidance": 7.5,
-                                   "scheduler": sched, "inner_steps": 10, "early_stop": 1e-5},
+                                   "scheduler": sched, "inner_steps": 10, "early_stop": 1e-5,
+                                   "keep_best_null": False},
              {"model": (15, 0), "clip": (1, 1), "latent": (14, 0)},
              [("inversion", "ATTENTION_LAB_INVERSION"), ("reconstruction", "LATENT")],
              {"model": "MODEL", "clip": "CLIP", "latent": "LATENT"}, (360, 240), (380, 330),
