@@ -25,6 +25,8 @@ coordinations "A and B" included). No parser model can be downloaded here, so ``
 chunker that splits at conjunctions, prepositions and punctuation and keeps the chunks of two words or more and
 the coordinations of two such chunks; users can list the phrases themselves instead. The same chunks give
 ``prompt_nouns`` (each chunk's head word), which prompt mixing's blend uses in place of upstream's NLTK noun tags.
+A textual inversion ``embedding:name`` is one word of a phrase (its name kept as written), as in every word list
+of the pack (``words.py``).
 
 Shape legend:
     context, value (b, m, c): pre-projection text states per attention row, m tokens of width c
@@ -37,6 +39,8 @@ import re
 from typing import Callable
 
 import torch
+
+from .words import EMBEDDING_WORD, is_embedding
 
 # Words that end a noun phrase (no part-of-speech tagger offline): conjunctions, prepositions, linking verbs, and
 # the participles prompts most often put after a noun ("a cat sitting on a mat": the phrase is "a cat").
@@ -51,15 +55,17 @@ _NOT_NOUN = frozenset("""
 a an the this these those some any each every no my your his her its our their many few several much more most
 one two three four five six seven eight nine ten very
 """.split())
-_WORD = re.compile(r"[\w'-]+|[,.;:!?]")
+_WORD = re.compile(EMBEDDING_WORD + r"|[\w'-]+|[,.;:!?]")     # a textual inversion 'embedding:name' is one word
 _WEIGHT = re.compile(r":\s*-?\d*\.?\d+\s*\)")
 
 
 def _chunks(prompt: str) -> tuple[list[str], list[tuple[int, int]]]:
-    """The prompt's lower-cased words (punctuation as words of its own) and the [start, end) spans of the runs
-    between break words and punctuation; (word:weight) emphasis and brackets are dropped."""
+    """The prompt's lower-cased words (an ``embedding:name`` keeps its case; punctuation as words of its own) and
+    the [start, end) spans of the runs between break words and punctuation; (word:weight) emphasis and
+    parentheses are dropped."""
     text = _WEIGHT.sub(" ", prompt).replace("\\(", " ").replace("\\)", " ")
-    words = _WORD.findall(re.sub(r"[()\[\]{}]", " ", text).lower())
+    # a textual inversion keeps its name's case; '[' stays text before 'embedding:' as in ComfyUI's tokenizer
+    words = [w if is_embedding(w) else w.lower() for w in _WORD.findall(re.sub(r"[(){}]", " ", text))]
     spans: list[tuple[int, int]] = []
     start = 0
     for i, w in enumerate(words + ["."]):
