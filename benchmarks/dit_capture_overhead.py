@@ -14,7 +14,6 @@ per-call work is not amortised); measure a real checkpoint the same way where on
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -23,19 +22,24 @@ from pathlib import Path
 
 import torch
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from attention import cli  # noqa: E402
+
 PROMPT = "a photo of a red cat riding a blue bicycle under the sky"
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=10, help="sampling steps of the timed runs")
-    p.add_argument("--repeats", type=int, default=3, help="interleaved timed runs per variant (median reported)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p = cli.parser(__doc__)
+    p.add_argument("--steps", type=cli.int_range(1), default=10, help="sampling steps of the timed runs")
+    p.add_argument("--repeats", type=cli.int_range(1), default=3,
+                   help="interleaved timed runs per variant (median reported)")
+    p.add_argument("--threads", type=cli.int_range(1), default=1, help="torch CPU threads")
     args = p.parse_args(argv)
     if not (Path(os.environ.get("COMFYUI_PATH", "")) / "comfy").is_dir():
         p.error("set COMFYUI_PATH to a ComfyUI checkout and run this with that ComfyUI's python")
     torch.set_num_threads(args.threads)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    sys.path.insert(0, str(ROOT / "tests"))
     from comfy_env import comfy_or_skip, encode, sample, tiny_flux, tiny_flux_clip
     comfy_or_skip()
     from attention_lab.nodes.capture import AttentionCapture
