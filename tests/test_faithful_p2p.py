@@ -13,10 +13,12 @@ tests/test_words.py: BOS, words, EOS, padding); k edits.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
-from test_faithful_attention import official_probs, run_layer
+from test_faithful_attention import SIGMAS, official_probs, run_layer
 from test_words import (
     official_get_mapper,
     official_replacement_mapper,
@@ -27,7 +29,18 @@ from test_words import (
 )
 
 from attention.chunks import ChunkFilter
-from attention.p2p import LocalBlend, P2PController, blend_positions, build_plan
+from attention.context import AttnContext
+from attention.controller import ControlledAttention
+from attention.layers import LayerId
+from attention.p2p import (
+    LocalBlend,
+    P2PController,
+    blend_positions,
+    build_plan,
+    eos_index,
+    replace_mapper,
+    self_replace_limit,
+)
 from attention.store import AttentionStore, StoreConfig
 
 STEPS, HEADS, M = 10, 2, 12
@@ -257,3 +270,202 @@ def test_local_blend_on_the_edited_maps_equals_upstream():
             want_x = x
         assert torch.allclose(blend(step, x), want_x, atol=1e-6), step
     assert blended == 3 and own
+
+
+# ----------------------------------------------------------------------------- the plan, the batch and the hooks
+# What the equality tests above leave open (found by mutation testing, docs/faithful-ports.md): the refusals, the
+# choice of edit, the batch layouts ComfyUI may send, and LocalBlend off its usual sizes.
+def test_plan_and_blend_refusals_repeat_the_bad_value_and_the_fix():
+    src, targets = "a cat and a dog", ["a tiger and a dog", "a cat and a fluffy dog"]
+    listed = "; ".join(f"{t!r}: {pw(t).names}" for t in targets)
+
+    def refused(match, **kw):
+        args = dict(source=src, targets=targets, edit="auto", steps=STEPS, cross_steps=0.8, cross_words={},
+                    self_steps=0.4, reweight={}, length=M, self_max_tokens=0, words_of=pw)
+        args.update(kw)
+        with pytest.raises(ValueError, match=match):
+            build_plan(**args)
+    refused(r"^edit 'swap' is not one of \['auto', 'replace', 'refine'\]$", edit="swap")
+    for what, kw in (("reweight", "reweight"), ("cross_replace_words", "cross_words")):
+        refused("^" + re.escape(f"{what} word 'zebra' is in none of the target prompts ({listed}); it applies to "
+                                "words of the target prompts (matched ignoring case and (word:weight) emphasis). Fix "
+                                "the word or the prompts.") + "$", **{kw: {"zebra": 2.0}})
+    refused("^" + re.escape("replace needs prompts with the same number of words: 'a cat and a dog' has 5, "
+                            "'a cat and a fluffy dog' has 6; use edit 'refine' or 'auto'") + "$", edit="replace")
+    refused("^" + re.escape("replace swaps token by token, but [('cat', 'catfish')] have different token counts in "
+                            "this tokenizer; use edit 'refine' (or 'auto', which picks it)") + "$",
+            targets=["a catfish and a tiger"], edit="replace")                  # dog -> tiger: equal counts, fine
+    prompts = ["a cat", "a tiger"]
+    with pytest.raises(ValueError, match="^" + re.escape(
+            "blend words ['zebra'] are in none of the prompts ('a cat': ['a', 'cat']; 'a tiger': ['a', 'tiger']); use "
+            "words of the source or target prompts (matched ignoring case and (word:weight) emphasis)") + "$"):
+        blend_positions(prompts, ["cat", "zebra"], pw)
+    plan = build_plan("a cat", ["a tiger"], "auto", STEPS, 0.8, {}, 0.4, {}, M, 0, pw)
+    q, kk = qk(torch.Generator().manual_seed(0), 4, 6)
+    with pytest.raises(ValueError, match="^cross-attention has 10 keys but the edit plan 12; the prompts and the "
+                                         "negative must be whole 77-token chunks of one another$"):
+        run_layer([P2PController(plan, STEPS)], True, ("input", 4), (2, 3), q, kk[:, :10], kk[:, :10], 1, HEADS)
+
+
+@pytest.mark.parametrize("edit, src, tgt, kind", [
+    ("auto", "a cat and a dog", "a tiger and a dog", "replace"),       # word swap of equal token counts
+    ("auto", "a cat and a dog", "a fluffy cat and a dog", "refine"),   # an added word
+    ("auto", "a cat and a dog", "a catfish and a dog", "refine"),      # a swap of 1 -> 2 tokens
+    ("refine", "a cat and a dog", "a tiger and a dog", "refine"),      # an explicit edit is kept
+    ("replace", "a cat and a dog", "a cat and a dog", "replace"),
+])
+def test_edit_kind_follows_make_controller(edit, src, tgt, kind):
+    """``is_replace_controller`` of the notebooks: replace for equal word (and token) counts, else refine."""
+    assert build_plan(src, [tgt], edit, STEPS, 0.8, {}, 0.4, {}, M, 0, pw).kind == [kind]
+
+
+def official_replacement_mapper_tokens(src: list[int], dst: list[int], max_len: int) -> torch.Tensor:
+    """seq_aligner ``get_replacement_mapper_``'s loop for one swapped word at token positions ``src`` -> ``dst``
+    (its ratio 1/len(dst) spread for different counts; its tail ``mapper[j, j]``)."""
+    mapper = torch.zeros(max_len, max_len)
+    i = j = cur = 0
+    while i < max_len and j < max_len:
+        if cur < 1 and src[0] == i:
+            if len(src) == len(dst):
+                mapper[src, dst] = 1
+            else:
+                for t in dst:
+                    mapper[src, t] = 1 / len(dst)
+            i, j, cur = i + len(src), j + len(dst), cur + 1
+        elif cur < 1:
+            mapper[i, j] = 1
+            i, j = i + 1, j + 1
+        else:
+            mapper[j, j] = 1
+            i, j = i + 1, j + 1
+    return mapper
+
+
+@pytest.mark.parametrize("src, dst", [((2,), (2, 3)), ((2, 3), (2,))])
+def test_replace_mapper_of_different_token_counts(src, dst):
+    """``replace_mapper`` off the node's path (build_plan refuses such swaps): upstream's rows up to the swapped
+    word (its tokens spread 1/len over the target's), then the later tokens shifted by the count change, where
+    upstream's tail ``mapper[j, j]`` misaligns them (docs/faithful-ports.md)."""
+    ours = replace_mapper([src], [dst], 8)
+    theirs = official_replacement_mapper_tokens(list(src), list(dst), 8)
+    s, d, end = list(src), list(dst), src[-1] + 1
+    assert torch.equal(ours[:s[0]], theirs[:s[0]])                          # before the swap
+    assert torch.equal(ours[s][:, d], theirs[s][:, d]) and ours[s].sum() == len(s)   # the swap's spread
+    shift = len(dst) - len(src)
+    for i in range(end, 8):
+        want = torch.zeros(8)
+        if i + shift < 8:
+            want[i + shift] = 1
+        assert torch.equal(ours[i], want), i
+
+
+def test_wants_probs_on_the_calls_upstream_edits():
+    """Only sampling calls with a cond chunk and a source plus edits, cross layers always, self layers up to the
+    size limit from step 0 to ``int(self_replace_steps * steps)``."""
+    plan = build_plan("a cat", ["a tiger"], "auto", STEPS, 0.8, {}, 0.4, {}, M, 16, pw)
+    ctl = P2PController(plan, STEPS)
+    lid = LayerId("input", 1, 0)
+
+    def wants(cross, cou, items, step, hw=(4, 4)):
+        return ctl.wants_probs(AttnContext(lid, cross, *hw, HEADS, cou, items, 1.0, step, STEPS))
+    assert wants(True, [1, 0], 2, 1) and wants(True, [0], 2, 1) and wants(True, [0, 1], 3, 9)
+    assert not wants(True, [1], 2, 1) and not wants(True, [1, 0], 1, 1) and not wants(True, [1, 0], 2, None)
+    assert wants(False, [1, 0], 2, 0) and wants(False, [1, 0], 2, 3)
+    assert not wants(False, [1, 0], 2, 4) and not wants(False, [1, 0], 2, 0, (4, 5))
+
+
+def layer_call(controllers, is_cross, q, k, step, cou, hw=(2, 3)):
+    """One attention call with ComfyUI's ``cond_or_uncond`` ``cou`` (a chunk of rows per entry)."""
+    opts = {"block": ("input", 4), "block_index": 0, "n_heads": HEADS, "cond_or_uncond": cou,
+            "sigmas": SIGMAS[step].reshape(1), "sample_sigmas": SIGMAS,
+            "activations_shape": [q.shape[0], q.shape[-1], *hw]}
+    v = identity_values(q.shape[0]) if is_cross else torch.eye(q.shape[1]).repeat(1, HEADS).expand(
+        q.shape[0], -1, -1).clone()
+    out = ControlledAttention(tuple(controllers), is_cross)(q, k, v, opts)
+    return out.reshape(q.shape[0], q.shape[1], HEADS, -1).transpose(1, 2)
+
+
+@pytest.mark.parametrize("cou", [[0, 1], [1, 0, 0], [0, 0, 1]])
+@pytest.mark.parametrize("is_cross", [True, False])
+def test_every_cond_chunk_is_edited_in_any_batch_order(cou, is_cross):
+    """ComfyUI may put the cond chunk first or batch several cond entries: each cond chunk is edited as
+    upstream's cond half (AttentionControlEdit.forward, cross and self branches), the uncond chunks never."""
+    src, tgt = "a cat and a dog", "a fluffy cat and a dog"
+    plan = build_plan(src, [tgt], "refine", STEPS, 0.8, {}, 0.4, {}, M, 64, pw)
+    mapper, alphas = official_refinement(src, [tgt])
+    official = OfficialEdit("refine", mapper, official_time_words_alpha([src, tgt], STEPS, 0.8, {}, M), alphas)
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(2 * len(cou), 6, HEADS * 4, generator=g) * 2
+    k = torch.randn(2 * len(cou), M if is_cross else 6, HEADS * 4, generator=g) * 2
+    ours = layer_call([ChunkFilter(P2PController(plan, STEPS))], is_cross, q, k, 1, cou)
+    probs = official_probs(q, k, HEADS)
+    want = probs.clone()
+    for c, kind in enumerate(cou):
+        if kind == 0:
+            chunk = probs[2 * c:2 * c + 2]
+            if is_cross:
+                want[2 * c:2 * c + 2] = official.forward(chunk.reshape(-1, 6, M), 1).reshape(chunk.shape)
+            else:                                 # replace_self_attention: the source's map (under the size limit)
+                want[2 * c + 1] = chunk[0]
+    assert torch.allclose(ours, want, atol=1e-6)
+
+
+def test_a_batch_with_fewer_items_than_edits_edits_those_it_has():
+    """A plan of two edits on a batch of the source and one edit: that edit is the plan's first."""
+    src, targets = "a cat and a dog", ["a fluffy cat and a dog", "a cat and a dog in a garden"]
+    plan = build_plan(src, targets, "refine", STEPS, 0.8, {}, 0.4, {}, M, 0, pw)
+    mapper, alphas = official_refinement(src, targets[:1])
+    official = OfficialEdit("refine", mapper, official_time_words_alpha([src] + targets[:1], STEPS, 0.8, {}, M),
+                            alphas)
+    q, kk = qk(torch.Generator().manual_seed(8), 4, 6)
+    assert torch.allclose(ours_layer([P2PController(plan, STEPS)], q, kk, 2), official_layer(official, q, kk, 2),
+                          atol=1e-6)
+
+
+def local_blend_store(sizes, seed):
+    store = AttentionStore(StoreConfig(capture_self=False))
+    store.reset()
+    g = torch.Generator().manual_seed(seed)
+    for n, hw in enumerate(sizes):
+        q, kk = qk(g, 4, hw[0] * hw[1], 3.0)
+        run_layer([store], True, ("output", n), hw, q, kk, torch.zeros(4, M, HEADS * 4), 0, HEADS)
+    return store
+
+
+@pytest.mark.parametrize("wanted, chosen", [((4, 6), (4, 6)), ((3, 5), (4, 6)), ((6, 3), (8, 12)), ((9, 9), (8, 12)),
+                                            ((1, 1), (2, 3))])
+def test_local_blend_takes_the_nearest_captured_size(wanted, chosen):
+    """The node asks for latent / 4 (upstream's 16x16 at 512 px); when no layer has that size the nearest height
+    is taken (ties: the larger). The mask is then the one of the layers of that size."""
+    store = local_blend_store([(8, 12), (4, 6), (4, 6), (2, 3)], 10)
+    words = [[2], [3, 5]]
+    blend = LocalBlend(store, words, wanted, 0.5, 0)
+    got = blend.mask((16, 24))
+    assert blend.size == chosen
+    exact = LocalBlend(store, words, chosen, 0.5, 0)
+    assert torch.equal(got, exact.mask((16, 24)))
+    assert {i.layer for i in store.layers(True) if (i.height, i.width) == chosen} == set(blend.layers)
+
+
+def test_local_blend_edge_cases_as_upstream():
+    """An item without blend words (the word only in the source) has no own pixels (its alpha_layers row is 0);
+    threshold 1 keeps no pixel (``gt``); the hook keeps the latent's dtype and publishes its mask, none before."""
+    store = local_blend_store([(4, 4), (4, 4)], 11)
+    blend = LocalBlend(store, [[2], []], (4, 4), 0.5, 0)
+    assert blend.last_mask is None
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(12)).half()
+    out = blend(0, x)
+    assert out.dtype == torch.float16 and blend.last_mask is not None
+    m = blend.last_mask
+    assert torch.equal(m[1], m[0]) and 0 < m[0].mean() < 1                 # the source's mask only
+    assert torch.equal(out, (x[:1] + m.half() * (x - x[:1])))
+    assert LocalBlend(store, [[2], [3]], (4, 4), 1.0, 0).mask((8, 8)).sum() == 0
+
+
+def test_eos_and_self_replace_limit_on_edge_sizes():
+    """The end of an empty prompt (BOS, EOS, padding) is index 1; the self-attention limit of odd, flat and tiny
+    latents: (h // div) * (w // div), at least 1 x 1 (div 4 generated, 2 inverted)."""
+    assert eos_index([1, 2, 2, 2]) == 1 and eos_index([1, 5, 6, 2]) == 3
+    assert self_replace_limit((30, 34), False) == 7 * 8
+    assert self_replace_limit((64, 96), True) == 32 * 48
+    assert self_replace_limit((4, 64), False) == 1 * 16 and self_replace_limit((64, 2), True) == 32 * 1
