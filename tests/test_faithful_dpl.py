@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from attention.controller import ControlledAttention
 from attention.dpl import DPL_SH, CrossMapRecorder, dpl_invert
-from attention.inversion import NullTextSettings, ddim_invert
+from attention.inversion import NullTextSettings, cfg_guide, ddim_invert
 from attention.schedule import sigma_to_t, simple_sigmas
 
 G = torch.Generator().manual_seed(11)
@@ -137,12 +137,27 @@ def test_dpl_token_and_null_loop_equals_the_official_call():
     eps = our_eps(recorder)
     traj = ddim_invert(eps, x0, SIGMAS, cond)
     nouns = [(1,), (3,)]
+    steps, inner, guided = [], [], []
+
+    def guide(x, sigma, c, e_c, nl):                  # the papers' guidance, noting the context it is given
+        guided.append(c)
+        return cfg_guide(eps, s.null.guidance)(x, sigma, c, e_c, nl)
     with torch.enable_grad():
         res = dpl_invert(eps, lambda p: p[0].clone(), [cond.clone()], recorder, [t.clone() for t in traj],
-                         SIGMAS.clone(), nouns, lambda size: seg, null.clone(), s)
+                         SIGMAS.clone(), nouns, lambda size: seg, null.clone(), s, steps.append,
+                         lambda *a: inner.append(a), guide=guide)
     traj_z = [x * alphabar(sig).sqrt() for x, sig in zip(traj, SIGMAS)]
     conds, nulls, updates, z_end = official_dpl(traj_z, cond, null, seg, [1, 3], s)
     assert [u for *_, u in res.losses] == updates
+    # what the node shows: progress per step and per inner iteration, UNet calls, the time taken
+    n = len(SIGMAS) - 1
+    tries = [min(u + 1, s.attn_iters) for u in updates]            # token iterations: updates, then the break
+    assert steps == list(range(n))
+    assert inner == [a for i in range(n)
+                     for a in [(i, "tokens", j) for j in range(tries[i])] + [(i, "null", j) for j in range(3)]]
+    assert res.counts["forward"] == sum(tries) + n * (2 + 3) and res.counts["backward"] == sum(updates) + n * 3
+    assert 0 <= res.seconds < 600
+    assert all(g is not None and any(torch.equal(g, c) for c in res.conds) for g in guided) and guided
     assert 0 < sum(updates) < s.attn_iters * len(updates) and min(updates) < s.attn_iters   # breaks and updates
     assert res.counts["token_updates"] == sum(updates) and res.map_size == (4, 4)
     for i, (ours, theirs) in enumerate(zip(res.conds, conds)):
