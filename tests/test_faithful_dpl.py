@@ -144,7 +144,7 @@ def test_dpl_token_and_null_loop_equals_the_official_call():
         return cfg_guide(eps, s.null.guidance)(x, sigma, c, e_c, nl)
     with torch.enable_grad():
         res = dpl_invert(eps, lambda p: p[0].clone(), [cond.clone()], recorder, [t.clone() for t in traj],
-                         SIGMAS.clone(), nouns, lambda size: seg, null.clone(), s, steps.append,
+                         SIGMAS.clone(), nouns, lambda size: {(4, 4): seg}[tuple(size)], null.clone(), s, steps.append,
                          lambda *a: inner.append(a), guide=guide)
     traj_z = [x * alphabar(sig).sqrt() for x, sig in zip(traj, SIGMAS)]
     conds, nulls, updates, z_end = official_dpl(traj_z, cond, null, seg, [1, 3], s)
@@ -157,7 +157,8 @@ def test_dpl_token_and_null_loop_equals_the_official_call():
                      for a in [(i, "tokens", j) for j in range(tries[i])] + [(i, "null", j) for j in range(3)]]
     assert res.counts["forward"] == sum(tries) + n * (2 + 3) and res.counts["backward"] == sum(updates) + n * 3
     assert 0 <= res.seconds < 600
-    assert all(g is not None and any(torch.equal(g, c) for c in res.conds) for g in guided) and guided
+    assert len(guided) == n * (3 + 1)                  # each null iteration and the step, through the guide
+    assert all(g is not None and any(torch.equal(g, c) for c in res.conds) for g in guided)
     assert 0 < sum(updates) < s.attn_iters * len(updates) and min(updates) < s.attn_iters   # breaks and updates
     assert res.counts["token_updates"] == sum(updates) and res.map_size == (4, 4)
     for i, (ours, theirs) in enumerate(zip(res.conds, conds)):
@@ -224,3 +225,5 @@ def test_losses_that_do_not_run_change_nothing():
         assert all(torch.equal(x, y) for x, y in zip(a.conds, b.conds))
         assert all(m is not None for m in a.maps)
     assert not all(torch.equal(x, y) for x, y in zip(runs[0].conds, runs[2].conds))
+    faster = _toy_run(dataclasses.replace(base, lr=1e-2), [(1,)], True)     # the node's lr input reaches AdamW
+    assert not all(torch.equal(x, y) for x, y in zip(runs[0].conds, faster.conds))

@@ -339,6 +339,7 @@ def test_one_token_iteration_makes_no_update_as_upstream(toy):
     res, _ = _dpl(toy, dataclasses.replace(DPL_SH, attn_iters=1,
                                            null=NullTextSettings(guidance=7.5, inner_steps=1, epsilon=None)))
     assert res.counts["token_updates"] == 0 and all(m is None for m in res.maps)
+    assert all(loss[:3] == (0.0, 0.0, 0.0) for loss in res.losses)             # no loss was computed
     assert all(torch.equal(p[0], toy[2]) for p in res.params)
 
 
