@@ -9,6 +9,9 @@ the same q and k.
 
 Shape legend: rows = [uncond x (1+k), cond x (1+k)]; probs (rows, heads, n, m); m = 12 keys (the tokenizer of
 tests/test_words.py: BOS, words, EOS, padding); k edits.
+
+Long because the second part (the plan, batch layouts and LocalBlend off its usual sizes, found by mutation
+testing) reuses the first part's transcription of the official controller, so they stay in one file.
 """
 
 from __future__ import annotations
