@@ -156,6 +156,8 @@ def _unpadded(chunks):
     ("a cat and a dog in a garden", "a fluffy bobcat and a dog in a red garden", 8),
     ("a cat and a dog bobcat in a garden", "a cat and a dog bobcat in a red garden", 8),   # padding in chunk 1
     ("a cat and a cat in a garden", "a cat and a fluffy cat cat in a garden", 12),        # ties in the alignment
+    ("a cat and a dog in a garden and a cat in a garden", "a cat and a dog in a garden and a fluffy cat in a garden",
+     8),                                                                                # three chunks
 ])
 def test_refine_mapper_equals_upstream_get_mapper(src, tgt, chunk_len):
     """The refinement P2PEditSampler plans (``build_plan`` with edit 'refine'), against ``get_mapper`` on the
