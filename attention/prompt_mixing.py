@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from .chunks import visible
 from .cluster import cluster_store, nearest_size
 from .context import AttnContext, context_from_extra_options
 from .controller import AttentionController
@@ -173,7 +174,8 @@ class ProxyValuePatch:
     """An ``attn2_patch``: keys keep the prompt, values come from each variation's proxy prompt.
 
     ``proxy_context``: (k, m, c) text states of the proxy prompts, one per variation item.
-    Active for steps whose progress is in [start, end) (official: 7/50 to 17/50).
+    Active for steps whose progress is in [start, end) (official: 7/50 to 17/50). Where the sampling run marks
+    the prompt's conditioning entries (``chunks.py``), other entries (an area prompt) keep their values.
     """
 
     def __init__(self, proxy_context: torch.Tensor, start: float, end: float):
@@ -184,7 +186,7 @@ class ProxyValuePatch:
         return self
 
     def __call__(self, n, context, value, extra_options):
-        ctx = context_from_extra_options(extra_options, True, n)
+        ctx = visible(context_from_extra_options(extra_options, True, n), full_frame=False)  # the prompt's entries
         p = ctx.progress
         if p is None or not self.start <= p < self.end:
             return n, context, value

@@ -1,4 +1,5 @@
-"""Tier 1: the grounding head of Li et al. 2023 (attention/grounding.py) and its ShapesWorld protocol.
+"""Tier 1: the grounding head of Li et al. 2023 (attention/grounding.py, its files in grounding_head_file.py) and its
+ShapesWorld protocol.
 
 Upstream formulas (Lipurple/Grounded-Diffusion 5680115, no licence: described in our words, not copied) are
 written out here and fed the same tensors as our functions.
@@ -13,21 +14,23 @@ import torch
 import torch.nn.functional as F
 
 from attention.grounding import (
-    GroundingHeadFileError,
     GroundingLayoutError,
     HeadConfig,
-    HeadMeta,
     TrainBatch,
     build_head,
-    check_compatible,
-    check_query_mode,
     grounding_loss,
-    load_head,
-    save_head,
     stack_queries,
     template_text,
     train_head,
     word_query,
+)
+from attention.grounding_head_file import (
+    GroundingHeadFileError,
+    HeadMeta,
+    check_compatible,
+    check_query_mode,
+    load_head,
+    save_head,
 )
 
 SMALL = {"widths": (4, 6, 8), "dim": 32, "heads": 4, "ffn": 64, "layers": 2}
@@ -159,7 +162,7 @@ def test_word_query_equals_upstream_template_slice(model):
     """The grounding figure's template queries (``template_vectors``, ShapesWorld's in-vocabulary template
     "a {word}") against upstream's slice of the template prompt's states. The node's path with SD's CLIP and
     upstream's own template is checked in tier 2 (test_nodes_faithful.py)."""
-    from attention.shapesworld.grounding import TEMPLATE, template_vectors
+    from attention.shapesworld.grounding_data import TEMPLATE, template_vectors
     ours = template_vectors(model, TEMPLATE)
     prefix = TEMPLATE.split("{word}")[0]
     for word in ("circle", "square", "red"):
@@ -324,11 +327,12 @@ def model():
 
 
 def test_overfits_one_scene(model):
-    from attention.shapesworld import grounding as G
-    pool = G.build_pool(model, G.exact_examples(5, 2)[1:2], seed=0)      # two objects
-    templates = G.template_vectors(model)
-    head = build_head(HeadConfig(pool.meta.channels, 128, **G.HEAD), 0)
-    batch = G.batch_of(pool, [0], "prompt", templates)
+    from attention.shapesworld import grounding_data as D
+    from attention.shapesworld import grounding_eval as E
+    pool = D.build_pool(model, D.exact_examples(5, 2)[1:2], seed=0)      # two objects
+    templates = D.template_vectors(model)
+    head = build_head(HeadConfig(pool.meta.channels, 128, **E.HEAD), 0)
+    batch = D.batch_of(pool, [0], "prompt", templates)
     trained = train_head(head, lambda i: batch, 150, lr=3e-3).head
     _, masks = trained.segment(batch.levels, batch.queries, batch.valid, (32, 32))
     for n in range(2):
@@ -338,36 +342,37 @@ def test_overfits_one_scene(model):
 
 
 def test_queries_template_covers_every_object_of_its_shape_prompt_its_own(model):
-    from attention.shapesworld import grounding as G
+    from attention.shapesworld import grounding_data as D
+    from attention.shapesworld import grounding_eval as E
     from attention.shapesworld.world import SceneSpec, ShapesWorld
     scene = ShapesWorld(seed=3).sample(SceneSpec([("red", "circle"), ("blue", "circle"), ("green", "square")]))
     masks = torch.stack([ob.mask for ob in scene.objects])
-    ex = G.Example(scene.caption, [(o.colour, o.shape) for o in scene.objects], masks, torch.ones(3, dtype=bool),
+    ex = D.Example(scene.caption, [(o.colour, o.shape) for o in scene.objects], masks, torch.ones(3, dtype=bool),
                    masks)
-    pool = G.build_pool(model, [(scene.image, ex)], seed=0)
-    templates = G.template_vectors(model)
-    tq = G.example_queries(pool, 0, "template", templates)
+    pool = D.build_pool(model, [(scene.image, ex)], seed=0)
+    templates = D.template_vectors(model)
+    tq = D.example_queries(pool, 0, "template", templates)
     assert tq.words == ["circle", "square"] and tq.objects == [[0, 1], [2]]
     assert torch.equal(tq.targets[0], masks[0] | masks[1])
     torch.testing.assert_close(tq.vectors[0], templates["circle"])
-    pq = G.example_queries(pool, 0, "prompt", templates, colours=True)
+    pq = D.example_queries(pool, 0, "prompt", templates, colours=True)
     assert pq.words == ["circle", "circle", "square", "red", "blue", "green"]
     assert pool.shape_pos[0][0] != pool.shape_pos[0][1]          # each circle is its own occurrence
     assert not torch.allclose(pq.vectors[0], pq.vectors[1])
     assert torch.equal(pq.targets[1], masks[1])
-    score = G.Score()
+    score = E.Score()
     for w, objs, target in zip(pq.words[:3], pq.objects, pq.targets):
-        score.add(w, target, target, G.others_of(ex, objs))
+        score.add(w, target, target, E.others_of(ex, objs))
     s = score.summary(("star", "diamond"))
     assert s["seen"] == 1.0 and s["leak"] == 0.0
 
 
 def test_train_asset_refuses_to_overwrite(tmp_path):
-    from attention.shapesworld import grounding as G
+    from attention.shapesworld import grounding_asset as A
     path = tmp_path / "head.safetensors"
     path.write_bytes(b"shipped")
     with pytest.raises(FileExistsError, match="--force"):
-        G.train_asset(None, path)
+        A.train_asset(None, path)
     assert path.read_bytes() == b"shipped"
 
 
@@ -375,16 +380,18 @@ def test_committed_head_quality_gates(model):
     """The shipped head (split 1: unseen star, diamond) on 48 fresh scenes: seen words above the oracle-threshold
     cross-attention baseline of the same UNet call; unseen words above a floor; on 24 same-colour scenes seen words
     above that baseline too (docs/grounding.md has the figure)."""
-    from attention.shapesworld import grounding as G
-    head, meta = G.load_asset()
+    from attention.shapesworld import grounding_asset as A
+    from attention.shapesworld import grounding_data as D
+    from attention.shapesworld import grounding_eval as E
+    head, meta = A.load_asset()
     assert (meta.family, meta.query, meta.timestep, meta.concat_uncond) == ("shapesworld", "prompt", 1, True)
     assert set(meta.seen_words) == {"circle", "square", "triangle", "cross"}
-    test = G.build_pool(model, G.exact_examples(90_000, 48), seed=9)
-    got = G.score_head(head, test, "prompt", G.template_vectors(model)).summary(G.SPLITS[0])
-    base = G.score_masks(test, G.crossattn_masks(test, G.best_threshold(test))).summary(G.SPLITS[0])
+    test = D.build_pool(model, D.exact_examples(90_000, 48), seed=9)
+    got = E.score_head(head, test, "prompt", D.template_vectors(model)).summary(D.SPLITS[0])
+    base = E.score_masks(test, E.crossattn_masks(test, E.best_threshold(test))).summary(D.SPLITS[0])
     assert got["seen"] > max(SEEN_GATE, base["seen"]), (got, base)
     assert got["unseen"] > UNSEEN_GATE, (got, base)
-    same = G.build_pool(model, G.exact_examples(91_000, 24, same_colour=True), seed=9)   # colour names no object
-    got = G.score_head(head, same, "prompt", G.template_vectors(model)).summary(G.SPLITS[0])
-    base = G.score_masks(same, G.crossattn_masks(same, G.best_threshold(same))).summary(G.SPLITS[0])
+    same = D.build_pool(model, D.exact_examples(91_000, 24, same_colour=True), seed=9)   # colour names no object
+    got = E.score_head(head, same, "prompt", D.template_vectors(model)).summary(D.SPLITS[0])
+    base = E.score_masks(same, E.crossattn_masks(same, E.best_threshold(same))).summary(D.SPLITS[0])
     assert got["seen"] > base["seen"] and got["unseen"] > SAME_COLOUR_UNSEEN_GATE, (got, base)
