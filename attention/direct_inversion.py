@@ -4,9 +4,10 @@ in k-diffusion sigma space.
 Upstream: https://github.com/cure-lab/PnPInversion at commit 07f97f448150e2ca220bebd54c8f687c5c50c67a, method
 "directinversion+p2p" of ``models/p2p_editor.py``: ``DirectInversion.invert`` / ``offset_calculate`` in
 ``models/p2p/inversion.py`` and ``direct_inversion_p2p_guidance_forward`` / ``..._diffusion_step`` in
-``models/p2p/p2p_guidance_forward.py``. The repository states no licence (no LICENSE file, none in its README),
-so nothing of it is copied: this module is our own code for the procedure described below, and
-``tests/test_faithful_ports.py`` checks it against a transcription of those functions' formulas.
+``models/p2p/p2p_guidance_forward.py``. The repository states no licence for this code (no LICENSE at its root
+nor in models/p2p/, none named in its README; only the vendored models/InstructDiffusion and models/instructpix2pix
+carry their own), so nothing of it is copied: this module is our own code for the procedure described below, and
+``tests/test_direct_inversion.py`` checks it against those functions' formulas written out in our own words.
 
 The procedure, as upstream runs it with Prompt-to-Prompt:
 
@@ -81,5 +82,5 @@ class SourceCorrection:
         self.offsets, self.then = offsets, then
 
     def __call__(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.offsets[i].to(x)
+        x = torch.cat([x[:1] + self.offsets[i].to(x), x[1:]])
         return x if self.then is None else self.then(i, x)
