@@ -123,9 +123,9 @@ class NullTextInvert(io.ComfyNode):
                 "source prompt, then per step a null (unconditional) embedding optimized so that guided DDIM "
                 "retraces the inversion. Faster modes: plain DDIM inversion, negative-prompt inversion (null = "
                 "prompt), Direct Inversion (Ju et al. 2024: per-step offsets that P2P Edit Sampler adds back to the "
-                "source row, exact reconstruction without optimization). Runs inside ComfyUI's sampler: the MODEL's patches, wrappers and CFG functions and every "
-                "entry of 'positive' apply as in KSampler. Feed the result to P2P Edit Sampler; the reconstruction "
-                "output shows how faithful it is."),
+                "source row, exact reconstruction without optimization). Runs inside ComfyUI's sampler: the "
+                "MODEL's patches, wrappers and CFG functions and every entry of 'positive' apply as in KSampler. "
+                "Feed the result to P2P Edit Sampler; the reconstruction output shows how faithful it is."),
             inputs=[
                 io.Model.Input("model", tooltip="SD1.x/SD2.x/SDXL or ShapesWorld model."),
                 io.Clip.Input("clip", tooltip="The model's CLIP."),
