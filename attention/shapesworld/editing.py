@@ -168,11 +168,14 @@ INVERSIONS = ("negative-prompt", "null-text", "direct")
 
 
 def inversion_swap_figures(model: ShapesWorldModel, images: int = 8, steps: int = 50, guidance: float = 7.5,
-                           modes: tuple[str, ...] = INVERSIONS) -> dict:
+                           modes: tuple[str, ...] = INVERSIONS, cross_replace: float = 0.8,
+                           self_replace: float = 0.4) -> dict:
     """The word swap circle -> triangle from each inversion of the same generator images (``swap_figures``'
     inverted rows, one per mode): reconstruction PSNR of the inversion and of the edit's source row, the swap's
     success and PSNR outside the edited object with and without LocalBlend, seconds and UNet rows per inversion,
-    and plain CFG sampling of one image (same steps and guidance) timed in the same run for the ratios."""
+    and plain CFG sampling of one image (same steps and guidance) timed in the same run for the ratios.
+    ``cross_replace`` / ``self_replace``: the edit's fractions (the figure's 0.8 / 0.4; PnP Inversion's PIE-Bench
+    runs use 0.4 / 0.6)."""
     from .harness import colour_blobs, load_classifier, psnr
     clf = load_classifier()
     scenes = _scenes(images, seed=1)
@@ -192,7 +195,8 @@ def inversion_swap_figures(model: ShapesWorldModel, images: int = 8, steps: int 
             r["fwd"], r["bwd"] = r["fwd"] + inv.unet_forward, r["bwd"] + inv.unet_backward
             for blend in (None, ["circle", "triangle"]):
                 t0 = time.perf_counter()
-                edited = edit(model, SOURCE, [TARGET], inversion=inv, blend_words=blend)
+                edited = edit(model, SOURCE, [TARGET], inversion=inv, blend_words=blend,
+                              cross_replace=cross_replace, self_replace=self_replace)
                 r["edit_s"] += time.perf_counter() - t0
                 r["src"].append(psnr(edited[0], sc.image))
                 blobs = colour_blobs(edited[1], "red")
@@ -246,6 +250,12 @@ def build_parser():
     p.add_argument("--inversions", action="store_true",
                    help="only the inversion comparison: the word swap from negative-prompt, null-text and direct "
                         "inversion of --swap-images images, with times measured in one run")
+    p.add_argument("--modes", default=",".join(INVERSIONS),
+                   help=f"--inversions: comma-separated modes among {', '.join(INVERSIONS)}")
+    p.add_argument("--cross-replace", type=cli.float_range(0.0, 1.0), default=0.8,
+                   help="--inversions: cross_replace_steps of the edit, 0-1 (PnP Inversion's PIE-Bench runs: 0.4)")
+    p.add_argument("--self-replace", type=cli.float_range(0.0, 1.0), default=0.4,
+                   help="--inversions: self_replace_steps of the edit, 0-1 (PnP Inversion's PIE-Bench runs: 0.6)")
     cli.add_weights(p)
     return p
 
@@ -259,8 +269,13 @@ def main(argv=None):
     model = cli.load_model(p, args.weights)
     torch.manual_seed(0)
     if args.inversions:
+        modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+        bad = [m for m in modes if m not in INVERSIONS]
+        if bad or not modes:
+            p.error(f"--modes {args.modes!r}: {bad or 'none'} not among {', '.join(INVERSIONS)}")
         print(json.dumps({"word swap circle -> triangle from each inversion": inversion_swap_figures(
-            model, args.swap_images, args.steps)}, indent=1), flush=True)
+            model, args.swap_images, args.steps, modes=modes, cross_replace=args.cross_replace,
+            self_replace=args.self_replace)}, indent=1), flush=True)
         return
     print(json.dumps({"reweight: attention mass on 'red' by factor": reweight_figures(
         model, seeds=args.reweight_seeds, steps=args.reweight_steps)}), flush=True)
