@@ -8,7 +8,17 @@ attention, so an identical target does NOT equal the source here (it does with n
 
 import pytest
 import torch
-from comfy_env import assert_same_samples, comfy_or_skip, encode, rel, sample, tiny_clip, tiny_sd15
+from comfy_env import (
+    assert_same_samples,
+    comfy_or_skip,
+    encode,
+    rel,
+    sample,
+    tiny_clip,
+    tiny_sd15,
+    tiny_sdxl,
+    tiny_sdxl_clip,
+)
 
 pack = comfy_or_skip()
 
@@ -99,3 +109,17 @@ def test_direct_edit_under_a_noise_mask_keeps_every_row_outside_it(sd):
         assert rel(row[outside], image[0][outside]) < 1e-5, rel(row[outside], image[0][outside])
     assert_same_samples(out[0], image[0])                       # inside, the offsets make the source the image
     assert rel(out[1][~outside], image[0][~outside]) > 1e-2
+
+
+def test_sdxl_direct_source_row_is_the_image():
+    """SDXL: the offset pass and the edit guide with the empty prompt's own pooled output (its negative entry)."""
+    with torch.inference_mode():
+        model, clip = tiny_sdxl(), tiny_sdxl_clip()
+        image = sample(model, encode(clip, SRC), encode(clip, ""), torch.zeros(1, 4, 16, 16), cfg=7.5,
+                       sampler="euler", steps=3, seed=2, scheduler="simple")
+    inv, rec = invert(model, clip, image, "direct", steps=3)
+    assert_same_samples(rec["samples"], image)
+    out = p2p(model, clip, ["a tiger and a dog in a garden"], image, inv, steps=3, blend_words="cat, tiger")
+    o = out[0]["samples"]
+    assert_same_samples(o[0], image[0])
+    assert torch.isfinite(o).all() and rel(o[1], o[0]) > 1e-3
