@@ -26,7 +26,8 @@ Departures: upstream's offset pass also runs the target prompt on the trajectory
 offsets are used only by its "add-target" ablation, so only the source row is computed here (the same source
 offsets, half the model evaluations). Sigma space as ``inversion.py``: x = z / sqrt(alphabar), so every offset is
 upstream's z-space offset times sqrt(1 + sigma_{i+1}^2); the time grid's departure (last sigma 0) is the one
-documented for NTI in docs/faithful-ports.md.
+documented for NTI in docs/faithful-ports.md. Not upstream (it has no noise mask): the nodes multiply the offsets
+by a noise mask of the edit, whose outside the inpainting keeps equal to the image (nodes/inversion.py).
 
 Shapes (einops legend): b batch rows (1 for one image), c latent channels, h w latent size, m tokens, d width;
 trajectory[i] (b, c, h, w); offsets[i] (b, c, h, w), one per sampling step.
