@@ -135,7 +135,8 @@ def tokenizer_words(clip, candidates: str = PROXY_CANDIDATES[0]) -> list[str]:
     for holder in [tok] + [getattr(tok, a) for a in ("clip_l", "clip_g", "tok") if hasattr(tok, a)]:
         inner = getattr(holder, "tokenizer", holder)
         if hasattr(inner, "get_vocab"):
-            vocab = inner.get_vocab()
+            ids = inner.get_vocab()
+            vocab = sorted(ids, key=ids.get)        # id order, as vocab.json (get_vocab's order may vary)
             if candidates == PROXY_CANDIDATES[0]:
                 return [w for w in vocab if w.isalpha()]
             return [w[:-4] for w in vocab if w.endswith("</w>") and w[:-4].isalpha()]

@@ -65,6 +65,14 @@ def comfy_or_skip():
         import torch
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
+    import atexit
+    import shutil
+    import tempfile
+
+    import folder_paths  # the pack's caches (proxy search) go to a temporary folder, not ComfyUI's models folder
+    cache = tempfile.mkdtemp(prefix="attention_lab_cache_")
+    atexit.register(shutil.rmtree, cache, True)
+    folder_paths.folder_names_and_paths["attention_lab_cache"] = ([cache], set())
     spec = importlib.util.spec_from_file_location(PACK_NAME, ROOT / "__init__.py",
                                                   submodule_search_locations=[str(ROOT)])
     pack = importlib.util.module_from_spec(spec)
@@ -148,6 +156,22 @@ def tiny_clip(embedding_directory: str | None = None):
     clip = comfy.sd.CLIP(target=target, embedding_directory=embedding_directory,
                          model_options={"clip_l_model_config": te_cfg})
     g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in clip.cond_stage_model.parameters():
+            p.copy_((torch.randn(p.shape, generator=g) * 0.02).to(p.dtype))
+    return clip
+
+
+def sd15_clip(seed: int = 4):
+    """SD1.5's text encoder at its real size (CLIP ViT-L/14 text tower, 123 M parameters, the bundled
+    config and tokenizer), as CheckpointLoaderSimple builds it for an SD1.5 checkpoint, with seeded random
+    weights (normal, std 0.02): for timings and for equality checks on the real architecture."""
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.supported_models_base
+    target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
+    clip = comfy.sd.CLIP(target=target)
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in clip.cond_stage_model.parameters():
             p.copy_((torch.randn(p.shape, generator=g) * 0.02).to(p.dtype))
