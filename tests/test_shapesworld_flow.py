@@ -120,10 +120,8 @@ def test_every_joint_attention_goes_through_the_override_with_its_block():
         hooked = twin(x, t, ctx, y, transformer_options={"optimized_attention_override": rec})
     assert torch.equal(plain, hooked)
     tokens = 24 + 12 * 20
-    assert rec.calls == [(("double", i, 2), (2, 2, tokens, 32), 2,
-                          ["_inside_attn_wrapper", "mask", "skip_reshape", "transformer_options"]) for i in range(2)] + [
-        (("single", i, 2), (2, 2, tokens, 32), 2,
-         ["_inside_attn_wrapper", "mask", "skip_reshape", "transformer_options"]) for i in range(2)]
+    keys = ["_inside_attn_wrapper", "mask", "skip_reshape", "transformer_options"]
+    assert rec.calls == [((kind, i, 2), (2, 2, tokens, 32), 2, keys) for kind in ("double", "single") for i in range(2)]
 
 
 def test_the_override_sees_text_tokens_first():
@@ -133,7 +131,8 @@ def test_the_override_sees_text_tokens_first():
     seen = []
 
     def keep(func, q, k, v, heads, *args, **kwargs):
-        if kwargs["transformer_options"]["block_type"] == "double" and kwargs["transformer_options"]["block_index"] == 0:
+        to = kwargs["transformer_options"]
+        if (to["block_type"], to["block_index"]) == ("double", 0):
             seen.append(k.clone())
         return func(q, k, v, heads, *args, **kwargs)
 
@@ -157,7 +156,8 @@ def test_dit_block_replace_with_the_original_block_is_a_no_op():
 
     dit = {("double_block", 1): replace, ("single_block", 0): replace}
     with torch.no_grad():
-        assert torch.equal(twin(x, t, ctx, y), twin(x, t, ctx, y, transformer_options={"patches_replace": {"dit": dit}}))
+        replaced = twin(x, t, ctx, y, transformer_options={"patches_replace": {"dit": dit}})
+        assert torch.equal(twin(x, t, ctx, y), replaced)
     assert called == ["double", "single"]
 
 

@@ -20,12 +20,14 @@ import logging
 import torch
 
 from .. import cli
+from .flow_model import FlowWeightsError, ShapesWorldFlowModel
 from .harness import IoUReport, iou_curve, leakage
 from .world import SceneSpec, ShapesWorld
 
 log = logging.getLogger("attention_lab.flow_evaluate")
 DIRECTIONS = ("img2txt", "txt2img")
 GROUPS = ("double", "single", "all")
+GATE_MAPS = "img2txt/all"     # the maps the localization gate and the figures use (direction/group)
 
 
 class JointAttentionObserver:
@@ -109,14 +111,29 @@ def attention_localization(model, n: int = 40, seed: int = 123, bands: tuple[flo
     return {"scenes": n, "grid": list(grid), "bands": list(bands), "iou": table}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = cli.parser(__doc__, "attention.shapesworld.flow_evaluate")
+def add_weights(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", type=cli.existing_file, default=None, metavar="FILE",
                    help="ShapesWorld-Flow weights file (default: the shipped assets/shapesworld_flow.safetensors)")
+
+
+def load_model(p: argparse.ArgumentParser, weights: str | None) -> ShapesWorldFlowModel:
+    """The ShapesWorld-Flow model of ``weights`` (default: the shipped file), or parser.error with the reason."""
+    try:
+        return ShapesWorldFlowModel(weights) if weights else ShapesWorldFlowModel()
+    except FlowWeightsError as e:
+        p.error(f"argument --weights: {e}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = cli.parser(__doc__, "attention.shapesworld.flow_evaluate")
+    add_weights(p)
     p.add_argument("--prompts", type=cli.int_range(1), default=50, help="seeded prompts of the generation figures")
     p.add_argument("--prompt-seed", type=cli.int_range(0), default=0, help="seed of the prompt set and its noise")
     p.add_argument("--steps", type=cli.int_range(1, 1000), default=20, help="Euler steps of the generation figures")
     p.add_argument("--cfg", type=cli.float_range(0, 30), default=4.0, help="classifier-free guidance scale")
+    p.add_argument("--shift", type=cli.float_range(0, 100, lo_open=True), default=None,
+                   help="sampling time shift of the generation figures (default: the file's, ComfyUI's "
+                        "ModelSamplingDiscreteFlow shift)")
     p.add_argument("--scenes", type=cli.int_range(1), default=40, help="held-out scenes of the localization figures")
     p.add_argument("--skip", choices=("none", "generation", "localization"), default="none",
                    help="leave one part out")
@@ -126,16 +143,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None):
     from .evaluate import generation_quality
-    from .flow_model import FlowWeightsError, ShapesWorldFlowModel
     p = build_parser()
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cli.set_threads(args.threads)
-    try:
-        model = ShapesWorldFlowModel(args.weights) if args.weights else ShapesWorldFlowModel()
-    except FlowWeightsError as e:
-        p.error(f"argument --weights: {e}")
-    out: dict = {"weights": args.weights or "shipped", "training": model.training}
+    model = load_model(p, args.weights)
+    if args.shift is not None:
+        model.shift = args.shift
+    out: dict = {"weights": args.weights or "shipped", "shift": model.shift, "cfg": args.cfg,
+                 "training": model.training}
     if args.skip != "generation":
         out["generation"] = generation_quality(model, args.prompts, seed=args.prompt_seed, steps=args.steps,
                                                cfg=args.cfg)

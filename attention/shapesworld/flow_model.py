@@ -22,8 +22,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..words import PromptWords
 from .flow import FlowConfig, FluxTwin
+from .model import ShapesWorldModel, read_weights
 from .text import EOS, ShapesTokenizer, TextEncoder
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
@@ -102,7 +102,6 @@ def save_flow_weights(path: Path | str, model: FluxTwin, text: TextEncoder, conf
 
 def load_text_encoder(path: Path | str = TEXT_WEIGHTS) -> TextEncoder:
     """The (frozen, eval) text encoder of a ShapesWorld weights file."""
-    from .model import read_weights
     sd, cfg, _ = read_weights(path)
     text = TextEncoder(width=cfg["text_width"], layers=cfg["text_layers"])
     text.load_state_dict(split_state(sd, TEXT_PREFIX))
@@ -176,16 +175,7 @@ class ShapesWorldFlowModel:
         out = sample_euler_flow(self.denoiser(cond, uncond, cfg, extra, sigmas), x, sigmas)
         return ((out + 1) / 2).clamp(0, 1)
 
-    def prompt_words(self, prompt: str) -> PromptWords:
-        """The pack's word rule (``attention/words.py``) on this tokenizer."""
-        chunks = [[t for t, _ in c] for c in self.tokenizer.chunks(prompt)]
-        return PromptWords(prompt, chunks, self.tokenizer.word_ids)
-
-    def object_positions(self, scene) -> list[tuple[int, ...]]:
-        """Positions of each object's shape word in its scene's caption (repeated shapes in order)."""
-        seen: dict[str, int] = {}
-        out = []
-        for ob in scene.objects:
-            out.append(self.prompt_words(scene.caption).positions(ob.shape, occurrence=seen.get(ob.shape, 0)))
-            seen[ob.shape] = seen.get(ob.shape, 0) + 1
-        return out
+    # the word rule on the shared tokenizer, exactly as the UNet model applies it
+    prompt_words = ShapesWorldModel.prompt_words
+    word_positions = ShapesWorldModel.word_positions
+    object_positions = ShapesWorldModel.object_positions
