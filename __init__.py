@@ -17,14 +17,10 @@ if ComfyExtension is not None:
     from .nodes.capture import AttentionCapture, AttentionMapView
     from .nodes.cluster import SelfAttnCluster
     from .nodes.dpl import DPLTokenOptimizer
-    from .nodes.grounding import (
-        GroundedSegment,
-        GroundingDatasetAdd,
-        GroundingDatasetLoad,
-        GroundingFeaturesNode,
-        GroundingHeadLoader,
-        GroundingHeadTrain,
-    )
+    from .nodes.grounding_dataset import GroundingDatasetAdd, GroundingDatasetLoad
+    from .nodes.grounding_features import GroundingFeaturesNode
+    from .nodes.grounding_head import GroundingHeadLoader, GroundingHeadTrain
+    from .nodes.grounding_segment import GroundedSegment
     from .nodes.inversion import NullTextInvert
     from .nodes.p2p import P2PEditSampler
     from .nodes.prompt_mix import PromptMixSampler

@@ -171,7 +171,7 @@ class ShapesWorldLoader(io.ComfyNode):
 
 
 # --------------------------------------------------------------------------------------------- grounding masks
-# Mask sources for the grounding nodes (nodes/grounding.py) on ShapesWorld, so a CPU-only graph can fill a
+# Mask sources for the grounding nodes (nodes/grounding_*.py) on ShapesWorld, so a CPU-only graph can fill a
 # dataset without an external segmenter: exact scenes of the world, or the pack's pseudo-labeller.
 
 def _shape_list(text: str) -> list[str]:

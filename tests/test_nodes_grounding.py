@@ -34,7 +34,18 @@ from attention_lab.attention.grounding import GroundingLayoutError  # noqa: E402
 from attention_lab.attention.grounding_dataset import DatasetError, GroundingDataset  # noqa: E402
 from attention_lab.attention.grounding_features import FeatureRecorder  # noqa: E402
 from attention_lab.attention.shapesworld.world import COLOURS  # noqa: E402
-from attention_lab.nodes import grounding as G  # noqa: E402
+from attention_lab.nodes.grounding_dataset import GroundingDatasetAdd, GroundingDatasetLoad  # noqa: E402
+from attention_lab.nodes.grounding_features import ROWS, GroundingFeaturesNode, compute_features  # noqa: E402
+from attention_lab.nodes.grounding_head import (  # noqa: E402
+    EMBEDDED_HEAD,
+    EMBEDDED_HEAD_PATH,
+    HEAD_FOLDER,
+    GroundingHeadLoader,
+    GroundingHeadTrain,
+    head_options,
+)
+from attention_lab.nodes.grounding_segment import GroundedSegment  # noqa: E402
+from attention_lab.nodes.grounding_words import check_word_known, positions_in  # noqa: E402
 from attention_lab.nodes.shapesworld import ShapesWorldPseudoMasks, ShapesWorldScenes, load_shapesworld  # noqa: E402
 
 import nodes  # noqa: E402
@@ -54,14 +65,14 @@ def sw():
 def out_dir(tmp_path):
     old = folder_paths.get_output_directory()
     folder_paths.set_output_directory(str(tmp_path / "output"))
-    old_heads = folder_paths.folder_names_and_paths[G.HEAD_FOLDER]
-    folder_paths.folder_names_and_paths[G.HEAD_FOLDER] = ([str(tmp_path / "heads")], {".safetensors"})
+    old_heads = folder_paths.folder_names_and_paths[HEAD_FOLDER]
+    folder_paths.folder_names_and_paths[HEAD_FOLDER] = ([str(tmp_path / "heads")], {".safetensors"})
     yield tmp_path
     folder_paths.set_output_directory(old)
-    folder_paths.folder_names_and_paths[G.HEAD_FOLDER] = old_heads
+    folder_paths.folder_names_and_paths[HEAD_FOLDER] = old_heads
 
 
-def _reference_blocks(model, positive, negative, latent, timestep, seed, rows=G.ROWS[0]):
+def _reference_blocks(model, positive, negative, latent, timestep, seed, rows=ROWS[0]):
     """Block outputs seen by plain torch forward hooks on the UNet's layers (independent of the patches), with
     each call's cond_or_uncond taken from a unet function wrapper: {block id: {kind: (B, C, H, W)}}."""
     m = model.clone()
@@ -79,7 +90,7 @@ def _reference_blocks(model, positive, negative, latent, timestep, seed, rows=G.
         handles.append(mod[-1].register_forward_hook(
             lambda mod, a, out, bid=bid: calls[-1]["out"].__setitem__(bid, out)))
     try:
-        G.compute_features(m, positive, negative, latent, timestep, seed, rows)
+        compute_features(m, positive, negative, latent, timestep, seed, rows)
     finally:
         for h in handles:
             h.remove()
@@ -122,7 +133,7 @@ def test_features_equal_block_outputs_sd15(sd15, batch):
     latent = torch.randn(batch, 4, 16, 16, generator=torch.Generator().manual_seed(batch))
     before = json.dumps(str(model.model_options))
     with torch.inference_mode():
-        f = G.compute_features(model, pos, neg, latent, 1, 7)
+        f = compute_features(model, pos, neg, latent, 1, 7)
         ref, calls = _reference_blocks(model, pos, neg, latent, 1, 7)
     assert [c["cou"] for c in calls] == [[1, 0]]
     # tiny SD1.5: 4 input blocks, middle, 4 output blocks = 9 (the last output block through the out hook)
@@ -143,12 +154,12 @@ def test_features_cond_only_and_low_memory_split(sd15):
     pos, neg = encode(clip, "a cat on a mat"), encode(clip, "")
     latent = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        joint = G.compute_features(model, pos, neg, latent, 1, 3)
-        cond = G.compute_features(model, pos, None, latent, 1, 3, rows="cond only")
+        joint = compute_features(model, pos, neg, latent, 1, 3)
+        cond = compute_features(model, pos, None, latent, 1, 3, rows="cond only")
         bm = model.model
         bm.memory_required = lambda *a, **k: 1e30          # ComfyUI then evaluates uncond and cond separately
         try:
-            split = G.compute_features(model, pos, neg, latent, 1, 3)
+            split = compute_features(model, pos, neg, latent, 1, 3)
             ref, calls = _reference_blocks(model, pos, neg, latent, 1, 3)
         finally:
             del bm.memory_required
@@ -159,7 +170,7 @@ def test_features_cond_only_and_low_memory_split(sd15):
     for a, b in zip(cond.levels, joint.levels):              # cond half of each block = the cond-only features
         assert a.shape[1] * 2 == b.shape[1]
     with pytest.raises(ValueError, match="needs the negative"):
-        G.compute_features(model, pos, None, latent, 1, 3)
+        compute_features(model, pos, None, latent, 1, 3)
 
 
 def test_features_sdxl_three_levels_or_two():
@@ -167,7 +178,7 @@ def test_features_sdxl_three_levels_or_two():
     pos, neg = sdxl_cond(1), sdxl_cond(2)
     latent = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        f = G.compute_features(model, pos, neg, latent, 1, 0)
+        f = compute_features(model, pos, neg, latent, 1, 0)
         ref, _ = _reference_blocks(model, pos, neg, latent, 1, 0)
     assert f.family == "sdxl" and f.context_dim == 2048
     for ours, theirs in zip(f.levels, _expected_levels(ref)):
@@ -187,33 +198,33 @@ def test_dataset_train_segment_sd15(sd15, out_dir):
     model, clip = sd15
     latent, prompt, words, masks = _tiny_dataset(clip)
     with torch.inference_mode():
-        ds = G.GroundingDatasetAdd.execute(latent, clip, prompt, words, masks, "tiny").result[0]
+        ds = GroundingDatasetAdd.execute(latent, clip, prompt, words, masks, "tiny").result[0]
         assert len(ds) == 2 and ds.vocabulary() == ["cat", "mat"]
-        head, path = G.GroundingHeadTrain.execute(model, clip, ds, 3, 2, 1e-3, 0, 1, "prompt", "a photo of a {word}",
-                                                  G.ROWS[0], "small", "tiny_head").result
+        head, path = GroundingHeadTrain.execute(model, clip, ds, 3, 2, 1e-3, 0, 1, "prompt", "a photo of a {word}",
+                                                ROWS[0], "small", "tiny_head").result
         assert path.endswith("tiny_head.safetensors") and (out_dir / "heads" / "tiny_head.safetensors").is_file()
         assert head.meta.seen_words == ("cat", "mat") and head.meta.query == "prompt"
-        assert "tiny_head.safetensors" in G.head_options()
-        loaded = G.GroundingHeadLoader.execute("tiny_head.safetensors").result[0]
-        feats = G.GroundingFeaturesNode.execute(model, encode(clip, prompt), {"samples": latent["samples"][:1]}, 1, 0,
-                                                G.ROWS[0], encode(clip, "")).result[0]
-        m, heat, over = G.GroundedSegment.execute(loaded, feats, clip, prompt, "cat, mat", 0.5, "auto", False).result
+        assert "tiny_head.safetensors" in head_options()
+        loaded = GroundingHeadLoader.execute("tiny_head.safetensors").result[0]
+        feats = GroundingFeaturesNode.execute(model, encode(clip, prompt), {"samples": latent["samples"][:1]}, 1, 0,
+                                              ROWS[0], encode(clip, "")).result[0]
+        m, heat, over = GroundedSegment.execute(loaded, feats, clip, prompt, "cat, mat", 0.5, "auto", False).result
     assert m.shape == (2, 16, 16) and heat.shape == (2, 16, 16, 3) and over.shape == (2, 16, 16, 3)
     # template queries against a prompt-trained head, unseen words with seen_only, another layout: refused
     with torch.inference_mode():
         with pytest.raises(GroundingLayoutError, match="'prompt' queries"):
-            G.GroundedSegment.execute(loaded, feats, clip, prompt, "cat", 0.5, "template", False)
+            GroundedSegment.execute(loaded, feats, clip, prompt, "cat", 0.5, "template", False)
         with pytest.raises(ValueError, match=r"\['dog'\] are not among the head's seen words"):
-            G.GroundedSegment.execute(loaded, feats, clip, "a cat and a dog", "cat, dog", 0.5, "auto", True)
-        cond_only = G.GroundingFeaturesNode.execute(model, encode(clip, prompt), latent, 1, 0, "cond only").result[0]
+            GroundedSegment.execute(loaded, feats, clip, "a cat and a dog", "cat, dog", 0.5, "auto", True)
+        cond_only = GroundingFeaturesNode.execute(model, encode(clip, prompt), latent, 1, 0, "cond only").result[0]
         with pytest.raises(GroundingLayoutError, match="uncond ‖ cond.*cond only"):
-            G.GroundedSegment.execute(loaded, cond_only, clip, prompt, "cat", 0.5, "auto", False)
+            GroundedSegment.execute(loaded, cond_only, clip, prompt, "cat", 0.5, "auto", False)
 
 
 def test_dataset_bad_input(sd15, out_dir):
     model, clip = sd15
     latent, prompt, words, masks = _tiny_dataset(clip)
-    add = G.GroundingDatasetAdd.execute
+    add = GroundingDatasetAdd.execute
     with torch.inference_mode():
         with pytest.raises(ValueError, match="3 masks for 4 words"):
             add(latent, clip, prompt, words, masks[:3], "bad")
@@ -224,25 +235,25 @@ def test_dataset_bad_input(sd15, out_dir):
         with pytest.raises(DatasetError, match="not allowed"):
             add(latent, clip, prompt, words, masks, "../escape")
         with pytest.raises(ValueError, match="tokenizes to nothing"):
-            G.check_word_known(clip, "", "l")
+            check_word_known(clip, "", "l")
         empty = masks.clone()
         empty[1] = 0                                           # image 0's 'mat' is empty: warned and skipped
         ds = add(latent, clip, prompt, words, empty, "partial").result[0]
         ex = ds.load()
         assert [e.words for e in ex] == [["cat"], ["cat", "mat"]]
         with pytest.raises(DatasetError, match="does not exist"):
-            G.GroundingDatasetLoad.execute("never_filled")
+            GroundingDatasetLoad.execute("never_filled")
         with pytest.raises(ValueError, match="no '\\{word\\}' placeholder"):
-            G.GroundingHeadTrain.execute(model, clip, ds, 1, 1, 1e-3, 0, 1, "template", "a photo", G.ROWS[0],
-                                         "small", "")
+            GroundingHeadTrain.execute(model, clip, ds, 1, 1, 1e-3, 0, 1, "template", "a photo", ROWS[0],
+                                       "small", "")
 
 
 def test_training_interrupted_leaves_earlier_head(sd15, out_dir, monkeypatch):
     model, clip = sd15
     latent, prompt, words, masks = _tiny_dataset(clip)
     with torch.inference_mode():
-        ds = G.GroundingDatasetAdd.execute(latent, clip, prompt, words, masks, "intr").result[0]
-        G.GroundingHeadTrain.execute(model, clip, ds, 1, 1, 1e-3, 0, 1, "prompt", "{word}", G.ROWS[0], "small", "h")
+        ds = GroundingDatasetAdd.execute(latent, clip, prompt, words, masks, "intr").result[0]
+        GroundingHeadTrain.execute(model, clip, ds, 1, 1, 1e-3, 0, 1, "prompt", "{word}", ROWS[0], "small", "h")
         path = out_dir / "heads" / "h.safetensors"
         before = path.read_bytes()
         calls = {"n": 0}
@@ -253,8 +264,8 @@ def test_training_interrupted_leaves_earlier_head(sd15, out_dir, monkeypatch):
                 raise mm.InterruptProcessingException()
         monkeypatch.setattr(mm, "throw_exception_if_processing_interrupted", interrupt)
         with pytest.raises(mm.InterruptProcessingException):
-            G.GroundingHeadTrain.execute(model, clip, ds, 50, 1, 1e-3, 1, 1, "prompt", "{word}", G.ROWS[0], "small",
-                                         "h")
+            GroundingHeadTrain.execute(model, clip, ds, 50, 1, 1e-3, 1, 1, "prompt", "{word}", ROWS[0], "small",
+                                       "h")
     assert path.read_bytes() == before and len(ds) == 2
     assert not [p for p in (out_dir / "heads").iterdir() if p.name.startswith(".")]
 
@@ -281,14 +292,14 @@ def test_shapesworld_mask_sources(sw, out_dir):
     model, clip, _ = sw
     with pytest.raises(ValueError, match="'hexagon' is not in the text encoder's vocabulary.*has the words "
                                          r"\['a', 'red', 'hexagon'\]"):
-        G.positions_in(clip, "a red hexagon", "hexagon")
+        positions_in(clip, "a red hexagon", "hexagon")
     with torch.inference_mode():                 # an SD dataset (4-channel latents) with the ShapesWorld model
         sd_latent = {"samples": torch.zeros(1, 4, 4, 4)}
-        ds = G.GroundingDatasetAdd.execute(sd_latent, clip, "a red circle", "circle", torch.ones(1, 32, 32),
-                                           "sd_set").result[0]
+        ds = GroundingDatasetAdd.execute(sd_latent, clip, "a red circle", "circle", torch.ones(1, 32, 32),
+                                         "sd_set").result[0]
         with pytest.raises(ValueError, match=r"latents with \[4\] channels but this model's latents have 3"):
-            G.GroundingHeadTrain.execute(model, clip, ds, 1, 1, 1e-3, 0, 1, "prompt", "a {word}", G.ROWS[0],
-                                         "small", "")
+            GroundingHeadTrain.execute(model, clip, ds, 1, 1, 1e-3, 0, 1, "prompt", "a {word}", ROWS[0],
+                                       "small", "")
 
 
 # --------------------------------------------------------------------------------------------- executor
@@ -297,7 +308,7 @@ def test_shapesworld_mask_sources(sw, out_dir):
 def executor(tmp_path_factory):
     out = tmp_path_factory.mktemp("comfy_grounding")
     register_pack(out)
-    folder_paths.folder_names_and_paths[G.HEAD_FOLDER] = ([str(out / "heads")], {".safetensors"})   # not models/
+    folder_paths.folder_names_and_paths[HEAD_FOLDER] = ([str(out / "heads")], {".safetensors"})   # not models/
     for name in ("GroundingFeatures", "GroundingDatasetAdd", "GroundingHeadTrain", "GroundedSegment",
                  "GroundingHeadLoader", "GroundingDatasetLoad", "ShapesWorldScenes", "ShapesWorldPseudoMasks"):
         assert name in nodes.NODE_CLASS_MAPPINGS, name
@@ -338,30 +349,30 @@ def test_sdxl_dataset_train_segment(out_dir):
     latent, prompt, words, masks = _tiny_dataset(clip, n=2)
     prompts = "a cat on a mat\na cat on a red mat"              # two prompts: one stacked conditioning per batch
     with torch.inference_mode():
-        ds = G.GroundingDatasetAdd.execute(latent, clip, prompts, words, masks, "xl").result[0]
-        head, _ = G.GroundingHeadTrain.execute(model, clip, ds, 2, 2, 1e-3, 0, 1, "template", "a photo of a {word}",
-                                               G.ROWS[0], "small", "").result
-        feats = G.GroundingFeaturesNode.execute(model, encode(clip, prompt), latent, 1, 0, G.ROWS[0],
-                                                encode(clip, "")).result[0]
-        m, _, _ = G.GroundedSegment.execute(head, feats, clip, prompt, "cat, mat", 0.5, "auto", False).result
+        ds = GroundingDatasetAdd.execute(latent, clip, prompts, words, masks, "xl").result[0]
+        head, _ = GroundingHeadTrain.execute(model, clip, ds, 2, 2, 1e-3, 0, 1, "template", "a photo of a {word}",
+                                             ROWS[0], "small", "").result
+        feats = GroundingFeaturesNode.execute(model, encode(clip, prompt), latent, 1, 0, ROWS[0],
+                                              encode(clip, "")).result[0]
+        m, _, _ = GroundedSegment.execute(head, feats, clip, prompt, "cat, mat", 0.5, "auto", False).result
     assert head.meta.family == "sdxl" and head.meta.context_dim == 2048 and len(head.meta.channels) == 2
     assert m.shape == (4, 16, 16)                                  # 2 images x 2 words
 
 
 def test_embedded_shapesworld_head_through_the_nodes(sw):
     """The committed head (wt-16core's figure command) on features computed by ComfyUI: seen words on exact scenes."""
-    if not G.EMBEDDED_HEAD_PATH.is_file():
+    if not EMBEDDED_HEAD_PATH.is_file():
         pytest.skip("assets/shapesworld_grounding.safetensors is not committed on this branch")
     model, clip, vae = sw
     with torch.inference_mode():
-        head = G.GroundingHeadLoader.execute(G.EMBEDDED_HEAD).result[0]
+        head = GroundingHeadLoader.execute(EMBEDDED_HEAD).result[0]
         imgs, prompts, words, masks = ShapesWorldScenes.execute(99, 6, "", 3).result
         inter = union = 0.0
         k = 0
         for i, (p, ws) in enumerate(zip(prompts.splitlines(), words.splitlines())):
-            feats = G.GroundingFeaturesNode.execute(model, encode(clip, p), {"samples": vae.encode(imgs[i:i + 1])},
-                                                    1, i, G.ROWS[0], encode(clip, "")).result[0]
-            m = G.GroundedSegment.execute(head, feats, clip, p, ws, 0.5, "auto", False, imgs[i:i + 1]).result[0]
+            feats = GroundingFeaturesNode.execute(model, encode(clip, p), {"samples": vae.encode(imgs[i:i + 1])},
+                                                  1, i, ROWS[0], encode(clip, "")).result[0]
+            m = GroundedSegment.execute(head, feats, clip, p, ws, 0.5, "auto", False, imgs[i:i + 1]).result[0]
             for j in range(m.shape[0]):
                 gt, pr = masks[k] > 0.5, m[j] > 0.5
                 inter += float((gt & pr).sum())
