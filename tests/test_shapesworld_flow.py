@@ -212,6 +212,31 @@ def test_training_resumes_to_the_same_weights(tmp_path):
     assert all(v.dtype == torch.float16 for v in a.values())
 
 
+def test_init_starts_model_and_ema_from_a_weights_file_and_refuses_another_config(tmp_path):
+    common = ["--batch", "2", "--warmup", "0", "--hidden-size", "32", "--num-heads", "2", "--depth", "1",
+              "--depth-single-blocks", "1"]
+    flow_train.main(["--out", str(tmp_path / "a.safetensors"), "--steps", "2", *common])
+    # a tiny learning rate: one step from the init leaves its fp16 weights as they were (a fresh start would not)
+    flow_train.main(["--out", str(tmp_path / "b.safetensors"), "--steps", "1", "--lr", "1e-12",
+                     "--init", str(tmp_path / "a.safetensors"), *common])
+    a, b = load_file(str(tmp_path / "a.safetensors")), load_file(str(tmp_path / "b.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with safe_open(str(tmp_path / "b.safetensors"), framework="pt") as f:
+        assert json.loads(f.metadata()["training"])["init"] == "a.safetensors"
+    with pytest.raises(SystemExit, match="holds another model config"):
+        flow_train.main(["--out", str(tmp_path / "c.safetensors"), "--steps", "1", *common, "--hidden-size", "64",
+                         "--init", str(tmp_path / "a.safetensors")])
+
+
+def test_time_laws_give_the_rectified_flow_interpolation():
+    x0 = torch.randn(4096, 3, 2, 2, generator=torch.Generator().manual_seed(0))
+    for law, std in (("uniform", 1 / math.sqrt(12)), ("logit-normal", 0.21)):
+        xt, t, v = flow_train.flow_targets(x0, torch.Generator().manual_seed(1), 0.0, 1.0, law)
+        eps = v + x0
+        assert torch.allclose(xt, (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps, atol=1e-6)
+        assert 0 < t.min() and t.max() < 1 and abs(t.mean() - 0.5) < 0.02 and abs(t.std() - std) < 0.02, law
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--steps", "0"], "--steps: 0 is out of range"),
     (["--num-heads", "3"], "--num-heads: 3 heads do not split --hidden-size 128"),

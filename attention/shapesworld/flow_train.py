@@ -3,10 +3,12 @@
     python -m attention.shapesworld.flow_train --out shapesworld_flow_trained.safetensors --threads 1
 
 Objective: rectified flow (Liu et al. 2022; SD3, Esser et al. 2024): x_t = (1 - t) x0 + t eps, the transformer
-predicts the velocity eps - x0 with a plain MSE; t drawn logit-normal (SD3's rf/lognorm(0, 1), mean and std
-settable). The text encoder is ShapesWorld's, frozen (read from --text-weights and copied into the output so the
-file is self-contained): the transformer reads its per-token context and its pooled (end-token) vector, the same
-tensors ComfyUI's CLIP interface of the ShapesWorld loader returns. 10 % of captions are dropped to the empty
+predicts the velocity eps - x0 with a plain MSE; t drawn uniform in (0, 1) (``--t-law uniform``, the default, as
+Liu et al.) or logit-normal (SD3's rf/lognorm(0, 1), mean and std settable). ``--init`` starts the model and its
+EMA from an earlier weights file (a later stage of a run; the optimizer starts afresh).
+The text encoder is ShapesWorld's, frozen (read from --text-weights and copied into the output so the file
+is self-contained): the transformer reads its per-token context and its pooled (end-token) vector, the same tensors
+ComfyUI's CLIP interface of the ShapesWorld loader returns. 10 % of captions are dropped to the empty
 prompt for classifier-free guidance, as for the UNet. AdamW, linear warm-up then cosine decay to 10 %, gradient
 clipping at 1, EMA of the weights (the EMA weights are saved, fp16). Batch ``i`` and the noise and times of step
 ``i`` come from generators seeded with (seed, i), so a resumed run computes exactly what an uninterrupted run
@@ -30,7 +32,15 @@ import torch
 
 from .. import cli
 from .flow import FlowConfig, FluxTwin
-from .flow_model import TEXT_WEIGHTS, load_text_encoder, pooled_from_context, save_flow_weights
+from .flow_model import (
+    FLOW_PREFIX,
+    TEXT_WEIGHTS,
+    load_text_encoder,
+    pooled_from_context,
+    read_flow_weights,
+    save_flow_weights,
+    split_state,
+)
 from .train import BatchStream
 
 log = logging.getLogger("attention_lab.flow_train")
@@ -68,9 +78,13 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step + 500_000_000)
 
 
-def flow_targets(x0: torch.Tensor, gen: torch.Generator, t_mean: float, t_std: float):
-    """(x_t, t, velocity target) for images x0 (B, C, H, W): t ~ sigmoid(N(t_mean, t_std)), eps ~ N(0, 1)."""
-    t = torch.sigmoid(t_mean + t_std * torch.randn(x0.shape[0], generator=gen)).to(x0.device)
+def flow_targets(x0: torch.Tensor, gen: torch.Generator, t_mean: float, t_std: float, t_law: str = "logit-normal"):
+    """(x_t, t, velocity target) for images x0 (B, C, H, W): t ~ sigmoid(N(t_mean, t_std)) (or U(0, 1) for the
+    "uniform" law), eps ~ N(0, 1)."""
+    if t_law == "uniform":
+        t = torch.rand(x0.shape[0], generator=gen).to(x0.device)
+    else:
+        t = torch.sigmoid(t_mean + t_std * torch.randn(x0.shape[0], generator=gen)).to(x0.device)
     eps = torch.randn(x0.shape, generator=gen).to(x0.device)
     tt = t.view(-1, 1, 1, 1)
     return (1 - tt) * x0 + tt * eps, t, eps - x0
@@ -95,6 +109,14 @@ def train(args) -> None:
         model.load_state_dict(state["model"]), ema.load_state_dict(state["ema"]), opt.load_state_dict(state["opt"])
         start, elapsed = state["step"], state["elapsed"]
         log.info("resumed from %s at step %d", ckpt, start)
+    elif args.init:      # a later stage: model and EMA start from a weights file (the optimizer starts afresh)
+        sd, init_config, _ = read_flow_weights(args.init)
+        if init_config["flux"] != config["flux"]:
+            raise SystemExit(f"--init {args.init} holds another model config ({json.dumps(init_config['flux'])}); "
+                             "give the same --hidden-size, --num-heads, --depth, ... as its run")
+        for m in (model, ema):
+            m.load_state_dict(split_state(sd, FLOW_PREFIX))
+        log.info("initialised from %s", args.init)
     log.info("model: %d transformer parameters, config %s", sum(p.numel() for p in model.parameters()),
              json.dumps(config["flux"]))
     stream = BatchStream(args.seed, args.batch, args.p_uncond, IMAGE_SIZE)
@@ -106,7 +128,7 @@ def train(args) -> None:
         with torch.no_grad():
             context = text(ids)
             pooled = pooled_from_context(context, ids)
-        xt, t, target = flow_targets(x0, step_generator(args.seed, step), args.t_mean, args.t_std)
+        xt, t, target = flow_targets(x0, step_generator(args.seed, step), args.t_mean, args.t_std, args.t_law)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
         loss = (model(xt, t, context, y=pooled) - target).pow(2).mean()
@@ -130,7 +152,8 @@ def train(args) -> None:
                         "elapsed": total, "config": json.dumps(config)}, ckpt)
             meta = {"steps": done, "schedule_steps": args.steps, "stop_at": args.stop_at, "batch": args.batch,
                     "seed": args.seed, "lr": args.lr, "warmup": args.warmup, "ema": args.ema, "p_uncond": args.p_uncond,
-                    "t_mean": args.t_mean, "t_std": args.t_std, "text_weights": Path(args.text_weights).name,
+                    "t_law": args.t_law, "t_mean": args.t_mean, "t_std": args.t_std,
+                    "init": Path(args.init).name if args.init else None, "text_weights": Path(args.text_weights).name,
                     "device": str(device), "threads": torch.get_num_threads(), "seconds": round(total, 1),
                     "torch": torch.__version__}
             save_flow_weights(out, ema, text, config, meta)
@@ -145,17 +168,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "checkpoint")
     p.add_argument("--overwrite-shipped", action="store_true",
                    help="allow --out to replace the shipped assets/shapesworld_flow.safetensors")
-    p.add_argument("--steps", type=cli.int_range(1), default=4500, help="training steps (length of the lr schedule)")
+    p.add_argument("--steps", type=cli.int_range(1), default=6000, help="training steps (length of the lr schedule)")
     p.add_argument("--stop-at", type=cli.int_range(0), default=0,
                    help="stop after this many steps, keeping the learning-rate schedule of --steps (0: run all); "
                         "rerunning without it resumes")
     p.add_argument("--batch", type=cli.int_range(1), default=32, help="images per step")
-    p.add_argument("--lr", type=cli.float_range(0, lo_open=True), default=4e-4, help="peak learning rate (AdamW)")
-    p.add_argument("--warmup", type=cli.int_range(0), default=200, help="linear warm-up steps of the learning rate")
+    p.add_argument("--lr", type=cli.float_range(0, lo_open=True), default=8e-4, help="peak learning rate (AdamW)")
+    p.add_argument("--warmup", type=cli.int_range(0), default=300, help="linear warm-up steps of the learning rate")
     p.add_argument("--ema", type=cli.float_range(0, 1, hi_open=True), default=0.999,
                    help="EMA decay of the saved weights")
     p.add_argument("--p-uncond", type=cli.float_range(0, 1), default=0.1,
                    help="share of captions dropped to the empty prompt (classifier-free guidance training)")
+    p.add_argument("--t-law", choices=("logit-normal", "uniform"), default="uniform",
+                   help="law of the training times t in (0, 1)")
     p.add_argument("--t-mean", type=cli.float_range(-4, 4), default=0.0, help="mean of the logit-normal time law")
     p.add_argument("--t-std", type=cli.float_range(0, 4, lo_open=True), default=1.0,
                    help="std of the logit-normal time law (1 = SD3's rf/lognorm(0, 1))")
@@ -165,8 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depth", type=cli.int_range(0, 32), default=2, help="double-stream (MMDiT) blocks")
     p.add_argument("--depth-single-blocks", type=cli.int_range(0, 64), default=2, help="single-stream blocks")
     p.add_argument("--mlp-ratio", type=cli.float_range(0.5, 8), default=4.0, help="MLP width / D")
-    p.add_argument("--patch-size", type=cli.int_range(1, 8), default=2,
-                   help="patch side in pixels (a divisor of 32; 2 gives 16x16 = 256 image tokens)")
+    p.add_argument("--patch-size", type=cli.int_range(1, 8), default=4,
+                   help="patch side in pixels (a divisor of 32; 4 gives 8x8 = 64 image tokens, 2 gives 16x16 = 256)")
     p.add_argument("--text-weights", type=cli.weights_file, default=str(TEXT_WEIGHTS), metavar="FILE",
                    help="ShapesWorld weights file whose text encoder conditions the model (frozen)")
     p.add_argument("--seed", type=cli.int_range(0), default=0, help="seed of the weights, batches, noise and times")
@@ -174,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_threads(p)
     p.add_argument("--log-every", type=cli.int_range(1), default=50, help="log the mean loss every N steps")
     p.add_argument("--save-every", type=cli.int_range(1), default=250, help="checkpoint and weights every N steps")
+    p.add_argument("--init", type=cli.existing_file, default=None, metavar="FILE",
+                   help="start the model and its EMA from this ShapesWorld-Flow weights file (a later stage)")
     p.add_argument("--ckpt", default="", metavar="FILE", help="resumable checkpoint path (default: <out>.ckpt)")
     p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint and start over")
     return p
