@@ -1,6 +1,7 @@
 """Shared argparse pieces for the pack's command lines: typed values with ranges, files in and out.
 
-Standard library only, so a bad flag is refused before torch or a model is loaded. Every refusal has
+Standard library only (the ShapesWorld weights checks come from ``shapesworld/weights.py``, standard
+library only too), so a bad flag is refused before torch or a model is loaded. Every refusal has
 one form, printed by argparse after the usage line, exit status 2, no traceback::
 
     editing.py: error: argument --steps: -5 is out of range: give an integer >= 2
@@ -13,15 +14,11 @@ two flags (``refuse_shipped``) run right after parsing, through ``parser.error``
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import struct
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-ASSETS = REPO / "assets"
-SHIPPED_WEIGHTS = ASSETS / "shapesworld.safetensors"
-SHIPPED_CLASSIFIER = ASSETS / "shapes_classifier.safetensors"
+from .shapesworld.weights import ASSETS, SHIPPED_WEIGHTS, is_shipped, shown_path, weights_problem
+
 OVERWRITE_FLAG = "--overwrite-shipped"
 
 
@@ -101,79 +98,6 @@ def device(text: str) -> str:
     return text
 
 
-def _is_shipped(path: Path) -> bool:
-    try:
-        return path.resolve() in (SHIPPED_WEIGHTS.resolve(), SHIPPED_CLASSIFIER.resolve())
-    except OSError:
-        return False
-
-
-def _shown(path: Path) -> str:
-    """The path as the user would type it: relative to the current directory when inside it."""
-    try:
-        return str(path.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path)
-
-
-def safetensors_metadata(path: Path) -> dict:
-    """The ``__metadata__`` of a safetensors file, read from its header only (no tensors, no torch).
-
-    Raises ValueError when the file is not a safetensors file."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ValueError("shorter than a safetensors header")
-        (size,) = struct.unpack("<Q", head)
-        if not 2 <= size <= min(100_000_000, path.stat().st_size - 8):
-            raise ValueError("no safetensors header")
-        try:
-            header = json.loads(f.read(size))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise ValueError("no safetensors header") from None
-    if not isinstance(header, dict):
-        raise ValueError("no safetensors header")
-    return header.get("__metadata__") or {}
-
-
-def _git_restore(path: Path) -> str:
-    rel = path.resolve().relative_to(REPO)
-    inside = Path.cwd().resolve() == REPO
-    return f"git checkout -- {rel}" if inside else f"git -C {REPO} checkout -- {rel}"
-
-
-def weights_fix(path: Path | str) -> str:
-    """What to do about a bad ShapesWorld weights file: restore (the shipped file only) or pick another."""
-    path = Path(path)
-    if _is_shipped(path):
-        return (f"restore the shipped file with `{_git_restore(SHIPPED_WEIGHTS)}`, or retrain into a new file with "
-                f"`python -m attention.shapesworld.recipe --out shapesworld_recipe.safetensors` (106 minutes on 2 CPU "
-                f"cores) and pass --weights shapesworld_recipe.safetensors")
-    return (f"give the path of a ShapesWorld weights file (written by attention.shapesworld.train or .recipe), "
-            f"or use the shipped {_shown(SHIPPED_WEIGHTS)} (the default: no --weights flag, or an empty weights "
-            f"widget in ComfyUI)")
-
-
-def weights_problem(path: Path | str, fix: str | None = None) -> str | None:
-    """Why ``path`` is not a usable ShapesWorld weights file, with a fix that fits the path (or ``fix``);
-    None if usable."""
-    path = Path(path)
-    fix = fix or weights_fix(path)
-    if path.is_dir():
-        return f"{path} is a folder, not a weights file: {fix}"
-    if not path.is_file():
-        return f"{path} does not exist: {fix}"
-    try:
-        meta = safetensors_metadata(path)
-    except (OSError, ValueError) as e:
-        return f"{path} is not a safetensors file ({e}): {fix}"
-    try:
-        json.loads(meta["config"])
-    except (KeyError, TypeError, json.JSONDecodeError):
-        return f"{path} is a safetensors file without a ShapesWorld model config: {fix}"
-    return None
-
-
 def weights_file(text: str) -> str:
     """argparse type: an existing ShapesWorld weights file (header checked; tensors are loaded later)."""
     problem = weights_problem(text)
@@ -234,13 +158,13 @@ def output_dir(text: str) -> str:
 
 def add_overwrite_shipped(p: argparse.ArgumentParser) -> None:
     p.add_argument(OVERWRITE_FLAG, action="store_true",
-                   help=f"allow --out to replace a file shipped in {_shown(ASSETS)}/ (every figure in the docs was "
+                   help=f"allow --out to replace a file shipped in {shown_path(ASSETS)}/ (every figure in the docs was "
                         f"measured on the shipped files; `git checkout` restores them)")
 
 
 def refuse_shipped(p: argparse.ArgumentParser, out: str, allowed: bool, flag: str = "--out") -> None:
     """parser.error unless ``out`` is a new file or ``allowed`` (the --overwrite-shipped flag) is set."""
-    if _is_shipped(Path(out)) and not allowed:
+    if is_shipped(Path(out)) and not allowed:
         p.error(f"argument {flag}: {out} is a shipped file (the docs' figures were measured on it): give a new "
                 f"file name, or add {OVERWRITE_FLAG} to replace it on purpose")
 
@@ -256,7 +180,7 @@ def load_model(p: argparse.ArgumentParser, weights: str | None = None):
 
 def add_weights(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", type=weights_file, default=None, metavar="FILE",
-                   help=f"ShapesWorld weights file (default: the shipped {_shown(SHIPPED_WEIGHTS)})")
+                   help=f"ShapesWorld weights file (default: the shipped {shown_path(SHIPPED_WEIGHTS)})")
 
 
 def add_threads(p: argparse.ArgumentParser, default: int = 0) -> None:

@@ -40,7 +40,7 @@ from PIL import Image
 from .context import AttnContext
 from .controller import AttentionController
 from .dpl_losses import attend_excite_loss, background_loss, disjoint_loss, gradual_threshold
-from .inversion import EpsFn, NullTextSettings, ddim_step, optimize_null
+from .inversion import EpsFn, GuideFn, NullTextSettings, cfg_guide, ddim_step, optimize_null
 
 ADAMW_WEIGHT_DECAY = 0.01      # torch.optim.AdamW's default, which upstream uses
 
@@ -151,19 +151,13 @@ def initializer_ids(ids: list[int], vocab: dict | None) -> list[int]:
     return out
 
 
-def background_at_size(mask: torch.Tensor, size: tuple[int, int], image_size: tuple[int, int] | None = None,
-                       rule: str = "upstream") -> torch.Tensor:
-    """A (H, W) background mask (1 = background) as {0, 1} at the map ``size`` (mh, mw).
-
-    ``rule="upstream"`` (default), as the official ``_2_DDIM_inv.py`` / ``_3_dpl_inv.py``: the mask (>= 0.5) is
-    nearest-upsampled to ``image_size`` (the image's pixel size; None = keep its size), written as an 8-bit
-    0/255 image, resized to the map size with Pillow's default (bicubic) filter, and every nonzero cell counts as
-    background - a dilated mask, since bicubic ringing leaves small positive values next to the background.
-    ``rule="majority"``: area average, then >= 0.5 (this pack's earlier rule)."""
-    if rule == "majority":
-        return (F.adaptive_avg_pool2d(mask.float()[None, None], size)[0, 0] >= 0.5).float()
-    if rule != "upstream":
-        raise ValueError(f"background rule {rule!r} is not one of 'upstream', 'majority'")
+def background_at_size(mask: torch.Tensor, size: tuple[int, int],
+                       image_size: tuple[int, int] | None = None) -> torch.Tensor:
+    """A (H, W) background mask (1 = background) as {0, 1} at the map ``size`` (mh, mw), as the official
+    ``_2_DDIM_inv.py`` / ``_3_dpl_inv.py``: the mask (>= 0.5) is nearest-upsampled to ``image_size`` (the image's
+    pixel size; None = keep its size), written as an 8-bit 0/255 image, resized to the map size with Pillow's
+    default (bicubic) filter, and every nonzero cell counts as background - a dilated mask, since bicubic ringing
+    leaves small positive values next to the background."""
     m = (mask.float() >= 0.5).float()[None, None]
     if image_size is not None and tuple(m.shape[-2:]) != tuple(image_size):
         m = F.interpolate(m, size=tuple(image_size), mode="nearest")
@@ -182,11 +176,14 @@ def dpl_invert(eps: EpsFn, encode: Callable[[list[torch.Tensor]], torch.Tensor],
                nouns: list[tuple[int, ...]], background: Callable[[tuple[int, int]], torch.Tensor] | None,
                null_init: torch.Tensor, s: DPLSettings,
                on_step: Callable[[int], None] | None = None,
-               on_inner: Callable[[int, str, int], None] | None = None, eps_null: EpsFn | None = None) -> DPLResult:
+               on_inner: Callable[[int, str, int], None] | None = None, eps_null: EpsFn | None = None,
+               guide: GuideFn | None = None) -> DPLResult:
     """The DPL inversion of ``trajectory`` (from ``ddim_invert``). ``eps`` must be differentiable in its
     context and pass through ``recorder``; ``background(size)`` gives the mask (mh, mw) at the map size.
-    ``eps_null`` evaluates the null contexts (default ``eps``; SDXL: the null rows' own pooled embedding)."""
+    ``eps_null`` evaluates the null contexts (default ``eps``; SDXL: the null rows' own pooled embedding);
+    ``guide`` combines cond and null (default ``cfg_guide(eps_null, s.null.guidance)``)."""
     eps_null = eps_null or eps
+    guide = guide or cfg_guide(eps_null, s.null.guidance)
     t0 = time.time()
     n = len(sigmas) - 1
     use = active_losses(s, len(nouns), background is not None)
@@ -235,13 +232,12 @@ def dpl_invert(eps: EpsFn, encode: Callable[[list[torch.Tensor]], torch.Tensor],
         null, done = optimize_null(eps_null, x, sig, sig_next, e_cond, trajectory[i + 1].detach(), start,
                                    s.null.guidance,
                                    s.null.lr * (1.0 - i / 100.0), s.null.inner_steps, threshold, inner,
-                                   s.null.keep_best)
+                                   s.null.keep_best, guide, cond)
         counts["forward"] += 2 + done + int(s.null.keep_best)
         counts["backward"] += done
         counts["null_iters"] += done
         with torch.no_grad():
-            e_u = eps_null(x, sig, null)
-            x = ddim_step(x, e_u + s.null.guidance * (e_cond - e_u), sig, sig_next)
+            x = ddim_step(x, guide(x, sig, cond, e_cond, null), sig, sig_next)
         out.params.append([p.detach().clone() for p in params])
         out.conds.append(cond)
         out.nulls.append(null.clone())

@@ -30,11 +30,11 @@ import torch
 import torch.nn.functional as F
 
 
-def gaussian_kernel(size: int = 3, sigma: float = 0.5, upstream: bool = True) -> torch.Tensor:
-    """(size, size) normalized separable Gaussian. ``upstream`` (default): Attend-and-Excite's
-    exp(-((x - mu) / (2 sigma))^2), an effective sigma of sigma * sqrt(2); False: a true Gaussian of ``sigma``."""
+def gaussian_kernel(size: int = 3, sigma: float = 0.5) -> torch.Tensor:
+    """(size, size) normalized separable kernel of Attend-and-Excite's ``GaussianSmoothing``:
+    exp(-((x - mu) / (2 sigma))^2), an effective sigma of sigma * sqrt(2) (upstream's formula, kept)."""
     ax = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
-    k = torch.exp(-((ax / (2 * sigma)) ** 2)) if upstream else torch.exp(-(ax ** 2) / (2 * sigma ** 2))
+    k = torch.exp(-((ax / (2 * sigma)) ** 2))
     k2 = torch.outer(k, k)
     return k2 / k2.sum()
 

@@ -5,8 +5,13 @@ prompted class). We store what a user's graph produces: the image's **latent** (
 are ~70 MB per SD image; the trainer recomputes them), the prompt, the words and each word's binary mask.
 
 Layout: ``<root>/<name>/<000001>.safetensors``, one file per image, written to a temporary name and renamed,
-so an interrupted run never leaves half a file. Tensors: ``latent`` (C, h, w) float32 (a raw VAE latent, as in
-ComfyUI's LATENT dict), ``masks`` (N, H, W) uint8 0/1. Metadata: ``format``, ``prompt``, ``words`` (JSON list).
+so an interrupted run never leaves half a file. What belongs to a dataset is decided by that exact name: digits
+only (six or more) and ``.safetensors``. Anything else in the folder (a renamed backup ``000002_old.safetensors``,
+a copy ``000002 (1).safetensors``, notes, subfolders) is never read, counted or trained on; ``log_strays`` (run by
+``load`` and once per Grounding Dataset Add) names those entries in one log line. Hidden entries (``.DS_Store``,
+macOS ``._*`` files, our own ``.000003.tmp`` of an interrupted write) are skipped without a word. Tensors:
+``latent`` (C, h, w) float32 (a raw VAE latent, as in ComfyUI's LATENT dict), ``masks`` (N, H, W) uint8 0/1.
+Metadata: ``format``, ``prompt``, ``words`` (JSON list).
 """
 
 from __future__ import annotations
@@ -21,8 +26,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from . import logger
+
 FORMAT = "attention_lab.grounding_dataset/1"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+EXAMPLE_FILE = re.compile(r"^[0-9]{6,}\.safetensors$")      # the one rule of what a dataset holds
 
 
 class DatasetError(ValueError):
@@ -58,7 +66,22 @@ class GroundingDataset:
         return cls(name, Path(root) / name)
 
     def files(self) -> list[Path]:
-        return sorted(self.path.glob("[0-9]*.safetensors")) if self.path.is_dir() else []
+        """The example files (``EXAMPLE_FILE``), in index order."""
+        return example_files(self.path)
+
+    def strays(self) -> list[str]:
+        """Names of the visible entries of the folder that are not example files (never read)."""
+        if not self.path.is_dir():
+            return []
+        return sorted(p.name + ("/" if p.is_dir() else "") for p in self.path.iterdir()
+                      if not p.name.startswith(".") and not (p.is_file() and EXAMPLE_FILE.match(p.name)))
+
+    def log_strays(self) -> None:
+        strays = self.strays()
+        if strays:
+            logger.warning("grounding dataset %r: skipped %s (not example files: a dataset holds only files named "
+                           "like 000001.safetensors; move the others out of %s)", self.name, ", ".join(strays),
+                           self.path)
 
     def __len__(self) -> int:
         return len(self.files())
@@ -69,6 +92,9 @@ class GroundingDataset:
 
     def append(self, example: Example) -> Path:
         """Write one example; returns its file."""
+        if example.masks.ndim != 3 or example.latent.ndim != 3:
+            raise DatasetError(f"an example needs masks (N, H, W) and a latent (C, h, w); got masks "
+                               f"{tuple(example.masks.shape)} and latent {tuple(example.latent.shape)}")
         if example.masks.shape[0] != len(example.words):
             raise DatasetError(f"{example.masks.shape[0]} masks for {len(example.words)} words")
         self.path.mkdir(parents=True, exist_ok=True)
@@ -90,8 +116,11 @@ class GroundingDataset:
     def load(self) -> list[Example]:
         """Every example; raises DatasetError for a missing/empty dataset or a foreign file."""
         files = self.files()
+        self.log_strays()
         if not files:
-            why = "does not exist" if not self.path.is_dir() else "is empty"
+            strays = self.strays()
+            why = ("does not exist" if not self.path.is_dir() else
+                   f"holds no example file (only {', '.join(strays)})" if strays else "is empty")
             raise DatasetError(f"grounding dataset {self.name!r} ({self.path}) {why}; fill it first with "
                                "Grounding Dataset Add (queue the filling graph), or pick another dataset")
         out = []
@@ -117,5 +146,12 @@ def list_datasets(root: Path | str) -> list[str]:
     root = Path(root)
     if not root.is_dir():
         return []
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and _NAME.match(p.name)
-                  and any(p.glob("[0-9]*.safetensors")))
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and _NAME.match(p.name) and example_files(p))
+
+
+def example_files(folder: Path) -> list[Path]:
+    """The files of ``folder`` named by ``EXAMPLE_FILE``, in index order (000009 before 0000010)."""
+    if not folder.is_dir():
+        return []
+    return sorted((p for p in folder.iterdir() if EXAMPLE_FILE.match(p.name) and p.is_file()),
+                  key=lambda p: int(p.name.split(".")[0]))

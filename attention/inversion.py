@@ -21,6 +21,11 @@ The NTI notebook's DDIMScheduler (steps_offset 0) uses t = 980, ..., 0 and ends 
 DPL's SD 1.4 scheduler config (steps_offset 1) uses t = 981, ..., 1 and also ends at sigma 0.0292 instead of 0.
 Both are documented departures of the grid (docs/faithful-ports.md), not of the step math.
 
+Guidance: every loop combines the conditional eps and a null context through a ``GuideFn``. ``cfg_guide`` is the
+papers' classifier-free guidance e_u + g (e_c - e_u) (the default, exactly as before); ComfyUI's nodes pass one
+that runs the MODEL's own CFG hooks (``nodes/guided.py``), so a RescaleCFG or a post-CFG function shapes the
+inversion as it shapes the sampler.
+
 Shapes: x (1, c, h, w); embeddings (1, m, d); trajectory[i] is the state at s_i (trajectory[N] = x_0).
 """
 
@@ -32,6 +37,17 @@ from typing import Callable
 import torch
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]   # (x, sigma, context) -> eps
+# (x, sigma, cond context, its eps e_cond, null context) -> the guided eps of one sampling step
+GuideFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def cfg_guide(eps_null: EpsFn, guidance: float) -> GuideFn:
+    """Classifier-free guidance on eps, the papers' formula: e_u + guidance * (e_cond - e_u), e_u of the null."""
+    def guide(x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor, e_cond: torch.Tensor,
+              null: torch.Tensor) -> torch.Tensor:
+        e_u = eps_null(x, sigma, null)
+        return e_u + guidance * (e_cond - e_u)
+    return guide
 
 
 @dataclass
@@ -40,7 +56,8 @@ class NullTextSettings:
     inner_steps: int = 10
     lr: float = 1e-2
     epsilon: float | None = 1e-5           # early stop base; None = always run inner_steps
-    keep_best: bool = False                # deviation for low-precision UNets: keep each step's best evaluated null
+    keep_best: bool = False                # not upstream (an option, the nodes' keep_best_null): return each
+                                           # step's best evaluated null instead of Adam's last one
 
 
 @dataclass
@@ -96,20 +113,24 @@ def ddim_step(x: torch.Tensor, e: torch.Tensor, s: torch.Tensor, s_next: torch.T
 def optimize_null(eps: EpsFn, x: torch.Tensor, sig: torch.Tensor, sig_next: torch.Tensor, e_cond: torch.Tensor,
                   target: torch.Tensor, null: torch.Tensor, guidance: float, lr: float, iters: int,
                   threshold: float | None, on_inner: Callable[[int], float] | None = None,
-                  keep_best: bool = False) -> tuple[torch.Tensor, int]:
+                  keep_best: bool = False, guide: GuideFn | None = None,
+                  cond: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """One sampling step's null embedding: a fresh Adam on ``null`` so that the guided DDIM step from ``x``
     lands on ``target``; stops early under ``threshold`` (None: never). Returns it and the iterations run.
     ``eps`` here evaluates null (unconditional) contexts. The embedding is optimized in float32 when its dtype
     is lower (Adam's small steps vanish in bf16/fp16); float64 stays float64. ``keep_best`` (not upstream):
     return the null of the lowest loss evaluated, the starting one included, instead of the last; with a bf16/fp16
-    UNet the gradients are noisy enough that the last Adam step can be worse than where it started."""
+    UNet the gradients are noisy enough that the last Adam step can be worse than where it started. Off by default
+    (upstream); measured both ways in fp16 on ShapesWorld by ``python -m attention.shapesworld.null_precision``.
+    ``guide``: how the step is guided (default ``cfg_guide(eps, guidance)``), ``cond`` the context ``e_cond``
+    comes from; the guide must be differentiable in the null."""
+    guide = guide or cfg_guide(eps, guidance)
     null = null.detach().to(torch.promote_types(null.dtype, torch.float32)).clone().requires_grad_(True)
     opt = torch.optim.Adam([null], lr=lr)
     done = 0
     best: tuple[float, torch.Tensor] | None = None
     for j in range(iters):
-        e_u = eps(x, sig, null)
-        rec = ddim_step(x, e_u + guidance * (e_cond - e_u), sig, sig_next)
+        rec = ddim_step(x, guide(x, sig, cond, e_cond, null), sig, sig_next)
         loss = torch.nn.functional.mse_loss(rec * z_scale(sig_next), target * z_scale(sig_next))
         if keep_best and (best is None or float(loss.detach()) < best[0]):
             best = (float(loss.detach()), null.detach().clone())
@@ -124,8 +145,7 @@ def optimize_null(eps: EpsFn, x: torch.Tensor, sig: torch.Tensor, sig_next: torc
             break
     if keep_best and best is not None:
         with torch.no_grad():   # the last step's result too (one more evaluation)
-            e_u = eps(x, sig, null)
-            last = torch.nn.functional.mse_loss(ddim_step(x, e_u + guidance * (e_cond - e_u), sig, sig_next)
+            last = torch.nn.functional.mse_loss(ddim_step(x, guide(x, sig, cond, e_cond, null), sig, sig_next)
                                                 * z_scale(sig_next), target * z_scale(sig_next))
         if float(last) > best[0]:
             return best[1], done
@@ -134,16 +154,18 @@ def optimize_null(eps: EpsFn, x: torch.Tensor, sig: torch.Tensor, sig_next: torc
 
 def null_text_optimize(eps: EpsFn, trajectory: list[torch.Tensor], sigmas: torch.Tensor, cond: torch.Tensor,
                        null_init: torch.Tensor, s: NullTextSettings,
-                       on_inner: Callable[[int, int, float], None] | None = None, eps_null: EpsFn | None = None
-                       ) -> tuple[list[torch.Tensor], dict, torch.Tensor]:
+                       on_inner: Callable[[int, int, float], None] | None = None, eps_null: EpsFn | None = None,
+                       guide: GuideFn | None = None) -> tuple[list[torch.Tensor], dict, torch.Tensor]:
     """Per-step null embeddings that make guided DDIM retrace ``trajectory``.
 
     ``eps`` must be differentiable with respect to its context argument. Returns the embeddings,
     counts {forward, backward, inner_steps} (UNet rows evaluated) and the reconstruction (the last
     guided state, which is what sampling with these embeddings gives). ``eps_null`` evaluates the null
-    contexts (default ``eps``; SDXL gives the null rows their own pooled embedding, as ComfyUI does).
+    contexts (default ``eps``; SDXL gives the null rows their own pooled embedding, as ComfyUI does); ``guide``
+    combines the two (default ``cfg_guide(eps_null, s.guidance)``).
     """
     eps_null = eps_null or eps
+    guide = guide or cfg_guide(eps_null, s.guidance)
     n = len(sigmas) - 1
     null = null_init.detach().clone()
     nulls, counts = [], {"forward": 0, "backward": 0, "inner_steps": 0}
@@ -155,27 +177,26 @@ def null_text_optimize(eps: EpsFn, trajectory: list[torch.Tensor], sigmas: torch
         threshold = None if s.epsilon is None else s.epsilon + i * 2e-5
         inner = None if on_inner is None else (lambda j, v, i=i: on_inner(i, j, v))
         null, done = optimize_null(eps_null, x, sig, sig_next, e_cond, trajectory[i + 1].detach(), null, s.guidance,
-                                   s.lr * (1.0 - i / 100.0), s.inner_steps, threshold, inner, s.keep_best)
+                                   s.lr * (1.0 - i / 100.0), s.inner_steps, threshold, inner, s.keep_best, guide, cond)
         counts["forward"] += 2 + done + int(s.keep_best)
         counts["backward"] += done
         counts["inner_steps"] += done
         nulls.append(null.clone())
         with torch.no_grad():
-            e_u = eps_null(x, sig, null)
-            x = ddim_step(x, e_u + s.guidance * (e_cond - e_u), sig, sig_next)
+            x = ddim_step(x, guide(x, sig, cond, e_cond, null), sig, sig_next)
     return nulls, counts, x
 
 
 @torch.no_grad()
 def reconstruct(eps: EpsFn, inv: Inversion, null_fallback: torch.Tensor, eps_null: EpsFn | None = None,
-                device: torch.device | str | None = None) -> torch.Tensor:
+                device: torch.device | str | None = None, guide: GuideFn | None = None) -> torch.Tensor:
     """Guided DDIM from x_T with the inversion's nulls (or ``null_fallback``): the reconstruction, on ``device``
-    (default: where x_T is; an Inversion keeps its tensors on the CPU, the UNet may be on a GPU)."""
-    eps_null = eps_null or eps
+    (default: where x_T is; an Inversion keeps its tensors on the CPU, the UNet may be on a GPU). ``guide``:
+    default ``cfg_guide(eps_null, inv.guidance)``."""
+    guide = guide or cfg_guide(eps_null or eps, inv.guidance)
     dev = torch.device(device) if device is not None else inv.x_T.device
     x, sigmas, cond = inv.x_T.to(dev), inv.sigmas.to(dev), inv.cond.to(dev)
     for i in range(len(sigmas) - 1):
         u = (inv.nulls[i] if inv.nulls is not None else null_fallback).to(dev)
-        e_c, e_u = eps(x, sigmas[i], cond), eps_null(x, sigmas[i], u)
-        x = ddim_step(x, e_u + inv.guidance * (e_c - e_u), sigmas[i], sigmas[i + 1])
+        x = ddim_step(x, guide(x, sigmas[i], cond, eps(x, sigmas[i], cond), u), sigmas[i], sigmas[i + 1])
     return x

@@ -354,21 +354,33 @@ def blend_positions(prompts: list[str], names: list[str], words_of: WordsFn) -> 
 # ---- the batch sampler -------------------------------------------------------------------------
 
 BatchEps = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, list], torch.Tensor]  # (x, sigma, ctx, cou) -> eps
+# (x (rows, c, h, w), sigma, conds (rows, m, d), null (rows, m, d)) -> the guided eps of the rows
+BatchGuide = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def batch_cfg(eps: BatchEps, cfg: float) -> BatchGuide:
+    """Classifier-free guidance of a batch, cond and null rows in one call: e_u + cfg * (e_c - e_u)."""
+    def guide(x, sigma, c, u):
+        e_c, e_u = eps(torch.cat([x, x]), sigma, torch.cat([c, u]), [0, 1]).chunk(2)
+        return e_u + cfg * (e_c - e_u)
+    return guide
 
 
 @torch.no_grad()
-def p2p_sample(eps: BatchEps, x_T: torch.Tensor, sigmas: torch.Tensor, conds: torch.Tensor | list[torch.Tensor],
-               nulls: list[torch.Tensor] | torch.Tensor, cfg: float, after_step=None, on_step=None) -> torch.Tensor:
+def p2p_sample(eps: BatchEps | None, x_T: torch.Tensor, sigmas: torch.Tensor, conds: torch.Tensor | list[torch.Tensor],
+               nulls: list[torch.Tensor] | torch.Tensor, cfg: float, after_step=None, on_step=None,
+               guide: BatchGuide | None = None) -> torch.Tensor:
     """DDIM (eta 0) on the batch [source, edits] from one x_T (1, c, h, w); ``conds`` (1+k, m, d), or one such
     batch per step (a DPL inversion's per-step tokens); ``nulls``: one (1, m, d) null per step (an inversion)
-    or a single negative context."""
+    or a single negative context. ``guide`` (default ``batch_cfg(eps, cfg)``) gives the rows' guided eps; the
+    nodes pass one that runs ComfyUI's sampling path, where ``nulls`` may be None (the guide's own negative)."""
+    guide = guide or batch_cfg(eps, cfg)
     k1 = (conds[0] if isinstance(conds, list) else conds).shape[0]
     x = x_T.expand(k1, -1, -1, -1).clone()
     for i in range(len(sigmas) - 1):
         c = conds[i] if isinstance(conds, list) else conds
-        u = (nulls[i] if isinstance(nulls, list) else nulls).to(c).expand(k1, -1, -1)
-        e_c, e_u = eps(torch.cat([x, x]), sigmas[i], torch.cat([c, u]), [0, 1]).chunk(2)
-        x = x + (e_u + cfg * (e_c - e_u)) * (sigmas[i + 1] - sigmas[i])
+        u = None if nulls is None else (nulls[i] if isinstance(nulls, list) else nulls).to(c).expand(k1, -1, -1)
+        x = x + guide(x, sigmas[i], c, u) * (sigmas[i + 1] - sigmas[i])
         if after_step is not None:
             x = after_step(i, x)
         if on_step is not None:

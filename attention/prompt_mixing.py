@@ -18,11 +18,14 @@ from typing import Callable
 
 import torch
 
+from .chunks import visible
 from .cluster import cluster_store, nearest_size
 from .context import AttnContext, context_from_extra_options
 from .controller import AttentionController
 from .render import upsample
 from .store import AttentionStore
+from .structure import prompt_nouns
+from .words import PromptWords, split_word_list
 
 
 @dataclass
@@ -63,6 +66,39 @@ def proxy_prompt(prompt: str, word: str, proxy: str) -> str:
     if n == 0:
         raise ValueError(f"object word {word!r} is not in the prompt {prompt!r}; write it as it appears there")
     return out
+
+
+@dataclass
+class BlendLabels:
+    """The words that label the blend's clusters, one entry per occurrence in the prompt, in prompt order."""
+
+    positions: list[tuple[int, ...]]      # key positions of each labelling word occurrence
+    names: list[str]                      # the word (or phrase) of each entry, as the user or the finder wrote it
+    background: frozenset[int]            # entries whose clusters go to the original (upstream's background_nouns)
+    obj: int                              # the object word's first occurrence (upstream's obj_token_index)
+
+
+def blend_labels(pw: PromptWords, object_word: str, nouns: str = "", background_nouns: str = "") -> BlendLabels:
+    """Upstream ``Segmentor``: every noun of the prompt labels the clusters, one label per occurrence (NLTK's
+    ``(word index, word)`` pairs); a cluster of a noun in ``background_nouns`` (by its text) is background unless
+    it is the object's. ``nouns``: comma-separated nouns, or empty (the default) for ``prompt_nouns``, which stands
+    in for NLTK's tagger. The object word and the background nouns always label (upstream assumes they are
+    nouns). A listed noun that is not in the prompt is refused; a found one that the tokenizer cannot match
+    (an embedding) is skipped."""
+    bg_names = split_word_list(background_nouns)
+    listed = split_word_list(nouns)
+    for n in [object_word] + listed + bg_names:
+        pw.positions(n, "object word" if n == object_word else "noun")        # refuse a word not in the prompt
+    found = [n for n in (listed or prompt_nouns(pw.prompt))]
+    entries: dict[tuple[int, ...], str] = {}
+    for name in dict.fromkeys([object_word] + found + bg_names):
+        for occ in pw.occurrences(name):
+            entries.setdefault(occ, name)
+    order = sorted(entries)
+    bg = {n.casefold() for n in bg_names}
+    obj = order.index(pw.occurrences(object_word)[0])
+    return BlendLabels(order, [entries[o] for o in order],
+                       frozenset(i for i, o in enumerate(order) if entries[o].casefold() in bg), obj)
 
 
 def foreground(store: AttentionStore, item: int, positions: list[tuple[int, ...]], s: MixSettings,
@@ -138,7 +174,8 @@ class ProxyValuePatch:
     """An ``attn2_patch``: keys keep the prompt, values come from each variation's proxy prompt.
 
     ``proxy_context``: (k, m, c) text states of the proxy prompts, one per variation item.
-    Active for steps whose progress is in [start, end) (official: 7/50 to 17/50).
+    Active for steps whose progress is in [start, end) (official: 7/50 to 17/50). Where the sampling run marks
+    the prompt's conditioning entries (``chunks.py``), other entries (an area prompt) keep their values.
     """
 
     def __init__(self, proxy_context: torch.Tensor, start: float, end: float):
@@ -149,7 +186,7 @@ class ProxyValuePatch:
         return self
 
     def __call__(self, n, context, value, extra_options):
-        ctx = context_from_extra_options(extra_options, True, n)
+        ctx = visible(context_from_extra_options(extra_options, True, n), full_frame=False)  # the prompt's entries
         p = ctx.progress
         if p is None or not self.start <= p < self.end:
             return n, context, value

@@ -6,7 +6,9 @@ of steps. Shapes:
     self[layer]:  (items, n, n)   only for layers with n <= self_max_tokens
     cross_heads[layer]: (items, heads, n, m)   only with ``keep_heads`` (MnM's injection mask needs the heads)
 Maps are averaged over heads, over the calls in the step range and over the positive
-conditioning chunks (several positive entries are averaged together).
+conditioning chunks (several positive entries are averaged together). Only chunks of the full frame are
+recorded: an area entry, which ComfyUI evaluates on a crop of the latent, is left out, and where the run marks
+a node's own prompt entries only those count (``chunks.visible``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import logger
+from .chunks import HIDDEN, visible
 from .context import AttnContext
 from .controller import AttentionController
 from .layers import LayerId, LayerInfo, LayerSelection, LayerSelectionError, describe, parse_layer_selection
@@ -109,6 +112,9 @@ class AttentionStore(AttentionController):
 
     def wants_probs(self, ctx: AttnContext) -> bool:
         c = self.config
+        ctx = visible(ctx)
+        if all(kind == HIDDEN for kind in ctx.cond_or_uncond):   # a crop's call (area conditioning)
+            return False
         if ctx.is_cross:
             if ctx.layer in self.sizes_seen and not self._checked:   # a layer again: one UNet call seen whole
                 self.check_selection()
@@ -124,9 +130,10 @@ class AttentionStore(AttentionController):
     edits_probs = False  # a capture only reads: the output stays the fast kernel's
 
     def probs_rows(self, ctx: AttnContext) -> list[int]:
-        return [r for r, _ in ctx.rows(0)]
+        return [r for r, _ in visible(ctx).rows(0)]
 
     def observe_probs(self, probs: torch.Tensor, ctx: AttnContext, query_slice: slice, rows: list[int]) -> None:
+        ctx = visible(ctx)
         cond = [r for r, _ in ctx.rows(0)]
         if rows != cond:  # probabilities of every row (an editor ran): pick the cond rows
             pos = {r: i for i, r in enumerate(rows)}

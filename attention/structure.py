@@ -23,7 +23,10 @@ keeps every attention function, replace patch and optimisation of the model work
 Noun phrases: upstream parses the prompt with Stanza's constituency parser (every NP of more than one word, the
 coordinations "A and B" included). No parser model can be downloaded here, so ``noun_phrases`` is a rule-based
 chunker that splits at conjunctions, prepositions and punctuation and keeps the chunks of two words or more and
-the coordinations of two such chunks; users can list the phrases themselves instead.
+the coordinations of two such chunks; users can list the phrases themselves instead. The same chunks give
+``prompt_nouns`` (each chunk's head word), which prompt mixing's blend uses in place of upstream's NLTK noun tags.
+A textual inversion ``embedding:name`` is one word of a phrase (its name kept as written), as in every word list
+of the pack (``words.py``).
 
 Shape legend:
     context, value (b, m, c): pre-projection text states per attention row, m tokens of width c
@@ -37,34 +40,68 @@ from typing import Callable
 
 import torch
 
-# Words that end a noun phrase (no part-of-speech tagger offline): conjunctions, prepositions, linking verbs.
+from .words import EMBEDDING_WORD, is_embedding
+
+# Words that end a noun phrase (no part-of-speech tagger offline): conjunctions, prepositions, linking verbs, and
+# the participles prompts most often put after a noun ("a cat sitting on a mat": the phrase is "a cat").
 _BREAK = frozenset("""
 and or but nor while with without on in at under over above below behind beside besides near next to of by
 from into onto inside outside between among against along across around through toward towards for beneath
 underneath atop upon via is are was were be being has have had who which that where
+sitting standing lying holding wearing walking running riding eating playing flying looking
 """.split())
-_WORD = re.compile(r"[\w'-]+|[,.;:!?]")
+# Words that are never the head noun of a phrase: determiners, possessives, quantifiers, number words.
+_NOT_NOUN = frozenset("""
+a an the this these those some any each every no my your his her its our their many few several much more most
+one two three four five six seven eight nine ten very
+""".split())
+_WORD = re.compile(EMBEDDING_WORD + r"|[\w'-]+|[,.;:!?]")     # a textual inversion 'embedding:name' is one word
 _WEIGHT = re.compile(r":\s*-?\d*\.?\d+\s*\)")
+
+
+def _chunks(prompt: str) -> tuple[list[str], list[tuple[int, int]]]:
+    """The prompt's lower-cased words (an ``embedding:name`` keeps its case; punctuation as words of its own) and
+    the [start, end) spans of the runs between break words and punctuation; (word:weight) emphasis and
+    parentheses are dropped."""
+    text = _WEIGHT.sub(" ", prompt).replace("\\(", " ").replace("\\)", " ")
+    # a textual inversion keeps its name's case; '[' stays text before 'embedding:' as in ComfyUI's tokenizer
+    words = [w if is_embedding(w) else w.lower() for w in _WORD.findall(re.sub(r"[(){}]", " ", text))]
+    spans: list[tuple[int, int]] = []
+    start = 0
+    for i, w in enumerate(words + ["."]):
+        if w in _BREAK or not w[0].isalnum():
+            if i > start:
+                spans.append((start, i))
+            start = i + 1
+    return words, spans
 
 
 def noun_phrases(prompt: str) -> list[str]:
     """Noun-phrase candidates of ``prompt`` in order: chunks of 2+ words between break words and punctuation,
     then each "A and B" whose sides are both such chunks. The prompt itself is never returned."""
-    text = _WEIGHT.sub(" ", prompt).replace("\\(", " ").replace("\\)", " ")
-    words = _WORD.findall(re.sub(r"[()\[\]{}]", " ", text).lower())
-    chunks: list[tuple[int, int]] = []          # [start, end) word spans
-    start = 0
-    for i, w in enumerate(words + ["."]):
-        if w in _BREAK or not w[0].isalnum():
-            if i - start >= 2:
-                chunks.append((start, i))
-            start = i + 1
+    words, spans = _chunks(prompt)
+    chunks = [(a, b) for a, b in spans if b - a >= 2]
     phrases = [" ".join(words[a:b]) for a, b in chunks]
     for (a1, b1), (a2, b2) in zip(chunks, chunks[1:]):
         if b1 + 1 == a2 and words[b1] in ("and", "or"):
             phrases.append(" ".join(words[a1:b2]))
     full = " ".join(w for w in words if w[0].isalnum())
     return [p for p in phrases if p != full]
+
+
+def prompt_nouns(prompt: str) -> list[str]:
+    """The nouns of ``prompt``, once each, in order: the head (last word) of every chunk of ``_chunks`` that is not
+    a determiner or a number. Stands in for NLTK's part-of-speech tags (upstream MnM's ``Segmentor``, every word
+    tagged NN*) on prompts of noun phrases: "a hamburger with a cup of coffee on the table" gives hamburger, cup,
+    coffee, table as NLTK does. It misses a noun that modifies another ("coffee cup": cup only) and takes an
+    adjective or verb that ends a chunk for a noun; list the nouns by hand for such prompts."""
+    words, spans = _chunks(prompt)
+    out: list[str] = []
+    for _, b in spans:
+        head = words[b - 1]
+        if head not in _NOT_NOUN and not head.isdigit() and head not in out:
+            out.append(head)
+    return out
 
 
 def phrase_spans(phrases: list[str],

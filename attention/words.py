@@ -10,7 +10,11 @@ through ``PromptWords``:
    parentheses. Weights never move tokens, so the words inside are matched. ``[word]`` is plain text to
    ComfyUI (no de-emphasis); its brackets are punctuation and the word inside matches.
 2. **Words.** Each weighted segment is split into words (letters/digits, inner ``'`` and ``-`` kept:
-   ``don't``, ``red-haired``); punctuation belongs to no word. Each word is tokenized alone and located in
+   ``don't``, ``red-haired``); punctuation belongs to no word. A textual inversion ``embedding:name`` is one
+   word, as ComfyUI's tokenizer reads it (``comfy/sd1_clip.py`` ``tokenize_with_weights``: the identifier at the
+   start of a segment or after a space or newline, the name up to the next space, trailing commas dropped):
+   its token ids are its vectors (-1 each), so it owns exactly the key positions of its vectors; an embedding
+   the tokenizer did not find has no tokens and is no word of the prompt. Each word is tokenized alone and located in
    the prompt's tokens in order, so it owns all its tokens (multi-token words) and positions are global keys
    over every 77-token chunk (chunk ``c`` position ``p`` is key ``c * chunk_len + p``, as ComfyUI
    concatenates long prompts).
@@ -30,7 +34,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 WordIdsFn = Callable[[str], list[int]]       # one word alone -> its token ids, no BOS/EOS/padding
-_WORD = re.compile(r"\w+(?:['\u2019-]\w+)*")
+EMBEDDING_PREFIX = "embedding:"              # ComfyUI's textual-inversion identifier (SDTokenizer)
+EMBEDDING_WORD = r"(?:^|(?<=[ \n]))embedding:[^\s,]+"   # one word: the identifier and its name
+_WORD = re.compile(EMBEDDING_WORD + r"|\w+(?:['\u2019-]\w+)*")
 _LIT_OPEN, _LIT_CLOSE = "\0\2", "\0\1"        # escaped parentheses while parsing, as ComfyUI marks them
 
 
@@ -93,6 +99,11 @@ def emphasis_segments(prompt: str) -> list[tuple[str, float]]:
 def text_words(text: str) -> list[str]:
     """The words of a prompt or phrase as written, emphasis removed: 'A (Tiger:1.2), ok' -> ['A', 'Tiger', 'ok']."""
     return [w for seg, _ in emphasis_segments(text) for w in _WORD.findall(seg)]
+
+
+def is_embedding(word: str) -> bool:
+    """True for a textual-inversion word ``embedding:name``."""
+    return word.startswith(EMBEDDING_PREFIX) and len(word) > len(EMBEDDING_PREFIX)
 
 
 def split_word_list(text: str) -> list[str]:

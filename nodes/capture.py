@@ -19,6 +19,7 @@ from .common import (
     require_finished_store,
     word_positions,
 )
+from .guided import add_chunk_wrapper
 
 
 class AttentionCapture(io.ComfyNode):
@@ -31,7 +32,8 @@ class AttentionCapture(io.ComfyNode):
             description=(
                 "Clones the MODEL and records head-averaged attention maps of the positive prompt while any "
                 "sampler node samples with the returned MODEL. Wire the sampler's LATENT into an "
-                "Attention Map View to see them. The sampled image is unchanged."),
+                "Attention Map View to see them. The sampled image is unchanged. Conditioning entries with an area "
+                "(evaluated on a crop) are not recorded; the maps are always the full frame's."),
             inputs=[
                 io.Model.Input("model", tooltip="The model to watch. It is cloned; the input stays unpatched."),
                 io.String.Input("layers", default="all", tooltip=(
@@ -75,6 +77,7 @@ class AttentionCapture(io.ComfyNode):
         m = model.clone()
         install_controller(m, store, ids, self_attn=capture_self, cross_attn=True)
         add_outer_sample_wrapper(m, f"attention_lab_capture_{id(store)}", before=store.reset, on_success=store.finish)
+        add_chunk_wrapper(m)    # area entries run on a crop: the store records the full frame only
         logger.info("AttentionCapture: watching %d layers (%s)", len(ids), layers)
         return io.NodeOutput(m, store)
 

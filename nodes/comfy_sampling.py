@@ -1,12 +1,13 @@
-"""ComfyUI's own samplers for row-batched edits (P2PEditSampler, PromptMixSampler).
+"""ComfyUI's own samplers for row-batched edits (P2PEditSampler, PromptMixSampler from a seed).
 
 The source (or original) and every edit are the rows of one latent batch that starts from one
-initial noise and runs through the user's SAMPLER and SIGMAS exactly as SamplerCustomAdvanced runs
-them (``comfy.sample.sample_custom``: CFGGuider, KSAMPLER, the model's patches and wrappers). Each row
-has its own prompt through one batched CONDITIONING entry: the text states (rows, m, d) and, for SDXL,
-the pooled outputs (rows, 1280) stacked; ComfyUI keeps a conditioning whose batch equals the latent's
-row by row (``repeat_to_batch_size``), and the negative is repeated to every row. The attention
-controllers take the step from the sigma (``extra_options['sigmas']`` against ``sample_sigmas``).
+initial noise and runs through a SAMPLER and SIGMAS exactly as SamplerCustomAdvanced runs them
+(``comfy.sample.sample_custom``: CFGGuider, KSAMPLER, the model's patches and wrappers, every conditioning
+entry, the LATENT's noise mask). Without a SAMPLER the nodes use ``ddim_sampler``, our DDIM (eta 0) loop of
+attention/sampling.py as a KSAMPLER, on the node's steps and scheduler: the same path, one loop to keep right.
+Each row has its own prompt through the batched CONDITIONING of ``guided.rows_conditioning``; ComfyUI keeps a
+conditioning whose batch equals the latent's row by row, and the negative is repeated to every row. The
+attention controllers take the step from the sigma (``extra_options['sigmas']`` against ``sample_sigmas``).
 
 Two things a stock sampler does not do for us, added by wrapping its sampler function:
 * stochastic samplers (ancestral, SDE, DDPM, LCM...) draw fresh noise for every row at every step,
@@ -27,15 +28,32 @@ import inspect
 import re
 
 import comfy.k_diffusion.sampling as kds
+import comfy.model_management as mm
 import comfy.sample
 import comfy.samplers
 import latent_preview
 import torch
 
 from ..attention import logger
-from ..attention.sampling import AfterStep, StepBoundaryHook
+from ..attention.sampling import AfterStep, StepBoundaryHook, sample_euler
 
 BROWNIAN = re.compile(r"^sample_dpmpp_(2m_sde|3m_sde|sde)")   # the samplers whose default noise is a Brownian tree
+
+
+def sample_ddim(model, x, sigmas, extra_args=None, callback=None, disable=None):
+    """Our DDIM (eta 0) loop (attention/sampling.py's ``sample_euler``) as a k-diffusion sampler function."""
+    extra = extra_args or {}
+
+    def step(i, x_, x0):
+        mm.throw_exception_if_processing_interrupted()
+        if callback is not None:
+            callback({"x": x_, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": x0})
+    return sample_euler(lambda x_, s_: model(x_, s_, **extra), x, sigmas, on_step=step)
+
+
+def ddim_sampler() -> comfy.samplers.KSAMPLER:
+    """The nodes' default SAMPLER: DDIM with eta 0 (equal to euler on the same sigmas, docs/samplers.md)."""
+    return comfy.samplers.KSAMPLER(sample_ddim)
 
 
 def sampler_name(sampler) -> str:
@@ -77,21 +95,6 @@ def check_pair(node: str, sampler, sigmas, inversion=None) -> torch.Tensor | Non
     return s
 
 
-def batched_conditioning(conditionings: list) -> list:
-    """One CONDITIONING whose rows are the first entries of ``conditionings`` (text states and pooled outputs
-    stacked; the other keys, e.g. SDXL's sizes, from the first)."""
-    entries = [c[0] for c in conditionings]
-    shapes = {tuple(e[0].shape[1:]) for e in entries}
-    if len(shapes) > 1:
-        raise ValueError(f"the prompts encode to different shapes {sorted(shapes)}; keep every prompt within the "
-                         f"source's 77-token chunks")
-    meta = dict(entries[0][1])
-    pooled = [e[1].get("pooled_output") for e in entries]
-    if all(p is not None for p in pooled):
-        meta["pooled_output"] = torch.cat([p.reshape(1, -1) for p in pooled])
-    return [[torch.cat([e[0] for e in entries]), meta]]
-
-
 def shared_noise_sampler(fn_name: str, x: torch.Tensor, sigmas: torch.Tensor, seed: int | None):
     """A noise_sampler giving every row of ``x`` the noise the sampler would draw for row 0 alone."""
     first = x[:1]
@@ -123,16 +126,23 @@ def row_sampler(sampler, after_step: AfterStep | None = None):
 
 
 def sample_rows(model, sampler, sigmas: torch.Tensor, positive: list, negative: list, cfg: float,
-                latent: torch.Tensor, seed: int, rows: int, after_step: AfterStep | None = None,
+                latent: dict, seed: int, rows: int, after_step: AfterStep | None = None,
                 label: str = "") -> torch.Tensor:
-    """``rows`` copies of the first item of ``latent`` (LATENT samples) from one seeded noise through ``sampler``
-    and ``sigmas`` with CFG ``cfg``; ``positive`` has one row per latent row (``batched_conditioning``) or one
-    for all. Returns the LATENT samples (rows, c, h, w), as SamplerCustomAdvanced would."""
-    lat = comfy.sample.fix_empty_latent_channels(model, latent[:1])
-    noise = comfy.sample.prepare_noise(lat, seed).expand(rows, -1, -1, -1).clone()
+    """``rows`` copies of the first item of the LATENT ``latent`` from one seeded noise through ``sampler`` (None:
+    ``ddim_sampler``) and ``sigmas`` with CFG ``cfg``, its noise mask applied as KSampler applies it (the rows
+    change only inside it); ``positive`` has one row per latent row (``guided.rows_conditioning``) or one for all.
+    Returns the LATENT samples (rows, c, h, w), as SamplerCustomAdvanced would."""
+    sampler = ddim_sampler() if sampler is None else sampler
+    lat = comfy.sample.fix_empty_latent_channels(model, latent["samples"][:1])
+    index = latent.get("batch_index")
+    noise = comfy.sample.prepare_noise(lat, seed, None if index is None else list(index)[:1])
+    noise = noise.expand(rows, -1, -1, -1).clone()
     lat = lat.expand(rows, -1, -1, -1).clone()
+    mask = latent.get("noise_mask")
     steps = len(sigmas) - 1
     callback = latent_preview.prepare_callback(model, steps)
-    logger.info("%s with sampler %s (%d rows, %d steps)", label, sampler_name(sampler), rows, steps)
+    logger.info("%s with sampler %s (%d rows, %d steps%s)", label, sampler_name(sampler), rows, steps,
+                ", noise mask" if mask is not None else "")
     return comfy.sample.sample_custom(model, noise, cfg, row_sampler(sampler, after_step), sigmas, positive,
-                                      negative, lat, callback=callback, seed=seed)
+                                      negative, lat, noise_mask=None if mask is None else mask[:1], callback=callback,
+                                      seed=seed)

@@ -153,14 +153,16 @@ def prompt_token_chunks(clip, prompt: str) -> tuple[list[list[int]], str]:
 
 
 def word_ids(clip, word: str, key: str) -> list[int]:
-    """Token ids of ``word`` alone, without BOS/EOS/padding, for any ComfyUI tokenizer."""
+    """Token ids of ``word`` alone, without BOS/EOS/padding, for any ComfyUI tokenizer; an embedding vector
+    (``embedding:name``) is -1, as in ``prompt_token_chunks``."""
     empty = clip.tokenize("")[key][0]
     eos = empty[1][0]
     out = []
     for t in clip.tokenize(word)[key][0][1:]:
-        if t[0] == eos:
+        tid = t[0] if isinstance(t[0], int) else -1
+        if tid == eos:
             break
-        out.append(t[0])
+        out.append(tid)
     return out
 
 

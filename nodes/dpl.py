@@ -2,7 +2,8 @@
 
 Glue only: the procedure and the official recipe are in ``attention/dpl.py`` and ``attention/dpl_losses.py``
 (ported from wangkai930418/DPL, see their headers); learnable tokens through ComfyUI's CLIP in
-``learnable_tokens.py``; DDIM inversion as in NullTextInvert.
+``learnable_tokens.py``; DDIM inversion as in NullTextInvert, inside ComfyUI's sampler (``guided.run_loop``): the
+MODEL's patches, wrappers and CFG functions shape the inversion as they shape a sampler.
 """
 
 from __future__ import annotations
@@ -18,10 +19,14 @@ from comfy_api.latest import io, ui
 from ..attention import logger
 from ..attention.dpl import DPL_SH, CrossMapRecorder, DPLSettings, background_at_size, dpl_invert
 from ..attention.inversion import Inversion, NullTextSettings, ddim_invert
+from ..attention.masks import check_aspect, mask_batch
 from ..attention.render import colorize, grid, normalize, upsample
 from .common import CATEGORY, InversionType, encode_prompt, install_controller, model_layer_ids
+from .guided import add_full_load, mark_text, refuse_noise_mask, run_loop
+from .inversion import KEEP_BEST_TOOLTIP, check_guidance
 from .learnable_tokens import TOKEN_INITS, DPLTokens, autograd_safe_clip, encode, initial_values, locate, splice
-from .unet_calls import UNetCalls, adm_of, autograd_safe, fit_context, low_precision, model_key
+from .model_identity import IDENTITY_KEY, identify
+from .unet_calls import fit_context
 
 S = DPL_SH   # the official recipe: the schema's defaults
 NULL_STARTS = ("empty prompt each step (official DPL)", "previous step (NTI)")
@@ -31,15 +36,9 @@ def background_at(mask: torch.Tensor, size: tuple[int, int], latent_hw: tuple[in
     """The MASK's first item as {0, 1} at the attention map ``size``, by upstream's rule (Pillow bicubic from the
     mask's own size to the map size, nonzero = background; ``attention/dpl.background_at_size``). Upstream resizes
     a mask at the image's pixel size (512 px), so a mask at the image size reproduces it exactly."""
-    m = mask.float()
-    m = m[0] if m.ndim == 3 else m
-    if m.ndim != 2:
-        raise ValueError(f"background must be a MASK (H, W) or (B, H, W); got shape {tuple(mask.shape)}")
+    m = mask_batch(mask, "DPLTokenOptimizer", "background")[0]           # the pack's one MASK rule
     h, w = m.shape
-    if abs(h / w - latent_hw[0] / latent_hw[1]) > 0.05:
-        raise ValueError(f"the background mask is {w}x{h} but the image latent is {latent_hw[1]}x{latent_hw[0]}: "
-                         f"different aspect ratios. Make the mask from this image (e.g. Self-Attention Cluster's "
-                         f"background output with the same latent)")
+    check_aspect((h, w), latent_hw, "DPLTokenOptimizer", "background", "image latent")
     if (h, w) != tuple(size):
         logger.info("DPLTokenOptimizer: background mask %dx%d resized to the %dx%d attention maps", w, h,
                     size[1], size[0])
@@ -73,12 +72,15 @@ class DPLTokenOptimizer(io.ComfyNode):
                 "noun's cross-attention stays on its own object (attention balancing, disjoint-object and "
                 "background-leakage losses with gradual thresholds). Feed the result to P2P Edit Sampler; edits "
                 "then change only what was asked. Get the background mask from Self-Attention Cluster "
-                "(threshold 0.2) on a DDIM inversion captured with Attention Capture."),
+                "(threshold 0.2) on a DDIM inversion captured with Attention Capture. Runs inside ComfyUI's sampler: "
+                "the MODEL's patches, wrappers and CFG functions apply as in KSampler."),
             inputs=[
                 io.Model.Input("model", tooltip="SD1.x/SD2.x/SDXL or ShapesWorld model. Cloned; the input stays "
                                                 "unpatched."),
                 io.Clip.Input("clip", tooltip="The model's CLIP; its text transformer is differentiated through."),
-                io.Latent.Input("latent", tooltip="The image as a LATENT (first item), e.g. from VAE Encode."),
+                io.Latent.Input("latent", tooltip=(
+                    "The image as a LATENT (first item), e.g. from VAE Encode. A noise mask on it is refused: the "
+                    "whole image is inverted (give the mask to P2P Edit Sampler instead).")),
                 io.String.Input("prompt", multiline=True, default="a red circle and a blue square on a gray background",
                                 tooltip="Source prompt describing the image, without (word:weight) emphasis."),
                 io.String.Input("nouns", default="circle, square", tooltip=(
@@ -125,10 +127,11 @@ class DPLTokenOptimizer(io.ComfyNode):
                                tooltip=("Start of the learned noun vectors: the official code's word-internal BPE "
                                         "piece of each noun (e.g. 'cat', not the prompt's end-of-word 'cat</w>'),"
                                         " or the prompt's own tokens (step 0 then equals the plain prompt).")),
+                io.Boolean.Input("keep_best_null", default=False, optional=True, tooltip=KEEP_BEST_TOOLTIP),
                 io.Mask.Input("background", optional=True, tooltip=(
-                    "Background MASK of the image (any size of the same aspect; resized to the maps as upstream: "
-                    "bicubic, any nonzero cell is background, so give it at the image's pixel size, e.g. Self-"
-                    "Attention Cluster with its image input). Without it L_bg is off.")),
+                    "Background MASK of the image (any size within 2 % of the image's aspect; resized to the maps "
+                    "as upstream: bicubic, any nonzero cell is background, so give it at the image's pixel size, e.g. "
+                    "Self-Attention Cluster with its image input). Without it L_bg is off.")),
             ],
             outputs=[
                 InversionType.Output(display_name="inversion", tooltip=(
@@ -143,15 +146,18 @@ class DPLTokenOptimizer(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, latent, prompt, nouns, steps, guidance, scheduler, lam_at, lam_bg, lam_dj,
                 alphas, betas, attn_iters, lr, null_iters, null_early_stop, map_size, null_start=None,
-                token_init=TOKEN_INITS[0], background=None) -> io.NodeOutput:
+                token_init=TOKEN_INITS[0], keep_best_null=False, background=None) -> io.NodeOutput:
+        refuse_noise_mask("DPLTokenOptimizer", latent)
+        check_guidance("DPLTokenOptimizer", model, guidance)
         t0 = time.time()
         a, b = _triple(alphas, "alphas", positive=True), _triple(betas, "betas")
         settings = DPLSettings(lam_at, lam_bg, lam_dj, *a, *b, attn_iters, lr,
                                NullTextSettings(guidance=guidance, inner_steps=null_iters, lr=S.null.lr,
-                                               epsilon=null_early_stop or None, keep_best=low_precision(model)),
+                                               epsilon=null_early_stop or None, keep_best=keep_best_null),
                                null_carry_over=(null_start or NULL_STARTS[0]) == NULL_STARTS[1])
         nt = locate(clip, prompt, nouns)
-        x0 = model.model.process_latent_in(latent["samples"][:1].float())
+        raw = latent["samples"][:1].float()
+        x0 = model.model.process_latent_in(raw)
         latent_hw = tuple(x0.shape[-2:])
         positive = encode_prompt(clip, prompt)
         cond0 = positive[0][0]
@@ -162,30 +168,34 @@ class DPLTokenOptimizer(io.ComfyNode):
         wanted = (map_size, map_size) if map_size else (max(latent_hw[0] // 4, 1), max(latent_hw[1] // 4, 1))
         recorder = CrossMapRecorder(wanted)
         m = model.clone()
+        add_full_load(m)
         install_controller(m, recorder, model_layer_ids(model), self_attn=False, cross_attn=True)
-        mm.load_models_gpu([m, clip.patcher], force_full_load=True)
-        calls = UNetCalls(m, sigmas)
-        # SDXL: prompt rows and null rows each get their own pooled output and the image's size
-        quiet_c = calls.bind(adm_of(m, positive[0][1], x0.shape), quiet=True)
-        quiet_n = calls.bind(adm_of(m, empty[0][1], x0.shape), [1], quiet=True)
-        dev = calls.device
-        x0, cond0, null0, sig_d = x0.to(dev), cond0.to(dev), null0.to(dev), sigmas.to(dev)
+        mm.load_models_gpu([clip.patcher], force_full_load=True)
         pbar = comfy.utils.ProgressBar(2 * steps)      # DDIM inversion, then one tick per optimized step
-        trajectory = ddim_invert(quiet_c, x0, sig_d, cond0, on_step=lambda i: pbar.update(1))
 
         def on_inner(i, phase, j):
             mm.throw_exception_if_processing_interrupted()
 
         bg = None if background is None else (lambda size: background_at(background, size, latent_hw))
-        with autograd_safe(m.model.diffusion_model), autograd_safe_clip(clip):
-            params0 = [v.to(dev) for v in initial_values(clip, prompt, nt, token_init)]
+        out: dict = {}
 
-            def encode_tokens(params):
-                return encode(clip, splice(clip, prompt, nt.positions, nt.keys, params)).to(dev)
-            res = dpl_invert(quiet_c, encode_tokens, params0, recorder, [t.clone() for t in trajectory],
-                             sig_d.clone(), nt.positions, bg, null0.clone(), settings,
-                             on_step=lambda i: pbar.update_absolute(steps + i + 1), on_inner=on_inner,
-                             eps_null=quiet_n)
+        def loop(ev):
+            dev = ev.device
+            eps_c, eps_n = ev.eps("positive", quiet=True), ev.eps("negative", quiet=True)
+            x, c0, n0, sig = x0.to(dev), cond0.to(dev), null0.to(dev), sigmas.to(dev)
+            out["trajectory"] = trajectory = ddim_invert(eps_c, x, sig, c0, on_step=lambda i: pbar.update(1))
+            with ev.trainable(), autograd_safe_clip(clip):
+                params0 = [v.to(dev) for v in initial_values(clip, prompt, nt, token_init)]
+
+                def encode_tokens(params):
+                    return encode(clip, splice(clip, prompt, nt.positions, nt.keys, params)).to(dev)
+                out["res"] = res = dpl_invert(eps_c, encode_tokens, params0, recorder, [t.clone() for t in trajectory],
+                                              sig.clone(), nt.positions, bg, n0.clone(), settings,
+                                              on_step=lambda i: pbar.update_absolute(steps + i + 1),
+                                              on_inner=on_inner, eps_null=eps_n, guide=ev.guide())
+            return res.reconstruction.detach()
+        rec = run_loop(m, mark_text(positive, "positive"), mark_text(empty, "negative"), guidance, sigmas, raw, loop)
+        trajectory, res = out["trajectory"], out["res"]
         learned = DPLTokens(nouns=nt.nouns, counts=[len(p) for p in nt.positions], keys=nt.keys,
                             values=[[v.cpu() for v in step] for step in res.params])
         counts = {"forward": steps + res.counts["forward"], "backward": res.counts["backward"]}
@@ -193,7 +203,8 @@ class DPLTokenOptimizer(io.ComfyNode):
                         nulls=[n.cpu() for n in res.nulls], prompt=prompt, mode="dpl", guidance=guidance,
                         unet_forward=counts["forward"], unet_backward=counts["backward"])
         mse = float(((res.reconstruction.cpu() - x0.cpu()) ** 2).mean())
-        inv.extra.update(cond_dict=dict(positive[0][1]), null_dict=dict(empty[0][1]), model_key=model_key(model),
+        inv.extra[IDENTITY_KEY] = identify(model)               # checked by the editors (model_identity.py)
+        inv.extra.update(positive=positive, negative=empty,
                          reconstruction_mse=mse,
                          dpl=learned, conds=[c.cpu() for c in res.conds], dpl_losses=res.losses,
                          map_size=res.map_size, token_updates=res.counts["token_updates"])
@@ -202,8 +213,7 @@ class DPLTokenOptimizer(io.ComfyNode):
                     res.counts["token_updates"], res.counts["null_iters"], counts["forward"], counts["backward"],
                     mse, time.time() - t0)
         preview = maps_preview(res.maps, nt.positions, (latent_hw[0] * 8, latent_hw[1] * 8))
-        out = model.model.process_latent_out(res.reconstruction.detach().cpu())
-        return io.NodeOutput(inv, {"samples": out}, preview, ui=ui.PreviewImage(preview, cls=cls))
+        return io.NodeOutput(inv, {"samples": rec}, preview, ui=ui.PreviewImage(preview, cls=cls))
 
 
 def _triple(text: str, name: str, positive: bool = False) -> tuple[float, float, float]:

@@ -14,6 +14,7 @@ from comfy_api.latest import io, ui
 
 from ..attention import logger
 from ..attention.grounding_dataset import DatasetError, Example, GroundingDataset
+from ..attention.masks import check_aspect, fit_to_grid, mask_batch
 from ..attention.tokens import split_words
 from .common import CATEGORY
 from .grounding_words import lines_per_image, positions_in
@@ -49,8 +50,8 @@ class GroundingDatasetAdd(io.ComfyNode):
                     "The words to learn, comma separated (e.g. 'cat, dog'): one line for all images, or one line "
                     "per image. Each must occur in its image's prompt.")),
                 io.Mask.Input("masks", tooltip=(
-                    "One mask per word, image by image (image 0's words, then image 1's, ...); any size with the "
-                    "latent's aspect ratio; values > 0.5 count as inside.")),
+                    "One mask per word, image by image (image 0's words, then image 1's, ...); any size whose aspect "
+                    "ratio is within 2 % of the latent's (resized to it); values > 0.5 count as inside.")),
                 io.String.Input("dataset", default="my_grounding_set", tooltip=(
                     "Dataset name (1-64 letters, digits, '_', '-', '.'); a folder of that name is created.")),
             ],
@@ -62,6 +63,7 @@ class GroundingDatasetAdd(io.ComfyNode):
     @classmethod
     def execute(cls, latent, clip, prompts, words, masks, dataset) -> io.NodeOutput:
         ds = GroundingDataset.at(dataset_root(), dataset)
+        ds.log_strays()                         # files of the folder that are not examples: named once, never read
         samples = latent["samples"]
         b = samples.shape[0]
         prompt_lines = lines_per_image(prompts, b, "prompts")
@@ -73,17 +75,13 @@ class GroundingDatasetAdd(io.ComfyNode):
             for w in ws:
                 positions_in(clip, prompt_lines[i], w)
         total = sum(len(ws) for ws in word_lists)
-        if masks.dim() == 2:
-            masks = masks[None]
+        masks = mask_batch(masks, "GroundingDatasetAdd", "masks")              # (N, H, W) whatever the layout
         if masks.shape[0] != total:
             detail = "; ".join(f"image {i}: {', '.join(ws)}" for i, ws in enumerate(word_lists))
             raise ValueError(f"{masks.shape[0]} masks for {total} words ({detail}); give exactly one mask per word, "
                              f"image by image")
-        h, w = samples.shape[-2:]
-        mh, mw = masks.shape[-2:]
-        if abs(mh * w - mw * h) > max(h, w):
-            raise ValueError(f"masks are {mw}x{mh} (aspect {mw / mh:.3f}) but the latent is {w}x{h} (aspect "
-                             f"{w / h:.3f}); give masks of the image's aspect ratio (e.g. the decoded image's size)")
+        check_aspect(tuple(masks.shape[-2:]), tuple(samples.shape[-2:]), "GroundingDatasetAdd", "masks", "latent")
+        masks = fit_to_grid(masks, tuple(samples.shape[-2:]))                   # exactly the image's aspect
         added, skipped, k = 0, [], 0
         for i, ws in enumerate(word_lists):
             keep_w, keep_m = [], []

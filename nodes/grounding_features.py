@@ -20,6 +20,7 @@ from comfy_api.latest import io, ui
 from ..attention import logger
 from ..attention.grounding_features import FeatureRecorder, FeatureRecordError, GroundingFeatures
 from .common import CATEGORY
+from .guided import add_chunk_wrapper, full_frame_only
 
 GroundingFeaturesType = io.Custom("GROUNDING_FEATURES")
 
@@ -56,8 +57,9 @@ def compute_features(model, positive, negative, samples: torch.Tensor, timestep:
                          "prompt: a CLIPTextEncode with empty text); connect one, or set rows to 'cond only'")
     m = model.clone()
     rec = FeatureRecorder()
-    m.set_model_input_block_patch(rec.input_block_patch)
-    m.set_model_output_block_patch(rec.output_block_patch)
+    m.set_model_input_block_patch(full_frame_only(rec.input_block_patch))    # area entries run on a crop:
+    m.set_model_output_block_patch(full_frame_only(rec.output_block_patch))  # record the full frame only
+    add_chunk_wrapper(m)
     sigma = float(m.get_model_object("model_sampling").sigma(torch.tensor(float(timestep))))
     samples = comfy.sample.fix_empty_latent_channels(m, samples)
     noise = comfy.sample.prepare_noise(samples, seed)

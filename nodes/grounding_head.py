@@ -1,7 +1,8 @@
 """Grounding head nodes (Li et al. 2023): train a head on a grounding dataset; load a saved or the embedded one.
 
-Glue only: the head, queries, loss, training loop and head files are ``attention/grounding.py``. Heads live in
-``models/attention_lab_grounding/``; the embedded ShapesWorld head is ``assets/shapesworld_grounding.safetensors``.
+Glue only: the head, queries, loss and training loop are ``attention/grounding.py``, head files
+``attention/grounding_head_file.py``. Heads live in ``models/attention_lab_grounding/``; the embedded ShapesWorld
+head is ``assets/shapesworld_grounding.safetensors``.
 """
 
 from __future__ import annotations
@@ -20,17 +21,15 @@ from ..attention import logger
 from ..attention.grounding import (
     DEFAULT_TEMPLATE,
     HeadConfig,
-    HeadMeta,
     TrainBatch,
     build_head,
-    load_head,
-    save_head,
     stack_queries,
     template_text,
     train_head,
 )
 from ..attention.grounding_dataset import Example, check_name
 from ..attention.grounding_features import GroundingFeatures
+from ..attention.grounding_head_file import HeadMeta, load_head, save_head
 from .common import CATEGORY, encode_prompt
 from .grounding_dataset import GroundingDatasetType
 from .grounding_features import ROWS, compute_features

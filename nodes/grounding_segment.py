@@ -11,7 +11,8 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..attention import logger
-from ..attention.grounding import GroundingLayoutError, check_compatible, check_query_mode, stack_queries
+from ..attention.grounding import GroundingLayoutError, stack_queries
+from ..attention.grounding_head_file import check_compatible, check_query_mode
 from ..attention.render import colorize, grid, overlay
 from ..attention.tokens import split_words
 from .common import CATEGORY

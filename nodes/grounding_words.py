@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from ..attention.grounding import template_text, word_query
-from ..attention.tokens import find_word_tokens
-from .common import encode_prompt, prompt_token_chunks, word_ids
+from ..attention.words import text_words
+from .common import encode_prompt, prompt_words, token_key, word_ids
 
 
 def lines_per_image(text: str, count: int, what: str) -> list[str]:
@@ -37,12 +37,15 @@ def check_word_known(clip, word: str, key: str) -> list[int]:
 
 
 def positions_in(clip, prompt: str, word: str) -> tuple[int, ...]:
-    chunks, key = prompt_token_chunks(clip, prompt)
+    """Key positions of ``word`` (every occurrence) in ``prompt`` by the pack's one word rule
+    (``attention/words.py``: whole words, case as the tokenizer sees it, emphasis, ``embedding:name`` as one
+    word); a word the tokenizer drops or does not know is refused first, naming the prompt's words."""
+    pw = prompt_words(clip, prompt)
     try:
-        ids = check_word_known(clip, word, key)
+        check_word_known(clip, word, token_key(clip))
     except ValueError as e:   # name the words the user can pick from
-        raise ValueError(f"{e}; the prompt {prompt!r} has the words {prompt.replace(',', ' ').split()}") from None
-    return find_word_tokens(chunks, ids, word, prompt).positions
+        raise ValueError(f"{e}; the prompt {prompt!r} has the words {text_words(prompt)}") from None
+    return pw.positions(word, "word")
 
 
 class QueryEncoder:

@@ -1,10 +1,14 @@
-"""NullTextInvert: a real image (or any latent) to x_T plus per-step null embeddings.
+"""NullTextInvert: a real image (or any latent) to x_T plus per-step null embeddings; and the DDIM loop that
+edits from an inversion (``sample_from_inversion``, used by P2P Edit Sampler and Prompt Mix Sampler).
 
-Glue only: the procedure and its official defaults are in ``attention/inversion.py``.
+Glue only: the procedure and its official defaults are in ``attention/inversion.py``. Every evaluation runs
+inside ComfyUI's sampler (``guided.run_loop``): the MODEL's wrappers and CFG hooks, and every entry of an
+optional ``positive`` (ControlNet, areas, timestep ranges), shape the inversion as they shape a sampler.
 """
 
 from __future__ import annotations
 
+import math
 import time
 
 import comfy.model_management as mm
@@ -15,31 +19,69 @@ from comfy_api.latest import io
 
 from ..attention import logger
 from ..attention.inversion import Inversion, NullTextSettings, ddim_invert, null_text_optimize, reconstruct
+from ..attention.p2p import p2p_sample
 from .common import CATEGORY, InversionType, encode_prompt
-from .unet_calls import (
-    UNetCalls,
-    adm_of,
-    autograd_safe,
-    common_length,
-    fit_context,
-    low_precision,
-    model_key,
-    run_with_pack_wrappers,
-)
+from .guided import add_full_load, mark_text, noise_mask_of, refuse_noise_mask, rows_conditioning, run_loop
+from .model_identity import IDENTITY_KEY, identify
+from .unet_calls import common_length, fit_context
 
 MODES = ["null-text", "ddim", "negative-prompt"]
+KEEP_BEST_TOOLTIP = (
+    "Null-text: per step, return the null embedding of the lowest loss evaluated instead of Adam's last one. Off = "
+    "upstream (the last). Not upstream; meant for fp16/bf16 UNets, whose noisy gradients can leave the last Adam "
+    "step worse than an earlier one. Measured in fp16 on ShapesWorld (2 images, 20 steps): 28.19 dB "
+    "reconstruction PSNR either way, no gain (python -m attention.shapesworld.null_precision).")
 
 
-def source_latent(model, latent, image, vae) -> torch.Tensor:
-    """The first item of LATENT, or of the IMAGE encoded with the VAE, in model space."""
+def source_latent(latent, image, vae) -> torch.Tensor:
+    """The first item of LATENT, or of the IMAGE encoded with the VAE: raw (1, c, h, w) latent samples."""
     if latent is not None:
-        raw = latent["samples"][:1]
-    elif image is not None and vae is not None:
-        raw = vae.encode(_croppable(image[:1, :, :, :3], vae))
-    else:
-        raise ValueError("NullTextInvert needs an image to invert: connect 'latent' (a LATENT) or both 'image' "
-                         "and 'vae' (e.g. LoadImage and the checkpoint's VAE)")
-    return model.model.process_latent_in(raw.float())
+        return latent["samples"][:1].float()
+    if image is not None and vae is not None:
+        return vae.encode(_croppable(image[:1, :, :, :3], vae)).float()
+    raise ValueError("NullTextInvert needs an image to invert: connect 'latent' (a LATENT) or both 'image' "
+                     "and 'vae' (e.g. LoadImage and the checkpoint's VAE)")
+
+
+def check_guidance(node: str, model, guidance: float) -> None:
+    """Null-text optimization needs the unconditional branch, which ComfyUI's samplers skip at cfg 1."""
+    if math.isclose(guidance, 1.0) and not model.model_options.get("disable_cfg1_optimization", False):
+        raise ValueError(f"{node}: guidance 1.0 makes ComfyUI's samplers skip the unconditional branch, so a null "
+                         f"embedding has nothing to change; use guidance above 1 (official 7.5) or mode 'ddim', "
+                         f"which is exact at guidance 1")
+
+
+def sample_from_inversion(model, inv: Inversion, positive: list, negative: list, texts, rows: int,
+                          after_step=None, latent: dict | None = None, label: str = "") -> torch.Tensor:
+    """DDIM from the inversion's x_T retracing its steps, ``rows`` rows, inside ComfyUI's sampler: the marked
+    text of ``positive`` per row (``texts`` (rows, m, d), or one such batch per step: DPL), guidance and null
+    per step from the inversion (without nulls: ``negative`` as given). A noise mask on ``latent`` is applied as
+    KSampler applies it, the inversion's trajectory standing for the noised image outside it (so outside the
+    mask every row is the inverted image). Returns raw LATENT samples (rows, c, h, w)."""
+    steps = len(inv.sigmas) - 1
+    neg = mark_text(inv.extra["negative"], "negative") if inv.nulls is not None else negative
+    mask = noise_mask_of(latent)
+    clean = model.model.process_latent_out(inv.trajectory[-1]).expand(rows, -1, -1, -1).clone()
+    pbar = comfy.utils.ProgressBar(steps)
+    logger.info("%s from an inversion (%d rows, %d steps%s)", label, rows, steps,
+                ", noise mask" if mask is not None else "")
+
+    def loop(ev):
+        dev = ev.device
+        sig = inv.sigmas.to(dev)
+        traj = [t.to(dev) for t in inv.trajectory]
+
+        def noised(sigma):
+            return traj[int((sig - float(sigma.reshape(-1)[0])).abs().argmin())]
+
+        def on_step(i):
+            mm.throw_exception_if_processing_interrupted()
+            pbar.update(1)
+        conds = [t.to(dev) for t in texts] if isinstance(texts, list) else texts.to(dev)
+        nulls = None if inv.nulls is None else [n.to(dev) for n in inv.nulls]
+        return p2p_sample(None, inv.x_T.to(dev), sig, conds, nulls, inv.guidance, after_step, on_step,
+                          guide=ev.batch_guide(noised))
+    return run_loop(model, positive, neg, inv.guidance, inv.sigmas, clean, loop, denoise_mask=mask)
 
 
 def _croppable(image: torch.Tensor, vae) -> torch.Tensor:
@@ -70,7 +112,9 @@ class NullTextInvert(io.ComfyNode):
                 "Inverts an image for editing (Mokady et al. 2022, official defaults): DDIM inversion with the "
                 "source prompt, then per step a null (unconditional) embedding optimized so that guided DDIM "
                 "retraces the inversion. Faster modes: plain DDIM inversion, negative-prompt inversion (null = "
-                "prompt). Feed the result to P2P Edit Sampler; the reconstruction output shows how faithful it is."),
+                "prompt). Runs inside ComfyUI's sampler: the MODEL's patches, wrappers and CFG functions and every "
+                "entry of 'positive' apply as in KSampler. Feed the result to P2P Edit Sampler; the reconstruction "
+                "output shows how faithful it is."),
             inputs=[
                 io.Model.Input("model", tooltip="SD1.x/SD2.x/SDXL or ShapesWorld model."),
                 io.Clip.Input("clip", tooltip="The model's CLIP."),
@@ -92,10 +136,16 @@ class NullTextInvert(io.ComfyNode):
                 io.Float.Input("early_stop", default=1e-5, min=0.0, max=1.0, step=1e-6, tooltip=(
                     "Null-text: stop a step's optimization when the latent MSE falls under this + step * 2e-5 "
                     "(official 1e-5; 0 = always run inner_steps).")),
+                io.Boolean.Input("keep_best_null", default=False, optional=True, tooltip=KEEP_BEST_TOOLTIP),
                 io.Latent.Input("latent", optional=True, tooltip=(
-                    "The image as a LATENT (first item). Or give image+vae.")),
+                    "The image as a LATENT (first item). Or give image+vae. A noise mask on it is refused: the "
+                    "whole image is inverted (give the mask to the editing node instead).")),
                 io.Image.Input("image", optional=True, tooltip="The image to invert (first item), with 'vae'."),
                 io.Vae.Input("vae", optional=True, tooltip="Encodes 'image'."),
+                io.Conditioning.Input("positive", optional=True, tooltip=(
+                    "Optional: the prompt's CONDITIONING with what is attached to it (ControlNet, area, timestep "
+                    "range...); it must contain 'prompt' encoded by this CLIP. The edit from this inversion uses "
+                    "it too. Default: 'prompt' encoded.")),
             ],
             outputs=[
                 InversionType.Output(display_name="inversion", tooltip="x_T, trajectory, null embeddings, sigmas."),
@@ -106,60 +156,70 @@ class NullTextInvert(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, prompt, mode, steps, guidance, scheduler, inner_steps, early_stop,
-                latent=None, image=None, vae=None) -> io.NodeOutput:
+                keep_best_null=False, latent=None, image=None, vae=None, positive=None) -> io.NodeOutput:
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} is not one of {MODES}")
-        t0 = time.time()
-        x0 = source_latent(model, latent, image, vae)
-        positive = encode_prompt(clip, prompt)
-        cond = positive[0][0]
-        empty = encode_prompt(clip, "")
-        null0 = fit_context(empty[0][0], common_length([cond, empty[0][0]]))
-        cond = fit_context(cond, null0.shape[1])
-        sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).cpu()
-        calls = UNetCalls(model, sigmas)
-        # SDXL: the prompt's rows and the null rows each get their own pooled output and the image's size
-        null_dict = positive[0][1] if mode == "negative-prompt" else empty[0][1]   # negative-prompt: null = prompt
-        y_c, y_n = adm_of(model, positive[0][1], x0.shape), adm_of(model, null_dict, x0.shape)
-        eps_c = calls.bind(y_c)
-        quiet_c, quiet_n = calls.bind(y_c, quiet=True), calls.bind(y_n, [1], quiet=True)
-        dev = calls.device
-        x0, cond, null0, sig_d = x0.to(dev), cond.to(dev), null0.to(dev), sigmas.to(dev)
+        refuse_noise_mask("NullTextInvert", latent)
         optimize = mode == "null-text"
+        if optimize:
+            check_guidance("NullTextInvert", model, guidance)
+        t0 = time.time()
+        raw = source_latent(latent, image, vae)
+        encoded = encode_prompt(clip, prompt)
+        base = encoded if positive is None else positive
+        empty = encode_prompt(clip, "")
+        null_cond = encoded if mode == "negative-prompt" else empty          # negative-prompt: null = prompt
+        null0 = fit_context(empty[0][0], common_length([encoded[0][0], empty[0][0]]))
+        cond = fit_context(encoded[0][0], null0.shape[1])
+        sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).cpu()
+        m = model.clone()
+        if optimize:
+            add_full_load(m)
         pbar = comfy.utils.ProgressBar(2 * steps)  # inversion, then optimization or reconstruction
         tick = lambda *_: pbar.update(1)  # noqa: E731  (also raises on interruption)
-        trajectory = run_with_pack_wrappers(model, lambda: ddim_invert(eps_c, x0, sig_d, cond, on_step=tick))
-        counts = {"forward": steps, "backward": 0}
-        if optimize:
-            settings = NullTextSettings(guidance=guidance, inner_steps=inner_steps, epsilon=early_stop,
-                                        keep_best=low_precision(model))
+        x0 = m.model.process_latent_in(raw)
+        res: dict = {}
 
-            def on_inner(i, j, loss):
-                mm.throw_exception_if_processing_interrupted()
-                if j == 0:
-                    pbar.update(1)
-            with autograd_safe(model.model.diffusion_model):
-                traj = [t.clone() for t in trajectory]
-                nulls, c, rec = null_text_optimize(quiet_c, traj, sig_d.clone(), cond.clone(), null0.clone(),
-                                                   settings, on_inner, eps_null=quiet_n)
-            counts["forward"] += c["forward"]
-            counts["backward"] += c["backward"]
-        else:
-            nulls = [cond] * steps if mode == "negative-prompt" else None
-        inv = Inversion(sigmas=sigmas, trajectory=[t.detach().cpu() for t in trajectory], cond=cond.cpu(),
+        def loop(ev):
+            dev = ev.device
+            x, c, n0, sig = x0.to(dev), cond.to(dev), null0.to(dev), sigmas.to(dev)
+            traj = ddim_invert(ev.eps("positive"), x, sig, c, on_step=tick)       # what a capture records
+            eps_c, eps_n = ev.eps("positive", quiet=True), ev.eps("negative", quiet=True)
+            counts = {"forward": steps, "backward": 0}
+            if optimize:
+                settings = NullTextSettings(guidance=guidance, inner_steps=inner_steps, epsilon=early_stop,
+                                            keep_best=keep_best_null)
+
+                def on_inner(i, j, loss):
+                    mm.throw_exception_if_processing_interrupted()
+                    if j == 0:
+                        pbar.update(1)
+                with ev.trainable():
+                    nulls, cnt, rec = null_text_optimize(eps_c, [t.clone() for t in traj], sig.clone(), c.clone(),
+                                                         n0.clone(), settings, on_inner, eps_null=eps_n,
+                                                         guide=ev.guide())
+                counts["forward"] += cnt["forward"]
+                counts["backward"] += cnt["backward"]
+            else:
+                nulls = [c] * steps if mode == "negative-prompt" else None
+                plan = Inversion(sigmas=sig, trajectory=traj, cond=c, nulls=nulls, prompt=prompt, mode=mode,
+                                 guidance=guidance)
+                with torch.no_grad():
+                    rec = reconstruct(lambda x_, s_, t_: (tick(), eps_c(x_, s_, t_))[1], plan, n0, eps_null=eps_n,
+                                      device=dev, guide=ev.guide())
+                counts["forward"] += 2 * steps
+            res.update(trajectory=traj, nulls=nulls, counts=counts, rec=rec.detach())
+            return res["rec"]
+        out = run_loop(m, rows_conditioning("NullTextInvert", base, encoded, [encoded]),
+                       mark_text(null_cond, "negative"), guidance, sigmas, raw, loop)
+        nulls = res["nulls"]
+        inv = Inversion(sigmas=sigmas, trajectory=[t.detach().cpu() for t in res["trajectory"]], cond=cond.cpu(),
                         nulls=None if nulls is None else [n.detach().cpu() for n in nulls], prompt=prompt, mode=mode,
-                        guidance=guidance, unet_forward=counts["forward"], unet_backward=counts["backward"])
-        inv.extra["cond_dict"] = {k: v for k, v in positive[0][1].items()}
-        inv.extra["null_dict"] = dict(null_dict)
-        inv.extra["model_key"] = model_key(model)
-        if not optimize:
-            with torch.no_grad():
-                rec = reconstruct(lambda x, s, c: (tick(), quiet_c(x, s, c))[1], inv, null0,
-                                  eps_null=lambda x, s, c: quiet_n(x, s, c), device=dev)
-            inv.unet_forward += 2 * steps
-        mse = float(((rec.cpu() - x0.cpu()) ** 2).mean())
+                        guidance=guidance, unet_forward=res["counts"]["forward"],
+                        unet_backward=res["counts"]["backward"])
+        mse = float(((res["rec"].cpu() - x0.cpu()) ** 2).mean())
+        inv.extra[IDENTITY_KEY] = identify(model)               # checked by the editors (model_identity.py)
+        inv.extra.update(positive=base, negative=null_cond, reconstruction_mse=mse)
         logger.info("NullTextInvert (%s, %d steps): UNet forward %d, backward %d, reconstruction MSE %.2e, %.1f s",
                     mode, steps, inv.unet_forward, inv.unet_backward, mse, time.time() - t0)
-        inv.extra["reconstruction_mse"] = mse
-        out = model.model.process_latent_out(rec.detach().cpu())
         return io.NodeOutput(inv, {"samples": out})

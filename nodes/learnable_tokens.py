@@ -87,19 +87,27 @@ def _bpe_vocab(clip, key: str) -> dict | None:
 
 def initial_values(clip, prompt: str, nt: NounTokens, init: str = TOKEN_INITS[0]) -> list[torch.Tensor]:
     """Per key, (S, d) copies of the nouns' starting token embeddings (float32). ``init``: upstream's word-internal
-    pieces (``attention.dpl.initializer_ids``; default) or the prompt's own tokens (this pack's earlier start)."""
+    pieces (``attention.dpl.initializer_ids``; default) or the prompt's own tokens (this pack's earlier start).
+    A textual inversion noun (``embedding:name``) starts from its own vectors under either init (upstream has
+    no inversions; ours)."""
     if init not in TOKEN_INITS:
         raise ValueError(f"token init {init!r} is not one of {list(TOKEN_INITS)}")
     tokens = clip.tokenize(prompt)
     flat = [p for pos in nt.positions for p in pos]
     out = []
     for key in nt.keys:
-        ids = [tokens[key][c][i][0] for c, i in _slots(tokens, key, flat)]
+        entries = [tokens[key][c][i][0] for c, i in _slots(tokens, key, flat)]
+        ids = [t if isinstance(t, int) else -1 for t in entries]          # -1: an embedding vector
         if init == TOKEN_INITS[0]:
             ids = initializer_ids(ids, _bpe_vocab(clip, key))
         table = _table(clip, key)
         with torch.no_grad():
-            out.append(table.weight[torch.tensor(ids, device=table.weight.device)].detach().float().clone())
+            rows = table.weight[torch.tensor([max(i, 0) for i in ids], device=table.weight.device)].detach()
+            rows = rows.float().clone()
+            for r, t in enumerate(entries):
+                if not isinstance(t, int):
+                    rows[r] = (t.get("data") if isinstance(t, dict) else t).reshape(-1).to(rows)
+        out.append(rows)
     return out
 
 

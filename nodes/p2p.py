@@ -2,7 +2,9 @@
 
 Glue only: controllers, mappers and LocalBlend are in ``attention/p2p.py`` (ported from
 google/prompt-to-prompt, Apache-2.0; see its header). The source and every edit are sampled in one
-batch by our DDIM (eta 0) loop, with per-step null embeddings when an inversion is given.
+batch inside ComfyUI's sampler: from a seed with a SAMPLER (our DDIM by default,
+``comfy_sampling.sample_rows``), from an inversion by retracing its DDIM steps with its per-step null
+embeddings (``inversion.sample_from_inversion``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..attention import logger
+from ..attention.chunks import ChunkFilter
 from ..attention.inversion import Inversion
 from ..attention.p2p import (
     EDITS,
@@ -27,8 +30,10 @@ from ..attention.store import AttentionStore, StoreConfig
 from ..attention.words import split_word_list
 from . import comfy_sampling
 from .common import CATEGORY, InversionType, encode_prompt, install_controller, model_layer_ids, prompt_words
+from .guided import add_chunk_wrapper, rows_conditioning
+from .inversion import sample_from_inversion
 from .learnable_tokens import encode_with_learned
-from .unet_calls import adm_of, model_key, sample_batch, stack_adm
+from .model_identity import check_inversion_model
 
 
 def words_fn(clip):
@@ -53,10 +58,12 @@ class P2PEditSampler(io.ComfyNode):
                 "Prompt-to-Prompt editing (Hertz et al. 2022): samples the source prompt and each target prompt "
                 "in one batch, the edits taking the source's cross-attention (word swap 'replace', added words "
                 "'refine', 'reweight' factors) and self-attention for the first steps; LocalBlend keeps changes "
-                "where the blend words are. From a seed, or from a Null-Text Inversion of a real image. DDIM "
-                "(eta 0) by default; connect a SAMPLER and SIGMAS (as for SamplerCustomAdvanced) to edit a generated "
-                "source with any ComfyUI sampler: the rows share one initial noise and, for ancestral/SDE samplers, "
-                "each step's noise. An inversion always retraces its DDIM steps."),
+                "where the blend words are. From a seed, or from a Null-Text Inversion of a real image. Runs inside "
+                "ComfyUI's sampler: the MODEL's patches, wrappers and CFG functions, every conditioning entry "
+                "(ControlNet, areas, timestep ranges) and the latent's noise mask (edits only inside it) apply as in "
+                "KSampler. DDIM (eta 0) by default; connect a SAMPLER and SIGMAS (as for SamplerCustomAdvanced) to "
+                "edit a generated source with any ComfyUI sampler: the rows share one initial noise and, for "
+                "ancestral/SDE samplers, each step's noise. An inversion always retraces its DDIM steps."),
             inputs=[
                 io.Model.Input("model", tooltip=(
                     "SD1.x/SD2.x/SDXL or ShapesWorld model. Cloned; the input stays unpatched.")),
@@ -68,7 +75,10 @@ class P2PEditSampler(io.ComfyNode):
                                 default="a red triangle and a blue square on a gray background",
                                 tooltip="One edited prompt per line; each becomes one output image."),
                 io.Conditioning.Input("negative", tooltip="Negative conditioning when no inversion is given."),
-                io.Latent.Input("latent_image", tooltip="Size of a generated source (ignored with an inversion)."),
+                io.Latent.Input("latent_image", tooltip=(
+                    "Size of a generated source; with a noise mask (SetLatentNoiseMask) the edits change only inside "
+                    "it, as KSampler inpaints (with an inversion only its noise mask is used: outside it every row "
+                    "is the inverted image).")),
                 io.Combo.Input("edit", options=list(EDITS), default="auto", tooltip=(
                     "auto: replace when the word counts match, else refine. replace: word swap (same word count). "
                     "refine: words added or removed, aligned token by token.")),
@@ -113,6 +123,11 @@ class P2PEditSampler(io.ComfyNode):
                 io.Sigmas.Input("sigmas", optional=True, tooltip=(
                     "Optional, with 'sampler': the sigma schedule (BasicScheduler, KarrasScheduler...; steps + 1 "
                     "descending values).")),
+                io.Conditioning.Input("positive", optional=True, tooltip=(
+                    "Optional: the source prompt's CONDITIONING with what is attached to it (ControlNet, area, "
+                    "timestep range...). Its entries that encode source_prompt (with this CLIP) take each target "
+                    "prompt's text on the edit rows; the others apply to every row. Default: source_prompt encoded "
+                    "(with an inversion: the inversion's).")),
             ],
             outputs=[
                 io.Latent.Output(display_name="latents", tooltip="Batch: the source (reconstruction), then each edit."),
@@ -123,7 +138,8 @@ class P2PEditSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, source_prompt, target_prompts, negative, latent_image, edit, seed, steps, cfg,
                 scheduler, cross_replace_steps, cross_replace_words, self_replace_steps, reweight, blend_words,
-                blend_threshold, blend_start, inversion=None, sampler=None, sigmas=None) -> io.NodeOutput:
+                blend_threshold, blend_start, inversion=None, sampler=None, sigmas=None,
+                positive=None) -> io.NodeOutput:
         targets = [t.strip() for t in target_prompts.splitlines() if t.strip()]
         if not targets:
             raise ValueError("target_prompts is empty: write one edited prompt per line")
@@ -137,37 +153,27 @@ class P2PEditSampler(io.ComfyNode):
             if steps != len(inv.sigmas) - 1:
                 raise ValueError(f"the inversion was made with {len(inv.sigmas) - 1} steps but steps is {steps}; set "
                                  f"steps to {len(inv.sigmas) - 1} (the edit retraces the inversion step by step)")
-            if inv.extra.get("model_key") not in (None, model_key(model)):
-                raise ValueError("the inversion was made with another model (diffusion model or latent format "
-                                 "differ); invert the image with the MODEL you edit with")
+            check_inversion_model(inv, model, "P2PEditSampler")    # object, weight patches, options (by name)
             if cfg != inv.guidance:
                 logger.info("P2PEditSampler: using the inversion's guidance %.2f instead of cfg %.2f",
                             inv.guidance, cfg)
-            sigmas, cfg = inv.sigmas, inv.guidance
+            sigmas = inv.sigmas
         elif custom_sigmas is not None:
             sigmas = custom_sigmas
         else:
             sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).cpu()
         steps = len(sigmas) - 1
-        positive = [encode_prompt(clip, p) for p in [source_prompt] + targets]
-        conds = [c[0][0] for c in positive]
-        bad = [(p, tuple(c.shape)) for p, c in zip([source_prompt] + targets, conds) if c.shape != conds[0].shape]
+        prompts = [source_prompt] + targets
+        encoded = [encode_prompt(clip, p) for p in prompts]
+        conds = [c[0][0] for c in encoded]
+        bad = [(p, tuple(c.shape)) for p, c in zip(prompts, conds) if c.shape != conds[0].shape]
         if bad:
             raise ValueError(f"prompts encode to different lengths {bad} vs {tuple(conds[0].shape)}; keep every "
                              f"prompt within the source's 77-token chunks")
         length = conds[0].shape[1]
         k = len(targets)
-        if inv is not None:
-            x_T = inv.x_T
-            nulls = inv.nulls
-        else:
-            lat = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"][:1])
-            noise = comfy.sample.prepare_noise(lat, seed)
-            ms = model.get_model_object("model_sampling")
-            x_T = ms.noise_scaling(sigmas[0], noise, model.model.process_latent_in(lat),
-                                   max_denoise=float(sigmas[0]) >= float(ms.sigma_max) - 1e-5)
-            nulls = None
-        latent_hw = tuple(x_T.shape[-2:])
+        latent_hw = tuple((inv.x_T if inv is not None else comfy.sample.fix_empty_latent_channels(
+            model, latent_image["samples"][:1])).shape[-2:])
 
         words_of = words_fn(clip)
         plan = build_plan(source_prompt, targets, edit, steps, cross_replace_steps,
@@ -175,34 +181,29 @@ class P2PEditSampler(io.ComfyNode):
                           self_replace_steps, parse_pairs(reweight, "reweight", "smiling:5"), length,
                           self_replace_limit(latent_hw, inv is not None), words_of)
         m = model.clone()
+        add_chunk_wrapper(m)
         ids = model_layer_ids(model)
-        install_controller(m, P2PController(plan, steps), ids)
+        install_controller(m, ChunkFilter(P2PController(plan, steps)), ids)   # the rows of the prompts' entries
         blend = None
         names = split_word_list(blend_words)
         if names:
             store = AttentionStore(StoreConfig(capture_self=False))
             install_controller(m, store, ids, self_attn=False, cross_attn=True)
-            blend = LocalBlend(store, blend_positions([source_prompt] + targets, names, words_of),
+            blend = LocalBlend(store, blend_positions(prompts, names, words_of),
                                (max(latent_hw[0] // 4, 1), max(latent_hw[1] // 4, 1)), blend_threshold,
                                int(blend_start * steps))
-        batch = torch.cat(conds)
-        if inv is not None and inv.mode == "dpl":   # per-step learned noun tokens, in the targets too
-            learned = inv.extra["dpl"]
-            batch = [torch.cat([inv.extra["conds"][i]] + [encode_with_learned(clip, t, learned, i) for t in targets])
-                     for i in range(steps)]
-        if custom_sigmas is not None:
-            out = comfy_sampling.sample_rows(m, sampler, sigmas, comfy_sampling.batched_conditioning(positive),
-                                             negative, cfg, latent_image["samples"], seed, 1 + k, blend,
-                                             "P2PEditSampler")
+        base = positive if positive is not None else inv.extra["positive"] if inv is not None else encoded[0]
+        rows = rows_conditioning("P2PEditSampler", base, encoded[0], encoded)
+        if inv is None:
+            out = comfy_sampling.sample_rows(m, sampler, sigmas, rows, negative, cfg, latent_image, seed, 1 + k,
+                                             blend, "P2PEditSampler")
         else:
-            # every row its own conditioning's pooled output and the image's size (SDXL), as ComfyUI's samplers
-            shape = tuple(x_T.shape)
-            y_conds = stack_adm([adm_of(m, p[0][1], shape) for p in positive])
-            from_inversion = inv is not None and nulls is not None
-            null_dict = inv.extra.get("null_dict", inv.extra.get("cond_dict")) if from_inversion else negative[0][1]
-            y_null = adm_of(m, null_dict, shape)
-            out = sample_batch(m, x_T, sigmas, batch, nulls if nulls is not None else negative[0][0], cfg,
-                               y_conds, y_null, blend)
+            texts = torch.cat(conds)
+            if inv.mode == "dpl":   # per-step learned noun tokens, in the targets too
+                learned = inv.extra["dpl"]
+                texts = [torch.cat([inv.extra["conds"][i]] + [encode_with_learned(clip, t, learned, i)
+                                                              for t in targets]) for i in range(steps)]
+            out = sample_from_inversion(m, inv, rows, negative, texts, 1 + k, blend, latent_image, "P2PEditSampler")
         mask = blend.last_mask[1:, 0].cpu() if blend is not None and blend.last_mask is not None \
             else torch.ones(k, *latent_hw)
         logger.info("P2PEditSampler: %d edits (%s) of %r, %d steps%s", k, ", ".join(plan.kind), source_prompt, steps,

@@ -2,7 +2,8 @@
 
 Glue only: the controllers, the blend and the proxy suggestion live in
 ``attention/prompt_mixing.py`` (procedure and defaults of orpatashnik/local-prompt-mixing, see its
-header). Two passes with our own DDIM (Euler, eta 0) loop through ComfyUI's sampler plumbing:
+header). Two passes inside ComfyUI's sampler (a SAMPLER, our DDIM by default, ``comfy_sampling.sample_rows``;
+from an inversion its DDIM steps, ``inversion.sample_from_inversion``):
 1. the original prompt alone, capturing its attention (injection masks, background clusters);
 2. the batch [original, variation per proxy] from the same noise, with proxy values in the window,
    the original's self-attention injected on preserved objects and one background blend.
@@ -10,27 +11,25 @@ header). Two passes with our own DDIM (Euler, eta 0) loop through ComfyUI's samp
 
 from __future__ import annotations
 
-import comfy.model_management as mm
-import comfy.sample
 import comfy.samplers
 import comfy.utils
-import latent_preview
 import torch
 from comfy_api.latest import io, ui
 
 from ..attention import logger
+from ..attention.chunks import ChunkFilter
 from ..attention.prompt_mixing import (
     BackgroundBlend,
     MixSettings,
     ProxyValuePatch,
     SelfAttentionInjection,
+    blend_labels,
     foreground,
     injection_masks,
     proxy_prompt,
     suggest_proxies,
 )
 from ..attention.render import upsample
-from ..attention.sampling import sample_euler
 from ..attention.store import AttentionStore, StoreConfig
 from ..attention.words import locate_words, split_word_list, text_words
 from . import comfy_sampling
@@ -46,50 +45,24 @@ from .common import (
     tokenizer_words,
     word_ids,
 )
-from .unet_calls import adm_of, sample_batch
+from .guided import add_chunk_wrapper, rows_conditioning
+from .inversion import sample_from_inversion
+from .model_identity import check_inversion_model
 
 SELF_MAX = 32 * 32          # official: self-attention of layers up to 32x32 (SD at 512 px)
 _SUGGESTION_CACHE: dict = {}
 
 
-def ddim_sampler(after_step=None, on_step=None):
-    """A SAMPLER running attention/sampling.py's DDIM loop with an after-step hook."""
-    def sample(model, x, sigmas, extra_args=None, callback=None, disable=None):
-        extra = extra_args or {}
-
-        def step(i, x_, x0):
-            mm.throw_exception_if_processing_interrupted()
-            if callback is not None:
-                callback({"x": x_, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": x0})
-        return sample_euler(lambda x_, s_: model(x_, s_, **extra), x, sigmas, after_step, step)
-    return comfy.samplers.KSAMPLER(sample)
-
-
-def _sample(model, noise, latent, positive, negative, cfg, sigmas, seed, after_step=None, label="", sampler=None):
-    """Our DDIM loop, or the user's ``sampler`` (rows sharing each step's noise) when one is given."""
-    if sampler is not None:
-        return comfy_sampling.sample_rows(model, sampler, sigmas, positive, negative, cfg, latent, seed,
-                                          noise.shape[0], after_step, f"PromptMixSampler: {label}")
-    steps = len(sigmas) - 1
-    callback = latent_preview.prepare_callback(model, steps)
-    logger.info("PromptMixSampler: %s (%d images, %d steps)", label, noise.shape[0], steps)
-    return comfy.sample.sample_custom(model, noise, cfg, ddim_sampler(after_step), sigmas, positive, negative,
-                                      latent, callback=callback, seed=seed)
-
-
-def _sample_inverted(model, inv, positive, rows, negative, after_step=None, label=""):
-    """DDIM from an inversion's x_T with its per-step nulls (or the whole negative), ``rows`` copies of the
-    positive; every row its own conditioning's pooled output and the image's size (SDXL)."""
-    logger.info("PromptMixSampler: %s from an inversion (%d images, %d steps)", label, rows, len(inv.sigmas) - 1)
-    shape = tuple(inv.x_T.shape)
-    if inv.nulls is not None:
-        nulls, null_dict = inv.nulls, inv.extra.get("null_dict", inv.extra.get("cond_dict"))
-    else:
-        nulls, null_dict = negative[0][0], negative[0][1]
-    y_cond = adm_of(model, positive[0][1], shape)
-    y_conds = None if y_cond is None else y_cond.expand(rows, -1)
-    return sample_batch(model, inv.x_T, inv.sigmas, positive[0][0].expand(rows, -1, -1), nulls, inv.guidance,
-                        y_conds, adm_of(model, null_dict, shape), after_step)
+def _sample(model, rows, positive, negative, cfg, sigmas, latent, seed, inv, text, after_step=None, label="",
+            sampler=None):
+    """``rows`` rows of the prompt from a seed through ``sampler`` (None: our DDIM; rows share each step's noise),
+    or from the inversion ``inv`` retracing its DDIM steps; ``text``: the prompt's encoding."""
+    label = f"PromptMixSampler: {label}"
+    if inv is None:
+        return comfy_sampling.sample_rows(model, sampler, sigmas, positive, negative, cfg, latent, seed, rows,
+                                          after_step, label)
+    return sample_from_inversion(model, inv, positive, negative, text.expand(rows, -1, -1), rows, after_step,
+                                 latent, label)
 
 
 def _proxies(clip, prompt: str, word: str, proxy_words: str, count: int, candidates: str) -> list[str]:
@@ -132,10 +105,12 @@ class PromptMixSampler(io.ComfyNode):
                 "'Localizing Object-level Shape Variations'). Samples the prompt, then one variation per proxy "
                 "word: inside the mixing window the cross-attention takes its values from the proxy prompt (keys "
                 "stay), the original's self-attention is injected on preserved objects, and the background is "
-                "blended back from the original. From a seed, or from a Null-Text Inversion of a real image. DDIM "
-                "(eta 0) by default; connect a SAMPLER and SIGMAS (as for SamplerCustomAdvanced) to use any ComfyUI "
-                "sampler for a generated image (ancestral/SDE samplers share each step's noise across the rows). "
-                "Output batch: original first, then variations."),
+                "blended back from the original. From a seed, or from a Null-Text Inversion of a real image. Runs "
+                "inside ComfyUI's sampler: the MODEL's patches, wrappers and CFG functions, every conditioning entry "
+                "and the latent's noise mask (variations only inside it) apply as in KSampler. DDIM (eta 0) by "
+                "default; connect a SAMPLER and SIGMAS (as for SamplerCustomAdvanced) to use any ComfyUI sampler for "
+                "a generated image (ancestral/SDE samplers share each step's noise across the rows). Output batch: "
+                "original first, then variations."),
             inputs=[
                 io.Model.Input("model", tooltip=(
                     "SD1.x/SD2.x/SDXL or ShapesWorld model. Cloned; the input stays unpatched.")),
@@ -144,7 +119,10 @@ class PromptMixSampler(io.ComfyNode):
                                 tooltip="The positive prompt, containing the object word."),
                 io.Conditioning.Input("negative",
                                       tooltip="Negative conditioning (an empty CLIPTextEncode as officially)."),
-                io.Latent.Input("latent_image", tooltip="Sets the size (EmptyLatentImage); its first item is used."),
+                io.Latent.Input("latent_image", tooltip=(
+                    "Sets the size (EmptyLatentImage); its first item is used. With a noise mask (SetLatentNoiseMask) "
+                    "the images change only inside it, as KSampler inpaints (with an inversion only the mask is "
+                    "used).")),
                 io.String.Input("object_word", default="circle",
                                 tooltip="The word of the prompt whose shape varies (object of interest)."),
                 io.String.Input("proxy_words", default="triangle, star, diamond, cross", tooltip=(
@@ -184,10 +162,11 @@ class PromptMixSampler(io.ComfyNode):
                     "A cluster is foreground when a noun's normalized cross-attention covers it above this "
                     "(official 0.3). Range 0-1.")),
                 io.String.Input("nouns", default="", optional=True, tooltip=(
-                    "Every noun of the prompt, comma separated, e.g. 'hamburger, cup, coffee, table': they label "
-                    "the background clusters, and clusters of any of them stay the variation's at the blend "
-                    "(upstream tags the nouns with NLTK; list them for its behaviour). Empty = the object word, "
-                    "preserve_words and background_nouns.")),
+                    "The nouns that label the background clusters, comma separated, e.g. 'hamburger, cup, coffee, "
+                    "table'; clusters of any of them stay the variation's at the blend. Empty (default) = every "
+                    "noun of the prompt, as upstream (which tags them with NLTK; here the head word of each noun "
+                    "phrase, the StructureDiffusion chunker's): list them when a noun modifies another, e.g. "
+                    "'coffee cup'. The object word and background_nouns always label.")),
                 io.String.Input("background_nouns", default="", optional=True, tooltip=(
                     "Nouns whose clusters are taken from the original at the blend, like the background "
                     "(upstream's background_nouns, default none), e.g. 'background' when the prompt names it.")),
@@ -206,6 +185,10 @@ class PromptMixSampler(io.ComfyNode):
                 io.Sigmas.Input("sigmas", optional=True, tooltip=(
                     "Optional, with 'sampler': the sigma schedule (BasicScheduler, KarrasScheduler...; steps + 1 "
                     "descending values).")),
+                io.Conditioning.Input("positive", optional=True, tooltip=(
+                    "Optional: the prompt's CONDITIONING with what is attached to it (ControlNet, area, timestep "
+                    "range...); it must contain 'prompt' encoded by this CLIP, and only those entries are mixed. "
+                    "Default: 'prompt' encoded (with an inversion: the inversion's).")),
             ],
             outputs=[
                 io.Latent.Output(display_name="latents", tooltip="Batch: the original, then one variation per proxy."),
@@ -227,7 +210,8 @@ class PromptMixSampler(io.ComfyNode):
     def execute(cls, model, clip, prompt, negative, latent_image, object_word, proxy_words, suggestions,
                 preserve_words, seed, steps, cfg, scheduler, mix_start, mix_end, self_injection_end,
                 injection_threshold, blend_at, clusters, cluster_threshold, nouns="", background_nouns="",
-                proxy_candidates=PROXY_CANDIDATES[0], inversion=None, sampler=None, sigmas=None) -> io.NodeOutput:
+                proxy_candidates=PROXY_CANDIDATES[0], inversion=None, sampler=None, sigmas=None,
+                positive=None) -> io.NodeOutput:
         s = MixSettings(window=(mix_start, mix_end), self_injection_end=self_injection_end,
                         injection_threshold=injection_threshold, blend_at=None if blend_at >= 1 else blend_at,
                         clusters=clusters, cluster_threshold=cluster_threshold).validate()
@@ -241,19 +225,16 @@ class PromptMixSampler(io.ComfyNode):
         obj = pw.positions(word, "object word")
         keep_names = split_word_list(preserve_words)
         keep = locate_words(pw, preserve_words, "preserve word")[1] if keep_names else []
-        bg_names = split_word_list(background_nouns)
-        label_names = list(dict.fromkeys([word] + (split_word_list(nouns) or keep_names) + bg_names))
-        labels = locate_words(pw, ", ".join(label_names), "noun")[1]
-        bg_words = frozenset(label_names.index(n) for n in bg_names if n != word)
+        labels = blend_labels(pw, word, nouns, background_nouns)
         proxies = _proxies(clip, prompt, word, proxy_words, suggestions, proxy_candidates)
         key = token_key(clip)
         for p in proxies:
             _check_proxy(clip, key, word, p)
-        positive = encode_prompt(clip, prompt)
+        encoded = encode_prompt(clip, prompt)
         proxy_ctx = torch.cat([encode_prompt(clip, proxy_prompt(prompt, word, p))[0][0] for p in proxies])
-        if proxy_ctx.shape[1:] != positive[0][0].shape[1:]:
+        if proxy_ctx.shape[1:] != encoded[0][0].shape[1:]:
             raise ValueError(f"proxy prompts encode to {tuple(proxy_ctx.shape[1:])} but the prompt to "
-                             f"{tuple(positive[0][0].shape[1:])}; keep the prompts within the same 77-token chunks")
+                             f"{tuple(encoded[0][0].shape[1:])}; keep the prompts within the same 77-token chunks")
 
         inv = inversion
         custom_sigmas = comfy_sampling.check_pair("PromptMixSampler", sampler, sigmas, inv)
@@ -264,9 +245,10 @@ class PromptMixSampler(io.ComfyNode):
             if inv.prompt.strip() != prompt.strip():
                 raise ValueError(f"the inversion was made with the prompt {inv.prompt!r}, not {prompt!r}; use the "
                                  f"same prompt on both nodes")
+            check_inversion_model(inv, model, "PromptMixSampler")   # object, weight patches, options (by name)
             steps = len(inv.sigmas) - 1
-        latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"][:1])
-        noise = comfy.sample.prepare_noise(latent, seed)
+        base = positive if positive is not None else inv.extra["positive"] if inv is not None else encoded
+        positive = rows_conditioning("PromptMixSampler", base, encoded, [encoded])
         if custom_sigmas is not None:
             sigmas, steps = custom_sigmas, len(custom_sigmas) - 1
         else:
@@ -277,34 +259,29 @@ class PromptMixSampler(io.ComfyNode):
         # 1. the original, with its attention
         orig_store = AttentionStore(StoreConfig(self_max_tokens=SELF_MAX, keep_heads=True))
         m1 = model.clone()
+        add_chunk_wrapper(m1)
         install_controller(m1, orig_store, ids)
         orig_store.reset()
-        if inv is None:
-            _sample(m1, noise, latent, positive, negative, cfg, sigmas, seed, label="original", sampler=sampler)
-        else:
-            _sample_inverted(m1, inv, positive, 1, negative, label="original")
+        run = (positive, negative, cfg, sigmas, latent_image, seed, inv, encoded[0][0])
+        _sample(m1, 1, *run, label="original", sampler=sampler)
         orig_store.finish()
-        orig_fg = foreground(orig_store, 0, labels, s, bg_words, 0)
+        orig_fg = foreground(orig_store, 0, labels.positions, s, labels.background, labels.obj)
 
         # 2. [original, variations] from the same noise
         step = s.blend_step(steps)
         m2 = model.clone()
+        add_chunk_wrapper(m2)
         m2.set_model_attn2_patch(ProxyValuePatch(proxy_ctx, *s.window))
         masks = injection_masks(orig_store, keep, obj, s.injection_threshold, SELF_MAX)
         if keep and s.self_injection_end > 0:
-            install_controller(m2, SelfAttentionInjection(masks, s.self_injection_end),
+            install_controller(m2, ChunkFilter(SelfAttentionInjection(masks, s.self_injection_end), full_frame=True),
                                [lid for lid in ids if lid in masks], self_attn=True, cross_attn=False)
         var_store = AttentionStore(StoreConfig(self_max_tokens=SELF_MAX, step_end=((step or steps) + 1) / steps))
-        blend = BackgroundBlend(var_store, orig_fg, labels, s, step, bg_words, 0)
+        blend = BackgroundBlend(var_store, orig_fg, labels.positions, s, step, labels.background, labels.obj)
         if step is not None:
             install_controller(m2, var_store, ids)
         var_store.reset()
-        if inv is None:
-            out = _sample(m2, noise.expand(1 + k, -1, -1, -1).clone(), latent.expand(1 + k, -1, -1, -1).clone(),
-                          positive, negative, cfg, sigmas, seed, after_step=blend, label="variations",
-                          sampler=sampler)
-        else:
-            out = _sample_inverted(m2, inv, positive, 1 + k, negative, after_step=blend, label="variations")
+        out = _sample(m2, 1 + k, *run, after_step=blend, label="variations", sampler=sampler)
         var_store.finish()
         hw = tuple(out.shape[-2:])
         blend_masks = torch.stack(blend.masks) if blend.masks else torch.ones(k, *hw)

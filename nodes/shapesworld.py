@@ -23,9 +23,8 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..attention.shapesworld.harness import colour_blobs, load_classifier
-from ..attention.shapesworld.model import DEFAULT_WEIGHTS, read_weights
+from ..attention.shapesworld.model import DEFAULT_WEIGHTS, build_models, read_weights
 from ..attention.shapesworld.text import EOS, ShapesTokenizer, TextEncoder
-from ..attention.shapesworld.train import build_models
 from ..attention.shapesworld.world import COLOURS, SHAPES, SceneSpec, ShapesWorld, one_colour_spec
 from .common import CATEGORY
 

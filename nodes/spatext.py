@@ -14,6 +14,7 @@ from comfy_api.latest import io, ui
 
 from ..attention import logger
 from ..attention.controller import ControlledAttention
+from ..attention.masks import check_aspect, mask_batch
 from ..attention.render import grid, upsample
 from ..attention.spatext import ExpandContext, RegionalAttention, region_weights
 from .common import CATEGORY, comfy_attention, model_layer_ids
@@ -52,16 +53,13 @@ class SpaTextCFGGuider(comfy.samplers.CFGGuider):
         self.weight_cache: dict = {}        # masks resized per layer size, kept across steps
 
     def check_aspect(self, x: torch.Tensor) -> None:
-        """Warn once per latent size when the masks' aspect ratio is not the image's (they would be stretched)."""
+        """The pack's size rule (``attention/masks.py``), once per latent size: masks within the aspect tolerance
+        are resized to each layer; beyond it they would be stretched over other objects, so sampling stops."""
         shape = tuple(x.shape[-2:])
         if shape == self.checked_shape:
             return
+        check_aspect(tuple(self.masks.shape[-2:]), shape, "SpaTextGuider", "region masks", "latent (latent pixels)")
         self.checked_shape = shape
-        (mh, mw), (lh, lw) = self.masks.shape[-2:], shape
-        if abs(mh / mw - lh / lw) > 0.02 * (lh / lw):
-            logger.warning("SpaTextGuider: the region masks are %dx%d but the image is %dx%d in latent pixels (aspect "
-                           "%.3f against %.3f); the masks are stretched to the image. Make them the image's size.",
-                           mw, mh, lw, lh, mh / mw, lh / lw)
 
     def set_conds(self, positive, negative):
         self.inner_set_conds({"positive": positive, "negative": negative})
@@ -86,8 +84,9 @@ class SpaTextGuider(io.ComfyNode):
         for k in range(1, SLOTS + 1):
             regions += [
                 io.Mask.Input(f"mask_{k}", optional=True, tooltip=(
-                    f"Region {k}: where its prompt applies (any size; resized to each attention layer by area; "
-                    f"values 0-1). Leave unconnected to skip the slot.")),
+                    f"Region {k}: where its prompt applies (any size whose aspect ratio is within 2 % of the "
+                    f"image's; resized to each attention layer by area; values 0-1). Leave unconnected to skip "
+                    f"the slot.")),
                 io.String.Input(f"prompt_{k}", multiline=True, default="", tooltip=(
                     f"Region {k}'s free text, e.g. 'a black horse'. Needed when mask_{k} is connected.")),
             ]
@@ -129,9 +128,10 @@ class SpaTextGuider(io.ComfyNode):
             if not text:
                 raise ValueError(f"mask_{k} is connected but prompt_{k} is empty: write what region {k} shows "
                                  f"(e.g. 'a black horse') or disconnect mask_{k}")
-            if mask.dim() == 3 and mask.shape[0] != 1:
+            mask = mask_batch(mask, "SpaTextGuider", f"mask_{k}")              # (B, H, W), any MASK layout
+            if mask.shape[0] != 1:
                 raise ValueError(f"mask_{k} is a batch of {mask.shape[0]} masks; give one mask per region slot")
-            masks.append(mask.reshape(1, *mask.shape[-2:]).float())
+            masks.append(mask)
             prompts.append(text)
         if not masks:
             raise ValueError("no region: connect at least mask_1 with prompt_1 (use a plain sampler for the "

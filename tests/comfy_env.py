@@ -92,15 +92,37 @@ def _tiny_unet(model_config_class, cfg: dict, seed: int, std: float):
                                             offload_device=mm.unet_offload_device())
 
 
+TINY_SD15 = {'use_checkpoint': False, 'image_size': 32, 'out_channels': 4, 'use_spatial_transformer': True,
+             'legacy': False, 'adm_in_channels': None, 'dtype': torch.float32, 'in_channels': 4,
+             'model_channels': 32, 'num_res_blocks': [1, 1], 'transformer_depth': [1, 1], 'channel_mult': [1, 2],
+             'transformer_depth_middle': 1, 'use_linear_in_transformer': False, 'context_dim': CTX,
+             'transformer_depth_output': [1, 1, 1, 1], 'use_temporal_attention': False,
+             'use_temporal_resblock': False}
+
+
 def tiny_sd15():
     import comfy.supported_models
-    cfg = {'use_checkpoint': False, 'image_size': 32, 'out_channels': 4, 'use_spatial_transformer': True,
-           'legacy': False, 'adm_in_channels': None, 'dtype': torch.float32, 'in_channels': 4,
-           'model_channels': 32, 'num_res_blocks': [1, 1], 'transformer_depth': [1, 1], 'channel_mult': [1, 2],
-           'transformer_depth_middle': 1, 'use_linear_in_transformer': False, 'context_dim': CTX,
-           'transformer_depth_output': [1, 1, 1, 1], 'use_temporal_attention': False,
-           'use_temporal_resblock': False}
-    return _tiny_unet(comfy.supported_models.SD15, cfg, seed=0, std=0.05)
+    return _tiny_unet(comfy.supported_models.SD15, dict(TINY_SD15), seed=0, std=0.05)
+
+
+def tiny_controlnet(seed: int = 4, std: float = 0.05):
+    """A ControlNet for ``tiny_sd15`` made of ComfyUI's own classes (``comfy.cldm.cldm.ControlNet`` in
+    ``comfy.controlnet.ControlNet``, as ``load_controlnet`` builds it) with seeded random weights, zero
+    convolutions included, so that its hint changes the image. Apply it with ControlNetApplyAdvanced and a
+    (1, 128, 128, 3) IMAGE for a 16x16 latent."""
+    import comfy.cldm.cldm
+    import comfy.controlnet
+    import comfy.model_management as mm
+    import comfy.ops
+    cfg = {k: v for k, v in TINY_SD15.items() if k != "out_channels"}
+    cfg.update(hint_channels=3, num_heads=8, operations=comfy.ops.disable_weight_init,
+               device=mm.unet_offload_device())
+    net = comfy.cldm.cldm.ControlNet(**cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return comfy.controlnet.ControlNet(net, load_device=mm.get_torch_device())
 
 
 def tiny_sdxl():
@@ -114,14 +136,17 @@ def tiny_sdxl():
     return _tiny_unet(comfy.supported_models.SDXL, cfg, seed=1, std=0.02)
 
 
-def tiny_clip():
+def tiny_clip(embedding_directory: str | None = None):
+    """A 2-layer SD1 CLIP of width CTX; ``embedding_directory``: ComfyUI's embeddings folder (textual inversions
+    named ``embedding:name`` in prompts), as CheckpointLoader passes it."""
     import comfy.sd
     import comfy.sd1_clip
     import comfy.supported_models_base
     target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
     te_cfg = {"hidden_size": CTX, "intermediate_size": 128, "num_attention_heads": 2,
               "num_hidden_layers": 2, "projection_dim": CTX}
-    clip = comfy.sd.CLIP(target=target, model_options={"clip_l_model_config": te_cfg})
+    clip = comfy.sd.CLIP(target=target, embedding_directory=embedding_directory,
+                         model_options={"clip_l_model_config": te_cfg})
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for p in clip.cond_stage_model.parameters():
@@ -157,11 +182,13 @@ def sdxl_cond(seed: int, tokens: int = 77):
              {"pooled_output": torch.randn(1, 1280, generator=g), "width": 256, "height": 256}]]
 
 
-def sample(model, positive, negative, latent, cfg=7.0, sampler="euler", steps=4, seed=0, scheduler="normal"):
+def sample(model, positive, negative, latent, cfg=7.0, sampler="euler", steps=4, seed=0, scheduler="normal",
+           noise_mask=None):
+    """KSampler's call (comfy.sample.sample) on LATENT samples ``latent``, with its noise mask if given."""
     import comfy.sample
     noise = comfy.sample.prepare_noise(latent, seed)
     return comfy.sample.sample(model, noise, steps, cfg, sampler, scheduler, positive, negative, latent,
-                               disable_pbar=True, seed=seed)
+                               noise_mask=noise_mask, disable_pbar=True, seed=seed)
 
 
 class StubServer:

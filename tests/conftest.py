@@ -11,4 +11,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# OMP_NUM_THREADS, when set, wins (the shared machine's rule; mutmut forks test processes, which a pool of
+# intra-op threads would deadlock); else two threads at most.
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or min(2, os.cpu_count() or 1)))

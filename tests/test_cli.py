@@ -17,7 +17,9 @@ import pytest
 import torch
 
 from attention import cli, demo
+from attention.demo.runner import Progress
 from attention.shapesworld import model as model_module
+from attention.shapesworld import weights as weight_files
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -113,7 +115,7 @@ def test_a_flag_error_runs_as_a_clean_process():
 
 def test_weight_hints_fit_the_path(tmp_path, monkeypatch, capsys, no_model):
     monkeypatch.chdir(ROOT)
-    shipped = cli.weights_fix(cli.SHIPPED_WEIGHTS)
+    shipped = weight_files.weights_fix(weight_files.SHIPPED_WEIGHTS)
     assert "git checkout -- assets/shapesworld.safetensors" in shipped and "--out assets" not in shipped
     for path in ("README.md", str(tmp_path / "mine.safetensors")):
         with pytest.raises(SystemExit):
@@ -122,8 +124,8 @@ def test_weight_hints_fit_the_path(tmp_path, monkeypatch, capsys, no_model):
         assert path in err and "git" not in err and "--out" not in err, err
         assert "use the shipped assets/shapesworld.safetensors" in err
     (tmp_path / "plain.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00" + b'{"x": 1}'.ljust(16))
-    assert "without a ShapesWorld model config" in cli.weights_problem(tmp_path / "plain.safetensors")
-    assert cli.weights_problem(cli.SHIPPED_WEIGHTS) is None
+    assert "without a ShapesWorld model config" in weight_files.weights_problem(tmp_path / "plain.safetensors")
+    assert weight_files.weights_problem(weight_files.SHIPPED_WEIGHTS) is None
 
 
 def test_no_default_writes_a_shipped_file_and_shipped_files_need_the_flag(tmp_path, monkeypatch, capsys, no_model):
@@ -131,16 +133,16 @@ def test_no_default_writes_a_shipped_file_and_shipped_files_need_the_flag(tmp_pa
     for name in ("attention.shapesworld.train", "attention.shapesworld.recipe", "attention.shapesworld.classifier"):
         module = entry(name)
         default = Path(module.build_parser().parse_args([]).out)
-        assert default.resolve().parent != cli.ASSETS.resolve()
-        for shipped in (cli.SHIPPED_WEIGHTS, cli.SHIPPED_CLASSIFIER):
+        assert default.resolve().parent != weight_files.ASSETS.resolve()
+        for shipped in (weight_files.SHIPPED_WEIGHTS, weight_files.SHIPPED_CLASSIFIER):
             with pytest.raises(SystemExit) as exit_:
                 module.main(["--out", str(shipped.relative_to(ROOT))])
             err = capsys.readouterr().err
             assert exit_.value.code == 2 and "is a shipped file" in err and "add --overwrite-shipped" in err
     p = cli.parser(None)
-    cli.refuse_shipped(p, str(cli.SHIPPED_WEIGHTS), allowed=True)   # the flag lets it through
+    cli.refuse_shipped(p, str(weight_files.SHIPPED_WEIGHTS), allowed=True)   # the flag lets it through
     with pytest.raises(SystemExit):
-        cli.refuse_shipped(p, str(cli.SHIPPED_WEIGHTS), allowed=False)
+        cli.refuse_shipped(p, str(weight_files.SHIPPED_WEIGHTS), allowed=False)
     # the README's own commands never write into assets/
     assert "--out assets/" not in (ROOT / "README.md").read_text()
 
@@ -207,7 +209,7 @@ class FakeModel:
 def test_demo_checks_the_weights_before_creating_its_folder(tmp_path, capsys, monkeypatch):
     from safetensors.torch import save_file
 
-    from attention.shapesworld.train import MODEL_CONFIG
+    from attention.shapesworld.model import MODEL_CONFIG
     wrong = tmp_path / "wrong.safetensors"  # a valid header and config, but tensors of another model
     save_file({"unet.nothing": torch.zeros(1)}, str(wrong), metadata={"config": json.dumps(MODEL_CONFIG)})
     for weights in ("README.md", str(wrong)):
@@ -247,10 +249,30 @@ def test_an_interrupted_demo_leaves_a_linked_report(tmp_path, monkeypatch):
     assert "## First" in report and "## Second" in report
 
 
+def test_a_sections_log_goes_to_its_report_and_only_warnings_to_the_terminal(tmp_path, monkeypatch, caplog):
+    import logging
+
+    def talkative(model, out, save, quick):
+        logging.getLogger("attention_lab.figure").info("baseline: {'1': '0.681 / 0.515'}")
+        logging.getLogger("attention_lab").warning("something to see now")
+        return ["## Talkative", ""]
+
+    monkeypatch.setattr(cli, "load_model", lambda p, w: FakeModel())
+    monkeypatch.setattr(demo, "SECTIONS", (demo.Section("talk", "Talk", talkative),))
+    with caplog.at_level(logging.INFO):
+        assert demo.main(["--out", str(tmp_path)]) == 0
+    shown = [r.getMessage() for r in caplog.records]
+    assert "something to see now" in shown and not any("baseline" in m for m in shown), shown
+    assert any(m.startswith("[1/1] Talk: ") for m in shown), shown    # the section's result line
+    report = (tmp_path / "report.md").read_text()
+    assert "Section log (2 lines)" in report and "baseline: {'1': '0.681 / 0.515'}" in report
+    assert "something to see now" in report
+    assert not logging.getLogger("attention_lab").handlers and logging.getLogger("attention_lab").propagate
+
+
 def test_every_demo_section_is_registered_and_importable():
-    for section in demo.SECTIONS:
-        module, _, attr = section.function.partition(":")
-        assert callable(getattr(importlib.import_module(f"attention.{module}"), attr)), section
+    for section in demo.SECTIONS:   # imported by name in attention/demo/__init__.py, defined in the demo package
+        assert callable(section.function) and section.function.__module__.startswith("attention.demo."), section
     assert len({s.name for s in demo.SECTIONS}) == len(demo.SECTIONS)
 
 
@@ -262,7 +284,7 @@ def test_progress_draws_a_bar_on_a_terminal_and_lines_in_a_log():
             return True
 
     tty, log = Terminal(), io.StringIO()
-    bar, plain = demo.Progress("[1/2] One", 4, tty), demo.Progress("[1/2] One", None, log)
+    bar, plain = Progress("[1/2] One", 4, tty), Progress("[1/2] One", None, log)
     for _ in range(2):
         bar.hook(None, None, None)
         plain.hook(None, None, None)

@@ -1,5 +1,7 @@
-"""Tier 1: our ported functions against the official formulas, written out here in our own words, on identical
-tensors (issue 15; docs/faithful-ports.md). Each test names the upstream file it transcribes.
+"""Tier 1: our ported inversion and DPL functions against the official formulas, written out here in our own words,
+on identical tensors (issues 15 and 26; docs/faithful-ports.md). Each test names the upstream file it transcribes.
+The attention-side ports (MnM, P2P) are in test_faithful_attention.py, StructureDiffusion's values in
+test_structure.py, DPL's token initialization on the real CLIP tokenizer in test_nodes_faithful.py (tier 2).
 
 Shape legend: z (1, c, h, w) model-space latent; x = z / sqrt(alphabar) the k-diffusion state; maps (h, w, m).
 """
@@ -18,7 +20,6 @@ from PIL import Image
 from attention.dpl import DPL_SH, CrossMapRecorder, background_at_size, dpl_invert
 from attention.dpl_losses import attend_excite_loss, gaussian_kernel
 from attention.inversion import NullTextSettings, ddim_invert, null_text_optimize
-from attention.p2p import self_replace_limit
 from attention.schedule import sigma_to_t, simple_sigmas
 
 
@@ -109,68 +110,228 @@ def official_attend_excite_loss(maps, indices):
     return max(max(torch.zeros(()), 1.0 - m) for m in maxima)
 
 
+def official_background_loss(maps, indices, seg):
+    """DPL ``_compute_BG``: each noun's flattened map against the background mask, cosine (eps 1e-8), mean."""
+    x = maps[:, :, indices].reshape(-1, len(indices)).t()
+    return F.cosine_similarity(x, seg.reshape(1, -1)).mean()
+
+
+def official_cosine_loss(maps, indices):
+    """DPL ``_compute_cosine``: the nouns' pairwise cosine matrix by broadcasting, mean of its strict lower
+    triangle."""
+    x = maps[:, :, indices].reshape(-1, len(indices)).t()
+    mask = torch.tril(torch.ones(len(indices), len(indices)), diagonal=-1).bool()
+    return F.cosine_similarity(x[:, :, None], x.t()[None, :, :])[mask].mean()
+
+
+def official_target(i: int, alpha: float, beta: float) -> float:
+    """DPL ``__call__``: np.exp(-float(i) / alpha) * beta (BG: i - max_iter_to_alter, 0 in DPL.sh)."""
+    return float(np.exp(-float(i) / alpha) * beta)
+
+
 def test_attention_balancing_kernel_and_loss_equal_upstream():
     assert torch.allclose(gaussian_kernel(), official_gaussian_smoothing_weight(), atol=1e-7)
+    assert torch.allclose(gaussian_kernel(sigma=1.0), official_gaussian_smoothing_weight(sigma=1.0), atol=1e-7)
     assert abs(float(gaussian_kernel()[1, 1]) - 0.332) < 1e-3                        # effective sigma 0.707
-    assert abs(float(gaussian_kernel(upstream=False)[1, 1]) - 0.619) < 1e-3           # a true sigma 0.5
+    true = torch.outer(*[torch.exp(-torch.arange(-1.0, 2.0) ** 2 / (2 * 0.5 ** 2))] * 2)
+    assert abs(float((true / true.sum())[1, 1]) - 0.619) < 1e-3                      # a true sigma 0.5 differs
     g = torch.Generator().manual_seed(1)
-    for _ in range(5):
-        maps = torch.rand(16, 16, 12, generator=g) * 0.05
-        maps[4:8, 4:8, 2] += torch.rand(4, 4, generator=g) * 0.2
-        ours = attend_excite_loss(maps, [(2,), (5,)])
-        assert torch.allclose(ours, official_attend_excite_loss(maps, [2, 5]), atol=1e-6)
+    for corner in (slice(4, 8), slice(0, 3), slice(13, 16)):                          # the peak inside, at borders
+        for _ in range(3):
+            maps = torch.rand(16, 16, 12, generator=g) * 0.05
+            maps[corner, corner, 2] += torch.rand(maps[corner, corner, 2].shape, generator=g) * 0.2
+            ours = attend_excite_loss(maps, [(2,), (5,)])
+            assert torch.allclose(ours, official_attend_excite_loss(maps, [2, 5]), atol=1e-6)
+    maps = maps.double()                                                               # the maps' dtype is kept
+    assert attend_excite_loss(maps, [(2,), (5,)]).dtype == torch.float64
 
 
-# ----------------------------------------------------------------------------- 3. DPL's null text, restarted
-def official_dpl_null_loop(traj_z, sigmas, cond, null_text, guidance, inner):
-    """DPL ``__call__`` part 2 with every loss weight 0: each step re-encodes "" (``null_text``), a fresh Adam at
-    lr 1e-2 * (1 - i / 100) for ``inner`` iterations (no early stop), MSE to the inverted latent, then the step."""
-    z, nulls = traj_z[0], []
+def test_background_and_disjoint_losses_and_thresholds_equal_upstream():
+    from attention.dpl_losses import background_loss, disjoint_loss, gradual_threshold
+    g = torch.Generator().manual_seed(6)
+    seg = torch.zeros(16, 16)
+    seg[:, :5] = 1
+    for dtype in (torch.float32, torch.float64):
+        maps = (torch.rand(16, 16, 12, generator=g) * 0.05).to(dtype)                # norms under 1, as real maps
+        maps[2:9, 1:6, 3] += 0.1
+        for nouns in ([(2,), (3,)], [(2,), (3,), (7,)]):
+            idx = [p for (p,) in nouns]
+            assert torch.allclose(background_loss(maps, nouns, seg), official_background_loss(maps, idx, seg.to(dtype)),
+                                  atol=1e-6)
+            assert torch.allclose(disjoint_loss(maps, nouns), official_cosine_loss(maps, idx), atol=1e-6)
+    with pytest.raises(ValueError, match=r"background mask \(8, 8\) and maps \(16, 16\) differ"):
+        background_loss(maps, [(2,)], torch.zeros(8, 8))
+    for i in (0, 7, 49):
+        for alpha, beta in ((25.0, 0.3), (50.0, 0.7), (25.0, 0.9)):
+            assert abs(gradual_threshold(i, alpha, beta) - official_target(i, alpha, beta)) < 1e-12
+
+
+# ----------------------------------------------------------------------------- Null-Text Inversion's loop
+# A second toy whose null embedding reaches the loss (a linear text term over every latent entry), so that the
+# early stop fires at some steps and not at others: the threshold's value decides the result.
+_P = torch.randn(32, 32, generator=torch.Generator().manual_seed(9), dtype=torch.float64) / 32 ** 0.5
+
+
+def text_unet(z: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    text = (context.reshape(context.shape[0], -1) @ _P).view(z.shape)
+    return 0.1 * torch.tanh(1.3 * z + 0.4 * z.roll(1, -1) + 0.002 * t.view(-1, 1, 1, 1)) + 0.2 * text
+
+
+def text_eps(x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    s = sigma.reshape(1)
+    return text_unet(x / (1 + s ** 2).sqrt(), sigma_to_t(s), context)
+
+
+def official_null_optimization(unet, traj_z, sigmas, cond, null, guidance, inner, epsilon, restart=False):
+    """null_text_w_ptp.ipynb ``NullInversion.null_optimization``: per step a fresh Adam on the null at
+    lr 1e-2 * (1 - i / 100); each inner iteration the guided ``prev_step`` from the current latent, MSE to the
+    inverted latent, zero_grad / backward / step, then stop when loss.item() < epsilon + i * 2e-5; the null
+    carries over to the next step (``restart``: DPL's re-encoded "" each step instead); the next latent is
+    ``get_noise_pred(latent_cur, t, False, [null, cond])``. Returns the nulls, the final latent and the
+    iterations run per step. ``epsilon`` None: no early stop (DPL)."""
+    uncond, nulls, iters = null, [], []
+    latent_cur = traj_z[0]
     for i in range(len(sigmas) - 1):
+        uncond = (null if restart else uncond).clone().detach().requires_grad_(True)
+        optimizer = torch.optim.Adam([uncond], lr=1e-2 * (1.0 - i / 100.0))
+        latent_prev = traj_z[i + 1]
         a_cur, a_prev = alphabar(sigmas[i]), alphabar(sigmas[i + 1])
         t = sigma_to_t(sigmas[i].reshape(1))
         with torch.no_grad():
-            e_c = toy_unet(z, t, cond)
-        u = null_text.detach().clone().requires_grad_(True)
-        opt = torch.optim.Adam([u], lr=1e-2 * (1.0 - i / 100.0))
-        for _ in range(inner):
-            e_u = toy_unet(z, t, u)
-            rec = official_prev_step(e_u + guidance * (e_c - e_u), a_cur, a_prev, z)
-            loss = F.mse_loss(rec, traj_z[i + 1])
+            noise_pred_cond = unet(latent_cur, t, cond)
+        for j in range(inner):  # noqa: B007  (j counts the iterations run, read after the loop as upstream)
+            noise_pred_uncond = unet(latent_cur, t, uncond)
+            noise_pred = noise_pred_uncond + guidance * (noise_pred_cond - noise_pred_uncond)
+            loss = F.mse_loss(official_prev_step(noise_pred, a_cur, a_prev, latent_cur), latent_prev)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if epsilon is not None and loss.item() < epsilon + i * 2e-5:
+                break
+        iters.append(j + 1)
+        nulls.append(uncond[:1].detach())
+        with torch.no_grad():
+            both = unet(torch.cat([latent_cur] * 2), t, torch.cat([uncond, cond]))
+            e_u, e_c = both.chunk(2)
+            latent_cur = official_prev_step(e_u + guidance * (e_c - e_u), a_cur, a_prev, latent_cur)
+    return nulls, latent_cur, iters
+
+
+@pytest.fixture(scope="module")
+def text_toy():
+    g = torch.Generator().manual_seed(0)
+    sigmas = simple_sigmas(8).double()
+    x0 = torch.randn(1, 2, 4, 4, generator=g, dtype=torch.float64)
+    cond = torch.randn(1, 4, 8, generator=g, dtype=torch.float64)
+    null = cond + torch.randn(1, 4, 8, generator=g, dtype=torch.float64) * 0.03
+    traj = ddim_invert(text_eps, x0, sigmas, cond)
+    return sigmas, x0, cond, null, traj, [x * alphabar(s).sqrt() for x, s in zip(traj, sigmas)]
+
+
+def test_null_text_optimization_equals_the_official_loop(text_toy):
+    """NullTextInvert's defaults (its schema: inner_steps 10, early_stop 1e-5, keep_best_null off) through
+    ``null_text_optimize``, the function the node calls, against the notebook's loop on the same tensors."""
+    sigmas, x0, cond, null, traj, traj_z = text_toy
+    settings = NullTextSettings(guidance=7.5, inner_steps=10, epsilon=1e-5, keep_best=False)
+    runs: dict[int, int] = {}
+    with torch.enable_grad():
+        nulls, counts, rec = null_text_optimize(text_eps, [t.clone() for t in traj], sigmas, cond, null, settings,
+                                                on_inner=lambda i, j, v: runs.__setitem__(i, j + 1))
+    official, z_end, iters = official_null_optimization(text_unet, traj_z, sigmas, cond, null, 7.5, 10, 1e-5)
+    assert [runs[i] for i in range(len(iters))] == iters
+    assert counts["inner_steps"] == counts["backward"] == sum(iters)
+    assert counts["forward"] == sum(2 + n for n in iters)          # e_cond, each inner step, the guided step
+    assert 10 in iters and min(iters) < 10              # the early stop fires at some steps, not at all
+    for i, (ours, theirs) in enumerate(zip(nulls, official)):
+        assert torch.allclose(ours, theirs, atol=1e-10), i
+    assert torch.allclose(rec, z_end, atol=1e-10)                        # last sigma 0: x = z
+    assert (rec - x0).abs().max() < 0.05                                   # and it does reconstruct
+
+
+def test_keep_best_null_returns_the_lowest_loss_evaluated(text_toy):
+    """The option keep_best_null (not upstream): per step the null of the lowest loss among those Adam evaluated
+    (the starting one included) and the last one, the last on a tie; one more UNet evaluation per step. A
+    bf16 null is optimized in float32."""
+    from attention.inversion import optimize_null
+    sigmas, x0, cond, null, traj, traj_z = text_toy
+    i, sig, sig_next = 2, sigmas[2], sigmas[3]
+    a_cur, a_prev = alphabar(sig), alphabar(sig_next)
+    t = sigma_to_t(sig.reshape(1))
+    x, z = traj[i], traj_z[i]
+    with torch.no_grad():
+        e_c = text_eps(x, sig, cond)
+
+    def loss_of(u):
+        e_u = text_unet(z, t, u)
+        return F.mse_loss(official_prev_step(e_u + 7.5 * (e_c - e_u), a_cur, a_prev, z), traj_z[i + 1])
+    picked_last = []
+    for lr in (3e-3, 1e-2, 0.3):           # the last null is best; an earlier one; the start (Adam overshoots)
+        u = null.clone().requires_grad_(True)
+        opt = torch.optim.Adam([u], lr=lr)
+        seen = []
+        for _ in range(5):
+            loss = loss_of(u)
+            seen.append((loss.item(), u.detach().clone()))
+            opt.zero_grad()
             loss.backward()
             opt.step()
-            opt.zero_grad()
-        nulls.append(u.detach())
-        with torch.no_grad():
-            e_u = toy_unet(z, t, u)
-            z = official_prev_step(e_u + guidance * (e_c - e_u), a_cur, a_prev, z)
-    return nulls, z
-
-
-def _dpl(toy, settings):
-    sigmas, x0, cond, null = toy
-    traj = ddim_invert(comfy_eps, x0, sigmas, cond)
+        last = loss_of(u).item()
+        best = min(range(5), key=lambda j: (seen[j][0], j))
+        want = u.detach() if last <= seen[best][0] else seen[best][1]
+        with torch.enable_grad():
+            got, done = optimize_null(text_eps, x, sig, sig_next, e_c, traj[i + 1], null, 7.5, lr, 5, None,
+                                      keep_best=True)
+            plain, _ = optimize_null(text_eps, x, sig, sig_next, e_c, traj[i + 1], null, 7.5, lr, 5, None)
+        assert done == 5 and torch.allclose(got, want, atol=1e-10) and torch.allclose(plain, u.detach(), atol=1e-10)
+        picked_last.append(bool(torch.equal(got, plain)))
+    assert picked_last == [True, False, False]
     with torch.enable_grad():
-        return dpl_invert(comfy_eps, lambda p: p[0], [cond.clone()], CrossMapRecorder((4, 4)), traj, sigmas,
+        low, _ = optimize_null(lambda x_, s_, c_: text_eps(x_, s_, c_.double()).float(), x.float(), sig.float(),
+                               sig_next.float(), e_c.float(), traj[i + 1].float(), null.bfloat16(), 7.5, 1e-2, 2, None)
+    assert low.dtype == torch.float32
+    with torch.enable_grad():
+        best, counts, _ = null_text_optimize(text_eps, [t_.clone() for t_ in traj], sigmas, cond, null,
+                                             NullTextSettings(guidance=7.5, keep_best=True))
+        last, _, _ = null_text_optimize(text_eps, [t_.clone() for t_ in traj], sigmas, cond, null,
+                                        NullTextSettings(guidance=7.5))
+        _, no_stop, _ = null_text_optimize(text_eps, [t_.clone() for t_ in traj], sigmas, cond, null,
+                                           NullTextSettings(guidance=7.5, inner_steps=2, epsilon=None))
+    assert counts["forward"] == 3 * (len(sigmas) - 1) + counts["inner_steps"]        # one more per step
+    assert any(not torch.equal(a, b) for a, b in zip(best, last))                   # the option is passed on
+    assert no_stop["inner_steps"] == 2 * (len(sigmas) - 1)                           # epsilon None: no early stop
+
+
+# ----------------------------------------------------------------------------- 3. DPL's null text, restarted
+def _dpl(toy, settings, eps=comfy_eps, traj=None):
+    sigmas, x0, cond, null = toy[:4]
+    traj = ddim_invert(eps, x0, sigmas, cond) if traj is None else traj
+    with torch.enable_grad():
+        return dpl_invert(eps, lambda p: p[0], [cond.clone()], CrossMapRecorder((4, 4)), traj, sigmas,
                           [(1,), (2,)], None, null, settings), traj
 
 
-def test_dpl_null_text_restarts_from_the_empty_prompt_each_step(toy):
-    sigmas, _, cond, null = toy
+def test_dpl_null_text_restarts_from_the_empty_prompt_each_step(text_toy):
+    """DPL ``__call__`` part 2 with every loss weight 0: each step re-encodes "" (the null restarts), a fresh
+    Adam for all ``inner`` iterations (no early stop), then the guided step; the option null_carry_over is
+    Null-Text Inversion's rule, the same official loop with the null carried over."""
+    sigmas, x0, cond, null, traj, traj_z = text_toy
     s = dataclasses.replace(DPL_SH, lam_at=0.0, lam_bg=0.0, lam_dj=0.0,
                             null=NullTextSettings(guidance=7.5, inner_steps=4, epsilon=None))
-    res, traj = _dpl(toy, s)
-    traj_z = [x * alphabar(sig).sqrt() for x, sig in zip(traj, sigmas)]
-    nulls, z_end = official_dpl_null_loop(traj_z, sigmas, cond, null, 7.5, 4)
+    res, _ = _dpl(text_toy, s, text_eps, traj)
+    nulls, z_end, _ = official_null_optimization(text_unet, traj_z, sigmas, cond, null, 7.5, 4, None, restart=True)
     for ours, theirs in zip(res.nulls, nulls):
-        assert torch.allclose(ours, theirs, atol=1e-9)
-    assert torch.allclose(res.reconstruction, z_end, atol=1e-9)            # last sigma 0: x = z
-    # the option: NTI's rule, the previous step's null carried over, is null_text_optimize exactly
-    carried, _ = _dpl(toy, dataclasses.replace(s, null_carry_over=True))
-    with torch.enable_grad():
-        nti, _, _ = null_text_optimize(comfy_eps, traj, sigmas, cond, null, s.null)
-    assert all(torch.allclose(a, b, atol=1e-9) for a, b in zip(carried.nulls, nti))
-    assert (carried.nulls[-1] - res.nulls[-1]).abs().max() > 1e-4
+        assert torch.allclose(ours, theirs, atol=1e-10)
+    assert torch.allclose(res.reconstruction, z_end, atol=1e-10)          # last sigma 0: x = z
+    assert res.counts["null_iters"] == 4 * (len(sigmas) - 1)
+    # the options null_start = previous step and null_early_stop (NTI's 1e-5): the notebook's loop exactly
+    nti_rule = dataclasses.replace(s, null_carry_over=True,
+                                   null=NullTextSettings(guidance=7.5, inner_steps=10, epsilon=1e-5))
+    carried, _ = _dpl(text_toy, nti_rule, text_eps, traj)
+    nti, z_nti, iters = official_null_optimization(text_unet, traj_z, sigmas, cond, null, 7.5, 10, 1e-5)
+    assert carried.counts["null_iters"] == sum(iters) < 10 * len(iters)
+    assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(carried.nulls, nti))
+    assert torch.allclose(carried.reconstruction, z_nti, atol=1e-10)
+    assert (carried.nulls[-1] - res.nulls[-1]).abs().max() > 1e-4         # the two rules differ here
 
 
 def test_one_token_iteration_makes_no_update_as_upstream(toy):
@@ -199,128 +360,6 @@ def test_background_mask_at_map_size_equals_upstream():
         assert torch.equal(ours, official_background(mask))
     square = torch.zeros(32, 32)
     square[8:24, 8:24] = 1
-    # dilated: every cell touched by the bicubic kernel counts, more than the majority rule's
-    assert background_at_size(square, (16, 16), (512, 512)).sum() > background_at_size(square, (16, 16),
-                                                                                        rule="majority").sum()
-
-
-# ----------------------------------------------------------------------------- 8. P2P self-attention size limit
-def test_self_attention_limit_is_16_generated_32_inverted_at_512px():
-    assert self_replace_limit((64, 64), inverted=False) == 16 ** 2      # prompt-to-prompt_stable.ipynb
-    assert self_replace_limit((64, 64), inverted=True) == 32 ** 2       # null_text_w_ptp.ipynb
-
-
-# ----------------------------------------------------------------------------- 6. MnM self-attention injection
-def _store_with(cross_heads: torch.Tensor, self_map: torch.Tensor | None = None, self_hw: int = 0,
-                cross_hw: int = 0):
-    """An AttentionStore holding one cross layer (heads, n, m) of item 0 and optionally one self layer."""
-    from attention.layers import LayerId
-    from attention.store import AttentionStore, StoreConfig, _Accum
-    store = AttentionStore(StoreConfig(keep_heads=True))
-    h = w = cross_hw or int(round(cross_heads.shape[1] ** 0.5))
-    lid = LayerId("output", 3, 0)
-    store.cross[lid] = _Accum(cross_heads.mean(0)[None].clone(), 1, h, w)
-    store.cross_heads[lid] = _Accum(cross_heads[None].clone(), 1, h, w)
-    if self_map is not None:
-        store.self_[LayerId("input", 1, 0)] = _Accum(self_map[None].clone(), 1, self_hw, self_hw)
-    return store, lid
-
-
-def official_injection_mask(cross: torch.Tensor, preserve: list[int], obj: int, threshold: float) -> torch.Tensor:
-    """local-prompt-mixing ``mask_self_attn_patches``: one min-max over (heads, n, m), any head over threshold."""
-    norm = cross - cross.min()
-    norm = norm / norm.max()
-    n = cross.shape[1]
-    mask = torch.zeros(n, n)
-    for tk in preserve:
-        pix = torch.unique((norm[:, :, tk] > threshold).nonzero(as_tuple=True)[1])
-        mask[pix, :] = 1
-        mask[:, pix] = 1
-    obj_pix = torch.unique((norm[:, :, obj] > threshold).nonzero(as_tuple=True)[1])
-    mask[obj_pix, :] = 0
-    mask[:, obj_pix] = 0
-    return mask
-
-
-def test_injection_mask_equals_upstream():
-    from attention.prompt_mixing import injection_masks
-    g = torch.Generator().manual_seed(3)
-    for threshold in (0.05, 0.2, 0.5):
-        cross = torch.softmax(torch.randn(8, 64, 10, generator=g) * 2, -1)        # (heads, n, m)
-        store, lid = _store_with(cross)
-        ours = injection_masks(store, [(4,), (6,)], (2,), threshold)[lid]
-        assert torch.equal(ours, official_injection_mask(cross, [4, 6], 2, threshold)), threshold
-        # the head mean (our former rule) gives another mask on these maps
-        mean_store, _ = _store_with(cross)
-        mean_store.cross_heads.clear()
-        assert not torch.equal(injection_masks(mean_store, [(4,), (6,)], (2,), threshold)[lid], ours)
-
-
-# ----------------------------------------------------------------------------- 7. MnM foreground at the blend
-def official_background_mask(clusters: np.ndarray, cross: np.ndarray, nouns: list[tuple[int, str]],
-                             obj_word_index: int, background_nouns: list[str], threshold: float) -> np.ndarray:
-    """``Segmentor.cluster2noun`` + ``get_background_mask`` given the clusters: cross (r/2, r/2, m) maps, nouns
-    (word index, word) of the prompt; 1 = foreground (kept from the variation), 0 = taken from the original."""
-    label = {}
-    maps = cross[:, :, [i + 1 for i, _ in nouns]]
-    norm = np.zeros_like(maps).repeat(2, axis=0).repeat(2, axis=1)
-    for i in range(maps.shape[-1]):
-        m = maps[:, :, i].repeat(2, axis=0).repeat(2, axis=1)
-        norm[:, :, i] = (m - np.abs(m.min())) / m.max()
-    k = int(clusters.max()) + 1
-    for c in range(k):
-        cm = (clusters == c).astype(np.float64)
-        scores = [(cm * norm[:, :, i]).sum() / cm.sum() for i in range(len(nouns))]
-        label[c] = nouns[int(np.argmax(scores))] if max(scores) > threshold else "BG"
-    obj_segments = [c for c in label if label[c][0] == obj_word_index]
-    bg_segments = [c for c in label if label[c] == "BG" or label[c][1] in background_nouns]
-    mask = clusters.copy()
-    for c in range(k):
-        mask[clusters == c] = 0 if (c in bg_segments and c not in obj_segments) else 1
-    return mask
-
-
-def test_blend_foreground_keeps_every_noun_as_upstream():
-    from attention.cluster import cluster_self_attention
-    from attention.prompt_mixing import MixSettings, foreground
-    g = torch.Generator().manual_seed(4)
-    r, m = 8, 8
-    # words: 1 'cat' (object), 3 'dog', 5 'garden' of "a cat and dog in garden" style token positions
-    yy, xx = torch.meshgrid(torch.arange(r // 2).float(), torch.arange(r // 2).float(), indexing="ij")
-    cross = torch.rand(r // 2, r // 2, m, generator=g) * 0.05
-    cross[..., 1] += torch.exp(-((yy - 0.5) ** 2 + (xx - 0.5) ** 2))
-    cross[..., 3] += torch.exp(-((yy - 3) ** 2 + (xx - 3) ** 2))
-    cross[..., 5] += (yy >= 2).float() * (xx < 2).float()
-    feats = torch.randn(r * r, 4, generator=g) + cross.repeat_interleave(2, 0).repeat_interleave(2, 1).reshape(
-        r * r, m)[:, [1, 3, 5, 0]] * 6
-    self_map = torch.softmax(feats @ feats.T, -1)
-    store, _ = _store_with(cross.reshape(1, -1, m), self_map, r, r // 2)
-    s = MixSettings(self_size=r, cross_size=r // 2, clusters=5, cluster_threshold=0.3)
-    clusters = cluster_self_attention(self_map, 5, seed=1).numpy()
-    nouns = [(0, "cat"), (2, "dog"), (4, "garden")]                       # NLTK word index, word
-    for bg_nouns in ([], ["garden"], ["cat", "garden"]):
-        ours = foreground(store, 0, [(1,), (3,), (5,)], s, frozenset(i for i, (_, w) in enumerate(nouns)
-                                                                    if w in bg_nouns), obj=0)
-        theirs = official_background_mask(clusters, cross.numpy(), nouns, 0, bg_nouns, 0.3)
-        assert np.array_equal(ours.numpy().astype(np.int64), theirs), bg_nouns
-    # every noun labels: a noun left out of the list loses its clusters to the blend
-    only_obj = foreground(store, 0, [(1,)], s)
-    assert only_obj.sum() < foreground(store, 0, [(1,), (3,), (5,)], s, obj=0).sum()
-
-
-# ----------------------------------------------------------------------------- 5. DPL token initialization
-def test_token_initialization_takes_the_word_internal_piece_as_upstream():
-    """``_3_dpl_inv.py``: ``tokenizer.encode(['cat', 'dog'], add_special_tokens=False)`` on a list of strings is
-    ``convert_tokens_to_ids`` of each string: the vocabulary entry without the end-of-word mark (unk if none)."""
-    from attention.dpl import initializer_ids
-    unk = 49407
-    vocab = {"cat": 1481, "cat</w>": 2368, "dog": 1929, "dog</w>": 1929 + 5000, "zebra</w>": 22548,
-             "<|endoftext|>": unk}
-
-    def official(words):
-        return [vocab.get(w, unk) for w in words]
-    prompt_ids = [vocab["cat</w>"], vocab["dog</w>"]]                   # the prompt's own tokens of 'cat', 'dog'
-    assert initializer_ids(prompt_ids, vocab) == official(["cat", "dog"]) == [1481, 1929]
-    # a noun with no word-internal piece: upstream starts from the unknown token, we keep the prompt's token
-    assert official(["zebra"]) == [unk] and initializer_ids([22548], vocab) == [22548]
-    assert initializer_ids(prompt_ids, None) == prompt_ids                   # word-level vocabularies: unchanged
+    # dilated: every cell touched by the bicubic kernel counts, more than an area-majority rule's
+    majority = (F.adaptive_avg_pool2d(square[None, None], (16, 16))[0, 0] >= 0.5).float()
+    assert background_at_size(square, (16, 16), (512, 512)).sum() > majority.sum()

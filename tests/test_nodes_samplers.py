@@ -11,7 +11,8 @@ from comfy_env import ON_GPU, bound, comfy_or_skip, encode, rel, sdxl_cond, tiny
 pack = comfy_or_skip()
 
 import comfy.samplers  # noqa: E402
-from attention_lab.nodes.comfy_sampling import batched_conditioning, sample_rows  # noqa: E402
+from attention_lab.nodes.comfy_sampling import sample_rows  # noqa: E402
+from attention_lab.nodes.guided import rows_conditioning  # noqa: E402
 from attention_lab.nodes.inversion import NullTextInvert  # noqa: E402
 from attention_lab.nodes.p2p import P2PEditSampler  # noqa: E402
 from attention_lab.nodes.prompt_mix import PromptMixSampler  # noqa: E402
@@ -140,7 +141,8 @@ def test_sdxl_rows_take_their_own_prompt_and_pooled_output():
     pooled_only = [[a[0][0], dict(a[0][1], pooled_output=b[0][1]["pooled_output"])]]   # same text, b's pooled
     rows = [a, b, pooled_only]
     with torch.inference_mode():
-        out = sample_rows(model, smp, sig, batched_conditioning(rows), neg, 7.0, lat, 5, len(rows))
+        out = sample_rows(model, smp, sig, rows_conditioning("test", a, a, rows), neg, 7.0, {"samples": lat}, 5,
+                          len(rows))
     plain = [stock(model, c, neg, smp, sig, seed=5, cfg=7.0, latent=lat)[0] for c in rows]
     err = max(rel(out[i], plain[i]) for i in range(len(rows)))     # each row is its own conditioning's stock run
     gap = min(rel(plain[i], plain[j]) for i in range(3) for j in range(i))

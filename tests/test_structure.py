@@ -24,6 +24,16 @@ def test_noun_phrases_split_at_conjunctions_prepositions_and_punctuation():
     assert noun_phrases("a dog in front of a white building") == ["a dog", "a white building"]
 
 
+def test_prompt_nouns_are_the_chunk_heads_nltk_tags_as_nouns():
+    """MnM's default blend nouns (upstream: NLTK's NN* tags) on prompts of noun phrases."""
+    from attention.structure import prompt_nouns
+    assert prompt_nouns(PROMPT) == ["circle", "square", "background"]
+    assert prompt_nouns("a hamburger and a cup of coffee on a wooden table") == ["hamburger", "cup", "coffee", "table"]
+    assert prompt_nouns("a photo of a cat sitting on a mat, high quality") == ["photo", "cat", "mat", "quality"]
+    assert prompt_nouns("(red:1.2) car and the car, 2 dogs") == ["car", "dogs"]      # once each; no numbers
+    assert prompt_nouns("the") == [] and prompt_nouns("") == []
+
+
 def test_phrase_spans_take_the_next_occurrence_and_refuse_extra_ones():
     occ = {"a cube": ((1, 2), (4, 5))}
     assert phrase_spans(["a cube", "a cube"], occ.__getitem__) == [(1, 2), (4, 5)]
@@ -42,21 +52,56 @@ def test_aligned_values_put_each_phrase_at_its_positions_only():
         aligned_values(full, [a], [(2, 4)])
 
 
-def test_mean_values_equal_the_official_mean_of_attention_outputs():
-    """Upstream's multi_qkv: mean_i softmax(q k_P^T) v_i; ours: one attention with the mean value context."""
+def official_multi_align(main_seq: torch.Tensor, seq: torch.Tensor, span: tuple[int, int]) -> torch.Tensor:
+    """txt2img_demo.py ``multi_align``: the phrase's tokens 1..L (after its BOS) over the prompt's tokens
+    span[0] + 1 .. span[1] + 1 (span: word indices from ``get_all_nps``, shifted past the prompt's BOS)."""
+    main_seq = main_seq.clone()
+    start, end = span[0] + 1, span[1] + 1
+    main_seq[start:end] = seq[1:1 + end - start]
+    return main_seq
+
+
+def official_multi_qkv(attn, x: torch.Tensor, uc: torch.Tensor, keys: torch.Tensor, values: list[torch.Tensor]):
+    """attention.py ``CrossAttention.multi_qkv``: the uncond row attends to its own context; the cond row's
+    output is the mean over the value sequences of softmax(q k_P^T * scale) v_i, keys from the prompt alone."""
+    h = attn.heads
+    q = attn.to_q(x)                                                        # (2, n, h d)
+    d = q.shape[-1] // h
+
+    def split(t):
+        return t.reshape(t.shape[0], t.shape[1], h, d).transpose(1, 2)     # (b, h, n, d)
+    q_uc, q_c = split(q[:1]), split(q[1:])
+    out_uc = (q_uc @ split(attn.to_k(uc)).transpose(-1, -2) * d ** -0.5).softmax(-1) @ split(attn.to_v(uc))
+    attn_c = (q_c @ split(attn.to_k(keys)).transpose(-1, -2) * d ** -0.5).softmax(-1)
+    out_c = sum(attn_c @ split(attn.to_v(v)) for v in values) / len(values)
+    out = torch.cat([out_uc, out_c]).transpose(1, 2).reshape(2, -1, h * d)
+    return attn.to_out(out)
+
+
+def test_structured_values_equal_the_official_multi_qkv(model):
+    """What StructureDiffusion runs (the chunker's noun phrases, their spans in the prompt, the aligned mean values
+    in ``StructuredValuePatch``, as the node builds them) through a cross-attention layer of the model, against
+    upstream's ``align_sequence`` + ``multi_qkv`` on the same phrases: the spans of 'a red circle', 'a blue square',
+    'a gray background' and 'a red circle and a blue square' are word indices (0, 3), (4, 7), (8, 11), (0, 7)."""
+    patch, phrases = structured_patch(model, PROMPT)
+    assert phrases == ["a red circle", "a blue square", "a gray background", "a red circle and a blue square"]
+    full, uc = model.encode([PROMPT]), model.encode([""])
+    seqs = [full[0]] + [official_multi_align(full[0], model.encode([p])[0], span)
+                        for p, span in zip(phrases, [(0, 3), (4, 7), (8, 11), (0, 7)])]
     g = torch.Generator().manual_seed(0)
-    to_k, to_v = torch.nn.Linear(16, 32), torch.nn.Linear(16, 32)      # biases too: the mean still commutes
-    with torch.no_grad():
-        for p in (*to_k.parameters(), *to_v.parameters()):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    full, phrases = torch.randn(10, 16, generator=g), [torch.randn(10, 16, generator=g) for _ in range(2)]
-    seqs = aligned_values(full, phrases, [(1, 2, 3), (5, 6)])
-    q = torch.randn(64, 32, generator=g)
-    with torch.no_grad():
-        probs = (q @ to_k(full).T / 32 ** 0.5).softmax(-1)
-        official = torch.stack([probs @ to_v(s) for s in seqs]).mean(0)
-        ours = probs @ to_v(seqs.mean(0))
-    assert torch.allclose(ours, official, atol=1e-5)
+    for block in (model.unet.in3.attn.block, model.unet.mid_attn.block):
+        attn = block.attn2
+        x = torch.randn(2, 16, attn.to_q.in_features, generator=g)
+        context = torch.cat([uc, full])
+        opts = {"block": ("middle", 0), "block_index": 0, "n_heads": attn.heads}
+        with torch.no_grad():
+            _, ctx2, val2 = patch(x, context, context, opts)
+            ours = block._attend(attn, "attn2", x, ctx2, val2, opts, {})
+            theirs = official_multi_qkv(attn, x, uc, full, [s[None] for s in seqs])
+        assert patch.hits > 0
+        assert torch.allclose(ours, theirs, atol=1e-5)
+        # the prompt alone (no phrase) is another output: the values matter here
+        assert not torch.allclose(theirs, official_multi_qkv(attn, x, uc, full, [full]), atol=1e-3)
 
 
 def test_patch_changes_only_rows_carrying_the_prompt_and_respects_earlier_value_edits():

@@ -1,12 +1,13 @@
 """Tier 1: the pack's one word rule (attention/words.py) and the field failures it fixes (issue 17)."""
 
+import numpy as np
 import pytest
 import torch
 
 from attention.cluster import cluster_self_attention, label_clusters
 from attention.context import AttnContext
 from attention.layers import LayerId, LayerSelectionError, parse_layer_selection
-from attention.p2p import EditPlan, P2PController, refine_mapper, refine_mapper_chunks, word_alpha
+from attention.p2p import EditPlan, P2PController, build_plan, word_alpha
 from attention.store import AttentionStore, StoreConfig
 from attention.words import (
     PromptWords,
@@ -103,22 +104,81 @@ def test_unknown_word_names_the_word_what_it_is_for_and_the_prompts_words():
         parse_word_values("tiger=2", "reweight", "tiger:2")
 
 
-def test_refine_over_two_chunks_aligns_the_second_chunk():
-    """Issue 17 #4: '... and a cat' -> '... and a fluffy cat' in the second chunk."""
-    src = "a quiet street and a quiet street and a cat"
-    tgt = "a quiet street and a quiet street and a fluffy cat"
-    s, t = tokenize(src, 8), tokenize(tgt, 8)
-    assert len(s) == len(t) == 2
-    mapper, alphas = refine_mapper_chunks(s, t, 16)
-    fluffy, cat_t = 8 + t[1].index(17), 8 + t[1].index(11)
-    cat_s = 8 + s[1].index(11)
-    assert alphas[fluffy] == 0 and alphas[cat_t] == 1 and mapper[cat_t] == cat_s
-    assert alphas[8] == 1 and mapper[8] == 8                      # the second chunk's BOS
-    # one chunk: exactly the upstream mapper on the unpadded tokens
-    a, b = tokenize("a cat"), tokenize("a fluffy cat")
-    m1, a1 = refine_mapper_chunks(a, b, 12)
-    m0, a0 = refine_mapper(a[0][:4], b[0][:5], 12)
-    assert torch.equal(m1, m0) and torch.equal(a1, a0)
+def official_get_mapper(x_seq: list[int], y_seq: list[int], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """prompt-to-prompt ``seq_aligner.get_mapper`` on token ids (``tokenizer.encode``: BOS, tokens, EOS):
+    Needleman-Wunsch with gap 0, match 1, mismatch -1 (ties: left, then up, then diagonal), traceback from the
+    end (diagonal: y token j maps to x token i; left: y token j is new, -1); alphas 0 for new tokens; positions
+    past the target map to len(y) + 0, 1, ..."""
+    nx, ny = len(x_seq), len(y_seq)
+    score = np.zeros((nx + 1, ny + 1), dtype=np.int32)
+    trace = np.zeros((nx + 1, ny + 1), dtype=np.int32)
+    trace[0, 1:], trace[1:, 0], trace[0, 0] = 1, 2, 4
+    for i in range(1, nx + 1):
+        for j in range(1, ny + 1):
+            left, up = score[i, j - 1], score[i - 1, j]
+            diag = score[i - 1, j - 1] + (1 if x_seq[i - 1] == y_seq[j - 1] else -1)
+            score[i, j] = max(left, up, diag)
+            trace[i, j] = 1 if score[i, j] == left else 2 if score[i, j] == up else 3
+    i, j, pairs = nx, ny, []
+    while i > 0 or j > 0:
+        if trace[i, j] == 3:
+            i, j = i - 1, j - 1
+            pairs.append((j, i))
+        elif trace[i, j] == 1:
+            j -= 1
+            pairs.append((j, -1))
+        elif trace[i, j] == 2:
+            i -= 1
+        else:
+            break
+    base = torch.tensor(pairs[::-1], dtype=torch.int64)
+    alphas = torch.ones(max_len)
+    alphas[:base.shape[0]] = base[:, 1].ne(-1).float()
+    mapper = torch.zeros(max_len, dtype=torch.int64)
+    mapper[:base.shape[0]] = base[:, 1]
+    mapper[base.shape[0]:] = ny + torch.arange(max_len - ny)
+    return mapper, alphas
+
+
+def _unpadded(chunks):
+    """(global key position, id) of each chunk's BOS .. EOS, as upstream's ``tokenizer.encode`` of the chunk."""
+    out = []
+    for c, chunk in enumerate(chunks):
+        end = chunk.index(2, 1)                                   # the first EOS (= padding id) after BOS
+        out += [(c * len(chunk) + i, t) for i, t in enumerate(chunk[:end + 1])]
+    return out
+
+
+@pytest.mark.parametrize("src, tgt, chunk_len", [
+    ("a cat", "a fluffy cat", 12),                                                      # one chunk: upstream
+    ("a quiet street and a quiet street and a cat", "a quiet street and a quiet street and a fluffy cat", 8),
+    ("a cat and a dog in a garden", "a fluffy bobcat and a dog in a red garden", 8),
+    ("a cat and a dog bobcat in a garden", "a cat and a dog bobcat in a red garden", 8),   # padding in chunk 1
+    ("a cat and a cat in a garden", "a cat and a fluffy cat cat in a garden", 12),        # ties in the alignment
+])
+def test_refine_mapper_equals_upstream_get_mapper(src, tgt, chunk_len):
+    """The refinement P2PEditSampler plans (``build_plan`` with edit 'refine'), against ``get_mapper`` on the
+    prompts' tokens. Over several chunks (issue 17 #4) the official alignment runs on the chunks' unpadded tokens
+    as one sequence (BOS and EOS of each chunk included) and each index is read at its global key position;
+    padding positions map to themselves, as ``get_mapper``'s tail does on one chunk."""
+    s_chunks, t_chunks = tokenize(src, chunk_len), tokenize(tgt, chunk_len)
+    length = chunk_len * len(t_chunks)
+    assert len(s_chunks) == len(t_chunks)
+
+    def words_of(prompt):
+        return PromptWords(prompt, tokenize(prompt, chunk_len), word_ids)
+    plan = build_plan(src, [tgt], "refine", 4, 0.8, {}, 0.4, {}, length, 0, words_of)
+    s, t = _unpadded(s_chunks), _unpadded(t_chunks)
+    mapper, alphas = official_get_mapper([i for _, i in s], [i for _, i in t], len(t))
+    want_m, want_a = torch.arange(length), torch.ones(length)
+    for j, (pos, _) in enumerate(t):
+        want_m[pos] = s[int(mapper[j])][0] if mapper[j] != -1 else -1
+        want_a[pos] = alphas[j]
+    assert torch.equal(plan.refine[0], want_m) and torch.equal(plan.refine_alphas[0], want_a)
+    assert 0 < want_a.sum() < length                              # new tokens are there and kept ones too
+    if len(t_chunks) == 1:                                        # one chunk: get_mapper's own output exactly
+        m1, a1 = official_get_mapper([i for _, i in s], [i for _, i in t], length)
+        assert torch.equal(plan.refine[0], m1) and torch.equal(plan.refine_alphas[0], a1)
 
 
 def test_p2p_edit_on_a_context_repeated_for_a_longer_negative_equals_the_plain_edit():
@@ -160,3 +220,74 @@ def test_capture_size_matching_no_layer_is_refused_naming_the_sizes():
     ok.wants_probs(AttnContext(LayerId("middle", 0, 0), True, 8, 12, 2, [0], 1, 1.0, 0, 4))
     ok.finish(torch.ones(1, 4, 16, 24))
     assert ok.matches_output(torch.ones(1, 4, 16, 24)) and ok.matches_output(torch.zeros(1, 4, 16, 24)) is False
+
+
+def official_word_inds(text: str, word_place: int) -> list[int]:
+    """ptp_utils ``get_word_inds`` for a word index, on this file's tokenizer: the word's token positions after
+    BOS (upstream decodes the tokens back to text to find them; here each word's tokens are known)."""
+    pos, out = 1, []
+    for i, w in enumerate(text.split(" ")):
+        n = len(VOCAB.get(w, [99]))
+        if i == word_place:
+            out = list(range(pos, pos + n))
+        pos += n
+    return out
+
+
+def official_replacement_mapper(x: str, y: str, max_len: int) -> torch.Tensor:
+    """seq_aligner ``get_replacement_mapper_`` (same word count; swapped words of equal token counts, where
+    upstream's tail ``mapper[j, j]`` is right)."""
+    wx, wy = x.split(" "), y.split(" ")
+    replace = [i for i in range(len(wy)) if wy[i] != wx[i]]
+    src, dst = [official_word_inds(x, i) for i in replace], [official_word_inds(y, i) for i in replace]
+    mapper = np.zeros((max_len, max_len))
+    i = j = cur = 0
+    while i < max_len and j < max_len:
+        if cur < len(src) and src[cur][0] == i:
+            if len(src[cur]) == len(dst[cur]):
+                mapper[src[cur], dst[cur]] = 1
+            else:
+                for t in dst[cur]:
+                    mapper[src[cur], t] = 1 / len(dst[cur])
+            i, j, cur = i + len(src[cur]), j + len(dst[cur]), cur + 1
+        elif cur < len(src):
+            mapper[i, j] = 1
+            i, j = i + 1, j + 1
+        else:
+            mapper[j, j] = 1
+            i, j = i + 1, j + 1
+    return torch.from_numpy(mapper).float()
+
+
+def official_time_words_alpha(prompts: list[str], steps: int, default: float, words: dict, max_len: int):
+    """ptp_utils ``get_time_words_attention_alpha`` with ``update_alpha_time_word`` (bounds (0, end) for a float)."""
+    alpha = torch.zeros(steps + 1, len(prompts) - 1, max_len)
+
+    def update(bounds, b, inds=None):
+        start, end = int(bounds[0] * alpha.shape[0]), int(bounds[1] * alpha.shape[0])
+        inds = torch.arange(max_len) if inds is None else inds
+        alpha[:start, b, inds] = 0
+        alpha[start:end, b, inds] = 1
+        alpha[end:, b, inds] = 0
+    for b in range(len(prompts) - 1):
+        update((0.0, default), b)
+    for word, end in words.items():
+        for b, p in enumerate(prompts[1:]):
+            inds = [k for i, w in enumerate(p.split(" ")) if w == word for k in official_word_inds(p, i)]
+            if inds:
+                update((0.0, end), b, inds)
+    return alpha
+
+
+def test_replace_plan_and_cross_replace_alphas_equal_upstream():
+    """P2P Edit Sampler's replace plan (``build_plan``: the word-swap mapper, per-word cross-replace windows)
+    against ``get_replacement_mapper`` and ``get_time_words_attention_alpha``, one- and two-token swaps."""
+    src = "a cat and a bobcat in a garden"
+    targets = ["a tiger and a bobcat in a garden", "a cat and a catfish in a red"]
+    plan = build_plan(src, targets, "replace", 10, 0.8, {"tiger": 0.3, "catfish": 0.55}, 0.4, {}, 12, 0, pw)
+    assert plan.kind == ["replace", "replace"]
+    for b, tgt in enumerate(targets):
+        assert torch.equal(plan.replace[b], official_replacement_mapper(src, tgt, 12)), tgt
+    want = official_time_words_alpha([src] + targets, 10, 0.8, {"tiger": 0.3, "catfish": 0.55}, 12)
+    assert torch.equal(plan.alpha, want)
+    assert not torch.equal(want[:, 0], want[:, 1])           # the per-word windows differ between the edits

@@ -23,7 +23,9 @@ directory, and stops it at the end. It checks, through the frontend's own code p
   model or image file this installation lacks is listed apart: the user supplies it); and the editor's
   API export (graphToPrompt) equals ``workflows/api/<name>_api.json``.
 
-Prints two tables and a summary; exits 0 when everything passed, 1 otherwise, 2 on a set-up error.
+The browser and the page scripts are tools/editor_browser.py, the comparisons of a template
+tools/editor_templates.py. Prints two tables and a summary; exits 0 when everything passed, 1 otherwise, 2 on a
+set-up error.
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import os
 import re
 import shutil
@@ -45,207 +46,13 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from editor_browser import JS_HELP, JS_HELPERS, JS_OPEN_LIBRARY, JS_TEMPLATE, DevTools  # noqa: E402
+from editor_templates import WORKFLOWS, check_template  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "web" / "docs"
-WORKFLOWS = ROOT / "workflows"
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
-# requests and messages of an idle editor on an offline machine, unrelated to the pack
-IGNORED = re.compile(r"/user\.css|/favicon\.ico|/api/userdata|api\.comfy\.org|ERR_NAME_NOT_RESOLVED|"
-                     r"ERR_INTERNET_DISCONNECTED|ERR_CONNECTION_REFUSED.*comfy\.org")
-FILE_WIDGETS = {("CheckpointLoaderSimple", "ckpt_name"), ("LoadImage", "image"), ("LoadImageMask", "image")}
-
-JS_HELPERS = r"""
-window.__alc = {
-  sleep: ms => new Promise(r => setTimeout(r, ms)),
-  async until(f, ms = 30000) {
-    const t = Date.now(); let v;
-    while (!(v = f()) && Date.now() - t < ms) await __alc.sleep(100);
-    return v;
-  },
-  store(name) { return document.querySelector('#vue-app').__vue_app__.config.globalProperties.$pinia._s.get(name); },
-};
-true
-"""
-
-JS_OPEN_LIBRARY = r"""
-(async () => {
-  const tabs = __alc.store('sidebarTab');
-  if (tabs.activeSidebarTabId !== 'node-library')
-    await app.extensionManager.command.execute('Workspace.ToggleSidebarTab.node-library');
-  return tabs.activeSidebarTabId;
-})()
-"""
-
-JS_HELP = r"""
-(async (name, title) => {
-  const help = __alc.store('nodeHelp'), def = __alc.store('nodeDef').nodeDefsByName[name];
-  if (!def) return {problem: 'not in the editor\'s node definitions'};
-  help.closeHelp();
-  await __alc.sleep(50);
-  help.openHelp(def);
-  await __alc.until(() => !help.isLoading && (help.renderedHelpHtml || help.error));
-  const panel = await __alc.until(() => {
-    const e = document.querySelector('.node-help-content');
-    return e && e.querySelector('h1') && e.querySelector('h1').textContent.trim() === title ? e : null;
-  }, 15000);
-  const imgs = panel ? [...panel.querySelectorAll('img')] : [];
-  await __alc.until(() => imgs.every(i => i.complete), 15000);
-  return {python_module: def.python_module, base_url: help.baseUrl, error: help.error, panel: !!panel,
-          h1: panel ? panel.querySelector('h1').textContent.trim() : null,
-          images: imgs.map(i => ({src: i.getAttribute('src'), url: i.src, width: i.naturalWidth}))};
-})
-"""
-
-JS_TEMPLATE = r"""
-(async (pack, name, count) => {
-  const dialogs = __alc.store('dialog');
-  app.graph.clear();
-  await app.extensionManager.command.execute('Comfy.BrowseTemplates');
-  const dlg = await __alc.until(() => [...document.querySelectorAll('[role=dialog]')]
-      .find(d => d.querySelector('[data-testid=template-workflows-content]')));
-  if (!dlg) return {problem: 'the template browser did not open'};
-  const nav = await __alc.until(() => [...dlg.querySelectorAll('span')].find(e => e.textContent.trim() === pack));
-  if (!nav) return {problem: `no "${pack}" entry in the template browser's Extensions`};
-  nav.click();
-  const card = await __alc.until(() => dlg.querySelector(`[data-testid="template-workflow-${name}"]`));
-  if (!card) return {problem: 'no card in the template browser'};
-  const listed = [...dlg.querySelectorAll('[data-testid^="template-workflow-"]')]
-      .map(e => e.getAttribute('data-testid').slice('template-workflow-'.length))
-      .filter(n => n !== 'workflows-content');
-  card.scrollIntoView();
-  const img = await __alc.until(() => {
-    const i = card.querySelector('img');
-    return i && i.complete && i.naturalWidth ? i : null;
-  }, 15000);
-  const thumb = img ? [img.naturalWidth, img.naturalHeight] : null;
-  card.click();
-  await __alc.until(() => app.graph.nodes.length === count && !document.contains(dlg), 30000);
-  await __alc.sleep(1500);                      // a missing-node dialog or a late error would show by now
-  const graph = app.graph.serialize();
-  const live = Object.fromEntries(app.graph.nodes.map(n => [n.id, n]));
-  const nodes = graph.nodes.map(n => {
-    const node = live[n.id];
-    // the widgets whose values a file holds, in order: on load the editor hands widgets_values out to these
-    // (display widgets with serialize === false, e.g. PreviewAny's two 'preview' ones, take none)
-    const widgets = (node.widgets || []).filter(w => w.serialize !== false)
-      .map(w => ({name: w.name, type: w.type, value: w.value,
-                  values: Array.isArray(w.options?.values) ? w.options.values : null,
-                  min: w.options?.min ?? null, max: w.options?.max ?? null}));
-    return {id: n.id, type: n.type, widgets,
-            registered: !!LiteGraph.registered_node_types[n.type], has_errors: !!node.has_errors};
-  });
-  let prompt = null, prompt_error = null;
-  try { prompt = (await app.graphToPrompt()).output; } catch (e) { prompt_error = String(e); }
-  return {listed, thumb, nodes, links: graph.links.length, prompt, prompt_error,
-          dialogs: dialogs.dialogStack.map(d => d.key + ': '
-                                           + (document.querySelector('[role=dialog]')?.innerText || '').slice(0, 200)),
-          workflow: __alc.store('workflow').activeWorkflow?.filename ?? null};
-})
-"""
-
-
-class DevTools:
-    """The few calls of Chrome's DevTools protocol this check needs, over aiohttp's websocket client."""
-
-    def __init__(self, chromium: str):
-        self.chromium = chromium
-        self.events: list[dict] = []
-
-    async def start(self):
-        import aiohttp
-        self.profile = tempfile.mkdtemp(prefix="editor_check_chromium_")
-        self.proc = subprocess.Popen(
-            [self.chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-             "--no-first-run", "--remote-debugging-port=0", f"--user-data-dir={self.profile}",
-             "--window-size=1600,1000", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            line = await asyncio.to_thread(self.proc.stderr.readline)
-            if not line:
-                break
-            m = re.search(r"DevTools listening on (ws://\S+)", line)
-            if m:
-                self.http = aiohttp.ClientSession()
-                self.ws = await self.http.ws_connect(m.group(1), max_msg_size=0)
-                self.pending: dict[int, asyncio.Future] = {}
-                self.next_id = 0
-                self.reader = asyncio.create_task(self._read())
-                return
-        raise RuntimeError(f"{self.chromium} did not open its DevTools port")
-
-    async def _read(self):
-        async for msg in self.ws:
-            d = json.loads(msg.data)
-            if d.get("id") in self.pending:
-                self.pending.pop(d["id"]).set_result(d)
-            else:
-                self.events.append(d)
-
-    async def send(self, method: str, params: dict | None = None, session: str | None = None) -> dict:
-        self.next_id += 1
-        fut = asyncio.get_running_loop().create_future()
-        self.pending[self.next_id] = fut
-        msg = {"id": self.next_id, "method": method, "params": params or {}}
-        if session:
-            msg["sessionId"] = session
-        await self.ws.send_str(json.dumps(msg))
-        d = await asyncio.wait_for(fut, 180)
-        if "error" in d:
-            raise RuntimeError(f"{method}: {d['error']}")
-        return d["result"]
-
-    async def open(self, url: str) -> str:
-        target = await self.send("Target.createTarget", {"url": "about:blank"})
-        attached = await self.send("Target.attachToTarget", {"targetId": target["targetId"], "flatten": True})
-        session = attached["sessionId"]
-        for domain in ("Runtime", "Log", "Page", "Network"):
-            await self.send(f"{domain}.enable", session=session)
-        await self.send("Page.navigate", {"url": url}, session=session)
-        return session
-
-    async def js(self, session: str, expression: str):
-        r = await self.send("Runtime.evaluate", {"expression": expression, "awaitPromise": True,
-                                                  "returnByValue": True}, session=session)
-        if "exceptionDetails" in r:
-            d = r["exceptionDetails"]
-            raise RuntimeError(d.get("exception", {}).get("description") or d.get("text"))
-        return r["result"].get("value")
-
-    async def close(self):
-        try:
-            await self.send("Browser.close")
-        except Exception:
-            pass
-        if hasattr(self, "http"):
-            await self.http.close()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        shutil.rmtree(self.profile, ignore_errors=True)
-
-    def mark(self) -> int:
-        return len(self.events)
-
-    def problems(self, since: int, allow: re.Pattern | None = None) -> list[str]:
-        """Console errors, exceptions and failed requests since ``since`` (those of an idle editor left out)."""
-        out = []
-        for e in self.events[since:]:
-            m, p = e.get("method"), e.get("params", {})
-            if m == "Runtime.exceptionThrown":
-                d = p["exceptionDetails"]
-                out.append("exception: " + (d.get("exception", {}).get("description") or d.get("text", "")))
-            elif m == "Runtime.consoleAPICalled" and p["type"] == "error":
-                out.append("console.error: " + " ".join(str(a.get("value", a.get("description", "")))
-                                                        for a in p["args"]))
-            elif m == "Log.entryAdded" and p["entry"]["level"] == "error":
-                out.append(f"{p['entry']['text']} {p['entry'].get('url', '')}".strip())
-        return [o[:300] for o in out if not IGNORED.search(o) and not (allow and allow.search(o))]
-
-    def responses(self, since: int, pattern: str) -> list[tuple[str, int]]:
-        return [(e["params"]["response"]["url"], e["params"]["response"]["status"]) for e in self.events[since:]
-                if e.get("method") == "Network.responseReceived" and pattern in e["params"]["response"]["url"]]
 
 
 def get(url: str) -> bytes:
@@ -276,86 +83,6 @@ def start_server(comfy: Path, python: str, port: int, work: Path) -> subprocess.
             time.sleep(1)
     proc.terminate()
     raise RuntimeError(f"ComfyUI did not answer on port {port} within 300 s; see {work / 'server.log'}")
-
-
-def expected_widgets(info: dict) -> list[str]:
-    """Widget names the editor makes for a node, from its /object_info entry (tests/test_nodes_widgets.py)."""
-    names = []
-    for section in ("required", "optional"):
-        upload = None
-        for name in info.get("input_order", {}).get(section, []):
-            spec = info["input"][section][name]
-            kind, opts = spec[0], dict(spec[1]) if len(spec) > 1 and spec[1] else {}
-            if kind == "COMBO" or isinstance(kind, list):
-                kind = "COMBO"
-            if kind not in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO") or opts.get("forceInput"):
-                continue
-            names.append(name)
-            control = opts.get("control_after_generate")
-            if control is None:
-                control = kind == "INT" and name in ("seed", "noise_seed")
-            if control:
-                names.append("control_after_generate")
-            if section == "required" and opts.get("image_upload") and upload is None:
-                upload = "upload"
-        if upload:      # the Comfy.UploadImage extension appends its input to the end of the required ones
-            names.append(upload)
-    if info["name"] == "PreviewAny":
-        names.append("previewMode")
-    return names
-
-
-def same(a, b) -> bool:
-    if isinstance(a, float) or isinstance(b, float):
-        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isclose(a, b, rel_tol=1e-9,
-                                                                                           abs_tol=1e-12)
-    if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    return a == b
-
-
-def check_template(name: str, r: dict, object_info: dict) -> dict:
-    saved = json.loads((WORKFLOWS / f"{name}.json").read_text())
-    by_id = {n["id"]: n for n in r["nodes"]}
-    mismatches, schema, outside, files = [], [], [], []
-    missing = sorted({n["type"] for n in r["nodes"] if not n["registered"]}
-                     | {n["type"] for n in saved["nodes"] if n["id"] not in by_id})
-    for n in saved["nodes"]:
-        live = by_id.get(n["id"])
-        if live is None:
-            continue
-        want, got = n.get("widgets_values", []), [w["value"] for w in live["widgets"]]
-        if not same(want, got):
-            mismatches.append(f"{n['type']}#{n['id']}: saved {want} -> editor's widgets {got}")
-        names = [w["name"] for w in live["widgets"]]
-        if n["type"] in object_info:
-            expect = expected_widgets(object_info[n["type"]])
-            if names != expect:
-                schema.append(f"{n['type']}#{n['id']}: editor {names} vs /object_info {expect}")
-        for w in live["widgets"]:
-            where = f"{n['type']}.{w['name']} = {w['value']!r}"
-            if w["values"] is not None and w["value"] not in w["values"]:
-                (files if (n["type"], w["name"]) in FILE_WIDGETS else outside).append(where)
-            if isinstance(w["value"], (int, float)) and not isinstance(w["value"], bool):
-                if (w["min"] is not None and w["value"] < w["min"]) or (w["max"] is not None and w["value"] > w["max"]):
-                    outside.append(f"{where} outside [{w['min']}, {w['max']}]")
-    api = json.loads((WORKFLOWS / "api" / f"{name}_api.json").read_text())
-    twin = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}
-    exported, extra = {}, []
-    for k, v in (r["prompt"] or {}).items():
-        # inputs the editor exports for its own widgets that the node does not declare (PreviewAny's preview and
-        # previewMode): the server ignores them, the twin leaves them out
-        declared = {i for sec in object_info.get(v["class_type"], {}).get("input", {}).values() for i in sec}
-        extra += [f"{v['class_type']}#{k}.{i}" for i in v["inputs"] if i not in declared]
-        exported[k] = {"class_type": v["class_type"], "inputs": {i: x for i, x in v["inputs"].items() if i in declared}}
-    twin_diff = [] if same(twin, exported) else [
-        f"{k}: {twin.get(k)} vs editor {exported.get(k)}" for k in sorted(set(twin) | set(exported), key=str)
-        if not same(twin.get(k), exported.get(k))]
-    return {"saved_nodes": len(saved["nodes"]), "saved_links": len(saved["links"]), "missing": missing,
-            "mismatches": mismatches, "schema": schema, "outside": outside, "files": files, "editor_only": extra,
-            "twin_diff": twin_diff if r["prompt"] is not None else [f"graphToPrompt failed: {r['prompt_error']}"]}
 
 
 def table(header: list[str], rows: list[list]) -> str:

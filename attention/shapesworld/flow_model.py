@@ -25,10 +25,10 @@ from safetensors.torch import save_file
 from .flow import FlowConfig, FluxTwin
 from .model import ShapesWorldModel, read_weights
 from .text import EOS, ShapesTokenizer, TextEncoder
+from .weights import ASSETS, SHIPPED_WEIGHTS
 
-ASSETS = Path(__file__).resolve().parents[2] / "assets"
 DEFAULT_FLOW_WEIGHTS = ASSETS / "shapesworld_flow.safetensors"
-TEXT_WEIGHTS = ASSETS / "shapesworld.safetensors"      # the text encoder the flow model was trained on (frozen)
+TEXT_WEIGHTS = SHIPPED_WEIGHTS      # the text encoder the flow model was trained on (frozen)
 FLOW_PREFIX, TEXT_PREFIX = "flow.", "text."
 
 

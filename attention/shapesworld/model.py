@@ -1,4 +1,4 @@
-"""Loading the committed ShapesWorld weights and running the model outside ComfyUI.
+"""The ShapesWorld model: building it, loading the committed weights, running it outside ComfyUI.
 
 ``ShapesWorldModel`` bundles the UNet, the text encoder and the tokenizer, and calls the
 UNet with ComfyUI's transformer_options contract (``cond_or_uncond``, ``sigmas``,
@@ -13,19 +13,25 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from ..cli import weights_fix
 from ..controller import ControlledAttention
 from ..sampling import cfg_combine, sample_euler
 from ..schedule import sigma_to_t, simple_sigmas, train_sigmas
 from ..words import PromptWords
-from .text import ShapesTokenizer
-from .train import build_models
+from .text import ShapesTokenizer, TextEncoder
 from .unet import ShapesUNet
+from .weights import SHIPPED_WEIGHTS, WeightsError, weights_fix
 
-ASSETS = Path(__file__).resolve().parents[2] / "assets"
-DEFAULT_WEIGHTS = ASSETS / "shapesworld.safetensors"
-class WeightsError(RuntimeError):
-    pass
+DEFAULT_WEIGHTS = SHIPPED_WEIGHTS
+# the architecture a training run builds and records in its weights file ("config"); a file's own config wins
+MODEL_CONFIG = {"channels": [32, 64, 128], "context_dim": 128, "heads": 4, "text_width": 128,
+                "text_layers": 3, "image_size": 32}
+
+
+def build_models(cfg: dict = MODEL_CONFIG) -> tuple[ShapesUNet, TextEncoder]:
+    """The UNet and the text encoder of a config (untrained)."""
+    unet = ShapesUNet(channels=tuple(cfg["channels"]), context_dim=cfg["context_dim"], heads=cfg["heads"])
+    text = TextEncoder(width=cfg["text_width"], layers=cfg["text_layers"])
+    return unet, text
 
 
 def read_weights(path: Path | str = DEFAULT_WEIGHTS) -> tuple[dict, dict, dict]:

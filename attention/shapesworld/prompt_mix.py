@@ -22,6 +22,7 @@ from ..prompt_mixing import (
     MixSettings,
     ProxyValuePatch,
     SelfAttentionInjection,
+    blend_labels,
     foreground,
     injection_masks,
     proxy_prompt,
@@ -30,7 +31,6 @@ from ..sampling import sample_euler
 from ..schedule import simple_sigmas
 from ..store import AttentionStore, StoreConfig
 from .model import ShapesWorldModel, layer_patches
-from .world import SHAPES
 
 PROXIES = ["triangle", "star", "diamond", "cross"]   # proxies of the measurement prompt's circle
 # ShapesWorld fixes a small object's shape in the late, low-noise steps (see window_probe), so the
@@ -47,19 +47,15 @@ def prompt_mix(model: ShapesWorldModel, prompt: str, object_word: str, proxies: 
                background_nouns: tuple[str, ...] = ("background",)) -> dict:
     """Original + one variation per proxy word. Returns images (1+k, 3, S, S) in [0, 1] and masks.
 
-    ``nouns``: the words that label the blend's clusters, upstream every noun of the prompt (None: the caption's
-    shape words and 'background', what NLTK tags as nouns in these captions); ``background_nouns``: nouns whose
-    clusters are taken from the original (upstream's ``background_nouns``; this caption names its background)."""
+    ``nouns``: the words that label the blend's clusters, upstream every noun of the prompt (None: the node's
+    default, ``prompt_nouns``: the caption's shape words and 'background', what NLTK tags as nouns here);
+    ``background_nouns``: nouns whose clusters are taken from the original (upstream's ``background_nouns``; this
+    caption names its background)."""
     s = (settings or MixSettings()).validate()
     obj = model.word_positions(prompt, object_word)
     keep = [model.word_positions(prompt, w) for w in preserve]
-    if nouns is None:
-        nouns = [w for w in dict.fromkeys(prompt.lower().split()) if w in SHAPES or w == "background"]
-    if object_word not in nouns:
-        nouns = [object_word] + nouns
-    labels = [model.word_positions(prompt, w) for w in nouns]
-    bg_words = frozenset(i for i, w in enumerate(nouns) if w in background_nouns)
-    obj_word = nouns.index(object_word)
+    found = blend_labels(model.prompt_words(prompt), object_word, ", ".join(nouns or []), ", ".join(background_nouns))
+    labels, bg_words, obj_word = found.positions, found.background, found.obj
     proxy_prompts = [proxy_prompt(prompt, object_word, p) for p in proxies]
     for p, pp in zip(proxies, proxy_prompts):
         if len(model.tokenizer.word_ids(pp)) != len(model.tokenizer.word_ids(prompt)):

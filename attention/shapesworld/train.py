@@ -30,15 +30,12 @@ from safetensors.torch import save_file
 
 from .. import cli
 from ..schedule import alphas_cumprod
-from .text import ShapesTokenizer, TextEncoder
-from .unet import ShapesUNet
+from .model import MODEL_CONFIG, build_models
+from .text import ShapesTokenizer
+from .weights import weights_problem
 from .world import ShapesWorld
 
 log = logging.getLogger("attention_lab.train")
-
-MODEL_CONFIG = {"channels": [32, 64, 128], "context_dim": 128, "heads": 4, "text_width": 128,
-                "text_layers": 3, "image_size": 32}
-
 
 class BatchStream(torch.utils.data.Dataset):
     """Batch i of the stream: images in [-1, 1] and caption token ids (with dropout)."""
@@ -56,12 +53,6 @@ class BatchStream(torch.utils.data.Dataset):
         drop = torch.rand(self.batch, generator=world.gen) < self.p_uncond
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
         return images * 2 - 1, self.tok.encode_batch(captions)
-
-
-def build_models(cfg: dict = MODEL_CONFIG) -> tuple[ShapesUNet, TextEncoder]:
-    unet = ShapesUNet(channels=tuple(cfg["channels"]), context_dim=cfg["context_dim"], heads=cfg["heads"])
-    text = TextEncoder(width=cfg["text_width"], layers=cfg["text_layers"])
-    return unet, text
 
 
 def lr_at(step: int, total: int, base: float, warmup: int = 200) -> float:
@@ -213,8 +204,8 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
                      f"[0, {args.steps}] (0 runs the whole schedule)")
     cli.refuse_shipped(parser, args.out, args.overwrite_shipped)
     if args.init:
-        problem = cli.weights_problem(args.init, "give a ShapesWorld weights file to start from (e.g. the base "
-                                                 "stage's output), or leave --init out to start from scratch")
+        problem = weights_problem(args.init, "give a ShapesWorld weights file to start from (e.g. the base "
+                                             "stage's output), or leave --init out to start from scratch")
         if problem:
             parser.error(f"argument --init: {problem}")
     if args.ckpt:

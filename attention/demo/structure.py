@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from .render import grid
-from .shapesworld.model import ShapesWorldModel
-from .shapesworld.structure import binding_figures, generate, structured_patch
+from ..render import grid
+from ..shapesworld.model import ShapesWorldModel
+from ..shapesworld.structure import binding_figures, generate, structured_patch
 
 PROMPTS = ["a red circle and a blue square", "a yellow triangle and a purple cross",
            "a green star and an orange diamond", "a cyan square and a red star"]

@@ -8,9 +8,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .shapesworld.evaluate import attention_localization, cluster_localization, generation_quality
-from .shapesworld.harness import classifier_accuracy
-from .shapesworld.model import ShapesWorldModel
+from ..shapesworld.evaluate import attention_localization, cluster_localization, generation_quality
+from ..shapesworld.harness import classifier_accuracy
+from ..shapesworld.model import ShapesWorldModel
 
 
 def quality_section(model: ShapesWorldModel, out: Path, save, quick: bool) -> list[str]:

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import torch
 
-from .render import grid
-from .shapesworld.evaluate import pair_prompts
-from .shapesworld.harness import load_classifier
-from .shapesworld.model import ShapesWorldModel
-from .shapesworld.spatext import generate, layout_score, layouts
-from .shapesworld.world import caption_for
+from ..render import grid
+from ..shapesworld.evaluate import pair_prompts
+from ..shapesworld.harness import load_classifier
+from ..shapesworld.model import ShapesWorldModel
+from ..shapesworld.spatext import generate, layout_score, layouts
+from ..shapesworld.world import caption_for
 
 OUTLINES = ((255, 255, 255), (0, 0, 0))   # region 1 white, region 2 black: neutral against every object colour
 

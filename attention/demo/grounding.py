@@ -2,7 +2,7 @@
 generations, seen and unseen shapes, and the quick seen/unseen figure.
 
 Same core as the nodes (``attention/grounding.py``, features through ``attention/grounding_features.py``) via
-``attention/shapesworld/grounding.py``; the full three-split figure with ablations is
+``attention/shapesworld/grounding*.py``; the full three-split figure with ablations is
 ``python -m attention.shapesworld.grounding``.
 """
 
@@ -13,20 +13,13 @@ from pathlib import Path
 
 import torch
 
-from .render import grid, overlay
-from .shapesworld.grounding import (
-    HEAD_ASSET,
-    Example,
-    batch_of,
-    build_pool,
-    figure,
-    load_asset,
-    render,
-    template_vectors,
-)
-from .shapesworld.harness import colour_blobs, mask_iou
-from .shapesworld.model import ShapesWorldModel
-from .shapesworld.world import caption_for
+from ..render import grid, overlay
+from ..shapesworld.grounding import figure, render
+from ..shapesworld.grounding_asset import HEAD_ASSET, load_asset
+from ..shapesworld.grounding_data import Example, batch_of, build_pool, template_vectors
+from ..shapesworld.harness import colour_blobs, mask_iou
+from ..shapesworld.model import ShapesWorldModel
+from ..shapesworld.world import caption_for
 
 OBJECTS = [[("red", "circle"), ("blue", "star")], [("green", "diamond"), ("yellow", "square")],
            [("purple", "triangle"), ("orange", "cross")], [("cyan", "star"), ("red", "diamond")]]

@@ -13,13 +13,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .render import colorize, grid, normalize, upsample
-from .shapesworld import dpl as W
-from .shapesworld.editing import edit
-from .shapesworld.harness import iou_curve, psnr
-from .shapesworld.model import ShapesWorldModel
-from .shapesworld.world import ShapesWorld
-from .store import word_maps
+from ..render import colorize, grid, normalize, upsample
+from ..shapesworld import dpl as W
+from ..shapesworld.editing import edit
+from ..shapesworld.harness import iou_curve, psnr
+from ..shapesworld.model import ShapesWorldModel
+from ..shapesworld.world import ShapesWorld
+from ..store import word_maps
 
 
 def _maps_row(model, store, caption, nouns, size):

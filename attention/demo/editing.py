@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
-from .render import grid
-from .shapesworld import editing as E
-from .shapesworld.harness import psnr
-from .shapesworld.model import ShapesWorldModel
-from .shapesworld.prompt_mix import (
+from ..render import grid
+from ..shapesworld import editing as E
+from ..shapesworld.harness import psnr
+from ..shapesworld.model import ShapesWorldModel
+from ..shapesworld.prompt_mix import (
     PROXIES,
     SHAPESWORLD_INJECTION_END,
     SHAPESWORLD_WINDOW,

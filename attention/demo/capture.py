@@ -11,12 +11,12 @@ from pathlib import Path
 
 import torch
 
-from .cluster import cluster_colours, cluster_store
-from .render import colorize, grid, masks_from_maps, normalize, overlay, upsample
-from .shapesworld.harness import colour_blobs, iou_curve, mask_iou
-from .shapesworld.model import ShapesWorldModel, patches_for
-from .shapesworld.world import COLOURS
-from .store import AttentionStore, StoreConfig, word_maps
+from ..cluster import cluster_colours, cluster_store
+from ..render import colorize, grid, masks_from_maps, normalize, overlay, upsample
+from ..shapesworld.harness import colour_blobs, iou_curve, mask_iou
+from ..shapesworld.model import ShapesWorldModel, patches_for
+from ..shapesworld.world import COLOURS
+from ..store import AttentionStore, StoreConfig, word_maps
 
 SAMPLE_PROMPTS = [
     "a red circle and a blue square on a gray background", "a green star on a black background",

@@ -1,0 +1,151 @@
+"""Tier 1: DPL's whole per-step loop (token updates on the cross-attention losses, then the null-text restart)
+against a transcription of the official ``__call__`` (wangkai930418/DPL ``pipelines/null_attend_textinv_pipeline.py``;
+no licence: described in our own words here) on a toy UNet whose one cross-attention layer runs through
+``ControlledAttention`` and the ``CrossMapRecorder`` the node installs (issue 26, docs/faithful-ports.md).
+
+Shape legend: x (1, 2, 4, 4) latent; context (1, m, d) with m = 6 tokens of width d = 8; maps (4, 4, m).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from attention.controller import ControlledAttention
+from attention.dpl import DPL_SH, CrossMapRecorder, dpl_invert
+from attention.inversion import NullTextSettings, ddim_invert
+from attention.schedule import sigma_to_t, simple_sigmas
+
+G = torch.Generator().manual_seed(11)
+WQ, WK, WV = (torch.randn(8 if i else 2, 8, generator=G, dtype=torch.float64) / 2 for i in range(3))
+WO = torch.randn(8, 2, generator=G, dtype=torch.float64) / 4
+SIGMAS = simple_sigmas(6).double()
+
+
+def attention_probs(z: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The toy layer's queries from the latent, keys/values from the text: q (1, 16, 8), probs (1, 16, m)."""
+    q = z.flatten(2).transpose(1, 2) @ WQ
+    return q, (q @ (context @ WK).transpose(1, 2) / 8 ** 0.5).softmax(-1)
+
+
+def unet(z, t, context, layer=None):
+    """eps from the model-space latent; ``layer`` runs the cross-attention (ours: through the recorder)."""
+    q = z.flatten(2).transpose(1, 2) @ WQ
+    out = layer(q, context @ WK, context @ WV) if layer is not None else attention_probs(z, context)[1] @ (
+        context @ WV)
+    text = (out @ WO).transpose(1, 2).reshape(z.shape)
+    return 0.1 * torch.tanh(1.3 * z + 0.002 * t.view(-1, 1, 1, 1)) + 0.5 * text
+
+
+def our_eps(recorder):
+    def eps(x, sigma, context):
+        s = sigma.reshape(1)
+        opts = {"block": ("output", 1), "block_index": 0, "n_heads": 1, "cond_or_uncond": [0],
+                "sigmas": s, "sample_sigmas": SIGMAS, "activations_shape": [1, 8, 4, 4]}
+        layer = lambda q, k, v: ControlledAttention((recorder,), True)(q, k, v, opts)   # noqa: E731
+        return unet(x / (1 + s ** 2).sqrt(), sigma_to_t(s), context, layer)
+    return eps
+
+
+def alphabar(sigma):
+    return 1 / (1 + sigma ** 2)
+
+
+def prev_step(eps, a_cur, a_prev, z):
+    x0 = (z - (1 - a_cur).sqrt() * eps) / a_cur.sqrt()
+    return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+
+
+def official_losses(maps, idx, seg):
+    """``_compute_max_attention_per_index`` + ``_compute_loss('max')``, ``_compute_BG``, ``_compute_cosine``."""
+    text = torch.softmax(maps[:, :, 1:-1] * 100, dim=-1)
+    k = torch.exp(-((torch.arange(3, dtype=torch.float64) - 1) / (2 * 0.5)) ** 2)
+    weight = (torch.outer(k, k) / torch.outer(k, k).sum())[None, None]
+    maxima = [F.conv2d(F.pad(text[:, :, i - 1][None, None], (1, 1, 1, 1), mode="reflect"), weight)[0, 0].max()
+              for i in idx]
+    loss_max = max(max(torch.zeros((), dtype=maps.dtype), 1.0 - m) for m in maxima)
+    x = maps[:, :, idx].reshape(-1, len(idx)).t()
+    bg = F.cosine_similarity(x, seg.reshape(1, -1)).mean()
+    mask = torch.tril(torch.ones(len(idx), len(idx)), diagonal=-1).bool()
+    cos = F.cosine_similarity(x[:, :, None], x.t()[None, :, :])[mask].mean()
+    return loss_max, bg, cos
+
+
+def official_dpl(traj_z, cond0, null, seg, idx, s):
+    """``__call__`` per step i: targets beta * exp(-i / alpha); if attn_inner_steps > 1, a fresh AdamW (default
+    lr 1e-3, weight decay 0.01) on the placeholder embeddings, up to attn_inner_steps times: the conditional UNet
+    on the current latent, the losses, stop when every loss is under its target, else backward and step; then the
+    null restarts from "" and runs null_inner_steps Adam iterations (lr 1e-2 * (1 - i / 100)); the guided step."""
+    cond = cond0.clone()
+    z, conds, nulls, updates = traj_z[0], [], [], []
+    for i in range(len(SIGMAS) - 1):
+        a_cur, a_prev = alphabar(SIGMAS[i]), alphabar(SIGMAS[i + 1])
+        t = sigma_to_t(SIGMAS[i].reshape(1))
+        targets = [float(np.exp(-float(i) / a) * b) for a, b in ((s.alpha_at, s.beta_at), (s.alpha_bg, s.beta_bg),
+                                                                  (s.alpha_dj, s.beta_dj))]
+        n = 0
+        if s.attn_iters > 1:
+            emb = cond.clone().requires_grad_(True)
+            optim = torch.optim.AdamW([emb], lr=1e-3)
+            for _ in range(s.attn_iters):
+                maps = attention_probs(z, emb)[1][0].reshape(4, 4, -1)
+                lm, lb, lc = official_losses(maps, idx, seg)
+                if lm < targets[0] and lc < targets[2] and lb < targets[1]:
+                    break
+                (lm * s.lam_at + lb * s.lam_bg + lc * s.lam_dj).backward()
+                optim.step()
+                optim.zero_grad()
+                n += 1
+            cond = emb.detach()
+        updates.append(n)
+        conds.append(cond)
+        uncond = null.clone().requires_grad_(True)
+        opt = torch.optim.Adam([uncond], lr=1e-2 * (1.0 - i / 100.0))
+        with torch.no_grad():
+            e_c = unet(z, t, cond)
+        for _ in range(s.null.inner_steps):
+            e_u = unet(z, t, uncond)
+            loss = F.mse_loss(prev_step(e_u + s.null.guidance * (e_c - e_u), a_cur, a_prev, z), traj_z[i + 1])
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        nulls.append(uncond.detach())
+        with torch.no_grad():
+            e_u = unet(z, t, uncond)
+            z = prev_step(e_u + s.null.guidance * (e_c - e_u), a_cur, a_prev, z)
+    return conds, nulls, updates, z
+
+
+def test_dpl_token_and_null_loop_equals_the_official_call():
+    """DPL.sh's recipe (fewer iterations, thresholds that let both the early break and full runs happen, L_dj weighted
+    apart from L_bg) through
+    ``dpl_invert`` as DPLTokenOptimizer calls it, against the official loop on the same toy."""
+    g = torch.Generator().manual_seed(12)
+    x0 = torch.randn(1, 2, 4, 4, generator=g, dtype=torch.float64)
+    cond = torch.randn(1, 6, 8, generator=g, dtype=torch.float64)
+    null = torch.randn(1, 6, 8, generator=g, dtype=torch.float64) * 0.3
+    seg = torch.zeros(4, 4, dtype=torch.float64)
+    seg[:, :2] = 1
+    s = dataclasses.replace(DPL_SH, attn_iters=6, lam_dj=0.2, alpha_at=2.0, beta_at=0.9, alpha_bg=3.0, beta_bg=0.9,
+                            alpha_dj=2.0, beta_dj=0.99, null=NullTextSettings(guidance=7.5, inner_steps=3,
+                                                                              epsilon=None))
+    recorder = CrossMapRecorder((4, 4))
+    eps = our_eps(recorder)
+    traj = ddim_invert(eps, x0, SIGMAS, cond)
+    nouns = [(1,), (3,)]
+    with torch.enable_grad():
+        res = dpl_invert(eps, lambda p: p[0].clone(), [cond.clone()], recorder, [t.clone() for t in traj],
+                         SIGMAS.clone(), nouns, lambda size: seg, null.clone(), s)
+    traj_z = [x * alphabar(sig).sqrt() for x, sig in zip(traj, SIGMAS)]
+    conds, nulls, updates, z_end = official_dpl(traj_z, cond, null, seg, [1, 3], s)
+    assert [u for *_, u in res.losses] == updates
+    assert 0 < sum(updates) < s.attn_iters * len(updates) and min(updates) < s.attn_iters   # breaks and updates
+    assert res.counts["token_updates"] == sum(updates) and res.map_size == (4, 4)
+    for i, (ours, theirs) in enumerate(zip(res.conds, conds)):
+        assert torch.allclose(ours, theirs, atol=1e-6), i
+    for i, (ours, theirs) in enumerate(zip(res.nulls, nulls)):
+        assert torch.allclose(ours, theirs, atol=1e-6), i
+    assert torch.allclose(res.reconstruction, z_end, atol=1e-6)

@@ -1,0 +1,124 @@
+"""Mutation testing of the ported modules with mutmut (pinned in requirements-test.txt): does every ported function
+have a test that fails when its code is changed? Not part of the README's test command (CI): it takes hours.
+
+For each module the run happens in a copy of the repository's tracked files under --workdir (the checkout is never
+touched), with a setup.cfg that tells mutmut to mutate that module only and to select the tier-1 test files that
+cover it (``COVERING`` below; mutmut then runs, per mutant, only the tests that reached the mutated function).
+One module at a time, one worker (``--max-children 1``) and OMP_NUM_THREADS=1 by default: on a shared 2-core
+machine run it in the background with a log, e.g.
+
+    OMP_NUM_THREADS=1 nohup python tools/mutation.py --module dpl_losses > /tmp/mutation.log 2>&1 &
+
+It prints, per module, mutmut's result counts (killed, survived, timeout, no tests, ...) and writes the surviving
+mutants' names (with --show their diffs) to <workdir>/<module>/survivors.txt. Which survivors are equivalent is
+judged by a person and recorded in docs/faithful-ports.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# module -> the tier-1 test files that exercise it (fast ones; the slow figure-like tests stay out)
+COVERING: dict[str, list[str]] = {
+    "p2p": ["tests/test_faithful_attention.py", "tests/test_words.py"],
+    "inversion": ["tests/test_faithful_ports.py"],
+    "dpl": ["tests/test_faithful_ports.py", "tests/test_faithful_dpl.py"],
+    "dpl_losses": ["tests/test_faithful_ports.py", "tests/test_dpl_losses.py"],
+    "prompt_mixing": ["tests/test_faithful_attention.py"],
+    "structure": ["tests/test_structure.py"],
+    "store": ["tests/test_faithful_attention.py", "tests/test_attention_core.py"],
+    "cluster": ["tests/test_cluster.py", "tests/test_faithful_attention.py"],
+    "grounding": ["tests/test_grounding.py"],
+}
+STATUSES = ("killed", "survived", "timeout", "suspicious", "no tests", "skipped", "not checked", "segfault",
+            "check was interrupted by user", "caught by type check")
+
+
+def tracked_files() -> list[str]:
+    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, check=True,
+                         capture_output=True, text=True).stdout
+    return [f for f in out.splitlines() if f and not f.startswith(("workflows/", "web/", "docs/"))]
+
+
+def prepare(module: str, workdir: Path) -> Path:
+    """A fresh copy of the repository with a setup.cfg for ``module``; returns its folder."""
+    dest = workdir / module
+    if dest.exists():
+        shutil.rmtree(dest)
+    for rel in tracked_files():
+        src = ROOT / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    tests = [t for t in COVERING[module] if (dest / t).is_file()]
+    lines = ["[mutmut]", "source_paths=attention/", f"only_mutate=attention/{module}.py", "also_copy=",
+             "    assets/", "    __init__.py", "pytest_add_cli_args_test_selection="]
+    lines += [f"    {t}" for t in tests]
+    lines += ["pytest_add_cli_args=", "    -p", "    no:randomly", "    -q", "use_git_change_detection=false", ""]
+    (dest / "setup.cfg").write_text("\n".join(lines))
+    return dest
+
+
+def results(dest: Path, mutmut: str, env: dict, show: bool = False) -> Counter:
+    out = subprocess.run([mutmut, "results", "--all", "true"], cwd=dest, env=env, capture_output=True, text=True)
+    counts: Counter = Counter()
+    survivors = []
+    for line in out.stdout.splitlines():
+        name, _, status = line.strip().rpartition(": ")
+        if status in STATUSES:
+            counts[status] += 1
+            if status == "survived":
+                survivors.append(name)
+    with open(dest / "survivors.txt", "w") as f:
+        for name in survivors:
+            diff = subprocess.run([mutmut, "show", name], cwd=dest, env=env, capture_output=True,
+                                  text=True).stdout if show else ""
+            f.write(f"==== {name}\n{diff}\n")
+    return counts
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--module", action="append", choices=sorted(COVERING),
+                   help="module of attention/ to mutate (repeatable; default: all, one after the other)")
+    p.add_argument("--workdir", default="/tmp/attention_lab_mutation", help="where the copies and results go")
+    p.add_argument("--max-children", type=int, default=1, help="mutmut workers (default 1)")
+    beside = Path(sys.executable).parent / "mutmut"
+    p.add_argument("--mutmut", default=str(beside) if beside.exists() else shutil.which("mutmut"),
+                   help="the mutmut executable (default: the one next to this python; requirements-test.txt pins it)")
+    p.add_argument("--list", action="store_true", help="print the modules and their test files, run nothing")
+    p.add_argument("--show", action="store_true",
+                   help="also write each survivor's diff (one 'mutmut show' per survivor; else see 'mutmut show NAME')")
+    args = p.parse_args(argv)
+    modules = args.module or sorted(COVERING)
+    if args.list:
+        for m in modules:
+            print(f"attention/{m}.py: {' '.join(COVERING[m])}")
+        return 0
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    summary = {}
+    for module in modules:
+        t0 = time.time()
+        dest = prepare(module, Path(args.workdir))
+        print(f"== attention/{module}.py in {dest} (tests: {', '.join(COVERING[module])})", flush=True)
+        run = subprocess.run([args.mutmut, "run", "--max-children", str(args.max_children)], cwd=dest, env=env)
+        counts = results(dest, args.mutmut, env, args.show)
+        summary[module] = dict(counts, mutants=sum(counts.values()), seconds=round(time.time() - t0),
+                               mutmut_exit=run.returncode)
+        print(json.dumps({module: summary[module]}), flush=True)
+    print(json.dumps({"summary": summary}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
