@@ -4,7 +4,7 @@ The MODEL is ComfyUI's own Flux (``comfy.ldm.flux.model.Flux`` through ``comfy.m
 weights file's config and loaded with its weights (strict), so every hook that works on ComfyUI's Flux (the
 ``optimized_attention_override``, ``patches_replace["dit"]``, wrappers) works on it unchanged. Its model sampling is
 FluxSchnell's: ``ModelType.FLOW`` = CONST parameterization with ModelSamplingDiscreteFlow, multiplier 1 and the
-file's shift (1.0 for the shipped weights, which were trained on uniform-in-logit times without a resolution
+file's shift (1.0 for the shipped weights, which were trained on uniform times in (0, 1) without a resolution
 shift). Weights run in float32 on any device (the model has 1.8 M parameters). CLIP and VAE are the ShapesWorld
 loader's: the same word tokenizer and text encoder (the pooled output is its end-token state, Flux's ``y``) and
 ComfyUI's pixel-space VAE, so an EmptyLatentImage of 256x256 gives 32x32 images.
