@@ -227,6 +227,29 @@ def test_loader_samples_with_the_stock_samplers(comfy_nodes, sampler_node):
         assert colour_blobs(picture, "red") and colour_blobs(picture, "blue"), "the graph drew no named shapes"
 
 
+@SHIPPED
+def test_the_flow_workflow_runs_and_draws_the_named_shapes(comfy_nodes):
+    """workflows/api/flow_txt2img_shapesworld_api.json as saved (stock nodes after the loader), through the executor."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+    saved = json.loads((ROOT / "workflows" / "api" / "flow_txt2img_shapesworld_api.json").read_text())
+    prompt = {k: {kk: vv for kk, vv in v.items() if kk != "_meta"} for k, v in saved.items()}
+    assert [prompt[k]["class_type"] for k in sorted(prompt)] == [
+        "ShapesWorldFlowLoader", "CLIPTextEncode", "CLIPTextEncode", "EmptyLatentImage", "KSampler", "VAEDecode",
+        "SaveImage"]
+    entries = run(prompt)["7"]["images"]
+    assert len(entries) == 4
+    drawn = 0
+    for e in entries:
+        img = np.asarray(Image.open(comfy_nodes / "output" / e["subfolder"] / e["filename"]))
+        assert img.shape[:2] == (32, 32)
+        picture = torch.from_numpy(img).permute(2, 0, 1).float() / 255
+        drawn += bool(colour_blobs(picture, "red")) and bool(colour_blobs(picture, "blue"))
+    assert drawn >= 3, f"only {drawn} of 4 images show a red and a blue shape"
+
+
 def test_loader_refuses_missing_and_foreign_weights(tmp_path):
     with pytest.raises(Exception, match=r"nope\.safetensors is missing: give a file written by"):
         ShapesWorldFlowLoader.execute(str(tmp_path / "nope.safetensors"))
