@@ -75,10 +75,9 @@ def test_web_directory_holds_no_script():
     assert not list(web_directory().rglob("*.js"))
 
 
-# Pages whose ShapesWorld picture is not made yet (tools/build_help_images.py --pictures NodeId); empty from
-# 2026-11-30 until ShapesWorld-Flow (its picture needs the shipped weights). Strict: a page that gets its picture
-# must leave this set.
-PICTURE_PENDING: set[str] = {"ShapesWorldFlowLoader"}
+# Pages whose ShapesWorld picture is not made yet (tools/build_help_images.py --pictures NodeId); empty since
+# 2026-11-30, every page has one. Strict: a page that gets its picture must leave this set.
+PICTURE_PENDING: set[str] = set()
 
 
 @pytest.mark.parametrize("node_id", registered_node_ids())
