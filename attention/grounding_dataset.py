@@ -33,6 +33,10 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 EXAMPLE_FILE = re.compile(r"^[0-9]{6,}\.safetensors$")      # the one rule of what a dataset holds
 
 
+SKIP_FIX = ("Give each word a mask that covers its object (a segmentation node such as SAM or CLIPSeg, or the mask "
+            "editor; LoadImageMask's alpha channel of an image without transparency is empty), then queue again")
+
+
 class DatasetError(ValueError):
     pass
 
@@ -55,10 +59,14 @@ def check_name(name: str) -> str:
 
 @dataclass
 class GroundingDataset:
-    """A named folder of examples. ``len()`` counts files; ``load()`` reads them all (they are small)."""
+    """A named folder of examples. ``len()`` counts files; ``load()`` reads them all (they are small).
+
+    ``skipped``: what the Grounding Dataset Add run that handed this object on skipped, and why, when it
+    added nothing (e.g. "image 0 'cat': empty mask ..."); ``load()`` of a still missing dataset says so."""
 
     name: str
     path: Path
+    skipped: tuple[str, ...] = ()
 
     @classmethod
     def at(cls, root: Path | str, name: str) -> "GroundingDataset":
@@ -121,6 +129,10 @@ class GroundingDataset:
             strays = self.strays()
             why = ("does not exist" if not self.path.is_dir() else
                    f"holds no example file (only {', '.join(strays)})" if strays else "is empty")
+            if self.skipped:
+                raise DatasetError(
+                    f"grounding dataset {self.name!r} ({self.path}) {why}: Grounding Dataset Add skipped every "
+                    f"example it was given ({'; '.join(self.skipped)}). {SKIP_FIX}")
             raise DatasetError(f"grounding dataset {self.name!r} ({self.path}) {why}; fill it first with "
                                "Grounding Dataset Add (queue the filling graph), or pick another dataset")
         out = []

@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 from .chunks import visible
@@ -146,28 +147,49 @@ class BackgroundBlend:
         return x
 
 
+PROXY_TEMPLATE = "a photo of a {word}"           # upstream get_proxy_words' shortlist prompt
+PROXY_SHORTLIST = 50                             # upstream k of the shortlist
+
+
+def proxy_candidates(vocab: list[str], word: str) -> list[str]:
+    """The vocabulary entries upstream ranks (alphabetic, two letters or more), in order, once each; the
+    object word itself is skipped (a proxy equal to the object is no variation; upstream keeps it)."""
+    return [w for w in dict.fromkeys(vocab) if w.isalpha() and len(w) > 1 and w.lower() != word.lower()]
+
+
+def top_similar(reference: torch.Tensor, features: torch.Tensor, k: int) -> list[int]:
+    """Indices of the ``k`` rows of ``features`` (n, d) closest to ``reference`` (1, d) or (d,) by cosine,
+    best first: upstream ``get_topk_similar_words`` (L2-normalize both, matmul, numpy argsort flipped, so
+    ties resolve as upstream's)."""
+    ref = reference.float().reshape(1, -1)
+    ref = ref / ref.norm(p=2, dim=-1, keepdim=True)
+    feats = features.float()
+    feats = feats / feats.norm(p=2, dim=-1, keepdim=True)
+    sims = feats.matmul(ref.view(-1, 1))                                      # (n, 1)
+    return np.flip(sims.cpu().numpy().reshape(-1).argsort())[:k].tolist()
+
+
 def suggest_proxies(encode_pooled: Callable[[list[str]], torch.Tensor], vocab: list[str], prompt: str,
-                    word: str, count: int, shortlist: int = 50, template: str = "a photo of a {word}",
-                    progress: Callable[[int, int], None] | None = None, batch: int = 256) -> list[str]:
-    """Proxy words as the official ``prompt_utils``: the ``shortlist`` vocabulary words whose
-    ``template`` prompt is closest (cosine of pooled text features) to the object word's, then the
-    ``count`` of those whose full prompt is closest to the prompt. ``vocab``: candidate words
-    (alphabetic, two letters or more; the object word itself is skipped)."""
-    words = [w for w in dict.fromkeys(vocab) if w.isalpha() and len(w) > 1 and w.lower() != word.lower()]
+                    word: str, count: int, shortlist: int = PROXY_SHORTLIST, template: str = PROXY_TEMPLATE,
+                    vocab_features: Callable[[list[str]], torch.Tensor] | None = None) -> list[str]:
+    """Proxy words as the official ``prompt_utils.get_proxy_words``: the ``shortlist`` candidates whose
+    ``template`` prompt is closest (cosine of pooled text features, ``top_similar``) to the object word's,
+    then the ``count`` of those whose full prompt (the object word replaced) is closest to the prompt.
+
+    ``encode_pooled``: texts -> (n, d) pooled features. ``vocab``: candidate entries (``proxy_candidates``
+    filters them). ``vocab_features``: candidate entries -> (n, d) features of their ``template`` prompts, e.g.
+    from a cache; default ``encode_pooled`` of the filled template."""
+    words = proxy_candidates(vocab, word)
     if count < 1 or not words:
         return []
-
-    def ranked(fill: Callable[[str], str], candidates: list[str], k: int) -> list[str]:
-        ref = torch.nn.functional.normalize(encode_pooled([fill(word)]).float(), dim=-1)
-        feats = []
-        for i in range(0, len(candidates), batch):
-            feats.append(encode_pooled([fill(w) for w in candidates[i:i + batch]]).float())
-            if progress is not None:
-                progress(min(i + batch, len(candidates)), len(candidates))
-        sims = torch.nn.functional.normalize(torch.cat(feats), dim=-1) @ ref[0]
-        return [candidates[j] for j in sims.argsort(descending=True)[:k].tolist()]
-    short = ranked(lambda w: template.format(word=w), words, shortlist)
-    return ranked(lambda w: proxy_prompt(prompt, word, w), short, count)
+    if vocab_features is None:
+        def vocab_features(ws):
+            return encode_pooled([template.format(word=w) for w in ws])
+    short_idx = top_similar(encode_pooled([template.format(word=word)]), vocab_features(words), shortlist)
+    short = [words[j] for j in short_idx]
+    ref = encode_pooled([proxy_prompt(prompt, word, word)])
+    feats = encode_pooled([proxy_prompt(prompt, word, w) for w in short])
+    return [short[j] for j in top_similar(ref, feats, count)]
 
 
 class ProxyValuePatch:

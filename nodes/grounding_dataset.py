@@ -6,6 +6,7 @@ Glue only: the dataset files are ``attention/grounding_dataset.py``. Datasets li
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import folder_paths
@@ -13,7 +14,7 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..attention import logger
-from ..attention.grounding_dataset import DatasetError, Example, GroundingDataset
+from ..attention.grounding_dataset import SKIP_FIX, DatasetError, Example, GroundingDataset
 from ..attention.masks import check_aspect, fit_to_grid, mask_batch
 from ..attention.tokens import split_words
 from .common import CATEGORY
@@ -89,7 +90,8 @@ class GroundingDatasetAdd(io.ComfyNode):
                 m = masks[k] > 0.5
                 k += 1
                 if not m.any():
-                    skipped.append(f"image {i} '{word}'")
+                    skipped.append(f"image {i} '{word}': empty mask (no value above 0.5, largest "
+                                   f"{float(masks[k - 1].max()):.2f})")
                     continue
                 keep_w.append(word)
                 keep_m.append(m)
@@ -97,12 +99,18 @@ class GroundingDatasetAdd(io.ComfyNode):
                 ds.append(Example(samples[i], prompt_lines[i], keep_w, torch.stack(keep_m)))
                 added += 1
             elif not ws:
-                skipped.append(f"image {i} (no words)")
+                skipped.append(f"image {i}: no words")
+        text = f"dataset {ds.name}: added {added} image(s), {len(ds)} in total ({ds.path})"
+        if skipped and not added:      # the trainer downstream repeats why, should the dataset still be empty
+            ds = dataclasses.replace(ds, skipped=tuple(skipped))
+            text = (f"WARNING: nothing was added to dataset {ds.name}: every example given was skipped "
+                    f"({'; '.join(skipped)}); it holds {len(ds)} image(s) ({ds.path}). {SKIP_FIX}.")
+        elif skipped:
+            text += f". WARNING: skipped {'; '.join(skipped)}"
         if skipped:
-            logger.warning("GroundingDatasetAdd: skipped %s", ", ".join(skipped))
-        text = (f"dataset {ds.name}: added {added} image(s), {len(ds)} in total ({ds.path})"
-                + (f"; skipped (empty mask or no words): {', '.join(skipped)}" if skipped else ""))
-        logger.info("GroundingDatasetAdd: %s", text)
+            logger.warning("GroundingDatasetAdd: %s", text)
+        else:
+            logger.info("GroundingDatasetAdd: %s", text)
         return io.NodeOutput(ds, ui=ui.PreviewText(text))
 
 

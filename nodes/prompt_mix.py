@@ -27,12 +27,11 @@ from ..attention.prompt_mixing import (
     foreground,
     injection_masks,
     proxy_prompt,
-    suggest_proxies,
 )
 from ..attention.render import upsample
 from ..attention.store import AttentionStore, StoreConfig
 from ..attention.words import locate_words, split_word_list, text_words
-from . import comfy_sampling
+from . import comfy_sampling, proxy_search
 from .common import (
     CATEGORY,
     PROXY_CANDIDATES,
@@ -42,7 +41,6 @@ from .common import (
     model_layer_ids,
     prompt_words,
     token_key,
-    tokenizer_words,
     word_ids,
 )
 from .guided import add_chunk_wrapper, rows_conditioning
@@ -50,7 +48,6 @@ from .inversion import sample_from_inversion
 from .model_identity import check_inversion_model
 
 SELF_MAX = 32 * 32          # official: self-attention of layers up to 32x32 (SD at 512 px)
-_SUGGESTION_CACHE: dict = {}
 
 
 def _sample(model, rows, positive, negative, cfg, sigmas, latent, seed, inv, text, after_step=None, label="",
@@ -63,25 +60,6 @@ def _sample(model, rows, positive, negative, cfg, sigmas, latent, seed, inv, tex
                                           after_step, label)
     return sample_from_inversion(model, inv, positive, negative, text.expand(rows, -1, -1), rows, after_step,
                                  latent, label)
-
-
-def _proxies(clip, prompt: str, word: str, proxy_words: str, count: int, candidates: str) -> list[str]:
-    given = split_word_list(proxy_words)
-    if given:
-        return given
-    key = (id(clip.cond_stage_model), prompt, word, count, candidates)
-    if key not in _SUGGESTION_CACHE:
-        vocab = tokenizer_words(clip, candidates)
-        pbar = comfy.utils.ProgressBar(len(vocab))
-
-        def encode_pooled(texts):
-            out = [clip.encode_from_tokens(clip.tokenize(t), return_pooled=True)[1] for t in texts]
-            return torch.cat([o.reshape(1, -1).float().cpu() for o in out])
-        _SUGGESTION_CACHE[key] = suggest_proxies(encode_pooled, vocab, prompt, word, count,
-                                                 progress=lambda done, total: pbar.update_absolute(done, total))
-    words = _SUGGESTION_CACHE[key]
-    logger.info("PromptMixSampler: suggested proxies for %r: %s", word, words)
-    return words
 
 
 def _check_proxy(clip, key: str, word: str, proxy: str):
@@ -127,8 +105,9 @@ class PromptMixSampler(io.ComfyNode):
                                 tooltip="The word of the prompt whose shape varies (object of interest)."),
                 io.String.Input("proxy_words", default="triangle, star, diamond, cross", tooltip=(
                     "Comma-separated proxies, one variation each; empty = suggest 'suggestions' words from the "
-                    "tokenizer vocabulary by text-encoder similarity (official prompt_utils; encodes the whole "
-                    "vocabulary once, minutes on a CPU for SD's CLIP, cached).")),
+                    "tokenizer vocabulary entries of the object word's token count by text-encoder similarity "
+                    "(official prompt_utils ranking; the first search per text encoder takes a minute or two on a "
+                    "CPU for SD's CLIP, then it is cached on disk in models/attention_lab_cache: seconds).")),
                 io.Int.Input("suggestions", default=4, min=1, max=16,
                              tooltip="How many proxies to suggest when proxy_words is empty (1-16)."),
                 io.String.Input("preserve_words", default="square", tooltip=(
@@ -226,7 +205,7 @@ class PromptMixSampler(io.ComfyNode):
         keep_names = split_word_list(preserve_words)
         keep = locate_words(pw, preserve_words, "preserve word")[1] if keep_names else []
         labels = blend_labels(pw, word, nouns, background_nouns)
-        proxies = _proxies(clip, prompt, word, proxy_words, suggestions, proxy_candidates)
+        proxies = proxy_search.proxies(clip, prompt, word, proxy_words, suggestions, proxy_candidates)
         key = token_key(clip)
         for p in proxies:
             _check_proxy(clip, key, word, p)

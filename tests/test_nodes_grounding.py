@@ -379,3 +379,46 @@ def test_embedded_shapesworld_head_through_the_nodes(sw):
                 union += float((gt | pr).sum())
                 k += 1
     assert inter / union > 0.5, inter / union
+
+
+def test_an_empty_placeholder_mask_is_named_at_the_node_and_in_the_trainers_error(sd15, out_dir, tmp_path, caplog):
+    """The SD grounding template as shipped: its mask node is LoadImageMask's 'alpha' channel of ComfyUI's
+    input/example.png, an image without transparency (RGB), so the mask of 'cat' is empty. Dataset Add skips it
+    and says so in its text in the UI and in the log; the trainer in the same graph then says why the dataset
+    does not exist instead of only asking to fill it with Dataset Add."""
+    from PIL import Image
+    model, clip = sd15
+    (tmp_path / "input").mkdir()
+    Image.new("RGB", (128, 128), (200, 120, 40)).save(tmp_path / "input" / "example.png")
+    old = folder_paths.get_input_directory()
+    folder_paths.set_input_directory(str(tmp_path / "input"))
+    try:
+        mask = nodes.LoadImageMask().load_image("example.png", "alpha")[0]
+    finally:
+        folder_paths.set_input_directory(old)
+    assert mask.shape == (1, 128, 128) and float(mask.max()) == 0.0
+    latent = {"samples": torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))}
+    with torch.inference_mode(), caplog.at_level("WARNING", logger="attention_lab"):
+        out = GroundingDatasetAdd.execute(latent, clip, "a photograph of a cat", "cat", mask, "my_grounding_set")
+        ds = out.result[0]
+        with pytest.raises(DatasetError) as err:
+            GroundingHeadTrain.execute(model, clip, ds, 2, 1, 1e-4, 0, 1, "template", "a photograph of a {word}",
+                                       ROWS[0], "small", "grounding_head")
+    text = out.ui.as_dict()["text"][0]
+    why = "image 0 'cat': empty mask (no value above 0.5, largest 0.00)"
+    assert text.startswith(f"WARNING: nothing was added to dataset my_grounding_set: every example given was "
+                           f"skipped ({why}); it holds 0 image(s)"), text
+    assert "LoadImageMask's alpha channel of an image without transparency is empty" in text
+    assert text in caplog.text                                                   # the same warning in the log
+    msg = str(err.value)
+    assert msg.startswith("grounding dataset 'my_grounding_set' (") and (
+        f"does not exist: Grounding Dataset Add skipped every example it was given ({why}). Give each word a "
+        f"mask that covers its object") in msg, msg
+    # a later Add with a real mask fills it, and the trainer trains on it
+    with torch.inference_mode():
+        full = torch.zeros(1, 128, 128)
+        full[0, 32:96, 32:96] = 1
+        out = GroundingDatasetAdd.execute(latent, clip, "a photograph of a cat", "cat", full, "my_grounding_set")
+        assert not out.ui.as_dict()["text"][0].startswith("WARNING") and out.result[0].skipped == ()
+        GroundingHeadTrain.execute(model, clip, out.result[0], 1, 1, 1e-4, 0, 1, "template",
+                                   "a photograph of a {word}", ROWS[0], "small", "")
