@@ -27,13 +27,15 @@ if ComfyExtension is not None and __package__:
     from .nodes.p2p import P2PEditSampler
     from .nodes.prompt_mix import PromptMixSampler
     from .nodes.shapesworld import ShapesWorldLoader, ShapesWorldPseudoMasks, ShapesWorldScenes
+    from .nodes.shapesworld_flow import ShapesWorldFlowLoader
     from .nodes.spatext import SpaTextGuider
     from .nodes.structure import StructureDiffusion
 
     NODES = [AttentionCapture, AttentionMapView, SelfAttnCluster, PromptMixSampler, NullTextInvert,
              DPLTokenOptimizer, P2PEditSampler, StructureDiffusion, SpaTextGuider, ShapesWorldLoader,
              GroundingFeaturesNode, GroundingDatasetAdd, GroundingDatasetLoad, GroundingHeadTrain,
-             GroundingHeadLoader, GroundedSegment, ShapesWorldScenes, ShapesWorldPseudoMasks]
+             GroundingHeadLoader, GroundedSegment, ShapesWorldScenes, ShapesWorldPseudoMasks,
+             ShapesWorldFlowLoader]
 
     class AttentionLabExtension(ComfyExtension):
         async def get_node_list(self) -> list[type[io.ComfyNode]]:

@@ -24,7 +24,7 @@ from comfy_api.latest import io, ui
 
 from ..attention.shapesworld.harness import colour_blobs, load_classifier
 from ..attention.shapesworld.model import DEFAULT_WEIGHTS, build_models, read_weights
-from ..attention.shapesworld.text import EOS, ShapesTokenizer
+from ..attention.shapesworld.text import EOS, ShapesTokenizer, TextEncoder
 from ..attention.shapesworld.world import COLOURS, SHAPES, SceneSpec, ShapesWorld, one_colour_spec
 from .common import CATEGORY
 
@@ -72,7 +72,7 @@ class ComfyShapesTextModel(torch.nn.Module):
 
     def __init__(self, device=None, dtype=None, model_options=None, config=None, **kwargs):
         super().__init__()
-        _, self.encoder = build_models(config)
+        self.encoder = TextEncoder(width=config["text_width"], layers=config["text_layers"])
         self.encoder.to(device=device, dtype=torch.float32)
         self.dtypes = {torch.float32}
         # SD layout for code that looks up the token table as clip.cond_stage_model.clip_<key>.transformer
@@ -120,6 +120,19 @@ class ComfyShapesTextModel(torch.nn.Module):
         return cond.float().cpu(), pooled.float().cpu()
 
 
+def shapesworld_clip_vae(config: dict, text_sd: dict):
+    """ComfyUI CLIP over the ShapesWorld text encoder (``text_sd``: its state dict) and the pixel-space VAE; shared
+    by the ShapesWorld loaders (the UNet's and ShapesWorld-Flow's)."""
+    class Target(comfy.supported_models_base.ClipTarget):
+        pass
+    target = Target(ComfyShapesTokenizer, ComfyShapesTextModel)
+    target.params = {"config": config}
+    clip = comfy.sd.CLIP(target=target, model_options={"dtype": torch.float32})
+    clip.cond_stage_model.load_sd(text_sd)
+    vae = comfy.sd.VAE(sd={"pixel_space_vae": torch.tensor(1.0)})
+    return clip, vae
+
+
 def load_shapesworld(path: Path | str = DEFAULT_WEIGHTS):
     sd, config, _ = read_weights(path)
     unet, _ = build_models(config)
@@ -129,14 +142,7 @@ def load_shapesworld(path: Path | str = DEFAULT_WEIGHTS):
     bm.diffusion_model = unet.eval()
     model = comfy.model_patcher.ModelPatcher(bm, load_device=mm.get_torch_device(),
                                              offload_device=mm.unet_offload_device())
-
-    class Target(comfy.supported_models_base.ClipTarget):
-        pass
-    target = Target(ComfyShapesTokenizer, ComfyShapesTextModel)
-    target.params = {"config": config}
-    clip = comfy.sd.CLIP(target=target, model_options={"dtype": torch.float32})
-    clip.cond_stage_model.load_sd({k[5:]: v.float() for k, v in sd.items() if k.startswith("text.")})
-    vae = comfy.sd.VAE(sd={"pixel_space_vae": torch.tensor(1.0)})
+    clip, vae = shapesworld_clip_vae(config, {k[5:]: v.float() for k, v in sd.items() if k.startswith("text.")})
     return model, clip, vae
 
 

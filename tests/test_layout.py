@@ -3,7 +3,8 @@
 The import graph of the pack (attention/, nodes/, tools/, the root __init__.py) has no circle; attention/ is pure
 torch/numpy/scikit-learn (no ComfyUI module); the methods' files (attention/*.py) import neither the ShapesWorld
 model and its figure commands (attention/shapesworld/) nor the demo (attention/demo/); the model depends on
-nothing above it; only the ShapesWorld loader among the nodes knows ShapesWorld; files stay readable in one sitting.
+nothing above it; only the ShapesWorld loaders (UNet, flow) among the nodes know ShapesWorld; files stay readable
+in one sitting.
 """
 
 from __future__ import annotations
@@ -156,11 +157,11 @@ def test_the_model_depends_on_nothing_above_it():
     assert not below & above and not any(m.startswith("attention.demo") for m in below), sorted(below)
 
 
-def test_only_the_shapesworld_loader_node_knows_shapesworld():
+def test_only_the_shapesworld_loader_nodes_know_shapesworld():
     edges = graph()
     knowing = sorted(m for m in edges if m.startswith("nodes")
                      and any(d.startswith(("attention.shapesworld", "attention.demo")) for d in edges[m]))
-    assert knowing == ["nodes.shapesworld"], knowing
+    assert knowing == ["nodes.shapesworld", "nodes.shapesworld_flow"], knowing   # the UNet's and the DiT's
 
 
 def test_files_are_readable_in_one_sitting():

@@ -73,6 +73,7 @@ EXTRA = {   # in the order they run: cheap first
     "prompt_mixing_shapesworld": {},
     "nti_p2p_edit_shapesworld": {"90": preview(("13", 0))},                              # the image to edit
     "dpl_edit_shapesworld": {"90": preview(("13", 0))},
+    "flow_txt2img_shapesworld": {},                    # ShapesWorld-Flow (needs the shipped flow weights)
 }
 
 # help-page picture (node id) -> the entry of EXTRA whose run makes it
@@ -81,7 +82,7 @@ PICTURES = {"SelfAttnCluster": "dpl_cluster", "AttentionCapture": "attention_cap
             "StructureDiffusion": "structure_diffusion_shapesworld",
             "ShapesWorldLoader": "structure_diffusion_shapesworld", "P2PEditSampler": "p2p_edit_shapesworld",
             "PromptMixSampler": "prompt_mixing_shapesworld", "NullTextInvert": "nti_p2p_edit_shapesworld",
-            "DPLTokenOptimizer": "dpl_edit_shapesworld"}
+            "DPLTokenOptimizer": "dpl_edit_shapesworld", "ShapesWorldFlowLoader": "flow_txt2img_shapesworld"}
 # ShapesWorld templates whose thumbnail is a help-page picture made elsewhere (the grounding pictures come from
 # the embedded head, not from a template run: training a head here would take minutes and write a model file)
 THUMB_FROM_PICTURE = {"grounding_shapesworld": "GroundedSegment"}
@@ -285,6 +286,9 @@ def main(argv=None):
             region = np.asarray(Image.fromarray((r["17"][0] * 255).astype(np.uint8)).resize((w, h), Image.NEAREST))
             save(strip([region / 255.0] + r["16"]), "SpaTextGuider")
             thumb(name, strip([region / 255.0] + r["16"], cols=3))
+        elif name == "flow_txt2img_shapesworld":
+            save(strip(r["7"], cols=4), "ShapesWorldFlowLoader")
+            thumb(name, strip(r["7"], cols=4))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,13 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 from comfy_boot import node_info  # noqa: E402
 from workflow_format import api_format, ui_format  # noqa: E402
 from workflow_graphs_editing import dpl_graph, nti_p2p_graph, p2p_graph  # noqa: E402
-from workflow_graphs_generation import capture_graph, prompt_mix_graph, spatext_graph, structure_graph  # noqa: E402
+from workflow_graphs_generation import (  # noqa: E402
+    capture_graph,
+    flow_txt2img_graph,
+    prompt_mix_graph,
+    spatext_graph,
+    structure_graph,
+)
 from workflow_graphs_grounding import grounding_graph  # noqa: E402
 
 from attention import cli  # noqa: E402  (standard library only)
@@ -37,7 +43,8 @@ GRAPHS = (("attention_capture", capture_graph, False), ("attention_capture_shape
           ("dpl_edit", dpl_graph, False), ("dpl_edit_shapesworld", dpl_graph, True),
           ("structure_diffusion", structure_graph, False), ("structure_diffusion_shapesworld", structure_graph, True),
           ("spatext", spatext_graph, False), ("spatext_shapesworld", spatext_graph, True),
-          ("grounding", grounding_graph, False), ("grounding_shapesworld", grounding_graph, True))
+          ("grounding", grounding_graph, False), ("grounding_shapesworld", grounding_graph, True),
+          ("flow_txt2img_shapesworld", flow_txt2img_graph, True))     # ShapesWorld-Flow only (no SD variant)
 
 
 def build_parser():

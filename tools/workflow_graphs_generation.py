@@ -1,5 +1,6 @@
 """Workflow graphs of the generation pipelines: attention capture, prompt mixing (MnM), StructureDiffusion,
-SpaText. One function per pipeline: (nodes, notes) for the SD or the ShapesWorld variant.
+SpaText; ShapesWorld-Flow text-to-image. One function per pipeline: (nodes, notes) for the SD or the ShapesWorld
+variant.
 """
 
 from __future__ import annotations
@@ -218,3 +219,34 @@ def spatext_graph(shapesworld: bool) -> tuple[list[Node], list]:
     note += (" ShapesWorld: runs on a CPU in seconds." if shapesworld else
              " Pick your SD1.5 or SDXL checkpoint in the loader; mask sizes are in image pixels.")
     return nodes, [(note, (0, 1000))]
+
+
+def flow_txt2img_graph(_shapesworld: bool = True) -> tuple[list[Node], list]:
+    """ShapesWorld-Flow (the embedded Flux-class model) with stock nodes only: loader -> KSampler -> VAE Decode."""
+    prompt = "a red circle and a blue square on a gray background"
+    nodes = [
+        Node(1, "ShapesWorldFlowLoader", {"weights": ""},
+             outputs=[("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")], pos=(0, 0), size=(300, 100)),
+        Node(2, "CLIPTextEncode", {"text": prompt}, {"clip": (1, 1)}, [("CONDITIONING", "CONDITIONING")],
+             {"clip": "CLIP"}, (360, 0), (400, 160), "Positive prompt"),
+        Node(3, "CLIPTextEncode", {"text": ""}, {"clip": (1, 1)}, [("CONDITIONING", "CONDITIONING")],
+             {"clip": "CLIP"}, (360, 200), (400, 120), "Negative prompt"),
+        Node(4, "EmptyLatentImage", {"width": 256, "height": 256, "batch_size": 4}, {},
+             [("LATENT", "LATENT")], {}, (0, 160), (300, 110)),
+        Node(5, "KSampler", {"seed": 7, "steps": 20, "cfg": 4.0, "sampler_name": "euler", "scheduler": "simple",
+                             "denoise": 1.0},
+             {"model": (1, 0), "positive": (2, 0), "negative": (3, 0), "latent_image": (4, 0)},
+             [("LATENT", "LATENT")], {"model": "MODEL", "positive": "CONDITIONING", "negative": "CONDITIONING",
+                                      "latent_image": "LATENT"}, (800, 0), (320, 270)),
+        Node(6, "VAEDecode", {}, {"samples": (5, 0), "vae": (1, 2)}, [("IMAGE", "IMAGE")],
+             {"samples": "LATENT", "vae": "VAE"}, (1160, 0), (220, 50)),
+        Node(7, "SaveImage", {"filename_prefix": "attention_lab_flow"}, {"images": (6, 0)}, [],
+             {"images": "IMAGE"}, (1420, 0), (320, 320)),
+    ]
+    note = ("ShapesWorld-Flow: the pack's embedded rectified-flow transformer, loaded as ComfyUI's own Flux class "
+            "(double- and single-stream blocks with joint text-image attention), so every Flux hook works on it. "
+            "Stock nodes only: change the prompt (colours red, green, blue, yellow, purple, orange, cyan; shapes "
+            "circle, square, triangle, star, diamond, cross; backgrounds gray, black, white). Pixel-space: the 256x256 "
+            "empty latent gives 32x32 images; euler + simple at cfg 4 is what the model card measures "
+            "(docs/shapesworld-flow.md). Runs on a CPU in seconds.")
+    return nodes, [(note, (0, 380))]

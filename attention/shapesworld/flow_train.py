@@ -1,0 +1,250 @@
+"""Train ShapesWorld-Flow, the rectified-flow Flux-style MMDiT (seeded, resumable, CPU by default).
+
+    python -m attention.shapesworld.flow_train --out shapesworld_flow_trained.safetensors --threads 1
+
+Objective: rectified flow (Liu et al. 2022; SD3, Esser et al. 2024): x_t = (1 - t) x0 + t eps, the transformer
+predicts the velocity eps - x0 with a plain MSE; t drawn uniform in (0, 1) (``--t-law uniform``, the default, as
+Liu et al.) or logit-normal (SD3's rf/lognorm(0, 1), mean and std settable). ``--init`` starts the model and its
+EMA from an earlier weights file (a later stage of a run; the optimizer starts afresh).
+The text encoder is ShapesWorld's, frozen (read from --text-weights and copied into the output so the file
+is self-contained): the transformer reads its per-token context and its pooled (end-token) vector, the same tensors
+ComfyUI's CLIP interface of the ShapesWorld loader returns. 10 % of captions are dropped to the empty
+prompt for classifier-free guidance, as for the UNet. AdamW, linear warm-up then cosine decay to 10 %, gradient
+clipping at 1, EMA of the weights (the EMA weights are saved, fp16). Batch ``i`` and the noise and times of step
+``i`` come from generators seeded with (seed, i), so a resumed run computes exactly what an uninterrupted run
+does. A checkpoint (``<out>.ckpt``) is written every ``--save-every`` steps and at the end; rerunning the same
+command resumes from it.
+
+The defaults are the recipe of the shipped assets/shapesworld_flow.safetensors (docs/shapesworld-flow.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from .. import cli
+from .flow import FlowConfig, FluxTwin
+from .flow_model import (
+    FLOW_PREFIX,
+    TEXT_WEIGHTS,
+    load_text_encoder,
+    pooled_from_context,
+    read_flow_weights,
+    save_flow_weights,
+    split_state,
+)
+from .train import BatchStream
+
+log = logging.getLogger("attention_lab.flow_train")
+IMAGE_SIZE = 32
+SAMPLING = {"shift": 1.0, "multiplier": 1.0}   # ComfyUI ModelSamplingDiscreteFlow settings (FluxSchnell's)
+
+
+def axes_for(head_dim: int) -> tuple[int, int, int]:
+    """RoPE split of a head (index, row, column) in Flux's proportions (16, 56, 56 of 128), all even."""
+    side = 2 * int(7 * head_dim / 32)
+    return head_dim - 2 * side, side, side
+
+
+def model_config(args) -> dict:
+    head = args.hidden_size // args.num_heads
+    flux = FlowConfig(hidden_size=args.hidden_size, num_heads=args.num_heads, depth=args.depth,
+                      depth_single_blocks=args.depth_single_blocks, patch_size=args.patch_size,
+                      axes_dim=axes_for(head), mlp_ratio=args.mlp_ratio)
+    return {"flux": flux.flux_params(), "text_width": 128, "text_layers": 3, "image_size": IMAGE_SIZE,
+            "sampling": dict(SAMPLING), "parameterization": "velocity (CONST: x0 = x - sigma v)"}
+
+
+def lr_at(step: int, total: int, base: float, warmup: int) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    p = (step - warmup) / max(1, total - warmup)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def checkpoint_path(out: Path) -> Path:
+    return Path(str(out) + ".ckpt")
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + step + 500_000_000)
+
+
+def flow_targets(x0: torch.Tensor, gen: torch.Generator, t_mean: float, t_std: float, t_law: str = "logit-normal"):
+    """(x_t, t, velocity target) for images x0 (B, C, H, W): t ~ sigmoid(N(t_mean, t_std)) (or U(0, 1) for the
+    "uniform" law), eps ~ N(0, 1)."""
+    if t_law == "uniform":
+        t = torch.rand(x0.shape[0], generator=gen).to(x0.device)
+    else:
+        t = torch.sigmoid(t_mean + t_std * torch.randn(x0.shape[0], generator=gen)).to(x0.device)
+    eps = torch.randn(x0.shape, generator=gen).to(x0.device)
+    tt = t.view(-1, 1, 1, 1)
+    return (1 - tt) * x0 + tt * eps, t, eps - x0
+
+
+def train(args) -> None:
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    config = model_config(args)
+    model = FluxTwin(FlowConfig.from_dict(config["flux"])).init_weights().to(device)
+    text = load_text_encoder(args.text_weights).to(device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    out = Path(args.out)
+    ckpt = Path(args.ckpt) if args.ckpt else checkpoint_path(out)
+    start, elapsed = 0, 0.0
+    if ckpt.exists() and not args.fresh:
+        state = torch.load(ckpt, map_location=device, weights_only=True)
+        if state["config"] != json.dumps(config):
+            raise SystemExit(f"{ckpt} holds a run of another model config; give --fresh to start over or another "
+                             f"--out / --ckpt")
+        model.load_state_dict(state["model"]), ema.load_state_dict(state["ema"]), opt.load_state_dict(state["opt"])
+        start, elapsed = state["step"], state["elapsed"]
+        log.info("resumed from %s at step %d", ckpt, start)
+    elif args.init:      # a later stage: model and EMA start from a weights file (the optimizer starts afresh)
+        sd, init_config, _ = read_flow_weights(args.init)
+        if init_config["flux"] != config["flux"]:
+            raise SystemExit(f"--init {args.init} holds another model config ({json.dumps(init_config['flux'])}); "
+                             "give the same --hidden-size, --num-heads, --depth, ... as its run")
+        for m in (model, ema):
+            m.load_state_dict(split_state(sd, FLOW_PREFIX))
+        log.info("initialised from %s", args.init)
+    log.info("model: %d transformer parameters, config %s", sum(p.numel() for p in model.parameters()),
+             json.dumps(config["flux"]))
+    stream = BatchStream(args.seed, args.batch, args.p_uncond, IMAGE_SIZE)
+    t0, losses = time.time(), []
+    stop = args.stop_at or args.steps
+    for step in range(start, stop):
+        x0, ids = stream[step]
+        x0, ids = x0.to(device), ids.to(device)
+        with torch.no_grad():
+            context = text(ids)
+            pooled = pooled_from_context(context, ids)
+        xt, t, target = flow_targets(x0, step_generator(args.seed, step), args.t_mean, args.t_std, args.t_law)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+        loss = (model(xt, t, context, y=pooled) - target).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            decay = min(args.ema, (1 + step) / (10 + step))
+            for pe, pm in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(pm, 1 - decay)
+        losses.append(float(loss.detach()))
+        done = step + 1
+        if done % args.log_every == 0:
+            log.info("step %d/%d loss %.4f lr %.2e %.3f s/step", done, args.steps, sum(losses) / len(losses),
+                     opt.param_groups[0]["lr"], (time.time() - t0) / (done - start))
+            losses.clear()
+        if done % args.save_every == 0 or done == stop:
+            total = elapsed + time.time() - t0
+            torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": done,
+                        "elapsed": total, "config": json.dumps(config)}, ckpt)
+            meta = {"steps": done, "schedule_steps": args.steps, "stop_at": args.stop_at, "batch": args.batch,
+                    "seed": args.seed, "lr": args.lr, "warmup": args.warmup, "ema": args.ema, "p_uncond": args.p_uncond,
+                    "t_law": args.t_law, "t_mean": args.t_mean, "t_std": args.t_std,
+                    "init": Path(args.init).name if args.init else None, "text_weights": Path(args.text_weights).name,
+                    "device": str(device), "threads": torch.get_num_threads(), "seconds": round(total, 1),
+                    "torch": torch.__version__}
+            save_flow_weights(out, ema, text, config, meta)
+            log.info("saved %s (step %d, %.0f s)", out, done, total)
+    log.info("finished at step %d", stop)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = cli.parser(__doc__, "attention.shapesworld.flow_train")
+    p.add_argument("--out", type=cli.output_file, default="shapesworld_flow_trained.safetensors",
+                   help="weights file to write (EMA weights, fp16, with the frozen text encoder), rewritten at every "
+                        "checkpoint")
+    p.add_argument("--overwrite-shipped", action="store_true",
+                   help="allow --out to replace the shipped assets/shapesworld_flow.safetensors")
+    p.add_argument("--steps", type=cli.int_range(1), default=6000, help="training steps (length of the lr schedule)")
+    p.add_argument("--stop-at", type=cli.int_range(0), default=0,
+                   help="stop after this many steps, keeping the learning-rate schedule of --steps (0: run all); "
+                        "rerunning without it resumes")
+    p.add_argument("--batch", type=cli.int_range(1), default=32, help="images per step")
+    p.add_argument("--lr", type=cli.float_range(0, lo_open=True), default=8e-4, help="peak learning rate (AdamW)")
+    p.add_argument("--warmup", type=cli.int_range(0), default=300, help="linear warm-up steps of the learning rate")
+    p.add_argument("--ema", type=cli.float_range(0, 1, hi_open=True), default=0.999,
+                   help="EMA decay of the saved weights")
+    p.add_argument("--p-uncond", type=cli.float_range(0, 1), default=0.1,
+                   help="share of captions dropped to the empty prompt (classifier-free guidance training)")
+    p.add_argument("--t-law", choices=("logit-normal", "uniform"), default="uniform",
+                   help="law of the training times t in (0, 1)")
+    p.add_argument("--t-mean", type=cli.float_range(-4, 4), default=0.0, help="mean of the logit-normal time law")
+    p.add_argument("--t-std", type=cli.float_range(0, 4, lo_open=True), default=1.0,
+                   help="std of the logit-normal time law (1 = SD3's rf/lognorm(0, 1))")
+    p.add_argument("--hidden-size", type=cli.int_range(16, 1024, multiple_of=8), default=128,
+                   help="transformer width D (a multiple of 8; D / num-heads is the head size, even, >= 8)")
+    p.add_argument("--num-heads", type=cli.int_range(1, 64), default=4, help="attention heads")
+    p.add_argument("--depth", type=cli.int_range(0, 32), default=2, help="double-stream (MMDiT) blocks")
+    p.add_argument("--depth-single-blocks", type=cli.int_range(0, 64), default=2, help="single-stream blocks")
+    p.add_argument("--mlp-ratio", type=cli.float_range(0.5, 8), default=4.0, help="MLP width / D")
+    p.add_argument("--patch-size", type=cli.int_range(1, 8), default=4,
+                   help="patch side in pixels (a divisor of 32; 4 gives 8x8 = 64 image tokens, 2 gives 16x16 = 256)")
+    p.add_argument("--text-weights", type=cli.weights_file, default=str(TEXT_WEIGHTS), metavar="FILE",
+                   help="ShapesWorld weights file whose text encoder conditions the model (frozen)")
+    p.add_argument("--seed", type=cli.int_range(0), default=0, help="seed of the weights, batches, noise and times")
+    p.add_argument("--device", type=cli.device, default="cpu", help="torch device (cpu, cuda, cuda:N, mps)")
+    cli.add_threads(p)
+    p.add_argument("--log-every", type=cli.int_range(1), default=50, help="log the mean loss every N steps")
+    p.add_argument("--save-every", type=cli.int_range(1), default=250, help="checkpoint and weights every N steps")
+    p.add_argument("--init", type=cli.existing_file, default=None, metavar="FILE",
+                   help="start the model and its EMA from this ShapesWorld-Flow weights file (a later stage)")
+    p.add_argument("--ckpt", default="", metavar="FILE", help="resumable checkpoint path (default: <out>.ckpt)")
+    p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint and start over")
+    return p
+
+
+def check_args(p: argparse.ArgumentParser, args) -> None:
+    """Checks that need two flags or the file system."""
+    from .flow_model import DEFAULT_FLOW_WEIGHTS
+    head = args.hidden_size // args.num_heads
+    if args.hidden_size % args.num_heads or head % 2 or head < 8:
+        p.error(f"argument --num-heads: {args.num_heads} heads do not split --hidden-size {args.hidden_size} into "
+                f"even heads of at least 8: give a --num-heads that divides it with an even quotient >= 8 "
+                f"(e.g. {max(1, args.hidden_size // 32)})")
+    if IMAGE_SIZE % args.patch_size:
+        p.error(f"argument --patch-size: {args.patch_size} does not divide the {IMAGE_SIZE}-pixel image: give 1, 2, "
+                "4 or 8")
+    if args.stop_at > args.steps:
+        p.error(f"argument --stop-at: {args.stop_at} is out of range: give an integer in [0, --steps] = "
+                f"[0, {args.steps}] (0 runs the whole schedule)")
+    if args.warmup >= args.steps:
+        p.error(f"argument --warmup: {args.warmup} is out of range: give an integer in [0, --steps) = "
+                f"[0, {args.steps})")
+    try:
+        shipped = Path(args.out).resolve() == DEFAULT_FLOW_WEIGHTS.resolve()
+    except OSError:
+        shipped = False
+    if shipped and not args.overwrite_shipped:
+        p.error(f"argument --out: {args.out} is the shipped file (the docs' figures were measured on it): give a "
+                "new file name, or add --overwrite-shipped to replace it on purpose")
+    if args.ckpt:
+        try:
+            cli.output_file(args.ckpt)
+        except argparse.ArgumentTypeError as e:
+            p.error(f"argument --ckpt: {e}")
+
+
+def main(argv=None) -> None:
+    p = build_parser()
+    args = p.parse_args(argv)
+    check_args(p, args)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    cli.set_threads(args.threads)
+    train(args)
+
+
+if __name__ == "__main__":
+    main()
