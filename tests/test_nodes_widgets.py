@@ -33,7 +33,9 @@ import nodes  # noqa: E402
 WORKFLOWS = ROOT / "workflows"
 UI_FILES = sorted(WORKFLOWS.glob("*.json"))
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
-FILE_LISTS = {("CheckpointLoaderSimple", "ckpt_name")}     # options are the installation's model files
+FILE_LISTS = {("CheckpointLoaderSimple", "ckpt_name"), ("UNETLoader", "unet_name"), ("VAELoader", "vae_name"),
+              ("DualCLIPLoader", "clip_name1"), ("DualCLIPLoader", "clip_name2"), ("TripleCLIPLoader", "clip_name1"),
+              ("TripleCLIPLoader", "clip_name2"), ("TripleCLIPLoader", "clip_name3")}  # the installation's model files
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,10 @@
 Each ShapesWorld API workflow in workflows/api/ runs as saved (its steps and seeds), with a few
 Preview Image nodes added to reach intermediate outputs; the pictures are cut from the results
 and scaled up by whole pixels (ShapesWorld images are 32x32). A template for an SD checkpoint
-cannot run here: its thumbnail is a drawing of its graph instead. About 5 minutes on 2 idle CPU cores
-(the DPL template is most of it). ``--fast`` runs the editing samplers with FAST_STEPS steps and the DPL
-loops with a few iterations (for a busy machine; the pages' captions say which settings made the pictures).
+(or for Flux / SD3.5 weights, DRAWN) cannot run here: its thumbnail is a drawing of its graph instead.
+About 5 minutes on 2 idle CPU cores (the DPL template is most of it). ``--fast`` runs the editing samplers
+with FAST_STEPS steps and the DPL loops with a few iterations (for a busy machine; the pages' captions say
+which settings made the pictures).
 The ShapesWorld grounding template's thumbnail is Grounded Segment's help-page picture (THUMB_FROM_PICTURE).
 ``--pictures NodeId ...`` writes only those help-page pictures (running only the templates they come from)
 and leaves every other picture and every thumbnail as it is.
@@ -74,6 +75,7 @@ EXTRA = {   # in the order they run: cheap first
     "nti_p2p_edit_shapesworld": {"90": preview(("13", 0))},                              # the image to edit
     "dpl_edit_shapesworld": {"90": preview(("13", 0))},
     "flow_txt2img_shapesworld": {},                    # ShapesWorld-Flow (needs the shipped flow weights)
+    "attention_capture_shapesworld_flow": {},          # node 10 previews the overlays, node 11 shows the clusters
 }
 
 # help-page picture (node id) -> the entry of EXTRA whose run makes it
@@ -86,6 +88,9 @@ PICTURES = {"SelfAttnCluster": "dpl_cluster", "AttentionCapture": "attention_cap
 # ShapesWorld templates whose thumbnail is a help-page picture made elsewhere (the grounding pictures come from
 # the embedded head, not from a template run: training a head here would take minutes and write a model file)
 THUMB_FROM_PICTURE = {"grounding_shapesworld": "GroundedSegment"}
+# templates for weights that do not exist here: their thumbnail is a drawing of the graph, with this caption
+DRAWN = {"attention_capture_flux": "graph for Flux.1-dev weights (green: Attention Lab nodes)",
+         "attention_capture_sd3": "graph for SD3.5 weights (green: Attention Lab nodes)"}
 
 
 class _Server:
@@ -186,7 +191,8 @@ def graph_drawing(name: str, size=THUMB,
             a, b = box[src], box[dst]
             draw.line([(a[2], (a[1] + a[3]) / 2), (b[0], (b[1] + b[3]) / 2)], fill=(140, 160, 200), width=1)
     ours = {"AttentionCapture", "AttentionMapView", "SelfAttnCluster", "PromptMixSampler", "NullTextInvert",
-            "DPLTokenOptimizer", "P2PEditSampler", "StructureDiffusion", "SpaTextGuider", "ShapesWorldLoader"}
+            "DPLTokenOptimizer", "P2PEditSampler", "StructureDiffusion", "SpaTextGuider", "ShapesWorldLoader",
+            "ShapesWorldFlowLoader"}
     for n in nodes:
         x, y, xe, ye = box[n["id"]]
         body = (70, 110, 90) if n["type"] in ours else (70, 70, 78)
@@ -210,9 +216,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.only and args.pictures:
         p.error("--only and --pictures exclude each other")
-    unknown = [n for n in args.only or [] if n not in EXTRA and n not in THUMB_FROM_PICTURE]
+    unknown = [n for n in args.only or [] if n not in EXTRA and n not in THUMB_FROM_PICTURE and n not in DRAWN]
     if unknown:
-        p.error(f"unknown template(s) {unknown}; known: {sorted(EXTRA) + sorted(THUMB_FROM_PICTURE)}")
+        p.error(f"unknown template(s) {unknown}; known: {sorted(EXTRA) + sorted(THUMB_FROM_PICTURE) + sorted(DRAWN)}")
     unknown = [n for n in args.pictures or [] if n not in PICTURES]
     if unknown:
         p.error(f"no picture of {unknown} is made here; known: {sorted(PICTURES)}")
@@ -241,9 +247,13 @@ def main(argv=None):
 
     if not args.only and not wanted:
         for ui in sorted(WORKFLOWS.glob("*.json")):
-            if not ui.stem.endswith("_shapesworld"):
+            if ui.stem not in EXTRA and ui.stem not in THUMB_FROM_PICTURE and ui.stem not in DRAWN:
                 graph_drawing(ui.stem).save(WORKFLOWS / f"{ui.stem}.jpg", quality=88)
                 logger.info("drew %s.jpg", ui.stem)
+    for name, caption in DRAWN.items():
+        if not wanted and (not args.only or name in args.only):
+            graph_drawing(name, note=caption).save(WORKFLOWS / f"{name}.jpg", quality=88)
+            logger.info("drew %s.jpg", name)
     for name, node_id in THUMB_FROM_PICTURE.items():
         if not wanted and (not args.only or name in args.only):
             thumb(name, Image.open(IMAGES / f"{node_id}.png").convert("RGB"))
@@ -286,6 +296,9 @@ def main(argv=None):
             region = np.asarray(Image.fromarray((r["17"][0] * 255).astype(np.uint8)).resize((w, h), Image.NEAREST))
             save(strip([region / 255.0] + r["16"]), "SpaTextGuider")
             thumb(name, strip([region / 255.0] + r["16"], cols=3))
+        elif name == "attention_capture_shapesworld_flow":
+            rows = [np.asarray(strip(r["8"] + r["10"])) / 255.0, np.asarray(strip(r["11"])) / 255.0]
+            thumb(name, strip(rows, scale=1, cols=1))     # the image and the overlays; the clusters and masks
         elif name == "flow_txt2img_shapesworld":
             save(strip(r["7"], cols=4), "ShapesWorldFlowLoader")
             thumb(name, strip(r["7"], cols=4))

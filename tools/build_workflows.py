@@ -4,7 +4,7 @@
     COMFYUI_PATH=/path/to/ComfyUI python tools/build_workflows.py --check    # write nothing; exit 1 if a file differs
 
 Each workflow is described once as nodes with their widget values by name and their links, one function per
-pipeline in tools/workflow_graphs_*.py (generation, editing, grounding); tools/workflow_format.py writes the two
+pipeline in tools/workflow_graphs_*.py (generation, editing, grounding, dit); tools/workflow_format.py writes the two
 formats from them, the saved ``widgets_values`` generated from the node definitions of the ComfyUI at
 COMFYUI_PATH and checked against each input's type, range and options.
 Writes ``workflows/<name>.json`` (UI, LiteGraph version 0.4; the editor's template browser lists
@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 from comfy_boot import node_info  # noqa: E402
 from workflow_format import api_format, ui_format  # noqa: E402
+from workflow_graphs_dit import capture_flow_graph, capture_flux_graph, capture_sd3_graph  # noqa: E402
 from workflow_graphs_editing import dpl_graph, nti_p2p_graph, p2p_graph  # noqa: E402
 from workflow_graphs_generation import (  # noqa: E402
     capture_graph,
@@ -44,7 +45,9 @@ GRAPHS = (("attention_capture", capture_graph, False), ("attention_capture_shape
           ("structure_diffusion", structure_graph, False), ("structure_diffusion_shapesworld", structure_graph, True),
           ("spatext", spatext_graph, False), ("spatext_shapesworld", spatext_graph, True),
           ("grounding", grounding_graph, False), ("grounding_shapesworld", grounding_graph, True),
-          ("flow_txt2img_shapesworld", flow_txt2img_graph, True))     # ShapesWorld-Flow only (no SD variant)
+          ("flow_txt2img_shapesworld", flow_txt2img_graph, True),     # ShapesWorld-Flow only (no SD variant)
+          ("attention_capture_shapesworld_flow", capture_flow_graph, True),   # DiT: ShapesWorld-Flow, Flux, SD3.5
+          ("attention_capture_flux", capture_flux_graph, False), ("attention_capture_sd3", capture_sd3_graph, False))
 
 
 def build_parser():

@@ -19,6 +19,10 @@ CONTROL_OPTIONS = ("fixed", "increment", "decrement", "randomize")
 # widgets only, so [false] sets previewMode; the editor itself saves [null, null, false], which would load
 # previewMode = null, checked in tools/editor_check.py): (name, value saved in our files)
 EXTENSION_WIDGETS = {"PreviewAny": [("previewMode", False)]}
+# combo widgets whose options are the installation's model files (none here): any file name is accepted
+FILE_LISTS = {"CheckpointLoaderSimple.ckpt_name", "UNETLoader.unet_name", "VAELoader.vae_name",
+              "DualCLIPLoader.clip_name1", "DualCLIPLoader.clip_name2", "TripleCLIPLoader.clip_name1",
+              "TripleCLIPLoader.clip_name2", "TripleCLIPLoader.clip_name3"}
 
 
 @dataclass
@@ -81,8 +85,7 @@ def check_value(where: str, kind: str, opts: dict, value) -> None:
         raise TypeError(f"{where}: {value!r} is not a {kind}")
     if kind in ("INT", "FLOAT") and not opts.get("min", -float("inf")) <= value <= opts.get("max", float("inf")):
         raise ValueError(f"{where}: {value} outside {opts.get('min')}..{opts.get('max')}")
-    if kind == "COMBO" and value not in opts["options"] and not opts.get("image_upload") and not where.startswith(
-            "CheckpointLoaderSimple"):  # model and image file lists are the installation's
+    if kind == "COMBO" and value not in opts["options"] and not opts.get("image_upload") and where not in FILE_LISTS:
         raise ValueError(f"{where}: {value!r} is not one of {opts['options']}")
 
 
