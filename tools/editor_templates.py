@@ -9,8 +9,11 @@ import json
 import math
 from pathlib import Path
 
+from workflow_format import FILE_LISTS
+
 WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
-FILE_WIDGETS = {("CheckpointLoaderSimple", "ckpt_name"), ("LoadImage", "image"), ("LoadImageMask", "image")}
+# model files (the loaders' combos, as tools/workflow_format.py lists them) and images the user supplies
+FILE_WIDGETS = {tuple(w.split(".")) for w in FILE_LISTS} | {("LoadImage", "image"), ("LoadImageMask", "image")}
 
 
 def expected_widgets(info: dict) -> list[str]:
