@@ -5,6 +5,7 @@ reproduces flow_evaluate's own observer, the core function scores every map kind
 import pytest
 import torch
 
+from attention.concept_attention import concept_qkv, concept_update
 from attention.shapesworld import flow_word_maps as fwm
 from attention.shapesworld.flow_evaluate import capture_noised
 from attention.shapesworld.flow_model import DEFAULT_FLOW_WEIGHTS, ShapesWorldFlowModel
@@ -30,6 +31,21 @@ def test_store_raw_maps_equal_the_observer_maps(model):
         assert torch.allclose(got, want, atol=1e-6)
     concept = maps["concept"]
     assert concept.shape == maps["raw"].shape and ((concept > 0) & (concept < 1)).all()  # a softmax over >= 2
+
+
+def test_comfy_style_block_runs_the_twins_text_stream(model):
+    """ConceptAttention's steps 2 and 3 through the adapter are the twin block's own text-stream computations."""
+    block = model.transformer.double_blocks[0]
+    g = torch.Generator().manual_seed(0)
+    tokens, vec = torch.randn(1, 3, 128, generator=g), torch.randn(1, 128, generator=g)
+    with torch.no_grad():
+        q, k, v, mods = concept_qkv(fwm.ComfyStyleBlock(block), tokens, vec)
+        m1, m2 = block.txt_mod(vec)
+        for got, want in zip((q, k, v), block._qkv("txt", tokens, m1)):
+            assert torch.allclose(got, want, atol=1e-6)
+        out = torch.randn(1, 3, 128, generator=g)
+        got = concept_update(fwm.ComfyStyleBlock(block), tokens, out, mods)
+        assert torch.allclose(got, block._finish("txt", tokens, out, m1, m2), atol=1e-5)
 
 
 def test_word_map_iou_runs_on_two_scenes(model):
