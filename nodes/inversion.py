@@ -23,9 +23,10 @@ from ..attention.p2p import p2p_sample
 from .common import CATEGORY, InversionType, encode_prompt
 from .guided import add_full_load, mark_text, noise_mask_of, refuse_noise_mask, rows_conditioning, run_loop
 from .model_identity import IDENTITY_KEY, identify
+from .rf_inversion import RF_MODES, SOLVER_KEY, check_mode_fits, is_flow_model, rf_inversion
 from .unet_calls import common_length, fit_context
 
-MODES = ["null-text", "ddim", "negative-prompt"]
+MODES = ["null-text", "ddim", "negative-prompt", *RF_MODES]      # the last ones: rectified-flow models
 KEEP_BEST_TOOLTIP = (
     "Null-text: per step, return the null embedding of the lowest loss evaluated instead of Adam's last one. Off = "
     "upstream (the last). Not upstream; meant for fp16/bf16 UNets, whose noisy gradients can leave the last Adam "
@@ -58,6 +59,10 @@ def sample_from_inversion(model, inv: Inversion, positive: list, negative: list,
     per step from the inversion (without nulls: ``negative`` as given). A noise mask on ``latent`` is applied as
     KSampler applies it, the inversion's trajectory standing for the noised image outside it (so outside the
     mask every row is the inverted image). Returns raw LATENT samples (rows, c, h, w)."""
+    if inv.extra.get(SOLVER_KEY, "euler") != "euler":
+        raise ValueError(f"{label}: this inversion was made with {inv.extra[SOLVER_KEY]!r} (NullTextInvert mode "
+                         f"{inv.mode!r}), and an edit must retrace it with the same solver; this editor steps with "
+                         f"Euler, so invert with mode 'rf-euler' for it")
     steps = len(inv.sigmas) - 1
     neg = mark_text(inv.extra["negative"], "negative") if inv.nulls is not None else negative
     mask = noise_mask_of(latent)
@@ -112,25 +117,32 @@ class NullTextInvert(io.ComfyNode):
                 "Inverts an image for editing (Mokady et al. 2022, official defaults): DDIM inversion with the "
                 "source prompt, then per step a null (unconditional) embedding optimized so that guided DDIM "
                 "retraces the inversion. Faster modes: plain DDIM inversion, negative-prompt inversion (null = "
-                "prompt). Runs inside ComfyUI's sampler: the MODEL's patches, wrappers and CFG functions and every "
-                "entry of 'positive' apply as in KSampler. Feed the result to P2P Edit Sampler; the reconstruction "
-                "output shows how faithful it is."),
+                "prompt). Rectified-flow models (Flux, SD3): Euler inversion or FireFlow (Deng et al. 2024), "
+                "reconstructed with the same solver. Runs inside ComfyUI's sampler: the MODEL's patches, wrappers "
+                "and CFG functions and every entry of 'positive' apply as in KSampler. Feed the result to P2P Edit "
+                "Sampler; the reconstruction output shows how faithful it is."),
             inputs=[
-                io.Model.Input("model", tooltip="SD1.x/SD2.x/SDXL or ShapesWorld model."),
+                io.Model.Input("model", tooltip="SD1.x/SD2.x/SDXL or ShapesWorld model (modes null-text, ddim, "
+                                                "negative-prompt); Flux, SD3 or ShapesWorld-Flow (modes rf-euler, "
+                                                "fireflow)."),
                 io.Clip.Input("clip", tooltip="The model's CLIP."),
                 io.String.Input("prompt", multiline=True, default="a red circle and a blue square on a gray background",
                                 tooltip="Source prompt describing the image (the edits start from it)."),
                 io.Combo.Input("mode", options=MODES, default="null-text", tooltip=(
                     "null-text: official NTI (best reconstruction, about 10x the UNet calls of sampling at most, "
                     "early stopping saves much of it); ddim: plain DDIM inversion (1x, poor at high guidance); "
-                    "negative-prompt: null = prompt (1x, no optimization).")),
+                    "negative-prompt: null = prompt (1x, no optimization). Rectified-flow models (Flux, SD3): "
+                    "rf-euler: plain Euler inversion (N model evaluations for N steps); fireflow: FireFlow (Deng et "
+                    "al. 2024), second order at N + 1 evaluations, far better reconstruction.")),
                 io.Int.Input("steps", default=50, min=2, max=1000, tooltip="DDIM steps (official 50)."),
                 io.Float.Input("guidance", default=7.5, min=1.0, max=30.0, step=0.1,
-                               tooltip="Guidance scale the edit will sample with (official 7.5; 1-30)."),
+                               tooltip="Guidance scale the edit will sample with (official 7.5; 1-30). Flow modes: "
+                                       "the cfg of both directions (Flux dev: 1, its guidance is "
+                                       "FluxGuidance's on the conditioning)."),
                 io.Combo.Input("scheduler", options=list(comfy.samplers.SCHEDULER_NAMES), default="ddim_uniform",
                                tooltip="Sigma schedule. ddim_uniform: t = 981, 961, ..., 1 then sigma 0, one "
                                        "step off the NTI notebook's t = 980, ..., 0 (which ends at sigma 0.0292); "
-                                       "simple for ShapesWorld."),
+                                       "simple for ShapesWorld and flow models."),
                 io.Int.Input("inner_steps", default=10, min=1, max=100,
                              tooltip="Null-text: most Adam steps per sampling step (official 10; 1-100)."),
                 io.Float.Input("early_stop", default=1e-5, min=0.0, max=1.0, step=1e-6, tooltip=(
@@ -160,6 +172,7 @@ class NullTextInvert(io.ComfyNode):
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} is not one of {MODES}")
         refuse_noise_mask("NullTextInvert", latent)
+        check_mode_fits("NullTextInvert", model, mode)
         optimize = mode == "null-text"
         if optimize:
             check_guidance("NullTextInvert", model, guidance)
@@ -172,6 +185,12 @@ class NullTextInvert(io.ComfyNode):
         null0 = fit_context(empty[0][0], common_length([encoded[0][0], empty[0][0]]))
         cond = fit_context(encoded[0][0], null0.shape[1])
         sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).cpu()
+        if is_flow_model(model):
+            inv, out = rf_inversion(model, mode, prompt, guidance, sigmas, raw, cond,
+                                    rows_conditioning("NullTextInvert", base, encoded, [encoded]),
+                                    mark_text(null_cond, "negative"))
+            inv.extra.update(positive=base, negative=null_cond)
+            return io.NodeOutput(inv, {"samples": out})
         m = model.clone()
         if optimize:
             add_full_load(m)
