@@ -20,13 +20,13 @@ from comfy_api.latest import io
 from ..attention import logger
 from ..attention.inversion import Inversion, NullTextSettings, ddim_invert, null_text_optimize, reconstruct
 from ..attention.p2p import p2p_sample
+from . import rf_inversion as rf
 from .common import CATEGORY, InversionType, encode_prompt
 from .guided import add_full_load, mark_text, noise_mask_of, refuse_noise_mask, rows_conditioning, run_loop
 from .model_identity import IDENTITY_KEY, identify
-from .rf_inversion import RF_MODES, SOLVER_KEY, check_mode_fits, is_flow_model, rf_inversion
 from .unet_calls import common_length, fit_context
 
-MODES = ["null-text", "ddim", "negative-prompt", *RF_MODES]      # the last ones: rectified-flow models
+MODES = ["null-text", "ddim", "negative-prompt", *rf.RF_MODES]      # the last ones: rectified-flow models
 KEEP_BEST_TOOLTIP = (
     "Null-text: per step, return the null embedding of the lowest loss evaluated instead of Adam's last one. Off = "
     "upstream (the last). Not upstream; meant for fp16/bf16 UNets, whose noisy gradients can leave the last Adam "
@@ -59,8 +59,8 @@ def sample_from_inversion(model, inv: Inversion, positive: list, negative: list,
     per step from the inversion (without nulls: ``negative`` as given). A noise mask on ``latent`` is applied as
     KSampler applies it, the inversion's trajectory standing for the noised image outside it (so outside the
     mask every row is the inverted image). Returns raw LATENT samples (rows, c, h, w)."""
-    if inv.extra.get(SOLVER_KEY, "euler") != "euler":
-        raise ValueError(f"{label}: this inversion was made with {inv.extra[SOLVER_KEY]!r} (NullTextInvert mode "
+    if inv.extra.get(rf.SOLVER_KEY, "euler") != "euler":
+        raise ValueError(f"{label}: this inversion was made with {inv.extra[rf.SOLVER_KEY]!r} (NullTextInvert mode "
                          f"{inv.mode!r}), and an edit must retrace it with the same solver; this editor steps with "
                          f"Euler, so invert with mode 'rf-euler' for it")
     steps = len(inv.sigmas) - 1
@@ -130,7 +130,8 @@ class NullTextInvert(io.ComfyNode):
                                 tooltip="Source prompt describing the image (the edits start from it)."),
                 io.Combo.Input("mode", options=MODES, default="null-text", tooltip=(
                     "null-text: official NTI (best reconstruction, about 10x the UNet calls of sampling at most, "
-                    "early stopping saves much of it); ddim: plain DDIM inversion (1x, poor at high guidance); "
+                    "early stopping saves much of it; on SD3-like CFG flow models with Euler in place of DDIM, refused "
+                    "on guidance-distilled Flux); ddim: plain DDIM inversion (1x, poor at high guidance); "
                     "negative-prompt: null = prompt (1x, no optimization). Rectified-flow models (Flux, SD3): "
                     "rf-euler: plain Euler inversion (N model evaluations for N steps); fireflow: FireFlow (Deng et "
                     "al. 2024), second order at N + 1 evaluations, far better reconstruction.")),
@@ -172,7 +173,7 @@ class NullTextInvert(io.ComfyNode):
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} is not one of {MODES}")
         refuse_noise_mask("NullTextInvert", latent)
-        check_mode_fits("NullTextInvert", model, mode)
+        rf.check_mode_fits("NullTextInvert", model, mode)
         optimize = mode == "null-text"
         if optimize:
             check_guidance("NullTextInvert", model, guidance)
@@ -185,10 +186,11 @@ class NullTextInvert(io.ComfyNode):
         null0 = fit_context(empty[0][0], common_length([encoded[0][0], empty[0][0]]))
         cond = fit_context(encoded[0][0], null0.shape[1])
         sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).cpu()
-        if is_flow_model(model):
-            inv, out = rf_inversion(model, mode, prompt, guidance, sigmas, raw, cond,
-                                    rows_conditioning("NullTextInvert", base, encoded, [encoded]),
-                                    mark_text(null_cond, "negative"))
+        flow = rf.is_flow_model(model)
+        if flow and mode in rf.RF_MODES:
+            inv, out = rf.rf_inversion(model, mode, prompt, guidance, sigmas, raw, cond,
+                                       rows_conditioning("NullTextInvert", base, encoded, [encoded]),
+                                       mark_text(null_cond, "negative"))
             inv.extra.update(positive=base, negative=null_cond)
             return io.NodeOutput(inv, {"samples": out})
         m = model.clone()
@@ -202,7 +204,8 @@ class NullTextInvert(io.ComfyNode):
         def loop(ev):
             dev = ev.device
             x, c, n0, sig = x0.to(dev), cond.to(dev), null0.to(dev), sigmas.to(dev)
-            traj = ddim_invert(ev.eps("positive"), x, sig, c, on_step=tick)       # what a capture records
+            traj = (rf.cond_euler_inversion(ev, x, sig, rf.sigma_floor(m), tick) if flow     # what a capture records
+                    else ddim_invert(ev.eps("positive"), x, sig, c, on_step=tick))
             eps_c, eps_n = ev.eps("positive", quiet=True), ev.eps("negative", quiet=True)
             counts = {"forward": steps, "backward": 0}
             if optimize:
@@ -238,6 +241,8 @@ class NullTextInvert(io.ComfyNode):
                         unet_backward=res["counts"]["backward"])
         mse = float(((res["rec"].cpu() - x0.cpu()) ** 2).mean())
         inv.extra[IDENTITY_KEY] = identify(model)               # checked by the editors (model_identity.py)
+        if flow:
+            inv.extra[rf.SOLVER_KEY] = "euler"
         inv.extra.update(positive=base, negative=null_cond, reconstruction_mse=mse)
         logger.info("NullTextInvert (%s, %d steps): UNet forward %d, backward %d, reconstruction MSE %.2e, %.1f s",
                     mode, steps, inv.unet_forward, inv.unet_backward, mse, time.time() - t0)

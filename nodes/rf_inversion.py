@@ -54,17 +54,30 @@ def check_mode_fits(node: str, model, mode: str) -> None:
     if is_flow_model(model):
         if mode in RF_MODES:
             return
-        if mode == "null-text" and is_guidance_distilled(model):
+        if mode == "null-text" and not is_guidance_distilled(model):
+            return                     # Euler inversion with the prompt, then the null optimization (docstring)
+        if mode == "null-text":
             raise ValueError(
                 f"{node}: mode 'null-text' optimizes the null (unconditional) embedding of classifier-free guidance, "
                 f"but this MODEL is guidance-distilled (Flux dev: the guidance value is an input of the transformer, "
                 f"set by FluxGuidance, and it samples at cfg 1 with no unconditional branch), so there is nothing to "
                 f"optimize; {FLOW_MODES_HINT}")
         raise ValueError(f"{node}: mode {mode!r} is a DDIM method for noise-predicting (eps/v) models, but this MODEL "
-                         f"is a rectified-flow model (model_sampling {sampling}); {FLOW_MODES_HINT}")
+                         f"is a rectified-flow model (model_sampling {sampling}); {FLOW_MODES_HINT}, or 'null-text' "
+                         f"on a flow model with classifier-free guidance (SD3)")
     if mode in RF_MODES:
         raise ValueError(f"{node}: mode {mode!r} inverts rectified-flow models (Flux, SD3), but this MODEL's "
                          f"model_sampling is {sampling}; use 'null-text', 'ddim' or 'negative-prompt'")
+
+
+def cond_euler_inversion(ev, x0: torch.Tensor, sigmas: torch.Tensor, floor: float, on_step=None) -> list:
+    """Null-text's inversion on a CFG flow model (SD3, ShapesWorld-Flow): Euler up the sigmas with the prompt's
+    velocity alone, as NTI's DDIM inversion uses the prompt alone (guidance 1); the null optimization and the
+    reconstruction then step with Euler too (``ddim_step`` in sigma space is the Euler step of a CONST model, whose
+    eps (x - x0) / sigma is the velocity). Not upstream (NTI has no flow version); its loss keeps the DDIM latent
+    weighting 1 / (1 + sigma^2). Trajectory as ``rf_invert``'s."""
+    v = velocity_from_denoiser(lambda x, s: ev.x0(x, s, ev.conds("positive"), None)[0], floor)
+    return rf_invert(v, x0, sigmas, "euler", on_step=on_step)
 
 
 def sigma_floor(model) -> float:

@@ -61,6 +61,32 @@ def reconstruction_psnr(model, images: int, steps: list[int], cfg: float) -> dic
     return out
 
 
+def null_text_psnr(model, images: int, steps: int, cfg: float) -> dict:
+    """Null-text on a CFG flow model, as the node runs it there (nodes/rf_inversion.py ``cond_euler_inversion``):
+    Euler inversion with the prompt alone, then NTI's per-step null optimization (attention/inversion.py, official
+    settings) with Euler steps. Mean / min PSNR (dB) and model rows forward / backward per image."""
+    from ..inversion import NullTextSettings, null_text_optimize
+    floor = table_sigma_min(model.shift)
+    model.transformer.requires_grad_(False)
+    sig, vals, fwd, bwd, t0 = model.sigmas(steps), [], 0, 0, time.time()
+    for sc in scenes(images, model.size):
+        with torch.no_grad():
+            (ctx, pooled), (null, pooled_u) = model.encode([sc.caption]), model.encode([""])
+
+        def eps(pool):
+            return lambda x, s, c: model.velocity(x, s.reshape(-1)[:1].expand(len(x)), (c, pool))
+        x0 = sc.image.unsqueeze(0).to(model.device) * 2 - 1
+        traj = rf_invert(velocity_from_denoiser(model.denoiser((ctx, pooled)), floor), x0, sig, "euler")
+        with torch.enable_grad():
+            _, counts, rec = null_text_optimize(eps(pooled), traj, sig, ctx, null, NullTextSettings(guidance=cfg),
+                                                eps_null=eps(pooled_u))
+        vals.append(psnr(((rec.detach() + 1) / 2).clamp(0, 1), sc.image.unsqueeze(0).to(model.device)))
+        fwd, bwd = fwd + steps + counts["forward"] + steps, bwd + counts["backward"]     # + inversion, + rec
+    return {"steps": steps, "psnr_db": round(sum(vals) / len(vals), 2), "min_psnr_db": round(min(vals), 2),
+            "forward_rows_per_image": fwd / images, "backward_rows_per_image": bwd / images,
+            "seconds_per_image": round((time.time() - t0) / images, 2)}
+
+
 def build_parser():
     p = cli.parser(__doc__, "attention.shapesworld.rf_inversion_figures")
     p.add_argument("--weights", type=cli.existing_file, default=None, metavar="FILE",
@@ -70,6 +96,9 @@ def build_parser():
                    help="FireFlow step counts n (Euler gets n + 1: the same model evaluations)")
     p.add_argument("--cfg", type=cli.float_range(0), default=1.0,
                    help="CFG scale of both directions (>= 0; 1 = conditional only, upstream's Flux guidance 1)")
+    p.add_argument("--null-text-steps", type=cli.int_range(0), default=0,
+                   help="also null-text (Euler inversion + NTI's null optimization) with this many steps; needs "
+                        "--cfg > 1 (0 = skip)")
     p.add_argument("--threads", type=cli.int_range(1), default=None, help="torch CPU threads (default: torch's)")
     return p
 
@@ -77,6 +106,9 @@ def build_parser():
 def main(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
+    if args.null_text_steps and args.cfg <= 1:
+        p.error(f"argument --null-text-steps: null-text needs --cfg > 1 (got {args.cfg}): at cfg 1 the null "
+                f"embedding has no effect")
     if args.threads:
         torch.set_num_threads(args.threads)
     from .flow_model import DEFAULT_FLOW_WEIGHTS, FlowWeightsError, ShapesWorldFlowModel
@@ -90,6 +122,9 @@ def main(argv=None):
     print(json.dumps({"weights": weights, "images": args.images,
                       "cfg": args.cfg, "reconstruction": reconstruction_psnr(model, args.images, args.steps,
                                                                               args.cfg)}, indent=1), flush=True)
+    if args.null_text_steps:
+        print(json.dumps({"null-text": null_text_psnr(model, args.images, args.null_text_steps, args.cfg)},
+                         indent=1), flush=True)
 
 
 if __name__ == "__main__":
