@@ -9,6 +9,7 @@ inversion and the reconstruction alike.
 
 from __future__ import annotations
 
+import math
 import time
 
 import comfy.model_management as mm
@@ -114,7 +115,8 @@ def rf_inversion(model, mode: str, prompt: str, guidance: float, sigmas: torch.T
         res.update(trajectory=traj, rec=rec)
         return rec
     out = run_loop(m, positive, negative, guidance, sigmas, raw, loop)
-    rows = 1 if abs(guidance - 1.0) < 1e-9 else 2      # ComfyUI skips the unconditional rows at cfg 1
+    skip_uncond = math.isclose(guidance, 1.0) and not m.model_options.get("disable_cfg1_optimization", False)
+    rows = 1 if skip_uncond else 2                      # ComfyUI skips the unconditional rows at cfg 1
     forward = 2 * evaluations(solver, steps) * rows
     inv = Inversion(sigmas=sigmas.cpu(), trajectory=[t.detach().cpu() for t in res["trajectory"]], cond=cond.cpu(),
                     nulls=None, prompt=prompt, mode=mode, guidance=guidance, unet_forward=forward)
