@@ -111,7 +111,11 @@ def main(argv=None):
                 f"embedding has no effect")
     if args.threads:
         torch.set_num_threads(args.threads)
-    from .flow_model import DEFAULT_FLOW_WEIGHTS, FlowWeightsError, ShapesWorldFlowModel
+    try:
+        from .flow_model import DEFAULT_FLOW_WEIGHTS, FlowWeightsError, ShapesWorldFlowModel
+    except ImportError as e:
+        p.error(f"this checkout has no ShapesWorld-Flow model ({e}); it comes with attention/shapesworld/flow_model.py "
+                f"(issue 28's ShapesWorld-Flow): merge it, or run from a checkout that has it")
     try:
         model = ShapesWorldFlowModel(args.weights) if args.weights else ShapesWorldFlowModel()
     except FlowWeightsError as e:
