@@ -26,12 +26,13 @@ from .guided import add_full_load, mark_text, noise_mask_of, refuse_noise_mask, 
 from .model_identity import IDENTITY_KEY, identify
 from .unet_calls import common_length, fit_context
 
-MODES = ["null-text", "ddim", "negative-prompt", *rf.RF_MODES]      # the last ones: rectified-flow models
+MODES = ["null-text", "ddim", "negative-prompt"]
 KEEP_BEST_TOOLTIP = (
     "Null-text: per step, return the null embedding of the lowest loss evaluated instead of Adam's last one. Off = "
     "upstream (the last). Not upstream; meant for fp16/bf16 UNets, whose noisy gradients can leave the last Adam "
     "step worse than an earlier one. Measured in fp16 on ShapesWorld (2 images, 20 steps): 28.19 dB "
     "reconstruction PSNR either way, no gain (python -m attention.shapesworld.null_precision).")
+MODES += list(rf.RF_MODES)          # rectified-flow models (Flux, SD3): nodes/rf_inversion.py
 
 
 def source_latent(latent, image, vae) -> torch.Tensor:
@@ -59,13 +60,13 @@ def sample_from_inversion(model, inv: Inversion, positive: list, negative: list,
     per step from the inversion (without nulls: ``negative`` as given). A noise mask on ``latent`` is applied as
     KSampler applies it, the inversion's trajectory standing for the noised image outside it (so outside the
     mask every row is the inverted image). Returns raw LATENT samples (rows, c, h, w)."""
+    steps = len(inv.sigmas) - 1
+    neg = mark_text(inv.extra["negative"], "negative") if inv.nulls is not None else negative
+    mask = noise_mask_of(latent)
     if inv.extra.get(rf.SOLVER_KEY, "euler") != "euler":
         raise ValueError(f"{label}: this inversion was made with {inv.extra[rf.SOLVER_KEY]!r} (NullTextInvert mode "
                          f"{inv.mode!r}), and an edit must retrace it with the same solver; this editor steps with "
                          f"Euler, so invert with mode 'rf-euler' for it")
-    steps = len(inv.sigmas) - 1
-    neg = mark_text(inv.extra["negative"], "negative") if inv.nulls is not None else negative
-    mask = noise_mask_of(latent)
     clean = model.model.process_latent_out(inv.trajectory[-1]).expand(rows, -1, -1, -1).clone()
     pbar = comfy.utils.ProgressBar(steps)
     logger.info("%s from an inversion (%d rows, %d steps%s)", label, rows, steps,
