@@ -13,6 +13,9 @@ self-attention map at one resolution (default 32x32); each noun's cross-attentio
 cluster's score for a noun is sum(A * M) / sum(M) over the cluster mask M, and the cluster
 takes the best noun when its score exceeds the threshold, else it is background.
 
+On DiT models (Flux, SD3) the self- and cross-attention maps are the image rows of the joint attention
+(``joint.py``); every block has the image token grid's size.
+
 Shapes: self_attn (n, n) with n = h*w pixels of the map (the latent's aspect, e.g. 16x24); word_maps
 (words, h', w') -> resized to (words, h, w).
 """
@@ -92,12 +95,13 @@ def label_clusters(labels: torch.Tensor, word_maps: torch.Tensor, threshold: flo
 
 def cluster_store(store: AttentionStore, positions: list[tuple[int, ...]], item: int, n_clusters: int,
                   threshold: float, self_size: tuple[int, int], cross_size: tuple[int, int],
-                  seed: int = 1) -> Clustering:
-    """Cluster batch ``item``'s self-attention at ``self_size``, labelled by the words at ``cross_size``."""
+                  seed: int = 1, labels_from: bool | str = True) -> Clustering:
+    """Cluster batch ``item``'s self-attention at ``self_size``, labelled by the words at ``cross_size``
+    (``labels_from="concept"``: by the store's ConceptAttention maps, ``positions`` being concept indices)."""
     n = self_size[0] * self_size[1]
     labels = cluster_self_attention(store.aggregate(self_size, cross=False)[item].reshape(n, n), n_clusters, seed,
                                     tuple(self_size))
-    return label_clusters(labels, word_maps(store, positions, cross_size, item).cpu(), threshold)
+    return label_clusters(labels, word_maps(store, positions, cross_size, item, labels_from).cpu(), threshold)
 
 
 def cluster_colours(labels: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,7 @@ class AttnContext:
     step: int | None            # index into the sampling schedule, from the sigma
     n_steps: int | None         # number of steps of the schedule
     extra: dict = field(default_factory=dict, repr=False)  # the raw extra_options
+    joint: object | None = None  # DiT joint attention: the call's ``joint.JointLayout`` (None on UNet layers)
 
     def rows(self, kind: int) -> list[tuple[int, int]]:
         """(row in the attention batch, batch item) for every row of ``kind`` (0 cond, 1 uncond)."""
@@ -67,14 +68,26 @@ def step_from_sigma(sigma: float, sample_sigmas: torch.Tensor | None) -> tuple[i
     return min(i, n - 1), n
 
 
-def context_from_extra_options(extra_options: dict, is_cross: bool, q: torch.Tensor) -> AttnContext:
-    """Translate ComfyUI's per-block ``extra_options`` into an ``AttnContext``."""
-    layer = LayerId.from_extra_options(extra_options)
+def batch_and_step(extra_options: dict, rows: int) -> tuple[list[int], int, float | None, int | None, int | None]:
+    """(cond_or_uncond, items, sigma, step, n_steps) of a call of ``rows`` attention-batch rows."""
     cou = list(extra_options.get("cond_or_uncond") or [0])
-    rows = q.shape[0]
     items = max(rows // max(len(cou), 1), 1)
     if items * len(cou) != rows:  # a caller that did not describe its batch: treat all rows as cond
         cou, items = [0], rows
+    sig = extra_options.get("sigmas")
+    sigma = float(sig.flatten()[0]) if isinstance(sig, torch.Tensor) and sig.numel() else None
+    step, n_steps = (None, None)
+    if sigma is not None:
+        step, n_steps = step_from_sigma(sigma, extra_options.get("sample_sigmas"))
+    return cou, items, sigma, step, n_steps
+
+
+def context_from_extra_options(extra_options: dict, is_cross: bool, q: torch.Tensor,
+                               heads: int | None = None) -> AttnContext:
+    """Translate ComfyUI's per-block ``extra_options`` (or the ``transformer_options`` an attention override gets,
+    with ``heads``) into an ``AttnContext``."""
+    layer = LayerId.from_extra_options(extra_options)
+    cou, items, sigma, step, n_steps = batch_and_step(extra_options, q.shape[0])
     nq = q.shape[1]
     h = w = None
     act = extra_options.get("activations_shape")
@@ -90,11 +103,6 @@ def context_from_extra_options(extra_options: dict, is_cross: bool, q: torch.Ten
             h = w = int(round(nq ** 0.5))
             if h * w != nq:
                 h, w = 1, nq
-    sig = extra_options.get("sigmas")
-    sigma = float(sig.flatten()[0]) if isinstance(sig, torch.Tensor) and sig.numel() else None
-    step, n_steps = (None, None)
-    if sigma is not None:
-        step, n_steps = step_from_sigma(sigma, extra_options.get("sample_sigmas"))
-    return AttnContext(layer=layer, is_cross=is_cross, height=h, width=w,
-                       heads=int(extra_options["n_heads"]), cond_or_uncond=cou, items=items,
-                       sigma=sigma, step=step, n_steps=n_steps, extra=extra_options)
+    heads = int(extra_options["n_heads"] if heads is None else heads)
+    return AttnContext(layer=layer, is_cross=is_cross, height=h, width=w, heads=heads, cond_or_uncond=cou,
+                       items=items, sigma=sigma, step=step, n_steps=n_steps, extra=extra_options)

@@ -10,11 +10,13 @@ A controller sees each attention call of the layers it is installed on, with q, 
                   they are computed explicitly in query chunks and every such
                   controller's ``edit_probs`` runs on each chunk in order (readers
                   observe the edited result); otherwise the fast attention function
-                  (or the patch that was on the layer before us) produces the output
+                  (or another pack's attention that was on the layer before us) produces the output
                   and read-only controllers (``edits_probs = False``, e.g. capture)
                   get the probabilities of just the rows they ask for through
                   ``observe_probs`` - so a capture never changes the output;
 3. ``edit_output`` a last look at the (b, n, h*d) output before ``to_out``.
+
+How the controllers reach a model's attention calls: ``hook.py`` (UNets) and ``joint.py`` (DiT models).
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from .context import AttnContext, context_from_extra_options
-from .explicit import attention_with_probs, probs_chunks, sdpa_attention
+from .context import AttnContext
+from .explicit import attention_with_probs, probs_chunks
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
@@ -54,9 +56,17 @@ class AttentionController:
         return out
 
 
-def run_attention(q, k, v, ctx: AttnContext, controllers: Sequence[AttentionController],
-                  base: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """Run one attention call through ``controllers``; ``base(q, k, v)`` is the fast path."""
+QKVFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def run_attention(q, k, v, ctx: AttnContext, controllers: Sequence[AttentionController], base: QKVFn,
+                  plain: QKVFn | None = None) -> torch.Tensor:
+    """Run one attention call through ``controllers``; ``base(q, k, v)`` is the fast path.
+
+    ``plain(q, k, v)``: plain attention, given when ``base`` is another pack's attention (its replace function or
+    override). A call on which a controller edits probabilities then returns ``edited + (base - plain)``: the
+    other pack's contribution is kept as its difference to plain attention (exact when it adds a term, as
+    IPAdapter-style packs do)."""
     for c in controllers:
         q, k, v = c.edit_qkv(q, k, v, ctx)
     active = [c for c in controllers if c.wants_probs(ctx)]
@@ -72,6 +82,8 @@ def run_attention(q, k, v, ctx: AttnContext, controllers: Sequence[AttentionCont
                 c.observe_probs(probs, ctx, sl, all_rows)
             return probs
         out = attention_with_probs(q, k, v, ctx.heads, hook)
+        if plain is not None:
+            out = out + (base(q, k, v) - plain(q, k, v))
     else:
         out = base(q, k, v)
         if readers:
@@ -96,47 +108,3 @@ def _observe(q, k, ctx: AttnContext, readers: list[AttentionController]) -> None
         for sl, probs in probs_chunks(qs, ks, ctx.heads):
             for c in readers:
                 c.observe_probs(probs, ctx, sl, rows)
-
-
-class ControlledAttention:
-    """An attn1/attn2 replace patch with ComfyUI's signature ``fn(q, k, v, extra_options)``.
-
-    ``previous`` is the replace patch that was on this layer before (another pack's); it
-    stays the fast path, so stacking packs keeps both effects unless one of our
-    controllers needs explicit probabilities on that call. ``attention_fn(q, k, v, heads)``
-    is the fast kernel (ComfyUI's optimized attention inside ComfyUI, SDPA outside).
-    Instances are immutable and survive ``copy.deepcopy`` of model options as themselves,
-    so a store reached through them stays the one the user wired.
-    """
-
-    def __init__(self, controllers: Sequence[AttentionController], is_cross: bool,
-                 previous: Callable | None = None, attention_fn: AttentionFn | None = None):
-        self.controllers = tuple(controllers)
-        self.is_cross = is_cross
-        self.previous = previous
-        self.attention_fn = attention_fn or sdpa_attention
-
-    def __deepcopy__(self, memo):
-        return self
-
-    def with_controller(self, controller: AttentionController) -> "ControlledAttention":
-        return ControlledAttention(self.controllers + (controller,), self.is_cross,
-                                   self.previous, self.attention_fn)
-
-    def __call__(self, q, k, v, extra_options):
-        ctx = context_from_extra_options(extra_options, self.is_cross, q)
-        if self.previous is not None:
-            prev = self.previous
-            base = lambda q_, k_, v_: prev(q_, k_, v_, extra_options)  # noqa: E731
-        else:
-            fn, heads = self.attention_fn, ctx.heads
-            base = lambda q_, k_, v_: fn(q_, k_, v_, heads)  # noqa: E731
-        return run_attention(q, k, v, ctx, self.controllers, base)
-
-
-def chain_patch(existing: Callable | None, controller: AttentionController, is_cross: bool,
-                attention_fn: AttentionFn | None = None) -> ControlledAttention:
-    """The patch to install on a layer that currently has ``existing`` (ours, foreign or none)."""
-    if isinstance(existing, ControlledAttention):
-        return existing.with_controller(controller)
-    return ControlledAttention((controller,), is_cross, previous=existing, attention_fn=attention_fn)

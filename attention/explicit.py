@@ -72,3 +72,20 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int
     out = torch.nn.functional.scaled_dot_product_attention(
         split_heads(q, heads), split_heads(k, heads), split_heads(v, heads))
     return out.transpose(1, 2).reshape(b, n, -1)
+
+
+def sdpa_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mask: torch.Tensor | None = None,
+                attn_precision=None, skip_reshape: bool = False, skip_output_reshape: bool = False,
+                **kwargs) -> torch.Tensor:
+    """ComfyUI's attention-function signature (``attention_pytorch``) on SDPA, for pure-torch models: q, k, v
+    (b, n, h*d), or (b, h, n, d) with ``skip_reshape``; output (b, n, h*d), or (b, h, n, d) with
+    ``skip_output_reshape``; ``mask`` bool (True = attend) or additive, broadcastable to (b, h, n, m)."""
+    if not skip_reshape:
+        q, k, v = split_heads(q, heads), split_heads(k, heads), split_heads(v, heads)
+    if mask is not None:
+        while mask.dim() < 4:
+            mask = mask.unsqueeze(0 if mask.dim() == 2 else 1)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if skip_output_reshape:
+        return out
+    return out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)

@@ -1,9 +1,11 @@
 """Layer ids taken from the model, and the parser for user layer selections.
 
-A layer is addressed the way ComfyUI's ``BasicTransformerBlock`` addresses it:
+A UNet layer is addressed the way ComfyUI's ``BasicTransformerBlock`` addresses it:
 ``(block kind, block number, depth inside the SpatialTransformer)``, e.g.
 ``("output", 3, 0)``. Ids come from what the model reports in ``extra_options``
 (``block``, ``block_index``, ``activations_shape``), never from counting calls.
+A DiT block is ``("double", i, 0)`` or ``("single", i, 0)`` as ComfyUI names it (``block_type``,
+``block_index``, ``patches_replace["dit"][("double_block", i)]``; SD3's joint blocks are "double").
 
 Selection syntax (comma separated, case insensitive):
     all             every attention layer
@@ -12,6 +14,8 @@ Selection syntax (comma separated, case insensitive):
     output.3-5      output blocks 3, 4 and 5
     output.0-2.1    depth 1 of output blocks 0..2 (SDXL blocks have depth > 1)
     middle          the middle block
+    double.15-18    DiT double (Flux) / joint (SD3) blocks 15..18
+    single          every single-stream block (Flux)
 """
 
 from __future__ import annotations
@@ -19,14 +23,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-BLOCK_KINDS = ("input", "middle", "output")
+BLOCK_KINDS = ("input", "middle", "output", "double", "single")
 
 
 @dataclass(frozen=True, order=True)
 class LayerId:
-    kind: str    # "input" | "middle" | "output"
-    number: int  # block number inside input_blocks / output_blocks (0 for middle)
-    depth: int   # transformer depth index inside the SpatialTransformer (block_index)
+    kind: str    # "input" | "middle" | "output" (UNet) | "double" | "single" (DiT)
+    number: int  # block number inside input_blocks / output_blocks (0 for middle); DiT: block_index
+    depth: int   # transformer depth index inside the SpatialTransformer (block_index); DiT: 0
 
     def __str__(self) -> str:
         return f"{self.kind}.{self.number}.{self.depth}"
@@ -52,7 +56,7 @@ class LayerSelectionError(ValueError):
     pass
 
 
-_TERM = re.compile(r"^(input|middle|output)(?:\.(\d+)(?:-(\d+))?)?(?:\.(\d+)(?:-(\d+))?)?$")
+_TERM = re.compile(r"^(input|middle|output|double|single)(?:\.(\d+)(?:-(\d+))?)?(?:\.(\d+)(?:-(\d+))?)?$")
 _RES = re.compile(r"^(\d+)(?:x(\d+))?$")
 
 
@@ -143,7 +147,7 @@ def _parse_term(term: str, text: str) -> _Term:
     if not m:
         raise LayerSelectionError(
             f"cannot parse layer selection term {term!r} in {text!r}; valid forms are 'all', "
-            f"'16' or '16x16', 'input.7', 'output.3-5', 'output.0-2.1', 'middle'")
+            f"'16' or '16x16', 'input.7', 'output.3-5', 'output.0-2.1', 'middle', 'double.15-18', 'single'")
     def rng(a, b):
         if a is None:
             return None

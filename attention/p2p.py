@@ -147,17 +147,17 @@ class P2PController(AttentionController):
         return ctx.height * ctx.width <= self.plan.self_max_tokens and in_window
 
     def replace_cross(self, base: torch.Tensor, edits: torch.Tensor) -> torch.Tensor:
-        """base (h, n, m), edits (k, h, n, m) -> (k, h, n, m) from the source's map."""
-        p = self.plan
+        """base (h, n, m), edits (k, h, n, m) -> (k, h, n, m) from the source's map (the plan's first k edits)."""
+        p, k = self.plan, edits.shape[0]
         out = edits.clone()
-        for b, kind in enumerate(p.kind):
+        for b, kind in enumerate(p.kind[:k]):
             if kind == "replace":
                 out[b] = torch.einsum("hpw,wn->hpn", base, p.replace[b].to(base))
             else:
                 a = p.refine_alphas[b].to(base)
                 out[b] = base[:, :, p.refine[b].to(base.device)] * a + edits[b] * (1 - a)
         if p.equalizer is not None:
-            out = out * p.equalizer.to(base)[:, None, None, :]
+            out = out * p.equalizer[:k].to(base)[:, None, None, :]
         return out
 
     def edit_probs(self, probs, ctx: AttnContext, query_slice: slice):

@@ -80,7 +80,10 @@ class RegionalAttention:
     ``lengths``: the region prompts' token counts, in order (the global part is what precedes them).
     ``previous``: the replace patch the layer had (called per part), else ``attention_fn(q, k, v, heads)``.
     ``weight_cache``: a dict to keep the resized masks in, shared by patches built anew for the same masks.
+    Opaque to the pack's attention hook (``hook.OPAQUE_ATTR``): capture and P2P see the plain passes only.
     """
+
+    attention_lab_opaque = True
 
     def __init__(self, masks: torch.Tensor, lengths: list[int], previous: Callable | None = None,
                  attention_fn: Callable | None = None, weight_cache: dict | None = None):

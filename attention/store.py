@@ -5,10 +5,13 @@ of steps. Shapes:
     cross[layer]: (items, n, m)   n = h*w query pixels, m = text tokens (77*k)
     self[layer]:  (items, n, n)   only for layers with n <= self_max_tokens
     cross_heads[layer]: (items, heads, n, m)   only with ``keep_heads`` (MnM's injection mask needs the heads)
+    concepts[layer]: (items, n, C)   ConceptAttention maps of C concepts (DiT double blocks, ``concept_attention``)
 Maps are averaged over heads, over the calls in the step range and over the positive
 conditioning chunks (several positive entries are averaged together). Only chunks of the full frame are
 recorded: an area entry, which ComfyUI evaluates on a crop of the latent, is left out, and where the run marks
-a node's own prompt entries only those count (``chunks.visible``).
+a node's own prompt entries only those count (``chunks.visible``). On DiT blocks the cross and self maps are
+the image queries' rows of the joint softmax over the text and image-grid keys (``joint.py``).
+Reading methods take ``cross``: True (cross maps), False (self maps) or "concept" (concept maps).
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ class StoreConfig:
     step_end: float = 1.0              # fraction of the schedule, exclusive
     device: str = "cpu"                # where the sums live
     keep_heads: bool = False           # also sum cross maps per head, for layers with n <= self_max_tokens
+    concepts: tuple[str, ...] = ()     # ConceptAttention concept names (DiT double blocks)
+    concept_embeddings: torch.Tensor | None = None   # (C, context width): each concept's token, encoded alone
 
 
 class AttentionStore(AttentionController):
@@ -64,6 +69,7 @@ class AttentionStore(AttentionController):
             self.cross: dict[LayerId, _Accum] = {}
             self.self_: dict[LayerId, _Accum] = {}
             self.cross_heads: dict[LayerId, _Accum] = {}
+            self.concepts: dict[LayerId, _Accum] = {}
             self.steps_recorded: set[int] = set()
             self.n_steps: int | None = None
             self.items: int | None = None
@@ -96,11 +102,16 @@ class AttentionStore(AttentionController):
 
     @property
     def empty(self) -> bool:
-        return not self.cross and not self.self_
+        return not self.cross and not self.self_ and not self.concepts
 
     def nbytes(self) -> int:
         return sum(a.total.numel() * a.total.element_size()
-                   for d in (self.cross, self.self_) for a in d.values())
+                   for d in (self.cross, self.self_, self.concepts) for a in d.values())
+
+    def _table(self, cross) -> dict:
+        if cross == "concept":
+            return self.concepts
+        return self.cross if cross else self.self_
 
     # ------------------------------------------------------------------ controller
     def _in_range(self, ctx: AttnContext) -> bool:
@@ -109,6 +120,33 @@ class AttentionStore(AttentionController):
             return True
         c = self.config
         return c.step_start <= p < c.step_end or (c.step_end >= 1.0 and p >= c.step_start)
+
+    def records(self, ctx: AttnContext) -> bool:
+        """Whether this call is one the store records at all: positive rows, not a quiet helper call, in range."""
+        return 0 in visible(ctx).cond_or_uncond and not ctx.extra.get(QUIET_KEY) and self._in_range(ctx)
+
+    def wants_concepts(self, ctx: AttnContext) -> bool:
+        return bool(self.config.concepts) and self.records(ctx) and \
+            self.config.selection.matches(ctx.layer, ctx.height, ctx.width)
+
+    def observe_concepts(self, scores: torch.Tensor, ctx: AttnContext, rows: list[int]) -> None:
+        """Concept maps (len(rows), C, n) of the positive ``rows`` (all of them) of one DiT block call."""
+        ctx = visible(ctx)
+        cond = [r for r, _ in ctx.rows(0)]
+        pos = {r: i for i, r in enumerate(rows)}
+        got = scores.index_select(0, torch.tensor([pos[r] for r in cond], device=scores.device))
+        got = got.view(-1, ctx.items, *got.shape[1:]).sum(0).transpose(1, 2)       # (items, n, C)
+        with self._lock:
+            acc = self.concepts.get(ctx.layer)
+            if acc is None or acc.total.shape != got.shape:
+                acc = _Accum(torch.zeros(*got.shape, device=self.config.device), 0, ctx.height, ctx.width)
+                self.concepts[ctx.layer] = acc
+            acc.total += got.to(acc.total.device, torch.float32)
+            acc.count += len(cond) // ctx.items
+            if ctx.step is not None:
+                self.steps_recorded.add(ctx.step)
+                self.n_steps = ctx.n_steps
+            self.items = ctx.items
 
     def wants_probs(self, ctx: AttnContext) -> bool:
         c = self.config
@@ -171,13 +209,12 @@ class AttentionStore(AttentionController):
                 self.items = ctx.items
 
     # ------------------------------------------------------------------ reading
-    def layers(self, cross: bool = True) -> list[LayerInfo]:
-        src = self.cross if cross else self.self_
-        return [LayerInfo(lid, a.height, a.width) for lid, a in sorted(src.items())]
+    def layers(self, cross: bool | str = True) -> list[LayerInfo]:
+        return [LayerInfo(lid, a.height, a.width) for lid, a in sorted(self._table(cross).items())]
 
-    def layer_map(self, layer: LayerId, cross: bool = True) -> torch.Tensor:
-        """Mean map of one layer: (items, h*w, m)."""
-        acc = (self.cross if cross else self.self_)[layer]
+    def layer_map(self, layer: LayerId, cross: bool | str = True) -> torch.Tensor:
+        """Mean map of one layer: (items, h*w, m) (m: keys, or concepts)."""
+        acc = self._table(cross)[layer]
         return acc.total / max(acc.count, 1)
 
     def layer_heads(self, layer: LayerId) -> torch.Tensor | None:
@@ -185,10 +222,10 @@ class AttentionStore(AttentionController):
         acc = self.cross_heads.get(layer)
         return None if acc is None else acc.total / max(acc.count, 1)
 
-    def resolutions(self, cross: bool = True) -> list[tuple[int, int]]:
+    def resolutions(self, cross: bool | str = True) -> list[tuple[int, int]]:
         return sorted({(i.height, i.width) for i in self.layers(cross)}, reverse=True)
 
-    def aggregate(self, size: tuple[int, int] | None = None, cross: bool = True,
+    def aggregate(self, size: tuple[int, int] | None = None, cross: bool | str = True,
                   layers: set[LayerId] | None = None) -> torch.Tensor:
         """Average of the layers at ``size`` (all captured layers, resized to the largest, if None).
 
@@ -198,7 +235,8 @@ class AttentionStore(AttentionController):
         if size is not None:
             infos = [i for i in infos if (i.height, i.width) == tuple(size)]
         if not infos:
-            raise ValueError(f"no captured {'cross' if cross else 'self'}-attention layer at size {size}; "
+            what = "concept" if cross == "concept" else ("cross" if cross else "self")
+            raise ValueError(f"no captured {what}-attention layer at size {size}; "
                              f"captured sizes: {self.resolutions(cross)}")
         th, tw = size or max(((i.height, i.width) for i in infos), key=lambda s: s[0] * s[1])
         if not cross:  # self maps of different sizes have different key counts: never mix them
@@ -227,9 +265,10 @@ class AttentionStore(AttentionController):
 
 
 def word_maps(store: AttentionStore, positions: list[tuple[int, ...]], size: tuple[int, int] | None,
-              item: int = 0) -> torch.Tensor:
-    """Cross-attention of each word (mean over its tokens) at ``size``: (n_words, h, w)."""
-    agg = store.aggregate(size, cross=True)                          # (items, h, w, m)
+              item: int = 0, cross: bool | str = True) -> torch.Tensor:
+    """Cross-attention of each word (mean over its tokens) at ``size``: (n_words, h, w); with ``cross="concept"``
+    the concept maps, ``positions`` then being concept indices."""
+    agg = store.aggregate(size, cross=cross)                         # (items, h, w, m)
     if not 0 <= item < agg.shape[0]:
         raise IndexError(f"batch item {item} is out of range 0..{agg.shape[0] - 1} of the captured batch")
     m = agg.shape[-1]

@@ -19,12 +19,19 @@ through ``PromptWords``:
    over every 77-token chunk (chunk ``c`` position ``p`` is key ``c * chunk_len + p``, as ComfyUI
    concatenates long prompts).
 3. **Matching.** A user word or phrase is split the same way; it matches a run of consecutive prompt words
-   with the same case-folded text and the same token ids ("Tiger" matches "tiger" for CLIP, which
-   lower-cases; never part of a word: "cat" does not match "bobcat" or "cats").
+   with the same case-folded text ("Tiger" matches "tiger": for CLIP, which lower-cases, their ids are the same;
+   for T5's case-sensitive SentencePiece pieces the prompt's own pieces, "▁Tiger", are the keys); never part of
+   a word: "cat" does not match "bobcat" or "cats".
 4. **Unknown words** raise ``WordNotInPromptError`` naming the word, what it was for and the prompt's words.
+5. **Several text encoders in one context** (``ContextWords``): SD3 concatenates its CLIP-L/G part (77 tokens
+   per chunk) and its T5 part along the token axis; a word's keys are its positions in each part, offset by
+   where that part starts. A word found in no part is refused as in 4.
+
+SentencePiece (T5): a word alone tokenizes as it does after a space in the prompt ("▁cat"); a word glued to the
+preceding character ("cat,dog": "dog" without "▁") is not found and is refused by name, never mismatched.
 
 Pure Python; the caller passes the prompt's token chunks and a ``word -> token ids`` function (ComfyUI's
-tokenizer in ``nodes/common.py``, ShapesWorld's in ``attention/shapesworld``).
+tokenizers in ``nodes/common.py``, ShapesWorld's in ``attention/shapesworld``).
 """
 
 from __future__ import annotations
@@ -131,7 +138,46 @@ class Word:
     positions: tuple[int, ...]       # its global key positions in the prompt
 
 
-class PromptWords:
+class _Lookup:
+    """What every word list of a prompt answers: the positions of a phrase, or an error naming it."""
+
+    prompt: str
+
+    @property
+    def names(self) -> list[str]:
+        raise NotImplementedError
+
+    def occurrences(self, phrase: str) -> list[tuple[int, ...]]:
+        raise NotImplementedError
+
+    def _error(self, phrase: str, what: str) -> WordNotInPromptError:
+        return WordNotInPromptError(
+            f"{what} {phrase!r} is not in the prompt {self.prompt!r}; its words are {self.names} (matched "
+            f"ignoring case and (word:weight) emphasis, whole words only). Fix the word or the prompt.")
+
+    def contains(self, phrase: str) -> bool:
+        return bool(self.occurrences(phrase))
+
+    def positions(self, phrase: str, what: str = "word", occurrence: int | None = None) -> tuple[int, ...]:
+        """Key positions of ``phrase`` (all occurrences, or the ``occurrence``-th, 0-based).
+
+        Raises ``WordNotInPromptError`` naming the phrase, ``what`` it is for and the prompt's words."""
+        if not text_words(phrase):
+            raise WordNotInPromptError(f"{what} {phrase!r} has no word in it; give a word of the prompt "
+                                       f"{self.names}")
+        occ = self.occurrences(phrase)
+        if not occ:
+            raise self._error(phrase, what)
+        if occurrence is not None:
+            if not 0 <= occurrence < len(occ):
+                raise WordNotInPromptError(
+                    f"{what} {phrase!r} occurs {len(occ)} time(s) in the prompt; occurrence {occurrence} is out of "
+                    f"range 0..{len(occ) - 1}")
+            occ = [occ[occurrence]]
+        return tuple(p for o in occ for p in o)
+
+
+class PromptWords(_Lookup):
     """The words of one prompt with their token positions; ``positions``/``occurrences`` match user words.
 
     ``chunks``: the prompt's token ids per chunk as the model sees them (BOS, tokens, EOS, padding; a
@@ -161,46 +207,40 @@ class PromptWords:
     def names(self) -> list[str]:
         return [w.text for w in self.words]
 
-    def _error(self, phrase: str, what: str) -> WordNotInPromptError:
-        return WordNotInPromptError(
-            f"{what} {phrase!r} is not in the prompt {self.prompt!r}; its words are {self.names} (matched "
-            f"ignoring case and (word:weight) emphasis, whole words only). Fix the word or the prompt.")
-
     def occurrences(self, phrase: str) -> list[tuple[int, ...]]:
         """Key positions of every occurrence of ``phrase`` (one or more words), in order; [] when absent."""
-        want = [(w.casefold(), self.ids(w)) for w in text_words(phrase)]
-        if not want or any(not ids for _, ids in want):
+        want = [w.casefold() for w in text_words(phrase)]
+        if not want or any(not self.ids(w) for w in text_words(phrase)):
             return []
         n, out = len(want), []
         for i in range(len(self.words) - n + 1):
             run = self.words[i:i + n]
-            if all(w.text.casefold() == t and w.ids == ids for w, (t, ids) in zip(run, want)):
+            if all(w.text.casefold() == t for w, t in zip(run, want)):
                 out.append(tuple(p for w in run for p in w.positions))
         return out
 
-    def contains(self, phrase: str) -> bool:
-        return bool(self.occurrences(phrase))
 
-    def positions(self, phrase: str, what: str = "word", occurrence: int | None = None) -> tuple[int, ...]:
-        """Key positions of ``phrase`` (all occurrences, or the ``occurrence``-th, 0-based).
+class ContextWords(_Lookup):
+    """The words of one prompt over a context made of several encoders' parts: ``parts`` are (the part's
+    ``PromptWords``, the key offset where the part starts). Same interface as ``PromptWords``; an occurrence's
+    positions are its keys in every part."""
 
-        Raises ``WordNotInPromptError`` naming the phrase, ``what`` it is for and the prompt's words."""
-        if not text_words(phrase):
-            raise WordNotInPromptError(f"{what} {phrase!r} has no word in it; give a word of the prompt "
-                                       f"{self.names}")
-        occ = self.occurrences(phrase)
-        if not occ:
-            raise self._error(phrase, what)
-        if occurrence is not None:
-            if not 0 <= occurrence < len(occ):
-                raise WordNotInPromptError(
-                    f"{what} {phrase!r} occurs {len(occ)} time(s) in the prompt; occurrence {occurrence} is out of "
-                    f"range 0..{len(occ) - 1}")
-            occ = [occ[occurrence]]
-        return tuple(p for o in occ for p in o)
+    def __init__(self, prompt: str, parts: list[tuple[PromptWords, int]]):
+        self.prompt, self.parts = prompt, list(parts)
+
+    @property
+    def names(self) -> list[str]:
+        return max((pw.names for pw, _ in self.parts), key=len, default=[])
+
+    def occurrences(self, phrase: str) -> list[tuple[int, ...]]:
+        """Per occurrence (the most any part has), its keys in every part that has that occurrence."""
+        per_part = [[tuple(p + off for p in o) for o in pw.occurrences(phrase)] for pw, off in self.parts]
+        n = max((len(o) for o in per_part), default=0)
+        return [tuple(sorted(p for occ in per_part if i < len(occ) for p in occ[i])) for i in range(n)]
 
 
-def locate_words(pw: PromptWords, words_text: str, what: str = "word") -> tuple[list[str], list[tuple[int, ...]]]:
+def locate_words(pw: PromptWords | ContextWords, words_text: str,
+                 what: str = "word") -> tuple[list[str], list[tuple[int, ...]]]:
     """The words/phrases of a comma-separated list and their key positions in ``pw``'s prompt."""
     names = split_word_list(words_text)
     if not names:

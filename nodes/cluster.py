@@ -9,6 +9,7 @@ from ..attention import logger
 from ..attention.cluster import cluster_colours, cluster_store
 from ..attention.cluster import nearest_size as nearest_captured
 from ..attention.render import grid, upsample
+from .capture import MAP_KINDS, concept_positions, map_kind
 from .common import CATEGORY, AttentionStoreType, check_store_run, require_finished_store, word_positions
 
 
@@ -55,6 +56,9 @@ class SelfAttnCluster(io.ComfyNode):
                     "masks, and everything computed from them, stay put.")),
                 io.Int.Input("batch_index", default=0, min=0, max=4095, tooltip="Which image of the batch."),
                 io.Image.Input("image", optional=True, tooltip="If given, masks and picture take its size."),
+                io.Combo.Input("labels", options=list(MAP_KINDS), default=MAP_KINDS[0], optional=True, tooltip=(
+                    "Which maps label the clusters: the words' 'attention' maps, or the ConceptAttention maps of "
+                    "concepts given to Attention Capture on Flux ('words' then names those concepts).")),
             ],
             outputs=[
                 io.Mask.Output(display_name="word_masks", tooltip="One mask per word, in the order given."),
@@ -66,15 +70,17 @@ class SelfAttnCluster(io.ComfyNode):
 
     @classmethod
     def execute(cls, store, clip, prompt, words, samples, clusters, threshold, self_resolution,
-                cross_resolution, seed, batch_index, image=None) -> io.NodeOutput:
+                cross_resolution, seed, batch_index, image=None, labels=MAP_KINDS[0]) -> io.NodeOutput:
         require_finished_store(store)
         check_store_run(store, samples)
-        names, positions = word_positions(clip, prompt, words)
+        kind = map_kind(labels)
+        names, positions = concept_positions(store, words) if kind == "concept" else word_positions(clip, prompt, words)
         s_size = nearest_size(self_resolution, store.resolutions(cross=False), "self-attention")
-        c_size = nearest_size(cross_resolution, store.resolutions(cross=True), "cross-attention")
+        c_size = nearest_size(cross_resolution, store.resolutions(cross=kind),
+                              "concept" if kind == "concept" else "cross-attention")
         if not 0 <= batch_index < store.items:
             raise IndexError(f"batch_index {batch_index} is out of range 0..{store.items - 1} of the captured batch")
-        result = cluster_store(store, positions, batch_index, clusters, threshold, s_size, c_size, seed)
+        result = cluster_store(store, positions, batch_index, clusters, threshold, s_size, c_size, seed, kind)
         hw = tuple(image.shape[1:3]) if image is not None else tuple(samples["samples"].shape[-2:])
         masks = upsample(torch.stack([result.word_mask(i) for i in range(len(names))]), hw, "nearest")
         background = upsample(result.background_mask(), hw, "nearest")[None]

@@ -13,7 +13,6 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..attention import logger
-from ..attention.controller import ControlledAttention
 from ..attention.masks import check_aspect, mask_batch
 from ..attention.render import grid, upsample
 from ..attention.spatext import ExpandContext, RegionalAttention, region_weights
@@ -35,8 +34,6 @@ def spatial_options(model_options: dict, expand: ExpandContext, masks: torch.Ten
     attn2 = replace.setdefault("attn2", {})
     for lid in layers:
         prev = attn2.get((lid.kind, lid.number, lid.depth)) or attn2.get((lid.kind, lid.number))
-        if isinstance(prev, ControlledAttention):   # our own controllers (capture, P2P) see the plain passes only
-            prev = prev.previous
         attn2[(lid.kind, lid.number, lid.depth)] = RegionalAttention(masks, expand.lengths, prev, comfy_attention,
                                                                      weight_cache)
     to["patches"], to["patches_replace"] = patches, replace

@@ -144,6 +144,86 @@ def tiny_sdxl():
     return _tiny_unet(comfy.supported_models.SDXL, cfg, seed=1, std=0.02)
 
 
+def _randomize(module, seed: int, std: float) -> None:
+    """Seeded random weights for every parameter and floating buffer (e.g. MMDiT's position table)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for t in list(module.parameters()) + [b for b in module.buffers() if b.is_floating_point()]:
+            t.copy_((torch.randn(t.shape, generator=g) * std).to(t.dtype))
+
+
+FLUX_TXT = 32      # the tiny T5's width = the tiny Flux's context_in_dim
+FLUX_VEC = 64      # the tiny CLIP-L's width = the tiny Flux's vec_in_dim
+
+
+def tiny_flux(guidance_embed: bool = True, seed: int = 4):
+    """ComfyUI's own Flux class (2 double + 2 single blocks, 4 heads of 16, patch 2): Flux dev's layout
+    (guidance-distilled) or, with ``guidance_embed=False``, schnell's."""
+    import comfy.supported_models
+    cfg = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": FLUX_VEC,
+           "context_in_dim": FLUX_TXT, "hidden_size": 64, "mlp_ratio": 4.0, "num_heads": 4, "depth": 2,
+           "depth_single_blocks": 2, "axes_dim": [4, 6, 6], "theta": 10000, "patch_size": 2, "qkv_bias": True,
+           "guidance_embed": guidance_embed, "txt_ids_dims": []}
+    config = comfy.supported_models.Flux if guidance_embed else comfy.supported_models.FluxSchnell
+    return _tiny_unet(config, cfg, seed=seed, std=0.05)
+
+
+def tiny_sd3(x_block_self_attn: bool = False, seed: int = 5):
+    """ComfyUI's own MMDiT (SD3 layout: 2 joint blocks, hidden 128 = 2 heads of 64, patch 2, CLIP-L/G pooled
+    2048, a 4096-wide context); ``x_block_self_attn``: SD3.5 medium's extra image attention in block 0."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+    embedder = {"target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": 128}}
+    cfg = {"in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": 2, "adm_in_channels": 2048,
+           "context_embedder_config": embedder,
+           "pos_embed_max_size": 24, "num_patches": 24 * 24, "pos_embed_scaling_factor": None, "qk_norm": "rms",
+           "x_block_self_attn_layers": [0] if x_block_self_attn else []}
+    mc = comfy.supported_models.SD3(cfg)
+    mc.set_inference_dtype(torch.float32, None)
+    model = mc.get_model({})
+    _randomize(model.diffusion_model, seed, 0.05)
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+def _clip(tokenizer_class, model_class, opts: dict, seed: int, std: float = 0.02):
+    import comfy.sd
+    import comfy.supported_models_base
+    clip = comfy.sd.CLIP(target=comfy.supported_models_base.ClipTarget(tokenizer_class, model_class),
+                         model_options=opts)
+    _randomize(clip.cond_stage_model, seed, std)
+    return clip
+
+
+T5_TINY = {"d_model": FLUX_TXT, "d_kv": 8, "num_heads": 4, "d_ff": 64, "num_layers": 1}
+
+
+def tiny_flux_clip():
+    """Flux's text encoders from ComfyUI's classes and bundled tokenizers: CLIP-L (pooled vector) and a one-layer
+    T5 (the context), both tiny."""
+    import comfy.text_encoders.flux
+    opts = {"clip_l_model_config": {"hidden_size": FLUX_VEC, "intermediate_size": 64, "num_attention_heads": 2,
+                                    "num_hidden_layers": 2, "projection_dim": FLUX_VEC},
+            "t5xxl_model_config": T5_TINY}
+    return _clip(comfy.text_encoders.flux.FluxTokenizer, comfy.text_encoders.flux.flux_clip(dtype_t5=torch.float32),
+                 opts, seed=6)
+
+
+def tiny_sd3_clip(t5: bool = True):
+    """SD3's three text encoders from ComfyUI's classes and bundled tokenizers: CLIP-L/G (768 + 1280 wide, padded
+    to 4096) then a one-layer T5 (4096 wide, as the concatenation needs; kept in float16: its table is 32128 x
+    4096)."""
+    import comfy.text_encoders.sd3_clip
+    opts = {"clip_l_model_config": {"hidden_size": 768, "intermediate_size": 64, "num_attention_heads": 2,
+                                    "num_hidden_layers": 3, "projection_dim": 768},
+            "clip_g_model_config": {"hidden_size": 1280, "intermediate_size": 64, "num_attention_heads": 2,
+                                    "num_hidden_layers": 3, "projection_dim": 1280},
+            "t5xxl_model_config": {**T5_TINY, "d_model": 4096, "num_heads": 2}}
+    model = comfy.text_encoders.sd3_clip.sd3_clip(t5=t5, dtype_t5=torch.float16)
+    return _clip(comfy.text_encoders.sd3_clip.SD3Tokenizer, model, opts, seed=7)
+
+
 def tiny_clip(embedding_directory: str | None = None):
     """A 2-layer SD1 CLIP of width CTX; ``embedding_directory``: ComfyUI's embeddings folder (textual inversions
     named ``embedding:name`` in prompts), as CheckpointLoader passes it."""

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from attention.context import context_from_extra_options, step_from_sigma
-from attention.controller import AttentionController, ControlledAttention, chain_patch
-from attention.explicit import attention_with_probs, sdpa_attention
+from attention.controller import AttentionController
+from attention.explicit import attention_with_probs, sdpa_attention, sdpa_kernel
+from attention.hook import AttentionHook, Install, SlotProxy
 from attention.layers import LayerId, LayerInfo, LayerSelectionError, parse_layer_selection
 from attention.store import AttentionStore, StoreConfig, word_maps
 
@@ -50,39 +51,73 @@ class ProbsIdentity(AttentionController):
         return True
 
 
+LID = LayerId("output", 3, 0)
+
+
+def hooked(controllers, previous=None, slot="attn2"):
+    """The hook with ``controllers`` on output.3 (cross or self), and a caller that runs one attention call the way
+    ComfyUI's BasicTransformerBlock does: the slot marker, then the override around the kernel."""
+    hook = AttentionHook(previous=previous)
+    for c in controllers:
+        hook = hook.with_install(Install(c, frozenset([LID]), slot == "attn1", slot == "attn2"))
+    marker = hook.markers()[f"{slot}_patch"]
+
+    def call(q, k, v, to, kernel=sdpa_kernel):
+        marker(q, k, v, to)
+        return hook(kernel, q, k, v, 4, transformer_options=to, _inside_attn_wrapper=True)
+    return hook, call
+
+
 def test_identity_controllers_change_nothing():
     q, k, v = qkv(b=4, n=64)
     ref = sdpa_attention(q, k, v, 4)
     for c in (AttentionController(), ProbsIdentity()):
-        patch = ControlledAttention((c,), is_cross=True)
-        assert torch.allclose(patch(q, k, v, opts()), ref, atol=1e-5)
+        _, call = hooked([c])
+        assert torch.allclose(call(q, k, v, opts()), ref, atol=1e-5)
 
 
 def test_capture_rows_only_and_output_is_fast_path():
     q, k, v = qkv(b=4, n=64)
     store = AttentionStore()
     calls = []
-    def base(q_, k_, v_, extra):
+    def kernel(q_, k_, v_, heads, **kw):
         calls.append(q_.shape[0])
-        return sdpa_attention(q_, k_, v_, 4)
-    patch = chain_patch(base, store, True)
-    out = patch(q, k, v, opts(cou=(1, 0)))
-    assert calls == [4] and torch.allclose(out, sdpa_attention(q, k, v, 4))
+        return sdpa_attention(q_, k_, v_, heads)
+    _, call = hooked([store])
+    out = call(q, k, v, opts(cou=(1, 0)), kernel)
+    assert calls == [4] and torch.equal(out, sdpa_attention(q, k, v, 4))
     qh, kh = q.view(4, 64, 4, 8).transpose(1, 2), k.view(4, 77, 4, 8).transpose(1, 2)
     ref = (qh @ kh.transpose(-1, -2) / 8 ** 0.5).softmax(-1)[2:4].mean(1)  # cond rows, mean heads
-    assert torch.allclose(store.layer_map(LayerId("output", 3, 0)), ref, atol=1e-5)
+    assert torch.allclose(store.layer_map(LID), ref, atol=1e-5)
 
 
-def test_chain_keeps_foreign_patch_and_composes():
+def test_foreign_patch_and_override_stay_the_fast_path_and_compose():
     q, k, v = qkv(b=2, n=64)
-    foreign = lambda q, k, v, extra: torch.zeros_like(q)  # noqa: E731
-    p1 = chain_patch(foreign, AttentionController(), True)
-    assert torch.count_nonzero(p1(q, k, v, opts(cou=(0,)))) == 0  # foreign fast path kept
+    extra_term = torch.full_like(q, 0.25)
+    def foreign(q_, k_, v_, extra):     # an IPAdapter-style replace function: plain attention plus a term
+        return sdpa_attention(q_, k_, v_, 4) + extra_term
     store = AttentionStore()
-    p2 = chain_patch(p1, store, True)
-    assert p2.controllers[-1] is store and p2.previous is foreign and len(p2.controllers) == 2
+    hook, _ = hooked([store])
+    proxy = SlotProxy(foreign, hook, True)
+    out = proxy(q, k, v, opts(cou=(0,)))
+    assert torch.equal(out, foreign(q, k, v, None))          # readers only: their output, unchanged
+    assert torch.allclose(store.layer_map(LID).sum(-1), torch.ones(1, 64), atol=1e-5)
+    hook2, _ = hooked([ProbsIdentity()])                     # an editor: edited + (theirs - plain)
+    assert torch.allclose(SlotProxy(foreign, hook2, True)(q, k, v, opts(cou=(0,))), foreign(q, k, v, None),
+                          atol=1e-5)
+    seen = []
+    def previous(func, *args, **kwargs):                     # another override on the model
+        seen.append(kwargs["transformer_options"].get("attention_lab_inside"))
+        return func(*args, **kwargs) * 2
+    for c in (AttentionController(), ProbsIdentity()):
+        _, call = hooked([c], previous=previous)
+        assert torch.allclose(call(q, k, v, opts(cou=(0,))), 2 * sdpa_attention(q, k, v, 4), atol=1e-5)
+    assert seen == [True, True]    # called once as the fast path each, told that our hook is outside
     import copy
-    assert copy.deepcopy(p2) is p2 and copy.deepcopy(store) is store
+    assert copy.deepcopy(hook) is hook and copy.deepcopy(store) is store
+    hook3 = hook.with_install(Install(ProbsIdentity(), frozenset([LID]), False, True))
+    assert hook3.controllers(LID, True)[0] is store and len(hook3.controllers(LID, True)) == 2
+    assert hook3.controllers(LID, False) == () and hook3.tracker is hook.tracker
 
 
 def test_step_from_sigma():

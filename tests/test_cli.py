@@ -64,6 +64,8 @@ BAD = [
     ("benchmarks/capture_overhead_comfy.py", ["--size", "500"], "argument --size: 500 is out of range: give an "
                                                                 "integer >= 64, a multiple of 8"),
     ("benchmarks/editing_speed.py", ["--threads", "0"], "argument --threads: 0 is out of range: give an integer >= 1"),
+    ("benchmarks/dit_capture_overhead.py", ["--steps", "0"],
+     "argument --steps: 0 is out of range: give an integer >= 1"),
     ("benchmarks/shapesworld_speed.py", ["--weights", "missing.safetensors"],
      "argument --weights: missing.safetensors does not exist"),
     ("tools/build_workflows.py", ["--out", "README.md"], "argument --out: README.md is a file, not a folder"),

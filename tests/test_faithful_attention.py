@@ -1,6 +1,6 @@
 """Tier 1: the attention-side ports against the official formulas, written out here in our own words, on identical
-tensors that reach our code the way a sampling run does: through ``ControlledAttention`` (the patch the nodes
-install), the ``AttentionStore`` that accumulates what it sees, and the functions the nodes call on the store
+tensors that reach our code the way a sampling run does: through the pack's attention hook (the override the
+nodes install), the ``AttentionStore`` that accumulates what it sees, and the functions the nodes call on the store
 (docs/faithful-ports.md, issue 26). The official side computes its attention probabilities itself from the same
 q and k, so the store's accumulation is under test too.
 
@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from sklearn.cluster import KMeans
+from standins import through_hook
 
-from attention.controller import ControlledAttention
 from attention.p2p import P2PController, build_plan, self_replace_limit
 from attention.prompt_mixing import MixSettings, blend_labels, foreground, injection_masks
 from attention.schedule import simple_sigmas
@@ -37,7 +37,7 @@ def run_layer(controllers, is_cross, block, hw, q, k, v, step, heads):
     opts = {"block": block, "block_index": 0, "n_heads": heads, "cond_or_uncond": [1, 0],
             "sigmas": SIGMAS[step].reshape(1), "sample_sigmas": SIGMAS,
             "activations_shape": [q.shape[0], q.shape[-1], *hw]}
-    return ControlledAttention(tuple(controllers), is_cross)(q, k, v, opts)
+    return through_hook(controllers, is_cross, q, k, v, opts)
 
 
 def official_probs(q, k, heads):
@@ -96,6 +96,51 @@ def test_injection_mask_equals_upstream():
                                theirs)
 
 
+def test_injection_mask_layers_flat_maps_and_exact_thresholds_equal_upstream():
+    """The parts of ``mask_self_attn_patches`` the test above cannot see: flat maps (a large minimum, which the
+    min-max removes), the strict ``>`` at the ends of the range (threshold 0: the minimum's pixel is not a
+    word's; threshold 1: no pixel is), and which layers get a mask (every captured layer up to ``max_tokens``,
+    wherever it sits among bigger ones). Maps of a store without heads (one head: the mean)."""
+    g = torch.Generator().manual_seed(9)
+    heads, d, m = 2, 4, 6
+    store = AttentionStore(StoreConfig(self_max_tokens=32 * 32, keep_heads=False))
+    store.reset()
+    calls = {}
+    for block, hw in ((("input", 1), (8, 8)), (("output", 3), (4, 4))):
+        q = torch.randn(2, hw[0] * hw[1], heads * d, generator=g) * 0.3          # near-uniform attention
+        k = torch.randn(2, m, heads * d, generator=g)
+        run_layer([store], True, block, hw, q, k, torch.zeros(2, m, heads * d), 0, heads)
+        calls[block] = official_probs(q, k, heads)[1].mean(0, keepdim=True)     # cond row, heads averaged
+    store.finish()
+    small = [lid for lid in store.cross if lid.kind == "output"]
+    assert list(injection_masks(store, [(1,)], (2,), 0.5, 16)) == small          # 8x8 (64 tokens) skipped
+    cross = calls[("output", 3)]                                                   # (1, 16, m)
+    assert cross.min() > 0.05                                                      # flat: the min-max matters
+    lo, hi = int(cross.flatten().argmin() % m), int(cross.flatten().argmax() % m)   # tokens of the min, the max
+    for preserve, obj, threshold in (([(1,), (3,)], (2,), 0.5), ([(0,)], (5,), 0.2), ([(lo,)], (lo,), 0.0),
+                                     ([(hi,)], (hi,), 1.0), ([((lo + 1) % m,)], (lo,), 0.0)):
+        ours = injection_masks(store, preserve, obj, threshold, 16)[small[0]]
+        theirs = official_injection_mask(cross, [p[0] for p in preserve], obj[0], threshold)
+        assert torch.equal(ours, theirs), (preserve, obj, threshold)
+
+
+def test_blend_labels_default_nouns_names_and_refusals(model):
+    """``blend_labels`` called as a library function: the defaults are the node's (every noun, no background
+    noun), a listed ``nouns`` replaces the finder, each entry keeps its word, and a word not in the prompt is
+    refused saying what it was given as."""
+    pw = model.prompt_words(PROMPT)
+    assert blend_labels(pw, "circle") == blend_labels(pw, "circle", "", "")
+    assert blend_labels(pw, "circle").names == ["circle", "square", "background"]
+    listed = blend_labels(pw, "square", "circle", "square")
+    assert listed.names == ["circle", "square"] and listed.obj == 1 and listed.background == frozenset({1})
+    from attention.words import WordNotInPromptError
+    with pytest.raises(WordNotInPromptError, match="^object word 'hexagon' is not in the prompt"):
+        blend_labels(pw, "hexagon")
+    for nouns, bg in (("hexagon", ""), ("", "hexagon")):
+        with pytest.raises(WordNotInPromptError, match="^noun 'hexagon' is not in the prompt"):
+            blend_labels(pw, "circle", nouns, bg)
+
+
 # ----------------------------------------------------------------------------- MnM foreground at the blend
 def official_segments(self_attn: np.ndarray, k: int) -> np.ndarray:
     """``Segmentor.cluster``: np.random.seed(1), then KMeans(n_clusters, n_init=10) on the (n, n) map's rows."""
@@ -151,8 +196,11 @@ def test_blend_foreground_with_the_default_nouns_equals_upstream(model):
     q_s = feats[None].expand(2, -1, -1).contiguous()
     store = AttentionStore(StoreConfig(self_max_tokens=32 * 32, keep_heads=True))
     store.reset()
+    # a 2x2 cross layer where the circle is everywhere: upstream reads the 16x16 (here 4x4) layers only
+    q_mid = (torch.full((4, m), 0.01) + torch.eye(m)[3]).log()[None].expand(2, -1, -1).contiguous()
     for step in range(2):
         run_layer([store], True, ("output", 3), (r // 2, r // 2), q_c, k_c, torch.zeros(2, m, m), step, 1)
+        run_layer([store], True, ("middle", 0), (2, 2), q_mid, k_c, torch.zeros(2, m, m), step, 1)
         run_layer([store], False, ("input", 1), (r, r), q_s, q_s * 2, torch.zeros(2, r * r, 4), step, 1)
     store.finish()
     self_map = official_probs(q_s, q_s * 2, 1)[1, 0].numpy()
@@ -166,12 +214,21 @@ def test_blend_foreground_with_the_default_nouns_equals_upstream(model):
         ours = foreground(store, 0, labels.positions, s, labels.background, labels.obj)
         theirs = official_background_mask(clusters.reshape(r, r), cross, nltk_nouns, 3,
                                           [w.strip() for w in background_nouns.split(",") if w.strip()], 0.3)
-        assert np.array_equal(ours.numpy().astype(np.int64), theirs), background_nouns
+        assert ours.dtype == torch.float32 and np.array_equal(ours.numpy().astype(np.int64), theirs), background_nouns
         seen.add(int(theirs.sum()))
     assert len(seen) > 1                              # the background nouns change the mask on these maps
     # the former default (object word only) loses the other nouns' clusters to the blend
     only_obj = foreground(store, 0, [pw.positions("circle")], s, frozenset(), 0)
     assert only_obj.sum() < foreground(store, 0, labels.positions, s, frozenset(), labels.obj).sum()
+    # a store without self (or cross) maps is refused, naming which maps are missing
+    for cfg, what in ((StoreConfig(capture_self=False), "self-attention"), (StoreConfig(capture_cross=False),
+                                                                            "cross-attention")):
+        partial = AttentionStore(cfg)
+        partial.reset()
+        run_layer([partial], True, ("output", 3), (r // 2, r // 2), q_c, k_c, torch.zeros(2, m, m), 0, 1)
+        run_layer([partial], False, ("input", 1), (r, r), q_s, q_s * 2, torch.zeros(2, r * r, 4), 0, 1)
+        with pytest.raises(ValueError, match=f"^no {what} maps were captured"):
+            foreground(partial, 0, labels.positions, s, labels.background, labels.obj)
 
 
 # ----------------------------------------------------------------------------- P2P self-attention size limit
@@ -203,7 +260,7 @@ def test_self_attention_limit_is_16_generated_32_inverted_at_512px(model, invert
 
 # ----------------------------------------------------------------------------- P2P LocalBlend
 def test_local_blend_equals_upstream_mask():
-    """``LocalBlend`` (P2P Edit Sampler's after-step hook) on a store filled through ``ControlledAttention`` against
+    """``LocalBlend`` (P2P Edit Sampler's after-step hook) on a store filled through the hook (``through_hook``) against
     the null-text notebook's ``LocalBlend.get_mask`` / ``__call__``: each item's blend words' maps summed over the
     words, averaged over the 16x16-type layers and heads (ours: the store's mean over steps; upstream sums the
     steps, which the max-normalization cancels), 3x3 max-pool, nearest resize to the latent, divided by the max,
@@ -263,7 +320,7 @@ class _PassThroughEditor:
 
 
 def test_store_averages_equal_upstream_attention_store():
-    """``AttentionStore`` filled through ``ControlledAttention`` (two 8x8 cross layers, one of them next to an
+    """``AttentionStore`` filled through the hook (``through_hook``) (two 8x8 cross layers, one of them next to an
     editor, a 4x4 cross layer and an 8x8 self layer; three steps; a batch of two images) against upstream's
     ``AttentionStore.get_average_attention`` + ``aggregate_attention``: per layer the cond rows' probabilities summed
     over the steps and divided by their number, then the layers of one size concatenated on the head axis and

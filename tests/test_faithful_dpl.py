@@ -1,7 +1,7 @@
 """Tier 1: DPL's whole per-step loop (token updates on the cross-attention losses, then the null-text restart)
 against a transcription of the official ``__call__`` (wangkai930418/DPL ``pipelines/null_attend_textinv_pipeline.py``;
 no licence: described in our own words here) on a toy UNet whose one cross-attention layer runs through
-``ControlledAttention`` and the ``CrossMapRecorder`` the node installs (issue 26, docs/faithful-ports.md).
+the hook (``through_hook``) and the ``CrossMapRecorder`` the node installs (issue 26, docs/faithful-ports.md).
 
 Shape legend: x (1, 2, 4, 4) latent; context (1, m, d) with m = 6 tokens of width d = 8; maps (4, 4, m).
 """
@@ -11,12 +11,13 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
+from standins import through_hook
 
-from attention.controller import ControlledAttention
 from attention.dpl import DPL_SH, CrossMapRecorder, dpl_invert
-from attention.inversion import NullTextSettings, ddim_invert
+from attention.inversion import NullTextSettings, cfg_guide, ddim_invert
 from attention.schedule import sigma_to_t, simple_sigmas
 
 G = torch.Generator().manual_seed(11)
@@ -45,7 +46,7 @@ def our_eps(recorder):
         s = sigma.reshape(1)
         opts = {"block": ("output", 1), "block_index": 0, "n_heads": 1, "cond_or_uncond": [0],
                 "sigmas": s, "sample_sigmas": SIGMAS, "activations_shape": [1, 8, 4, 4]}
-        layer = lambda q, k, v: ControlledAttention((recorder,), True)(q, k, v, opts)   # noqa: E731
+        layer = lambda q, k, v: through_hook((recorder,), True, q, k, v, opts)   # noqa: E731
         return unet(x / (1 + s ** 2).sqrt(), sigma_to_t(s), context, layer)
     return eps
 
@@ -136,12 +137,28 @@ def test_dpl_token_and_null_loop_equals_the_official_call():
     eps = our_eps(recorder)
     traj = ddim_invert(eps, x0, SIGMAS, cond)
     nouns = [(1,), (3,)]
+    steps, inner, guided = [], [], []
+
+    def guide(x, sigma, c, e_c, nl):                  # the papers' guidance, noting the context it is given
+        guided.append(c)
+        return cfg_guide(eps, s.null.guidance)(x, sigma, c, e_c, nl)
     with torch.enable_grad():
         res = dpl_invert(eps, lambda p: p[0].clone(), [cond.clone()], recorder, [t.clone() for t in traj],
-                         SIGMAS.clone(), nouns, lambda size: seg, null.clone(), s)
+                         SIGMAS.clone(), nouns, lambda size: {(4, 4): seg}[tuple(size)], null.clone(), s, steps.append,
+                         lambda *a: inner.append(a), guide=guide)
     traj_z = [x * alphabar(sig).sqrt() for x, sig in zip(traj, SIGMAS)]
     conds, nulls, updates, z_end = official_dpl(traj_z, cond, null, seg, [1, 3], s)
     assert [u for *_, u in res.losses] == updates
+    # what the node shows: progress per step and per inner iteration, UNet calls, the time taken
+    n = len(SIGMAS) - 1
+    tries = [min(u + 1, s.attn_iters) for u in updates]            # token iterations: updates, then the break
+    assert steps == list(range(n))
+    assert inner == [a for i in range(n)
+                     for a in [(i, "tokens", j) for j in range(tries[i])] + [(i, "null", j) for j in range(3)]]
+    assert res.counts["forward"] == sum(tries) + n * (2 + 3) and res.counts["backward"] == sum(updates) + n * 3
+    assert 0 <= res.seconds < 600
+    assert len(guided) == n * (3 + 1)                  # each null iteration and the step, through the guide
+    assert all(g is not None and any(torch.equal(g, c) for c in res.conds) for g in guided)
     assert 0 < sum(updates) < s.attn_iters * len(updates) and min(updates) < s.attn_iters   # breaks and updates
     assert res.counts["token_updates"] == sum(updates) and res.map_size == (4, 4)
     for i, (ours, theirs) in enumerate(zip(res.conds, conds)):
@@ -149,3 +166,64 @@ def test_dpl_token_and_null_loop_equals_the_official_call():
     for i, (ours, theirs) in enumerate(zip(res.nulls, nulls)):
         assert torch.allclose(ours, theirs, atol=1e-6), i
     assert torch.allclose(res.reconstruction, z_end, atol=1e-6)
+
+
+@pytest.mark.parametrize("wanted, chosen", [((4, 6), (4, 6)), ((3, 5), (4, 6)), ((6, 6), (4, 6)), ((7, 12), (8, 12)),
+                                            ((12, 7), (8, 12)), ((1, 1), (2, 3))])
+def test_recorder_takes_the_layers_nearest_the_wanted_size(wanted, chosen):
+    """Upstream reads the 16x16 layers (``aggregate_attention(res=16)``: the mean over those layers and heads of
+    the cond row); on a model without that size the recorder takes the size of nearest area (ties: the larger)
+    and averages the cond row's head-averaged maps of its layers."""
+    from test_faithful_attention import official_probs, run_layer
+    g = torch.Generator().manual_seed(13)
+    heads, m = 2, 5
+    recorder = CrossMapRecorder(wanted)
+    recorder.armed = True
+    want = {}
+    for n, hw in enumerate([(8, 12), (4, 6), (4, 6), (2, 3)]):
+        q = torch.randn(2, hw[0] * hw[1], heads * 4, generator=g) * 2
+        k = torch.randn(2, m, heads * 4, generator=g)
+        run_layer([recorder], True, ("output", n), hw, q, k, torch.zeros(2, m, heads * 4), 1, heads)
+        want.setdefault(hw, []).append(official_probs(q, k, heads)[1].mean(0))      # cond row, heads averaged
+    maps = recorder.take()
+    assert recorder.size == chosen and not recorder.armed
+    assert torch.allclose(maps, torch.stack(want[chosen]).mean(0).reshape(*chosen, m), atol=1e-6)
+
+
+def test_recorder_without_cross_attention_is_refused():
+    with pytest.raises(RuntimeError, match="^no cross-attention was recorded: the model has no cross-attention "
+                                           "layers reachable through ComfyUI's attn2 patches$"):
+        CrossMapRecorder((4, 4)).take()
+
+
+def _toy_run(s, nouns, with_seg):
+    g = torch.Generator().manual_seed(12)
+    x0 = torch.randn(1, 2, 4, 4, generator=g, dtype=torch.float64)
+    cond = torch.randn(1, 6, 8, generator=g, dtype=torch.float64)
+    null = torch.randn(1, 6, 8, generator=g, dtype=torch.float64) * 0.3
+    seg = torch.zeros(4, 4, dtype=torch.float64)
+    seg[:, :2] = 1
+    recorder = CrossMapRecorder((4, 4))
+    eps = our_eps(recorder)
+    traj = ddim_invert(eps, x0, SIGMAS, cond)
+    with torch.enable_grad():
+        return dpl_invert(eps, lambda p: p[0].clone(), [cond.clone()], recorder, traj, SIGMAS.clone(), nouns,
+                          (lambda size: seg) if with_seg else None, null.clone(), s)
+
+
+def test_losses_that_do_not_run_change_nothing():
+    """``active_losses`` in the loop: with one noun L_at and L_dj neither run nor weigh (the paper); without a
+    background mask L_bg's weight is irrelevant. The token loop runs from attn_iters 2 (upstream: ``> 1``) and
+    each step keeps the maps of its last token update."""
+    base = dataclasses.replace(DPL_SH, attn_iters=2, lam_at=1.0, lam_bg=1.0, lam_dj=1.0, alpha_at=2.0, beta_at=0.05,
+                               alpha_bg=2.0, beta_bg=0.05, alpha_dj=2.0, beta_dj=0.05,
+                               null=NullTextSettings(guidance=7.5, inner_steps=1, epsilon=None))
+    runs = [_toy_run(base, [(1,)], True), _toy_run(dataclasses.replace(base, lam_at=0.0, lam_dj=0.0), [(1,)], True),
+            _toy_run(base, [(1,), (3,)], False), _toy_run(dataclasses.replace(base, lam_bg=0.0), [(1,), (3,)], False)]
+    for a, b in (runs[:2], runs[2:]):
+        assert a.counts["token_updates"] == b.counts["token_updates"] > 0
+        assert all(torch.equal(x, y) for x, y in zip(a.conds, b.conds))
+        assert all(m is not None for m in a.maps)
+    assert not all(torch.equal(x, y) for x, y in zip(runs[0].conds, runs[2].conds))
+    faster = _toy_run(dataclasses.replace(base, lr=1e-2), [(1,)], True)     # the node's lr input reaches AdamW
+    assert not all(torch.equal(x, y) for x, y in zip(runs[0].conds, faster.conds))

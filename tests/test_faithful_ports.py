@@ -339,30 +339,52 @@ def test_one_token_iteration_makes_no_update_as_upstream(toy):
     res, _ = _dpl(toy, dataclasses.replace(DPL_SH, attn_iters=1,
                                            null=NullTextSettings(guidance=7.5, inner_steps=1, epsilon=None)))
     assert res.counts["token_updates"] == 0 and all(m is None for m in res.maps)
+    assert all(loss[:3] == (0.0, 0.0, 0.0) for loss in res.losses)             # no loss was computed
     assert all(torch.equal(p[0], toy[2]) for p in res.params)
 
 
 # ----------------------------------------------------------------------------- 4. DPL background at map size
-def official_background(mask32: torch.Tensor, size: int = 16, image: int = 512) -> torch.Tensor:
-    """_2_DDIM_inv.py: clusters nearest to 512, rounded, saved by ToPILImage (8-bit 'L', 0/255); _3_dpl_inv.py
-    ``read_segfile``: ``Image.open(...).resize((16, 16))`` (Pillow's default bicubic), ``astype(bool)``."""
-    big = F.interpolate(mask32.float()[None, None], size=image, mode="nearest").round().bool()[0, 0]
+def official_background(mask: torch.Tensor, size=(16, 16), image=(512, 512)) -> torch.Tensor:
+    """_2_DDIM_inv.py: clusters nearest to the image size, rounded, saved by ToPILImage (8-bit 'L', 0/255);
+    _3_dpl_inv.py ``read_segfile``: ``Image.open(...).resize((w, h))`` (Pillow's default bicubic), ``astype(bool)``.
+    (Upstream's masks are 0/1; the pack's one MASK rule counts a soft value >= 0.5 as set, which ``mask`` has
+    applied here.)"""
+    big = F.interpolate(mask.float()[None, None], size=image, mode="nearest").round().bool()[0, 0]
     pil = Image.fromarray(big.float().mul(255).byte().numpy())
-    return torch.from_numpy(np.asarray(pil.resize((size, size))).astype(bool)).float()
+    return torch.from_numpy(np.asarray(pil.resize((size[1], size[0]))).astype(bool)).float()
 
 
 def test_background_mask_at_map_size_equals_upstream():
+    """Sparse blobs (so the dilated mask is neither empty nor full), square and non-square maps, a mask already at
+    the image's size (image_size None), and the MASK rule's 0.5."""
     g = torch.Generator().manual_seed(2)
-    for _ in range(4):
-        mask = (torch.rand(32, 32, generator=g) > 0.5).float()
+    for shape, size, image in (((32, 32), (16, 16), (512, 512)), ((24, 32), (12, 16), (384, 512)),
+                               ((32, 32), (16, 16), (512, 512)), ((64, 48), (16, 12), None)):
+        mask = (torch.rand(*shape, generator=g) > 0.97).float()
         mask = F.max_pool2d(mask[None, None], 5, 1, 2)[0, 0]                           # blobby, like clusters
-        ours = background_at_size(mask, (16, 16), (512, 512))
-        assert torch.equal(ours, official_background(mask))
+        ours = background_at_size(mask, size, image)
+        theirs = official_background(mask, size, image or shape)
+        assert torch.equal(ours, theirs) and 0 < theirs.mean() < 1, (shape, size, image)
+    soft = torch.full((32, 32), 0.5)
+    soft[:, 16:] = 0.49
+    assert torch.equal(background_at_size(soft, (16, 16), (512, 512)), official_background((soft >= 0.5).float()))
     square = torch.zeros(32, 32)
     square[8:24, 8:24] = 1
     # dilated: every cell touched by the bicubic kernel counts, more than an area-majority rule's
     majority = (F.adaptive_avg_pool2d(square[None, None], (16, 16))[0, 0] >= 0.5).float()
     assert background_at_size(square, (16, 16), (512, 512)).sum() > majority.sum()
+
+
+def test_which_losses_run():
+    """DPL's losses with a weight > 0; with one noun only L_bg (nothing to balance or separate), and L_bg only
+    with a background mask."""
+    from attention.dpl import active_losses
+    s = dataclasses.replace(DPL_SH, lam_at=1.0, lam_bg=1.0, lam_dj=1.0)
+    assert active_losses(s, 2, True) == (True, True, True)
+    assert active_losses(s, 1, True) == (False, True, False)
+    assert active_losses(s, 2, False) == (True, False, True)
+    assert active_losses(dataclasses.replace(s, lam_bg=0.0), 2, True) == (True, False, True)
+    assert active_losses(dataclasses.replace(s, lam_at=0.0, lam_dj=0.0), 2, True) == (False, True, False)
 
 
 # ----------------------------------------------------------------------------- 5. MnM proxy suggestion

@@ -113,6 +113,6 @@ def test_store_ignores_quiet_calls(model):
     quiet = AttentionStore(StoreConfig())
     quiet.reset()
     model.eps(x, sigmas[0].reshape(1), ctx, {"cond_or_uncond": [0], "sigmas": sigmas[:1], "sample_sigmas": sigmas,
-                                             "patches_replace": E.layer_patches([quiet], [quiet]),
+                                             **E.layer_patches([quiet], [quiet]),
                                              "attention_lab_quiet": True})
     assert quiet.empty

@@ -10,6 +10,7 @@ from attention.layers import LayerId, LayerSelectionError, parse_layer_selection
 from attention.p2p import EditPlan, P2PController, build_plan, word_alpha
 from attention.store import AttentionStore, StoreConfig
 from attention.words import (
+    ContextWords,
     PromptWords,
     WordNotInPromptError,
     emphasis_segments,
@@ -155,6 +156,8 @@ def _unpadded(chunks):
     ("a cat and a dog in a garden", "a fluffy bobcat and a dog in a red garden", 8),
     ("a cat and a dog bobcat in a garden", "a cat and a dog bobcat in a red garden", 8),   # padding in chunk 1
     ("a cat and a cat in a garden", "a cat and a fluffy cat cat in a garden", 12),        # ties in the alignment
+    ("a cat and a dog in a garden and a cat in a garden", "a cat and a dog in a garden and a fluffy cat in a garden",
+     8),                                                                                # three chunks
 ])
 def test_refine_mapper_equals_upstream_get_mapper(src, tgt, chunk_len):
     """The refinement P2PEditSampler plans (``build_plan`` with edit 'refine'), against ``get_mapper`` on the
@@ -222,6 +225,75 @@ def test_capture_size_matching_no_layer_is_refused_naming_the_sizes():
     assert ok.matches_output(torch.ones(1, 4, 16, 24)) and ok.matches_output(torch.zeros(1, 4, 16, 24)) is False
 
 
+# A T5-like SentencePiece tokenizer: case-sensitive pieces with the word-start mark, no BOS, EOS 1, pad 0.
+PIECES = {"\u2581a": 5, "\u2581cat": 6, "\u2581Cat": 7, "\u2581and": 8, "\u2581dog": 9, "\u2581red": 10,
+          "\u2581bicycle": 11, "\u2581Bi": 12, "cycle": 13, ",": 14, "dog": 15, "\u2581on": 16, "\u2581grass": 17}
+
+
+def t5_word(text):
+    """SentencePiece on whitespace-separated words: each word gets the word-start mark, a piece after a comma inside
+    a word does not ('cat,dog': '\u2581cat', ',', 'dog'); 'Bicycle' is two pieces."""
+    out = []
+    for w in text.split():
+        for i, part in enumerate(w.split(",")):
+            if i:
+                out.append(PIECES[","])
+            if not part:
+                continue
+            if part == "Bicycle":
+                out += [PIECES["\u2581Bi"], PIECES["cycle"]]
+            else:
+                out.append(PIECES.get(("" if i else "\u2581") + part, 99))
+    return out
+
+
+def t5_chunks(prompt, min_length=16):
+    ids = [t for seg, _ in emphasis_segments(prompt) for t in t5_word(seg)] + [1]
+    return [ids + [0] * (min_length - len(ids))]
+
+
+def t5_pw(prompt):
+    return PromptWords(prompt, t5_chunks(prompt), t5_word)
+
+
+def test_t5_pieces_case_emphasis_and_no_bos():
+    p = t5_pw("a Cat and a (red Bicycle:1.3)")
+    assert p.positions("cat") == p.positions("Cat") == p.positions("CAT") == (1,)   # the prompt's own piece
+    assert p.positions("bicycle") == (5, 6)                                          # two pieces, one word
+    assert p.positions("red bicycle") == (4, 5, 6) and p.positions("a") == (0, 3)
+    with pytest.raises(WordNotInPromptError, match=r"'dog' is not in the prompt.*\['a', 'Cat'"):
+        p.positions("dog")
+    glued = t5_pw("a cat,dog on grass")        # 'dog' glued to the comma has no word-start mark: refused
+    assert glued.positions("grass") == (5,)
+    with pytest.raises(WordNotInPromptError, match="'dog'"):
+        glued.positions("dog")
+
+
+def test_context_words_find_a_word_in_each_part():
+    """SD3's context: a CLIP part (12 keys per chunk here, BOS first) then a T5 part; keys offset by the part."""
+    prompt = "a cat and a dog"
+    clip_part = pw(prompt)
+    offset = sum(len(c) for c in clip_part.chunks)
+    cw = ContextWords(prompt, [(clip_part, 0), (t5_pw(prompt), offset)])
+    assert cw.positions("cat") == (2, offset + 1)
+    assert cw.positions("a") == (1, offset, 4, offset + 3)      # by occurrence, each in both parts
+    assert cw.positions("a", occurrence=1) == (4, offset + 3)
+    assert cw.names == ["a", "cat", "and", "a", "dog"]
+    with pytest.raises(WordNotInPromptError, match="'tiger' is not in the prompt"):
+        cw.positions("tiger")
+    names, positions = locate_words(cw, "dog, cat")
+    assert positions == [(5, offset + 4), (2, offset + 1)]
+
+
+def test_dit_layer_selection_terms():
+    ids = [LayerId("double", i, 0) for i in range(19)] + [LayerId("single", i, 0) for i in range(38)]
+    sel = parse_layer_selection("double.15-18, single.0")
+    sel.validate_ids(ids)
+    assert {lid for lid in ids if sel.matches(lid, 64, 64)} == {LayerId("double", i, 0) for i in range(15, 19)} | {
+        LayerId("single", 0, 0)}
+    assert sum(parse_layer_selection("single").matches(lid, 8, 8) for lid in ids) == 38
+    with pytest.raises(LayerSelectionError, match="double.0.0"):
+        parse_layer_selection("input.1").validate_ids(ids)
 def official_word_inds(text: str, word_place: int) -> list[int]:
     """ptp_utils ``get_word_inds`` for a word index, on this file's tokenizer: the word's token positions after
     BOS (upstream decodes the tokens back to text to find them; here each word's tokens are known)."""

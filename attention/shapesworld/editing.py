@@ -27,8 +27,7 @@ TARGET = "a red triangle and a blue square on a gray background"
 def batch_eps(model: ShapesWorldModel, sigmas: torch.Tensor, patches: dict | None = None):
     """eps(x, sigma, context, cond_or_uncond) with ComfyUI's transformer_options contract."""
     def eps(x, sigma, context, cou=(0,)):
-        to = {"cond_or_uncond": list(cou), "sigmas": sigma.reshape(1), "sample_sigmas": sigmas,
-              "patches_replace": patches or {}}
+        to = {"cond_or_uncond": list(cou), "sigmas": sigma.reshape(1), "sample_sigmas": sigmas, **(patches or {})}
         return model.eps(x, sigma.reshape(1).expand(x.shape[0]), context, to)
     return eps
 

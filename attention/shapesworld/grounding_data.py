@@ -138,7 +138,7 @@ def build_pool(model: ShapesWorldModel, items: list, t: int = 1, seed: int = 0, 
         cond = model.encode([e.caption for e in exs])
         store = AttentionStore(StoreConfig(capture_self=False))
         rec = FeatureRecorder()
-        to = rec.attach({"cond_or_uncond": [1, 0], "patches_replace": patches_for(store, self_layers=False)})
+        to = rec.attach({"cond_or_uncond": [1, 0], **patches_for(store, self_layers=False)})
         s = sigma.view(1).expand(2 * b).to(model.device)
         with rec.hook_final_block(model.unet):
             model.eps(torch.cat([x, x]), s, torch.cat([uncond1.expand(b, -1, -1), cond]), to)

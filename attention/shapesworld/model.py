@@ -2,7 +2,7 @@
 
 ``ShapesWorldModel`` bundles the UNet, the text encoder and the tokenizer, and calls the
 UNet with ComfyUI's transformer_options contract (``cond_or_uncond``, ``sigmas``,
-``sample_sigmas``, ``patches_replace``), so controllers behave exactly as in ComfyUI.
+``sample_sigmas``, the attention hook of ``attention/hook.py``), so controllers behave exactly as in ComfyUI.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from ..controller import ControlledAttention
+from ..hook import hook_options, merge_options
 from ..sampling import cfg_combine, sample_euler
 from ..schedule import sigma_to_t, simple_sigmas, train_sigmas
 from ..words import PromptWords
@@ -90,9 +90,8 @@ class ShapesWorldModel:
             ctx = torch.cat([uncond, cond]) if use_uncond else cond
             xb = torch.cat([x] * len(cou))
             sb = torch.cat([sigma] * len(cou))
-            to = dict(extra or {})
-            to.update(cond_or_uncond=cou, sigmas=sigma[:1], sample_sigmas=sample_sigmas,
-                      patches_replace=patches or {})
+            to = merge_options(extra or {}, patches or {})
+            to.update(cond_or_uncond=cou, sigmas=sigma[:1], sample_sigmas=sample_sigmas)
             eps = self.eps(xb, sb, ctx, to)
             x0 = xb - eps * sb.view(-1, 1, 1, 1)
             if not use_uncond:
@@ -138,16 +137,11 @@ class ShapesWorldModel:
 
 
 def layer_patches(self_controllers=(), cross_controllers=()) -> dict:
-    """patches_replace dict putting the controllers on every self / cross attention layer (2-tuple keys)."""
-    blocks = [(lid.kind, lid.number) for lid in ShapesUNet.attention_layer_ids()]
-    out: dict = {}
-    if self_controllers:
-        out["attn1"] = {b: ControlledAttention(tuple(self_controllers), False) for b in blocks}
-    if cross_controllers:
-        out["attn2"] = {b: ControlledAttention(tuple(cross_controllers), True) for b in blocks}
-    return out
+    """transformer_options entries putting the controllers on every self / cross attention layer through the
+    pack's attention hook (the override ComfyUI's attention calls; merge with ``hook.merge_options``)."""
+    return hook_options(self_controllers, cross_controllers, ShapesUNet.attention_layer_ids())
 
 
 def patches_for(controller, cross_layers=True, self_layers=True) -> dict:
-    """patches_replace dict installing one ``controller`` on every attention layer."""
+    """transformer_options entries installing one ``controller`` on every attention layer."""
     return layer_patches([controller] if self_layers else [], [controller] if cross_layers else [])

@@ -1,11 +1,14 @@
 """The ShapesWorld UNet: an SD-layout UNet small enough to train on a CPU.
 
 Its attention honours ComfyUI's patch contract exactly, so every controller of the
-pack (and any other pack's attn1/attn2 replace patch) runs on it unchanged:
-``transformer_options["patches_replace"]["attn1"|"attn2"][(kind, number, depth)]`` is
-called as ``fn(q, k, v, extra_options)`` with the same ``extra_options`` keys that
-ComfyUI's ``BasicTransformerBlock`` provides (block, block_index, n_heads, dim_head,
-activations_shape, original_shape, cond_or_uncond, sigmas, sample_sigmas, ...).
+pack (``attention/hook.py``) and any other pack's attention patch runs on it unchanged: the
+``attn1_patch`` / ``attn2_patch`` lists run before each attention; a replace function in
+``transformer_options["patches_replace"]["attn1"|"attn2"][(kind, number, depth)]`` (or the 2-tuple key) is
+called as ``fn(q, k, v, extra_options)`` with the same ``extra_options`` keys that ComfyUI's
+``BasicTransformerBlock`` provides (block, block_index, n_heads, dim_head, activations_shape, original_shape,
+cond_or_uncond, sigmas, sample_sigmas, ...); otherwise ``transformer_options["optimized_attention_override"]``,
+when set, is called as ComfyUI's ``wrap_attn`` calls it (``hook.call_attention``), with the block's
+``transformer_options`` (``block``, ``block_index``, ``activations_shape`` set in place as ComfyUI does).
 
 UNet-level patches are called as ComfyUI 0.8's ``UNetModel._forward`` calls them (openaimodel.py
 l.858-913): ``emb_patch(emb, model_channels, to)``, ``input_block_patch(h, to)`` after every input block,
@@ -28,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..explicit import sdpa_attention
+from ..explicit import sdpa_kernel
+from ..hook import call_attention
 from ..layers import LayerId
 
 
@@ -81,7 +85,7 @@ class TransformerBlock(nn.Module):
         replace = to.get("patches_replace", {}).get(name, {})
         block = opts["block"]
         fn = replace.get((block[0], block[1], opts["block_index"])) or replace.get(tuple(block))
-        out = fn(q, k, v, opts) if fn is not None else sdpa_attention(q, k, v, attn.heads)
+        out = fn(q, k, v, opts) if fn is not None else call_attention(sdpa_kernel, q, k, v, attn.heads, to)
         return attn.to_out(out)
 
     def forward(self, x, context, to: dict, opts: dict):
@@ -110,9 +114,9 @@ class SpatialTransformer(nn.Module):
 
     def forward(self, x, context, to: dict):
         b, c, h, w = x.shape
+        to["activations_shape"], to["block_index"] = list(x.shape), 0     # in place, as ComfyUI's SpatialTransformer
         opts = {k: v for k, v in to.items() if k not in ("patches", "patches_replace")}
-        opts.update(activations_shape=list(x.shape), block_index=0, n_heads=self.heads,
-                    dim_head=c // self.heads, attn_precision=None)
+        opts.update(n_heads=self.heads, dim_head=c // self.heads, attn_precision=None)
         t = self.proj_in(self.norm(x).flatten(2).transpose(1, 2))
         t = self.block(t, context, to, opts)
         return x + self.proj_out(t).transpose(1, 2).reshape(b, c, h, w)
