@@ -3,86 +3,15 @@ ComfyUI's own classes (comfy/ldm/flux, comfy/ldm/modules/diffusionmodules/mmdit.
 
 import pytest
 import torch
-from comfy_env import comfy_or_skip, tiny_clip, tiny_sd15
+from comfy_env import comfy_or_skip, tiny_clip, tiny_flux, tiny_flux_clip, tiny_sd3, tiny_sd3_clip, tiny_sd15
 
 pack = comfy_or_skip()
 
-import comfy.model_management as mm  # noqa: E402
-import comfy.model_patcher  # noqa: E402
 import comfy.sample  # noqa: E402
-import comfy.sd  # noqa: E402
-import comfy.supported_models  # noqa: E402
-import comfy.supported_models_base  # noqa: E402
 from attention_lab.attention.rf_inversion import evaluations  # noqa: E402
 from attention_lab.nodes.inversion import NullTextInvert  # noqa: E402
 
 SRC = "a red circle and a blue square"
-
-
-def _randomize(module, seed: int, std: float) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for t in list(module.parameters()) + [b for b in module.buffers() if b.is_floating_point()]:
-            t.copy_((torch.randn(t.shape, generator=g) * std).to(t.dtype))
-
-
-def _patcher(model_config):
-    model_config.set_inference_dtype(torch.float32, None)
-    model = model_config.get_model({})
-    return model
-
-
-def tiny_flux(guidance_embed: bool = True, seed: int = 4):
-    """ComfyUI's Flux (2 double + 2 single blocks, hidden 64, patch 2); dev's layout (guidance-distilled) or, with
-    ``guidance_embed=False``, schnell's. (The same builder as wt-hook's tests/comfy_env.py tiny_flux.)"""
-    cfg = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 64, "context_in_dim": 32,
-           "hidden_size": 64, "mlp_ratio": 4.0, "num_heads": 4, "depth": 2, "depth_single_blocks": 2,
-           "axes_dim": [4, 6, 6], "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": guidance_embed,
-           "txt_ids_dims": []}
-    config = comfy.supported_models.Flux if guidance_embed else comfy.supported_models.FluxSchnell
-    model = _patcher(config(cfg))
-    _randomize(model.diffusion_model, seed, 0.05)
-    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
-                                            offload_device=mm.unet_offload_device())
-
-
-def tiny_sd3(seed: int = 5):
-    """ComfyUI's MMDiT in SD3's layout (2 joint blocks, hidden 128, patch 2, pooled 2048, 4096-wide context)."""
-    embedder = {"target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": 128}}
-    cfg = {"in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": 2, "adm_in_channels": 2048,
-           "context_embedder_config": embedder, "pos_embed_max_size": 24, "num_patches": 24 * 24,
-           "pos_embed_scaling_factor": None, "qk_norm": "rms", "x_block_self_attn_layers": []}
-    model = _patcher(comfy.supported_models.SD3(cfg))
-    _randomize(model.diffusion_model, seed, 0.05)
-    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
-                                            offload_device=mm.unet_offload_device())
-
-
-def _clip(tokenizer_class, model_class, opts: dict, seed: int):
-    clip = comfy.sd.CLIP(target=comfy.supported_models_base.ClipTarget(tokenizer_class, model_class),
-                         model_options=opts)
-    _randomize(clip.cond_stage_model, seed, 0.02)
-    return clip
-
-
-def tiny_flux_clip():
-    import comfy.text_encoders.flux
-    opts = {"clip_l_model_config": {"hidden_size": 64, "intermediate_size": 64, "num_attention_heads": 2,
-                                    "num_hidden_layers": 2, "projection_dim": 64},
-            "t5xxl_model_config": {"d_model": 32, "d_kv": 8, "num_heads": 4, "d_ff": 64, "num_layers": 1}}
-    return _clip(comfy.text_encoders.flux.FluxTokenizer, comfy.text_encoders.flux.flux_clip(dtype_t5=torch.float32),
-                 opts, seed=6)
-
-
-def tiny_sd3_clip():
-    """SD3's CLIP-L/G (no T5: the context is their 2048 features padded to 4096)."""
-    import comfy.text_encoders.sd3_clip
-    opts = {"clip_l_model_config": {"hidden_size": 768, "intermediate_size": 64, "num_attention_heads": 2,
-                                    "num_hidden_layers": 3, "projection_dim": 768},
-            "clip_g_model_config": {"hidden_size": 1280, "intermediate_size": 64, "num_attention_heads": 2,
-                                    "num_hidden_layers": 3, "projection_dim": 1280}}
-    return _clip(comfy.text_encoders.sd3_clip.SD3Tokenizer, comfy.text_encoders.sd3_clip.sd3_clip(t5=False),
-                 opts, seed=7)
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +23,7 @@ def flux():
 @pytest.fixture(scope="module")
 def sd3():
     with torch.inference_mode():
-        return tiny_sd3(), tiny_sd3_clip()
+        return tiny_sd3(), tiny_sd3_clip(t5=False)      # CLIP-L/G only: the context is their features padded
 
 
 def image_latent(h: int, w: int, seed: int = 0) -> torch.Tensor:
