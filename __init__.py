@@ -1,7 +1,9 @@
 """Attention Lab: attention-control methods for Stable Diffusion as ComfyUI nodes.
 
 ComfyUI loads this folder as a custom-node package and calls ``comfy_entrypoint``.
-Outside ComfyUI (pytest collecting the repository, the demo) there is nothing to register.
+Outside ComfyUI (pytest collecting the repository, the demo) there is nothing to register; neither is there when
+this file is imported as a plain module rather than a package (pytest collecting a checkout whose folder name is
+not a Python name, e.g. ``attention-lab``, with ComfyUI on the path: the relative imports below need a package).
 """
 
 # The editor serves this folder at /extensions/<this folder's name>/; its node library shows
@@ -13,7 +15,7 @@ try:
 except ImportError:  # not running inside ComfyUI
     ComfyExtension = None
 
-if ComfyExtension is not None:
+if ComfyExtension is not None and __package__:
     from .nodes.capture import AttentionCapture, AttentionMapView
     from .nodes.cluster import SelfAttnCluster
     from .nodes.dpl import DPLTokenOptimizer

@@ -71,6 +71,8 @@ class Inversion:
     prompt: str
     mode: str
     guidance: float
+    offsets: list[torch.Tensor] | None = None  # Direct Inversion: per step (1, c, h, w) added to the source row
+                                             # after each DDIM step of an edit (direct_inversion.py); else None
     unet_forward: int = 0                    # UNet evaluations (one per batch row)
     unet_backward: int = 0
     extra: dict = field(default_factory=dict)

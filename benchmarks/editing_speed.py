@@ -42,7 +42,7 @@ def main(argv=None):
     scene = E._scenes(1, seed=7)[0]
     plain_1, _ = timed(lambda: model.generate([E.SOURCE], steps=n, cfg=7.5), 3)
     report = {"steps": n, "plain sampling of 1 image": {"seconds": round(plain_1, 3), "unet_evaluations": 2 * n}}
-    for mode in ("ddim", "negative-prompt", "null-text"):
+    for mode in ("ddim", "negative-prompt", "null-text", "direct"):
         t, (inv, _) = timed(lambda m=mode: E.invert(model, scene.image, scene.caption, n, 7.5, m))
         report[f"inversion {mode}"] = {
             "time_ratio": round(t / plain_1, 2),

@@ -18,6 +18,7 @@ import torch
 from comfy_api.latest import io
 
 from ..attention import logger
+from ..attention.direct_inversion import SourceCorrection, direct_offsets
 from ..attention.inversion import Inversion, NullTextSettings, ddim_invert, null_text_optimize, reconstruct
 from ..attention.p2p import p2p_sample
 from . import rf_inversion as rf
@@ -26,7 +27,7 @@ from .guided import add_full_load, mark_text, noise_mask_of, refuse_noise_mask, 
 from .model_identity import IDENTITY_KEY, identify
 from .unet_calls import common_length, fit_context
 
-MODES = ["null-text", "ddim", "negative-prompt"]
+MODES = ["null-text", "ddim", "negative-prompt", "direct"]
 KEEP_BEST_TOOLTIP = (
     "Null-text: per step, return the null embedding of the lowest loss evaluated instead of Adam's last one. Off = "
     "upstream (the last). Not upstream; meant for fp16/bf16 UNets, whose noisy gradients can leave the last Adam "
@@ -59,7 +60,10 @@ def sample_from_inversion(model, inv: Inversion, positive: list, negative: list,
     text of ``positive`` per row (``texts`` (rows, m, d), or one such batch per step: DPL), guidance and null
     per step from the inversion (without nulls: ``negative`` as given). A noise mask on ``latent`` is applied as
     KSampler applies it, the inversion's trajectory standing for the noised image outside it (so outside the
-    mask every row is the inverted image). Returns raw LATENT samples (rows, c, h, w)."""
+    mask every row is the inverted image). A Direct Inversion (``inv.offsets``) adds its per-step offsets to row 0
+    (the source) after each step, before ``after_step`` (LocalBlend), as upstream; under a noise mask only inside
+    it (upstream has no mask; outside it the inpainting keeps the image). Returns raw LATENT samples
+    (rows, c, h, w)."""
     steps = len(inv.sigmas) - 1
     neg = mark_text(inv.extra["negative"], "negative") if inv.nulls is not None else negative
     mask = noise_mask_of(latent)
@@ -85,7 +89,13 @@ def sample_from_inversion(model, inv: Inversion, positive: list, negative: list,
             pbar.update(1)
         conds = [t.to(dev) for t in texts] if isinstance(texts, list) else texts.to(dev)
         nulls = None if inv.nulls is None else [n.to(dev) for n in inv.nulls]
-        return p2p_sample(None, inv.x_T.to(dev), sig, conds, nulls, inv.guidance, after_step, on_step,
+        after = after_step
+        if inv.offsets is not None:
+            offsets = [o.to(dev) for o in inv.offsets]
+            if ev.denoise_mask is not None:     # outside a noise mask KSampler's rule keeps the image: offsets inside
+                offsets = [o * ev.denoise_mask[:1].to(o) for o in offsets]
+            after = SourceCorrection(offsets, after_step)
+        return p2p_sample(None, inv.x_T.to(dev), sig, conds, nulls, inv.guidance, after, on_step,
                           guide=ev.batch_guide(noised))
     return run_loop(model, positive, neg, inv.guidance, inv.sigmas, clean, loop, denoise_mask=mask)
 
@@ -118,10 +128,11 @@ class NullTextInvert(io.ComfyNode):
                 "Inverts an image for editing (Mokady et al. 2022, official defaults): DDIM inversion with the "
                 "source prompt, then per step a null (unconditional) embedding optimized so that guided DDIM "
                 "retraces the inversion. Faster modes: plain DDIM inversion, negative-prompt inversion (null = "
-                "prompt). Rectified-flow models (Flux, SD3): Euler inversion or FireFlow (Deng et al. 2024), "
-                "reconstructed with the same solver. Runs inside ComfyUI's sampler: the MODEL's patches, wrappers "
-                "and CFG functions and every entry of 'positive' apply as in KSampler. Feed the result to P2P Edit "
-                "Sampler; the reconstruction output shows how faithful it is."),
+                "prompt), Direct Inversion (Ju et al. 2024: per-step offsets that P2P Edit Sampler adds back to the "
+                "source row, exact reconstruction without optimization). Rectified-flow models (Flux, SD3): Euler "
+                "inversion or FireFlow (Deng et al. 2024), reconstructed with the same solver. Runs inside ComfyUI's "
+                "sampler: the MODEL's patches, wrappers and CFG functions and every entry of 'positive' apply as in "
+                "KSampler. Feed the result to P2P Edit Sampler; the reconstruction output shows how faithful it is."),
             inputs=[
                 io.Model.Input("model", tooltip="SD1.x/SD2.x/SDXL or ShapesWorld model (modes null-text, ddim, "
                                                 "negative-prompt); Flux, SD3 or ShapesWorld-Flow (modes rf-euler, "
@@ -133,9 +144,13 @@ class NullTextInvert(io.ComfyNode):
                     "null-text: official NTI (best reconstruction, about 10x the UNet calls of sampling at most, "
                     "early stopping saves much of it; on SD3-like CFG flow models with Euler in place of DDIM, refused "
                     "on guidance-distilled Flux); ddim: plain DDIM inversion (1x, poor at high guidance); "
-                    "negative-prompt: null = prompt (1x, no optimization). Rectified-flow models (Flux, SD3): "
-                    "rf-euler: plain Euler inversion (N model evaluations for N steps); fireflow: FireFlow (Deng et "
-                    "al. 2024), second order at N + 1 evaluations, far better reconstruction.")),
+                    "negative-prompt: null = prompt (1x, no optimization); direct: Direct Inversion / PnP "
+                    "Inversion (1x, no optimization): stores each step's offset between the guided source branch "
+                    "and the inversion and adds it back to the edit's source row, so the source is the image "
+                    "exactly while the target rows edit (they are not corrected: an identical target is not the "
+                    "source). Rectified-flow models (Flux, SD3): rf-euler: plain Euler inversion (N model "
+                    "evaluations for N steps); fireflow: FireFlow (Deng et al. 2024), second order at N + 1 "
+                    "evaluations, far better reconstruction.")),
                 io.Int.Input("steps", default=50, min=2, max=1000, tooltip="DDIM steps (official 50)."),
                 io.Float.Input("guidance", default=7.5, min=1.0, max=30.0, step=0.1,
                                tooltip="Guidance scale the edit will sample with (official 7.5; 1-30). Flow modes: "
@@ -223,6 +238,13 @@ class NullTextInvert(io.ComfyNode):
                                                          guide=ev.guide())
                 counts["forward"] += cnt["forward"]
                 counts["backward"] += cnt["backward"]
+            elif mode == "direct":      # Direct Inversion: the source branch's per-step offsets (attention/direct_...)
+                with torch.no_grad():
+                    offsets, rec = direct_offsets(None, traj, sig, c, n0, guidance, on_step=tick,
+                                                  guide=ev.batch_guide(quiet=True))
+                nulls = [n0] * steps                     # the edit guides with the null the offsets were made with
+                res["offsets"] = offsets
+                counts["forward"] += 2 * steps
             else:
                 nulls = [c] * steps if mode == "negative-prompt" else None
                 plan = Inversion(sigmas=sig, trajectory=traj, cond=c, nulls=nulls, prompt=prompt, mode=mode,
@@ -235,10 +257,11 @@ class NullTextInvert(io.ComfyNode):
             return res["rec"]
         out = run_loop(m, rows_conditioning("NullTextInvert", base, encoded, [encoded]),
                        mark_text(null_cond, "negative"), guidance, sigmas, raw, loop)
-        nulls = res["nulls"]
+        nulls, offsets = res["nulls"], res.get("offsets")
         inv = Inversion(sigmas=sigmas, trajectory=[t.detach().cpu() for t in res["trajectory"]], cond=cond.cpu(),
                         nulls=None if nulls is None else [n.detach().cpu() for n in nulls], prompt=prompt, mode=mode,
-                        guidance=guidance, unet_forward=res["counts"]["forward"],
+                        guidance=guidance, offsets=None if offsets is None else [o.detach().cpu() for o in offsets],
+                        unet_forward=res["counts"]["forward"],
                         unet_backward=res["counts"]["backward"])
         mse = float(((res["rec"].cpu() - x0.cpu()) ** 2).mean())
         inv.extra[IDENTITY_KEY] = identify(model)               # checked by the editors (model_identity.py)

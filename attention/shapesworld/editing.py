@@ -5,6 +5,7 @@ Same code as the nodes: ``attention/inversion.py`` (inversion, null-text optimiz
 the ShapesWorld generator (never seen by the model as such), so their masks are exact.
 
     python -m attention.shapesworld.editing [--images 20] [--steps 50] [--weights FILE]
+    python -m attention.shapesworld.editing --inversions [--swap-images 8]   (negative-prompt / NTI / Direct)
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import time
 
 import torch
 
+from ..direct_inversion import SourceCorrection, direct_offsets
 from ..inversion import Inversion, NullTextSettings, ddim_invert, null_text_optimize, reconstruct
 from ..p2p import LocalBlend, P2PController, blend_positions, build_plan, p2p_sample, self_replace_limit
 from ..schedule import simple_sigmas
@@ -34,23 +36,27 @@ def batch_eps(model: ShapesWorldModel, sigmas: torch.Tensor, patches: dict | Non
 
 def invert(model: ShapesWorldModel, image: torch.Tensor, prompt: str, steps: int = 50, guidance: float = 7.5,
            mode: str = "null-text", settings: NullTextSettings | None = None) -> tuple[Inversion, torch.Tensor]:
-    """Inversion of ``image`` (3, S, S) in [0, 1]; returns it and the reconstruction in [0, 1]."""
+    """Inversion of ``image`` (3, S, S) in [0, 1]; returns it and the reconstruction in [0, 1]. Modes: ddim,
+    negative-prompt, null-text, direct (Direct Inversion: the offsets' pass is its reconstruction)."""
     sigmas = simple_sigmas(steps)
     eps = batch_eps(model, sigmas)
     cond, null = model.encode([prompt]), model.encode([""])
     x0 = image[None] * 2 - 1
     traj = ddim_invert(eps, x0, sigmas, cond)
-    fwd, bwd = steps, 0
+    fwd, bwd, offsets = steps, 0, None
     if mode == "null-text":
         s = settings or NullTextSettings(guidance=guidance)
         with torch.enable_grad():
             nulls, counts, rec = null_text_optimize(eps, traj, sigmas, cond, null, s)
         fwd, bwd = fwd + counts["forward"], counts["backward"]
+    elif mode == "direct":
+        offsets, rec = direct_offsets(eps, traj, sigmas, cond, null, guidance)
+        nulls, fwd = [null] * steps, fwd + 2 * steps          # the edit keeps the offsets' null
     else:
         nulls = [cond] * steps if mode == "negative-prompt" else None
     inv = Inversion(sigmas=sigmas, trajectory=traj, cond=cond, nulls=nulls, prompt=prompt, mode=mode,
-                    guidance=guidance, unet_forward=fwd, unet_backward=bwd)
-    if mode != "null-text":
+                    guidance=guidance, offsets=offsets, unet_forward=fwd, unet_backward=bwd)
+    if mode not in ("null-text", "direct"):
         rec = reconstruct(eps, inv, null)
         inv.unet_forward += 2 * steps
     return inv, ((rec[0] + 1) / 2).clamp(0, 1)
@@ -90,7 +96,8 @@ def edit(model: ShapesWorldModel, source: str, targets: list[str], inversion: In
         x_T, nulls = inversion.x_T, inversion.nulls if inversion.nulls is not None else model.encode([""])
     else:
         x_T, nulls = model.noise(1, seed) * sigmas[0], model.encode([""])
-    x = p2p_sample(batch_eps(model, sigmas, patches), x_T, sigmas, conds, nulls, cfg, blend)
+    after = blend if inversion is None or inversion.offsets is None else SourceCorrection(inversion.offsets, blend)
+    x = p2p_sample(batch_eps(model, sigmas, patches), x_T, sigmas, conds, nulls, cfg, after)
     return ((x + 1) / 2).clamp(0, 1)
 
 
@@ -156,6 +163,61 @@ def swap_figures(model: ShapesWorldModel, images: int = 8, steps: int = 50, guid
                 "psnr_outside_object_db": round(sum(r["psnr_outside"]) / r["n"], 2)} for k, r in rows.items()}
 
 
+INVERSIONS = ("negative-prompt", "null-text", "direct")
+
+
+def inversion_swap_figures(model: ShapesWorldModel, images: int = 8, steps: int = 50, guidance: float = 7.5,
+                           modes: tuple[str, ...] = INVERSIONS, cross_replace: float = 0.8,
+                           self_replace: float = 0.4) -> dict:
+    """The word swap circle -> triangle from each inversion of the same generator images (``swap_figures``'
+    inverted rows, one per mode): reconstruction PSNR of the inversion and of the edit's source row, the swap's
+    success and PSNR outside the edited object with and without LocalBlend, seconds and UNet rows per inversion,
+    and plain CFG sampling of one image (same steps and guidance) timed in the same run for the ratios.
+    ``cross_replace`` / ``self_replace``: the edit's fractions (the figure's 0.8 / 0.4; PnP Inversion's PIE-Bench
+    runs use 0.4 / 0.6)."""
+    from .harness import colour_blobs, load_classifier, psnr
+    clf = load_classifier()
+    scenes = _scenes(images, seed=1)
+    model.generate([SOURCE], steps=steps, cfg=guidance)                       # warm-up
+    t0 = time.perf_counter()
+    for seed in range(3):
+        model.generate([SOURCE], seed=seed, steps=steps, cfg=guidance)
+    plain = (time.perf_counter() - t0) / 3
+    out = {"plain sampling of 1 image": {"seconds": round(plain, 3), "unet_forward": 2 * steps}}
+    for mode in modes:
+        r = {"rec": [], "src": [], "inv_s": 0.0, "edit_s": 0.0, "fwd": 0, "bwd": 0}
+        for sc in scenes:
+            t0 = time.perf_counter()
+            inv, rec = invert(model, sc.image, SOURCE, steps, guidance, mode)
+            r["inv_s"] += time.perf_counter() - t0
+            r["rec"].append(psnr(rec, sc.image))
+            r["fwd"], r["bwd"] = r["fwd"] + inv.unet_forward, r["bwd"] + inv.unet_backward
+            for blend in (None, ["circle", "triangle"]):
+                t0 = time.perf_counter()
+                edited = edit(model, SOURCE, [TARGET], inversion=inv, blend_words=blend,
+                              cross_replace=cross_replace, self_replace=self_replace)
+                r["edit_s"] += time.perf_counter() - t0
+                r["src"].append(psnr(edited[0], sc.image))
+                blobs = colour_blobs(edited[1], "red")
+                row = r.setdefault("with LocalBlend" if blend else "without LocalBlend", [0, []])
+                row[0] += bool(blobs) and clf.predict(edited[1][None], blobs[0][None])[0][0] == "triangle"
+                region = sc.objects[0].mask | (blobs[0] if blobs else torch.zeros_like(sc.objects[0].mask))
+                region = torch.nn.functional.max_pool2d(region.float()[None, None], 3, 1, 1)[0, 0] > 0
+                row[1].append(psnr(edited[1], sc.image, ~region))
+        n = len(scenes)
+        out[mode] = {
+            "reconstruction_psnr_db": round(sum(r["rec"]) / n, 2),
+            "edit_source_row_psnr_db": round(sum(r["src"]) / len(r["src"]), 2),
+            **{f"swap {k}": {"takes_triangle": round(r[k][0] / n, 3),
+                             "psnr_outside_object_db": round(sum(r[k][1]) / n, 2)}
+               for k in ("without LocalBlend", "with LocalBlend")},
+            "unet_forward_per_image": r["fwd"] / n, "unet_backward_per_image": r["bwd"] / n,
+            "inversion_seconds": round(r["inv_s"] / n, 3),
+            "inversion_time / plain sampling": round(r["inv_s"] / n / plain, 2),
+            "edit_seconds (source + 1 edit)": round(r["edit_s"] / (2 * n), 3)}
+    return out
+
+
 def reweight_figures(model: ShapesWorldModel, factors=(0.0, 0.5, 1.0, 2.0, 4.0), seeds: int = 3,
                      steps: int = 20) -> dict:
     """Mean cross-attention mass on 'red' in the edited row for each reweight factor."""
@@ -184,6 +246,15 @@ def build_parser():
     p.add_argument("--reweight-seeds", type=cli.int_range(1), default=3,
                    help="seeds per factor in the reweight figure")
     p.add_argument("--reweight-steps", type=cli.int_range(2), default=20, help="DDIM steps of the reweight figure")
+    p.add_argument("--inversions", action="store_true",
+                   help="only the inversion comparison: the word swap from negative-prompt, null-text and direct "
+                        "inversion of --swap-images images, with times measured in one run")
+    p.add_argument("--modes", default=",".join(INVERSIONS),
+                   help=f"--inversions: comma-separated modes among {', '.join(INVERSIONS)}")
+    p.add_argument("--cross-replace", type=cli.float_range(0.0, 1.0), default=0.8,
+                   help="--inversions: cross_replace_steps of the edit, 0-1 (PnP Inversion's PIE-Bench runs: 0.4)")
+    p.add_argument("--self-replace", type=cli.float_range(0.0, 1.0), default=0.4,
+                   help="--inversions: self_replace_steps of the edit, 0-1 (PnP Inversion's PIE-Bench runs: 0.6)")
     cli.add_weights(p)
     return p
 
@@ -196,6 +267,15 @@ def main(argv=None):
     args = p.parse_args(argv)
     model = cli.load_model(p, args.weights)
     torch.manual_seed(0)
+    if args.inversions:
+        modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+        bad = [m for m in modes if m not in INVERSIONS]
+        if bad or not modes:
+            p.error(f"--modes {args.modes!r}: {bad or 'none'} not among {', '.join(INVERSIONS)}")
+        print(json.dumps({"word swap circle -> triangle from each inversion": inversion_swap_figures(
+            model, args.swap_images, args.steps, modes=modes, cross_replace=args.cross_replace,
+            self_replace=args.self_replace)}, indent=1), flush=True)
+        return
     print(json.dumps({"reweight: attention mass on 'red' by factor": reweight_figures(
         model, seeds=args.reweight_seeds, steps=args.reweight_steps)}), flush=True)
     print(json.dumps({"word swap circle -> triangle": swap_figures(model, args.swap_images, args.steps)}), flush=True)
