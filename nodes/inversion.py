@@ -21,6 +21,7 @@ from ..attention import logger
 from ..attention.direct_inversion import SourceCorrection, direct_offsets
 from ..attention.inversion import Inversion, NullTextSettings, ddim_invert, null_text_optimize, reconstruct
 from ..attention.p2p import p2p_sample
+from . import rf_inversion as rf
 from .common import CATEGORY, InversionType, encode_prompt
 from .guided import add_full_load, mark_text, noise_mask_of, refuse_noise_mask, rows_conditioning, run_loop
 from .model_identity import IDENTITY_KEY, identify
@@ -32,6 +33,7 @@ KEEP_BEST_TOOLTIP = (
     "upstream (the last). Not upstream; meant for fp16/bf16 UNets, whose noisy gradients can leave the last Adam "
     "step worse than an earlier one. Measured in fp16 on ShapesWorld (2 images, 20 steps): 28.19 dB "
     "reconstruction PSNR either way, no gain (python -m attention.shapesworld.null_precision).")
+MODES += list(rf.RF_MODES)          # rectified-flow models (Flux, SD3): nodes/rf_inversion.py
 
 
 def source_latent(latent, image, vae) -> torch.Tensor:
@@ -65,6 +67,10 @@ def sample_from_inversion(model, inv: Inversion, positive: list, negative: list,
     steps = len(inv.sigmas) - 1
     neg = mark_text(inv.extra["negative"], "negative") if inv.nulls is not None else negative
     mask = noise_mask_of(latent)
+    if inv.extra.get(rf.SOLVER_KEY, "euler") != "euler":
+        raise ValueError(f"{label}: this inversion was made with {inv.extra[rf.SOLVER_KEY]!r} (NullTextInvert mode "
+                         f"{inv.mode!r}), and an edit must retrace it with the same solver; this editor steps with "
+                         f"Euler, so invert with mode 'rf-euler' for it")
     clean = model.model.process_latent_out(inv.trajectory[-1]).expand(rows, -1, -1, -1).clone()
     pbar = comfy.utils.ProgressBar(steps)
     logger.info("%s from an inversion (%d rows, %d steps%s)", label, rows, steps,
@@ -123,29 +129,37 @@ class NullTextInvert(io.ComfyNode):
                 "source prompt, then per step a null (unconditional) embedding optimized so that guided DDIM "
                 "retraces the inversion. Faster modes: plain DDIM inversion, negative-prompt inversion (null = "
                 "prompt), Direct Inversion (Ju et al. 2024: per-step offsets that P2P Edit Sampler adds back to the "
-                "source row, exact reconstruction without optimization). Runs inside ComfyUI's sampler: the "
-                "MODEL's patches, wrappers and CFG functions and every entry of 'positive' apply as in KSampler. "
-                "Feed the result to P2P Edit Sampler; the reconstruction output shows how faithful it is."),
+                "source row, exact reconstruction without optimization). Rectified-flow models (Flux, SD3): Euler "
+                "inversion or FireFlow (Deng et al. 2024), reconstructed with the same solver. Runs inside ComfyUI's "
+                "sampler: the MODEL's patches, wrappers and CFG functions and every entry of 'positive' apply as in "
+                "KSampler. Feed the result to P2P Edit Sampler; the reconstruction output shows how faithful it is."),
             inputs=[
-                io.Model.Input("model", tooltip="SD1.x/SD2.x/SDXL or ShapesWorld model."),
+                io.Model.Input("model", tooltip="SD1.x/SD2.x/SDXL or ShapesWorld model (modes null-text, ddim, "
+                                                "negative-prompt); Flux, SD3 or ShapesWorld-Flow (modes rf-euler, "
+                                                "fireflow)."),
                 io.Clip.Input("clip", tooltip="The model's CLIP."),
                 io.String.Input("prompt", multiline=True, default="a red circle and a blue square on a gray background",
                                 tooltip="Source prompt describing the image (the edits start from it)."),
                 io.Combo.Input("mode", options=MODES, default="null-text", tooltip=(
                     "null-text: official NTI (best reconstruction, about 10x the UNet calls of sampling at most, "
-                    "early stopping saves much of it); ddim: plain DDIM inversion (1x, poor at high guidance); "
+                    "early stopping saves much of it; on SD3-like CFG flow models with Euler in place of DDIM, refused "
+                    "on guidance-distilled Flux); ddim: plain DDIM inversion (1x, poor at high guidance); "
                     "negative-prompt: null = prompt (1x, no optimization); direct: Direct Inversion / PnP "
                     "Inversion (1x, no optimization): stores each step's offset between the guided source branch "
                     "and the inversion and adds it back to the edit's source row, so the source is the image "
                     "exactly while the target rows edit (they are not corrected: an identical target is not the "
-                    "source).")),
+                    "source). Rectified-flow models (Flux, SD3): rf-euler: plain Euler inversion (N model "
+                    "evaluations for N steps); fireflow: FireFlow (Deng et al. 2024), second order at N + 1 "
+                    "evaluations, far better reconstruction.")),
                 io.Int.Input("steps", default=50, min=2, max=1000, tooltip="DDIM steps (official 50)."),
                 io.Float.Input("guidance", default=7.5, min=1.0, max=30.0, step=0.1,
-                               tooltip="Guidance scale the edit will sample with (official 7.5; 1-30)."),
+                               tooltip="Guidance scale the edit will sample with (official 7.5; 1-30). Flow modes: "
+                                       "the cfg of both directions (Flux dev: 1, its guidance is "
+                                       "FluxGuidance's on the conditioning)."),
                 io.Combo.Input("scheduler", options=list(comfy.samplers.SCHEDULER_NAMES), default="ddim_uniform",
                                tooltip="Sigma schedule. ddim_uniform: t = 981, 961, ..., 1 then sigma 0, one "
                                        "step off the NTI notebook's t = 980, ..., 0 (which ends at sigma 0.0292); "
-                                       "simple for ShapesWorld."),
+                                       "simple for ShapesWorld and flow models."),
                 io.Int.Input("inner_steps", default=10, min=1, max=100,
                              tooltip="Null-text: most Adam steps per sampling step (official 10; 1-100)."),
                 io.Float.Input("early_stop", default=1e-5, min=0.0, max=1.0, step=1e-6, tooltip=(
@@ -175,6 +189,7 @@ class NullTextInvert(io.ComfyNode):
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} is not one of {MODES}")
         refuse_noise_mask("NullTextInvert", latent)
+        rf.check_mode_fits("NullTextInvert", model, mode)
         optimize = mode == "null-text"
         if optimize:
             check_guidance("NullTextInvert", model, guidance)
@@ -187,6 +202,13 @@ class NullTextInvert(io.ComfyNode):
         null0 = fit_context(empty[0][0], common_length([encoded[0][0], empty[0][0]]))
         cond = fit_context(encoded[0][0], null0.shape[1])
         sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).cpu()
+        flow = rf.is_flow_model(model)
+        if flow and mode in rf.RF_MODES:
+            inv, out = rf.rf_inversion(model, mode, prompt, guidance, sigmas, raw, cond,
+                                       rows_conditioning("NullTextInvert", base, encoded, [encoded]),
+                                       mark_text(null_cond, "negative"))
+            inv.extra.update(positive=base, negative=null_cond)
+            return io.NodeOutput(inv, {"samples": out})
         m = model.clone()
         if optimize:
             add_full_load(m)
@@ -198,7 +220,8 @@ class NullTextInvert(io.ComfyNode):
         def loop(ev):
             dev = ev.device
             x, c, n0, sig = x0.to(dev), cond.to(dev), null0.to(dev), sigmas.to(dev)
-            traj = ddim_invert(ev.eps("positive"), x, sig, c, on_step=tick)       # what a capture records
+            traj = (rf.cond_euler_inversion(ev, x, sig, rf.sigma_floor(m), tick) if flow     # what a capture records
+                    else ddim_invert(ev.eps("positive"), x, sig, c, on_step=tick))
             eps_c, eps_n = ev.eps("positive", quiet=True), ev.eps("negative", quiet=True)
             counts = {"forward": steps, "backward": 0}
             if optimize:
@@ -242,6 +265,8 @@ class NullTextInvert(io.ComfyNode):
                         unet_backward=res["counts"]["backward"])
         mse = float(((res["rec"].cpu() - x0.cpu()) ** 2).mean())
         inv.extra[IDENTITY_KEY] = identify(model)               # checked by the editors (model_identity.py)
+        if flow:
+            inv.extra[rf.SOLVER_KEY] = "euler"
         inv.extra.update(positive=base, negative=null_cond, reconstruction_mse=mse)
         logger.info("NullTextInvert (%s, %d steps): UNet forward %d, backward %d, reconstruction MSE %.2e, %.1f s",
                     mode, steps, inv.unet_forward, inv.unet_backward, mse, time.time() - t0)
