@@ -71,9 +71,9 @@ def _read_only(controller) -> bool:
 
 
 def is_observer(obj) -> bool:
-    """True for an entry that cannot change the output: ``changes_output = False``; this pack's attention hook
-    objects (a replace patch with ``controllers``, an override with ``installs``) whose controllers only read and
-    whose ``previous`` is none or an observer too; this pack's slot markers (they record the slot, nothing else)."""
+    """True for an entry that cannot change the output: ``changes_output = False``; this pack's attention hook (the
+    override with ``installs``) whose controllers only read and whose ``previous`` is none or an observer too; this
+    pack's slot markers (they record the slot, nothing else)."""
     if getattr(obj, "changes_output", True) is False:
         return True
     t = type(obj)
@@ -81,12 +81,9 @@ def is_observer(obj) -> bool:
         return False
     if t.__name__ in ("SlotMarker", "SlotTracker"):
         return True
-    if isinstance(getattr(obj, "controllers", None), tuple):          # a replace patch (ControlledAttention)
-        controllers = obj.controllers
-    elif isinstance(getattr(obj, "installs", None), tuple):          # the override hook (AttentionHook)
-        controllers = tuple(i.controller for i in obj.installs)
-    else:
+    if not isinstance(getattr(obj, "installs", None), tuple):        # not the override hook (AttentionHook)
         return False
+    controllers = tuple(i.controller for i in obj.installs)
     previous = getattr(obj, "previous", None)
     return all(_read_only(c) for c in controllers) and (previous is None or is_observer(previous))
 
