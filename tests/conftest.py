@@ -9,8 +9,18 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 # OMP_NUM_THREADS, when set, wins (the shared machine's rule; mutmut forks test processes, which a pool of
 # intra-op threads would deadlock); else two threads at most.
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="module")
+def sd():
+    """Tier 2: a tiny SD1.5 MODEL and CLIP (tests/comfy_env.py), made under inference mode as in ComfyUI's
+    executor (the weights are inference tensors). One per test module."""
+    from comfy_env import tiny_clip, tiny_sd15
+    with torch.inference_mode():
+        return tiny_sd15(), tiny_clip()

@@ -6,7 +6,6 @@ Upstream corrects only the source branch; the target branches are plain guided D
 attention, so an identical target does NOT equal the source here (it does with null-text inversion).
 """
 
-import pytest
 import torch
 from comfy_env import (
     assert_same_samples,
@@ -14,8 +13,6 @@ from comfy_env import (
     encode,
     rel,
     sample,
-    tiny_clip,
-    tiny_sd15,
     tiny_sdxl,
     tiny_sdxl_clip,
 )
@@ -28,11 +25,6 @@ from attention_lab.nodes.shapesworld import load_shapesworld  # noqa: E402
 
 SRC = "a cat and a dog in a garden"
 
-
-@pytest.fixture(scope="module")
-def sd():
-    with torch.inference_mode():  # as in the executor: the weights are inference tensors
-        return tiny_sd15(), tiny_clip()
 
 
 def invert(model, clip, latent, mode, steps=4, prompt=SRC, guidance=7.5):

@@ -6,9 +6,8 @@ keep a departure from upstream optional."""
 import json
 from pathlib import Path
 
-import pytest
 import torch
-from comfy_env import comfy_or_skip, encode, tiny_clip, tiny_sd15
+from comfy_env import comfy_or_skip, encode
 
 pack = comfy_or_skip()
 
@@ -23,11 +22,6 @@ from attention_lab.nodes.prompt_mix import PromptMixSampler  # noqa: E402
 
 SRC = "a cat and a dog in a garden"
 
-
-@pytest.fixture(scope="module")
-def sd():
-    with torch.inference_mode():  # as in the executor: the weights are inference tensors
-        return tiny_sd15(), tiny_clip()
 
 
 def official_initializer_ids(words: list[str]) -> list[int]:

@@ -8,8 +8,6 @@ from comfy_env import (
     encode,
     rel,
     sample,
-    tiny_clip,
-    tiny_sd15,
     tiny_sdxl,
     tiny_sdxl_clip,
 )
@@ -31,11 +29,6 @@ SRC = "a cat and a dog in a garden"
 TGT = "a tiger and a dog in a garden"
 LONG = " ".join(["a quiet street with old houses"] * 13)
 
-
-@pytest.fixture(scope="module")
-def sd():
-    with torch.inference_mode():
-        return tiny_sd15(), tiny_clip()
 
 
 def p2p(model, clip, source, targets, negative=None, lat=None, **kw):

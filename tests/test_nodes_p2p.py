@@ -8,8 +8,6 @@ from comfy_env import (
     encode,
     rel,
     sample,
-    tiny_clip,
-    tiny_sd15,
     tiny_sdxl,
     tiny_sdxl_clip,
 )
@@ -24,11 +22,6 @@ from attention_lab.nodes.shapesworld import load_shapesworld  # noqa: E402
 
 SRC = "a cat and a dog in a garden"
 
-
-@pytest.fixture(scope="module")
-def sd():
-    with torch.inference_mode():  # as in the executor: the weights are inference tensors
-        return tiny_sd15(), tiny_clip()
 
 
 def invert(model, clip, latent, mode="null-text", steps=4, prompt=SRC, **kw):

@@ -8,8 +8,6 @@ from comfy_env import (
     encode,
     rel,
     sample,
-    tiny_clip,
-    tiny_sd15,
     tiny_sdxl,
     tiny_sdxl_clip,
 )
@@ -32,11 +30,6 @@ def run(model, clip, prompt, latent, obj, proxies, keep, **kw):
         return PromptMixSampler.execute(model, clip, prompt, encode(clip, ""), {"samples": latent}, obj, proxies,
                                         preserve_words=keep, **args).result
 
-
-@pytest.fixture(scope="module")
-def sd():
-    with torch.inference_mode():
-        return tiny_sd15(), tiny_clip()
 
 
 def test_original_row_is_the_plain_generation_and_proxy_equal_to_object_is_a_no_op(sd):

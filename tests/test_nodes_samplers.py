@@ -6,7 +6,7 @@ SamplerEulerAncestral, BasicScheduler) of the same model, prompt, seed and sampl
 
 import pytest
 import torch
-from comfy_env import ON_GPU, bound, comfy_or_skip, encode, rel, sdxl_cond, tiny_clip, tiny_sd15, tiny_sdxl
+from comfy_env import ON_GPU, bound, comfy_or_skip, encode, rel, sdxl_cond, tiny_sdxl
 
 pack = comfy_or_skip()
 
@@ -31,11 +31,6 @@ SRC = "a cat and a dog in a garden"
 TGT = "a tiger and a dog in a garden"
 LAT = torch.zeros(1, 4, 16, 16)
 
-
-@pytest.fixture(scope="module")
-def sd():
-    with torch.inference_mode():
-        return tiny_sd15(), tiny_clip()
 
 
 def sampler(name):

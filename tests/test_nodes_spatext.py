@@ -3,7 +3,7 @@
 
 import pytest
 import torch
-from comfy_env import comfy_or_skip, encode, rel, tiny_clip, tiny_sd15, tiny_sdxl, tiny_sdxl_clip
+from comfy_env import comfy_or_skip, encode, rel, tiny_sdxl, tiny_sdxl_clip
 
 pack = comfy_or_skip()
 
@@ -38,11 +38,6 @@ def plain(model, positive, negative, latent, cfg, **kw):
     g.set_cfg(cfg)
     return run(g, latent, **kw)
 
-
-@pytest.fixture(scope="module")
-def sd():
-    with torch.inference_mode():
-        return tiny_sd15(), tiny_clip()
 
 
 def half_mask(size=128):

@@ -4,7 +4,7 @@ import logging
 
 import pytest
 import torch
-from comfy_env import comfy_or_skip, encode, rel, sample, tiny_clip, tiny_sd15, tiny_sdxl, tiny_sdxl_clip
+from comfy_env import comfy_or_skip, encode, rel, sample, tiny_sdxl, tiny_sdxl_clip
 
 pack = comfy_or_skip()
 
@@ -25,11 +25,6 @@ def our_patch(m) -> StructuredValuePatch:
     patches = m.model_options["transformer_options"]["patches"]["attn2_patch"]
     return next(p for p in patches if isinstance(p, StructuredValuePatch))
 
-
-@pytest.fixture(scope="module")
-def sd():
-    with torch.inference_mode():
-        return tiny_sd15(), tiny_clip()
 
 
 def recorded_values(m, positive, negative, latent, steps=3):
