@@ -21,6 +21,8 @@ pack = comfy_or_skip()
 
 from attention_lab.attention.shapesworld.flow_model import DEFAULT_FLOW_WEIGHTS  # noqa: E402
 from attention_lab.attention.shapesworld.harness import psnr  # noqa: E402
+from attention_lab.nodes.capture import AttentionCapture  # noqa: E402
+from attention_lab.nodes.cluster import SelfAttnCluster  # noqa: E402
 from attention_lab.nodes.prompt_mix import PromptMixSampler  # noqa: E402
 from attention_lab.nodes.shapesworld_flow import load_shapesworld_flow  # noqa: E402
 
@@ -139,3 +141,19 @@ def test_dit_refuses_a_grid_above_the_kept_self_attention(flux):
     model, clip = flux
     with pytest.raises(ValueError, match=r"the image is 33x32 = 1056 tokens, above the 1024"):
         run(model, clip, PROMPT, torch.zeros(1, 16, 66, 64), "cat", "horse", "")
+
+
+def test_self_attention_cluster_on_sd3(sd3):
+    """SelfAttnCluster on SD3's joint attention (its image->image part clustered, labelled by image->text maps),
+    non-square, the second item of a batch of two (Flux: tests/test_nodes_dit.py)."""
+    model, clip = sd3
+    with torch.inference_mode():
+        m, store = AttentionCapture.execute(model, layers="all", capture_self=True, self_max_size=32, start=0.0,
+                                            end=1.0).result
+        out = sample(m, encode(clip, PROMPT), encode(clip, ""), torch.zeros(2, 16, 12, 8), cfg=4.0, steps=3,
+                     seed=3, scheduler="simple")
+        masks, bg, pic = SelfAttnCluster.execute(store, clip, PROMPT, "cat, dog", clusters=3, threshold=0.3,
+                                                 self_resolution=32, cross_resolution=16, seed=1, batch_index=1,
+                                                 samples={"samples": out}).result
+    assert masks.shape == (2, 12, 8) and pic.shape == (1, 12, 8, 3)
+    assert torch.equal(masks.sum(0).clamp(max=1) + bg[0], torch.ones(12, 8))   # every pixel: a word or background

@@ -24,7 +24,8 @@ vae/random_flux_ae           16-channel KL VAE, ch 128 x [1, 2, 4, 4] fixed     
 
 T5 is stored in float8 (ComfyUI casts per layer, as for the common ``t5xxl_fp8_e4m3fn`` file) to halve its
 memory. Also written: ``OUT_DIR/attention_capture_{flux,sd3}_random_api.json``, the shipped API workflows with
-these file names and ``--size`` / ``--steps`` substituted (the only changes). Serve them with
+these file names and ``--size`` / ``--steps`` substituted (the only changes), and
+``OUT_DIR/prompt_mixing_flux_random_api.json`` (Prompt Mix Sampler on the Flux workflow's loaders). Serve them with
 ``python main.py --cpu --base-directory OUT_DIR`` (``OUT_DIR/custom_nodes`` linking this pack) and queue them
 with ``tools/queue_workflow.py``. The images are noise; the run exercises the loaders, the DiT hook and the nodes.
 Refuses to overwrite a file. Never commit the output.
@@ -133,6 +134,31 @@ def workflows(out: Path, size: tuple[int, int], steps: int) -> None:
         dest = out / f"{name}_random_api.json"
         dest.write_text(json.dumps(wf, indent=1))
         print(f"wrote {dest} ({size[0]}x{size[1]}, {steps} steps)")
+        if name == "attention_capture_flux":
+            dest = out / "prompt_mixing_flux_random_api.json"
+            dest.write_text(json.dumps(prompt_mixing_flux(wf, steps), indent=1))
+            print(f"wrote {dest} (Prompt Mix Sampler on the Flux loaders, {size[0]}x{size[1]}, {steps} steps)")
+
+
+def prompt_mixing_flux(capture: dict, steps: int) -> dict:
+    """Prompt Mix Sampler on the Flux capture workflow's loaders, prompt, guidance and latent: 'cat' varied into
+    'dog', 'bicycle' preserved, Euler on the simple schedule (the node's defaults otherwise)."""
+    wf = {k: capture[k] for k in ("1", "2", "3", "4", "5", "6", "8")}    # loaders, prompt, guidance, negative, latent
+    wf["20"] = {"class_type": "PromptMixSampler", "inputs": {
+        "model": ["1", 0], "clip": ["2", 0], "prompt": capture["4"]["inputs"]["text"], "negative": ["6", 0],
+        "latent_image": ["8", 0], "object_word": "cat", "proxy_words": "dog", "suggestions": 4,
+        "preserve_words": "bicycle", "seed": 7, "steps": steps, "cfg": 1.0, "scheduler": "simple",
+        "mix_start": 0.14, "mix_end": 0.34, "self_injection_end": 0.8, "injection_threshold": 0.05,
+        "blend_at": 0.7, "clusters": 5, "cluster_threshold": 0.3, "nouns": "", "background_nouns": "",
+        "proxy_candidates": "word-internal pieces (official)", "positive": ["5", 0],
+        "sampler": ["21", 0], "sigmas": ["22", 0]}}
+    wf["21"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}}
+    wf["22"] = {"class_type": "BasicScheduler", "inputs": {"model": ["1", 0], "scheduler": "simple",
+                                                           "steps": steps, "denoise": 1.0}}
+    wf["23"] = {"class_type": "VAEDecode", "inputs": {"samples": ["20", 0], "vae": ["3", 0]}}
+    wf["24"] = {"class_type": "SaveImage", "inputs": {"filename_prefix": "attention_lab_mnm_flux",
+                                                      "images": ["23", 0]}}
+    return wf
 
 
 def check(models: Path) -> None:
@@ -160,7 +186,7 @@ def main(argv=None):
                    help="image width and height of the written workflows, pixels (multiples of 16)")
     p.add_argument("--steps", type=cli.int_range(1, 10000), default=4, help="sampling steps of the written workflows")
     p.add_argument("--check-only", action="store_true", help="only load the existing files and print what ComfyUI "
-                                                             "detects")
+                                                             "detects (and write the workflows)")
     args = p.parse_args(argv)
     if any(s % 16 for s in args.size):
         p.error(f"argument --size: {args.size} are not multiples of 16: give e.g. 256 192")
@@ -185,6 +211,8 @@ def main(argv=None):
             save(models / FILES[kind], text_encoder(kind, g), "DualCLIPLoader / TripleCLIPLoader")
         workflows(args.out, tuple(args.size), args.steps)
         print(f"all written in {time.perf_counter() - t0:.0f} s")
+    else:
+        workflows(args.out, tuple(args.size), args.steps)
     check(models)
 
 
