@@ -20,16 +20,17 @@ from ..attention.inversion import Inversion
 from ..attention.p2p import (
     EDITS,
     LocalBlend,
-    P2PController,
     blend_positions,
     build_plan,
     parse_pairs,
     self_replace_limit,
 )
+from ..attention.p2p_joint import JointP2PController
 from ..attention.store import AttentionStore, StoreConfig
 from ..attention.words import split_word_list
 from . import comfy_sampling
 from .common import CATEGORY, InversionType, encode_prompt, install_controller, model_layer_ids, prompt_words
+from .dit import dit_info
 from .guided import add_chunk_wrapper, rows_conditioning
 from .inversion import sample_from_inversion
 from .learnable_tokens import encode_with_learned
@@ -174,23 +175,29 @@ class P2PEditSampler(io.ComfyNode):
         k = len(targets)
         latent_hw = tuple((inv.x_T if inv is not None else comfy.sample.fix_empty_latent_channels(
             model, latent_image["samples"][:1])).shape[-2:])
+        dit = dit_info(model.get_model_object("diffusion_model"))
+        if dit is not None:     # one token grid on every block: self-injection and LocalBlend maps on all of them
+            grid = dit.grid(latent_hw)
+            self_limit, blend_size = grid[0] * grid[1], grid
+        else:
+            self_limit = self_replace_limit(latent_hw, inv is not None)
+            blend_size = (max(latent_hw[0] // 4, 1), max(latent_hw[1] // 4, 1))
 
         words_of = words_fn(clip)
         plan = build_plan(source_prompt, targets, edit, steps, cross_replace_steps,
                           parse_pairs(cross_replace_words, "cross_replace_words", "lasagne:0.2"),
                           self_replace_steps, parse_pairs(reweight, "reweight", "smiling:5"), length,
-                          self_replace_limit(latent_hw, inv is not None), words_of)
+                          self_limit, words_of)
         m = model.clone()
         add_chunk_wrapper(m)
-        ids = model_layer_ids(model)
-        install_controller(m, ChunkFilter(P2PController(plan, steps)), ids)   # the rows of the prompts' entries
+        ids = model_layer_ids(model, dit=True)
+        install_controller(m, ChunkFilter(JointP2PController(plan, steps)), ids)   # the rows of the prompts' entries
         blend = None
         names = split_word_list(blend_words)
         if names:
             store = AttentionStore(StoreConfig(capture_self=False))
             install_controller(m, store, ids, self_attn=False, cross_attn=True)
-            blend = LocalBlend(store, blend_positions(prompts, names, words_of),
-                               (max(latent_hw[0] // 4, 1), max(latent_hw[1] // 4, 1)), blend_threshold,
+            blend = LocalBlend(store, blend_positions(prompts, names, words_of), blend_size, blend_threshold,
                                int(blend_start * steps))
         base = positive if positive is not None else inv.extra["positive"] if inv is not None else encoded[0]
         rows = rows_conditioning("P2PEditSampler", base, encoded[0], encoded)
