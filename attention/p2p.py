@@ -429,7 +429,8 @@ def p2p_sample(eps: BatchEps | None, x_T: torch.Tensor, sigmas: torch.Tensor, co
         c = conds[i] if isinstance(conds, list) else conds
         u = None if nulls is None else (nulls[i] if isinstance(nulls, list) else nulls).to(c).expand(k1, -1, -1)
         if solver == "fireflow":
-            x, v_next = fireflow_step(lambda x_, s_: guide(x_, s_, c, u), x, sigmas[i], sigmas[i + 1], v_next)
+            x, v_next = fireflow_step(lambda x_, s_, c=c, u=u: guide(x_, s_, c, u), x, sigmas[i], sigmas[i + 1],
+                                      v_next)
         else:
             x = x + guide(x, sigmas[i], c, u) * (sigmas[i + 1] - sigmas[i])
         if after_step is not None:

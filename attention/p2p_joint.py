@@ -34,8 +34,6 @@ self-injection) runs the model's own attention kernel, untouched.
 
 from __future__ import annotations
 
-import torch
-
 from .context import AttnContext
 from .p2p import EditPlan, P2PController
 
@@ -45,6 +43,8 @@ JOINT_ROWS = ("renormalize", "slice")
 class JointP2PController(P2PController):
     """``P2PController`` that also edits DiT joint attention (``ctx.joint`` set by ``joint.dit_call``); on UNet
     layers it is the UNet controller unchanged."""
+
+    edits_cond_grid = True      # only the image-grid query rows of the cond chunks change (joint.py's fast path)
 
     def __init__(self, plan: EditPlan, steps: int, rows: str = "renormalize"):
         if rows not in JOINT_ROWS:

@@ -168,3 +168,20 @@ def test_shapesworld_flow_colour_swap(flow):
     assert torch.allclose(s[2][:, ~m], s[0][:, ~m], atol=1e-5)       # outside it: the source
     without = p2p(model, clip, [src, tgt], lat, source=src, steps=12, cfg=4.0, seed=1)[0]["samples"]
     assert float((without[2] - s[0]).abs()[:, ~m].amax()) > 0.05     # which the edit without LocalBlend changes
+
+
+def test_another_override_still_applies(flux):
+    """An attention override already on the MODEL keeps its effect on every row (its difference to plain
+    attention is added on the rows P2P recomputes)."""
+    model, clip = flux
+    m = model.clone()
+    to = m.model_options.setdefault("transformer_options", {})
+
+    def scale(func, *args, **kwargs):
+        return func(*args, **kwargs) * 0.9
+    to["optimized_attention_override"] = scale
+    theirs = plain(m, clip, latent())
+    assert rel(theirs, plain(model, clip, latent())) > 1e-3
+    o = p2p(m, clip, [SRC, SWAP], latent())[0]["samples"]
+    assert_same_samples(o[0], theirs[0])
+    assert torch.equal(o[1], o[0]) and rel(o[2], o[0]) > CHANGED

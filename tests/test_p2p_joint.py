@@ -44,7 +44,8 @@ def plan(seed=0, equalize=True, cross=0.6, self_steps=0.3):
     ref_alpha = (torch.rand(M, generator=g) > 0.3).float()
     eq = torch.rand(2, M, generator=g) * 3 if equalize else None
     return EditPlan(kind=["replace", "refine"], replace=torch.stack([perm, torch.eye(M)]),
-                    refine=torch.stack([torch.arange(M), refine]), refine_alphas=torch.stack([torch.ones(M), ref_alpha]),
+                    refine=torch.stack([torch.arange(M), refine]),
+                    refine_alphas=torch.stack([torch.ones(M), ref_alpha]),
                     equalizer=eq, alpha=word_alpha(STEPS, 2, M, (0.0, cross), {(1, 2): (0.0, 0.9)}),
                     self_replace=(0.0, self_steps), self_max_tokens=GRID[0] * GRID[1])
 
@@ -119,3 +120,36 @@ def test_identical_target_is_the_source_row_and_nothing_is_due_after_the_windows
     assert not c.wants_probs(ctx(1, cou=(1,), items=6))        # only negative rows
     with pytest.raises(ValueError, match="not one of"):
         JointP2PController(p, STEPS, "clip")
+
+
+def test_on_shapesworld_flow_identical_target_is_the_source_bit_for_bit_and_a_swap_edits():
+    """Through the pack's hook on the pure-torch twin (joint.dit_options), the path of the figure command."""
+    from attention.shapesworld.flow_model import DEFAULT_FLOW_WEIGHTS, ShapesWorldFlowModel
+    from attention.shapesworld.flow_p2p_figures import SOURCE, TARGETS, edit
+    if not DEFAULT_FLOW_WEIGHTS.is_file():
+        pytest.skip("no shipped ShapesWorld-Flow weights")
+    model = ShapesWorldFlowModel()
+    sigmas = model.sigmas(6)
+    x_T = model.noise(1, 0) * sigmas[0]
+    out = edit(model, x_T, sigmas, 4.0, [SOURCE, TARGETS[0]])
+    plain = edit(model, x_T, sigmas, 4.0, [SOURCE, TARGETS[0]], hooked=False)
+    assert torch.equal(out[1], out[0])
+    assert (out[0] - plain[0]).abs().max() < 1e-5                  # the source row is plain sampling
+    assert (out[2] - out[0]).abs().max() > 0.2                     # the swap edits
+    assert (out[2] - plain[2]).abs().max() > 0.05                  # and differs from the target prompt alone
+
+
+def test_cond_grid_fast_path_equals_the_full_explicit_path(monkeypatch):
+    """joint._explicit_cond_grid (kernel output, then the cond rows' grid queries from the edited probabilities)
+    gives the samples of joint._explicit (every row and query explicit), with CFG's negative rows in the batch."""
+    from attention.shapesworld.flow_model import DEFAULT_FLOW_WEIGHTS, ShapesWorldFlowModel
+    from attention.shapesworld.flow_p2p_figures import TARGETS, edit
+    if not DEFAULT_FLOW_WEIGHTS.is_file():
+        pytest.skip("no shipped ShapesWorld-Flow weights")
+    model = ShapesWorldFlowModel()
+    sigmas = model.sigmas(5)
+    x_T = model.noise(1, 2) * sigmas[0]
+    fast = edit(model, x_T, sigmas, 3.0, TARGETS, blend=True)
+    monkeypatch.setattr(JointP2PController, "edits_cond_grid", False)
+    full = edit(model, x_T, sigmas, 3.0, TARGETS, blend=True)
+    assert (fast - full).abs().max() < 1e-5
