@@ -8,6 +8,9 @@ steps in ``self_replace_steps``, an equalizer for reweighting that can sit on a 
 and LocalBlend (summed cross-attention of chosen words, 3x3 max-pool, max-normalized, threshold
 0.3, union with the source's mask, from ``start_blend`` of the steps on). Our code, their math.
 
+Over 400 lines on purpose: the port's mappers, plan, controller, LocalBlend and batch sampler read together
+against the notebook. DiT joint attention: ``p2p_joint.py``.
+
 Batch convention: item 0 is the source, items 1..k the edits; only cond rows are edited, as upstream.
 Shapes (einops legend): probs (rows, h, n, m) with m text tokens; mapper (k, m, m) for replace,
 (k, m) indices for refine; alphas (k, m); equalizer (k, m); word alpha (steps+1, k, m).
