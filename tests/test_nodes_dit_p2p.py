@@ -185,3 +185,18 @@ def test_another_override_still_applies(flux):
     o = p2p(m, clip, [SRC, SWAP], latent())[0]["samples"]
     assert_same_samples(o[0], theirs[0])
     assert torch.equal(o[1], o[0]) and rel(o[2], o[0]) > CHANGED
+
+
+def test_shapesworld_flow_p2p_workflow_runs_through_comfyuis_executor(flow, tmp_path_factory):
+    """workflows/api/p2p_edit_shapesworld_flow_api.json as the HTTP API would queue it: the source and two colour
+    edits saved, the LocalBlend masks previewed; the green edit is green where the red circle was."""
+    from test_nodes_workflow import api_graph, load_png, new_executor, run
+    out_dir = tmp_path_factory.mktemp("comfy_out")
+    from comfy_env import register_pack
+    register_pack(out_dir)
+    out = run(new_executor(), api_graph("p2p_edit_shapesworld_flow", 12))
+    saved = [load_png(out_dir, e).astype(float) / 255 for e in out["6"]["images"]]
+    assert len(saved) == 3 and out["8"]["images"]
+    src, green = torch.tensor(saved[0]).permute(2, 0, 1), torch.tensor(saved[1]).permute(2, 0, 1)
+    changed = (green - src).abs().amax(0) > 0.2
+    assert changed.any() and float(green[1][changed].mean()) > float(green[0][changed].mean())
