@@ -15,7 +15,8 @@ same guidance, retraced with the same solver (``p2p_sample(solver=...)``), as Nu
 Printed per setting: edits, the share whose edited object takes the new colour (its largest blob of that colour
 overlaps the source object by half or more), PSNR (dB, [0, 1] pixels) outside the object (source object and
 the edit's blob, dilated by one pixel) against the source row (seed) or the real image (inversion). Cost: median
-seconds of [source + 2 targets] edited vs the same 3-row batch sampled plainly (no hook), interleaved, one run.
+seconds of [source + 2 targets] edited vs the same 3-row batch sampled plainly (no hook), interleaved, one run;
+the bytes LocalBlend's store holds after a run of half and of all the steps (no per-step cache).
 """
 
 from __future__ import annotations
@@ -67,12 +68,14 @@ def editor(model, targets: list[str], steps: int, rows: str, blend: bool, cross:
 
 @torch.no_grad()
 def edit(model, x_T: torch.Tensor, sigmas: torch.Tensor, cfg: float, targets: list[str], rows: str = "renormalize",
-         blend: bool = False, solver: str = "euler", hooked: bool = True) -> torch.Tensor:
+         blend: bool = False, solver: str = "euler", hooked: bool = True, keep: dict | None = None) -> torch.Tensor:
     """[source, targets] (1+k, 3, S, S) in [0, 1] from x_T (1, 3, S, S); ``hooked`` False: plain sampling of the
-    same batch (no controller), for the cost."""
+    same batch (no controller), for the cost; ``keep`` receives the LocalBlend ("blend")."""
     prompts = [SOURCE] + targets
     steps = len(sigmas) - 1
     extra, lb = editor(model, targets, steps, rows, blend) if hooked else (None, None)
+    if keep is not None:
+        keep["blend"] = lb
     cond, uncond = model.encode(prompts), model.encode([""] * len(prompts))
     den = model.denoiser(cond, uncond, cfg, extra, sigmas)
 
@@ -150,7 +153,13 @@ def cost(model, steps: int, cfg: float, repeats: int = 3) -> dict:
             edit(model, x_T, sigmas, cfg, TARGETS, **kw)
             times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
+    held = {}
+    for n in (steps // 2, steps):                       # what LocalBlend keeps: flat in the steps
+        keep: dict = {}
+        edit(model, x_T, model.sigmas(n), cfg, TARGETS, blend=True, keep=keep)
+        held[f"steps={n}"] = keep["blend"].store.nbytes()
     return {"rows": 3, "steps": steps, "seconds": {k: round(v, 3) for k, v in med.items()},
+            "localblend_store_bytes": held,
             "edit_over_plain": round(med["edit"] / med["plain"], 3),
             "edit_localblend_over_plain": round(med["edit + LocalBlend"] / med["plain"], 3)}
 
