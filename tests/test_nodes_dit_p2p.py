@@ -100,12 +100,15 @@ def test_long_prompts_on_flux(flux):
     assert torch.equal(o[1], o[0]) and rel(o[2], o[0]) > CHANGED
 
 
-def test_connected_ancestral_sampler_runs_with_shared_noise(flux):
+@pytest.mark.parametrize("name", ["euler_ancestral", "dpmpp_2m_sde", "heun"])
+def test_connected_samplers_run_with_shared_noise(flux, name):
+    """Ancestral and SDE samplers (one shared noise per step for every row) and a second-order one: the source row
+    is KSampler's run of that sampler, an identical target its copy."""
     model, clip = flux
-    sampler = comfy.samplers.sampler_object("euler_ancestral")
+    sampler = comfy.samplers.sampler_object(name)
     sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", 5).cpu()
     o = p2p(model, clip, [SRC, SWAP], latent(), sampler=sampler, sigmas=sigmas)[0]["samples"]
-    assert_same_samples(o[0], plain(model, clip, latent(), sampler="euler_ancestral")[0])
+    assert_same_samples(o[0], plain(model, clip, latent(), sampler=name)[0])
     assert torch.equal(o[1], o[0]) and rel(o[2], o[0]) > CHANGED
 
 
