@@ -5,7 +5,7 @@ that runs on a CPU (the same graph works on Flux and SD3 with their loaders). On
 
 from __future__ import annotations
 
-from workflow_format import Node
+from workflow_format import Node, mask_to_image, preview_image, save_image, vae_decode
 
 FLOW_SOURCE = "a red circle and a blue square on a gray background"
 FLOW_TARGETS = ("a green circle and a blue square on a gray background\n"
@@ -31,13 +31,11 @@ def p2p_flow_graph(_shapesworld: bool = True) -> tuple[list[Node], list]:
              [("latents", "LATENT"), ("blend_mask", "MASK")],
              {"model": "MODEL", "clip": "CLIP", "negative": "CONDITIONING", "latent_image": "LATENT"},
              (360, 0), (400, 640)),
-        Node(5, "VAEDecode", {}, {"samples": (4, 0), "vae": (1, 2)}, [("IMAGE", "IMAGE")],
-             {"samples": "LATENT", "vae": "VAE"}, (800, 0), (220, 50)),
-        Node(6, "SaveImage", {"filename_prefix": "attention_lab_flow_p2p"}, {"images": (5, 0)}, [],
-             {"images": "IMAGE"}, (1060, 0), (420, 300), "Source, then one image per target prompt"),
-        Node(7, "MaskToImage", {}, {"mask": (4, 1)}, [("IMAGE", "IMAGE")], {"mask": "MASK"}, (800, 360), (220, 50)),
-        Node(8, "PreviewImage", {}, {"images": (7, 0)}, [], {"images": "IMAGE"}, (1060, 360), (420, 260),
-             "LocalBlend masks (white = may change)"),
+        vae_decode(5, (4, 0), (1, 2), (800, 0)),
+        save_image(6, (5, 0), "attention_lab_flow_p2p", (1060, 0), (420, 300),
+                   "Source, then one image per target prompt"),
+        mask_to_image(7, (4, 1), (800, 360)),
+        preview_image(8, (7, 0), (1060, 360), (420, 260), "LocalBlend masks (white = may change)"),
     ]
     note = ("Prompt-to-Prompt on ShapesWorld-Flow, the pack's embedded rectified-flow transformer loaded as ComfyUI's "
             "own Flux class: the same node edits Flux and SD3 (connect their loaders). On a DiT the edit works on "
