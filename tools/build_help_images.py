@@ -96,7 +96,8 @@ DRAWN = {"attention_capture_flux": "graph for Flux.1-dev weights (green: Attenti
          "attention_capture_sd3": "graph for SD3.5 weights (green: Attention Lab nodes)",
          "p2p_edit_flux": "graph for Flux.1-dev weights (green: Attention Lab nodes)",
          "p2p_edit_sd3": "graph for SD3.5 weights (green: Attention Lab nodes)",
-         "rf_p2p_edit_flux": "graph for Flux.1-dev weights (green: Attention Lab nodes)"}
+         "rf_p2p_edit_flux": "graph for Flux.1-dev weights (green: Attention Lab nodes)",
+         "prompt_mixing_flux": "graph for Flux.1-dev weights (green: Attention Lab nodes)"}
 
 
 class _Server:

@@ -27,6 +27,7 @@ from workflow_graphs_dit_edit import (  # noqa: E402
     p2p_flux_graph,
     p2p_sd3_graph,
     prompt_mix_flow_graph,
+    prompt_mix_flux_graph,
     rf_p2p_flow_graph,
     rf_p2p_flux_graph,
 )
@@ -59,7 +60,8 @@ GRAPHS = (("attention_capture", capture_graph, False), ("attention_capture_shape
           ("p2p_edit_shapesworld_flow", p2p_flow_graph, True),           # DiT editing (workflow_graphs_dit_edit)
           ("p2p_edit_flux", p2p_flux_graph, False), ("p2p_edit_sd3", p2p_sd3_graph, False),
           ("rf_p2p_edit_shapesworld_flow", rf_p2p_flow_graph, True), ("rf_p2p_edit_flux", rf_p2p_flux_graph, False),
-          ("prompt_mixing_shapesworld_flow", prompt_mix_flow_graph, True))
+          ("prompt_mixing_shapesworld_flow", prompt_mix_flow_graph, True),
+          ("prompt_mixing_flux", prompt_mix_flux_graph, False))
 
 
 def build_parser():

@@ -246,3 +246,45 @@ def prompt_mix_flow_graph(_shapesworld: bool = True) -> tuple[list[Node], list]:
             "proxy's shape; the square and background stay (blend at 'blend_at'). Euler on the simple schedule at "
             "cfg 4 (the model card). From an inversion: refused on DiT models. Runs on a CPU in seconds.")
     return nodes, [(note, (0, 660))]
+
+
+def prompt_mix_flux_graph(_shapesworld: bool = False) -> tuple[list[Node], list]:
+    """Flux.1-dev loaders -> Prompt Mix Sampler (cat varied by proxies, bicycle preserved; cfg 1, the prompt's
+    conditioning through FluxGuidance 3.5 on 'positive', the paper's window)."""
+    nodes = [
+        *flux_loaders(),
+        text(4, PHOTO_SOURCE, (2, 0), (360, 0), "Prompt (= Prompt Mix's prompt)"),
+        Node(5, "FluxGuidance", {"guidance": 3.5}, {"conditioning": (4, 0)}, [("CONDITIONING", "CONDITIONING")],
+             {"conditioning": "CONDITIONING"}, (360, 180), (300, 60)),
+        Node(6, "ConditioningZeroOut", {}, {"conditioning": (4, 0)}, [("CONDITIONING", "CONDITIONING")],
+             {"conditioning": "CONDITIONING"}, (360, 280), (300, 30), "Negative (unused at cfg 1)"),
+        Node(7, "EmptySD3LatentImage", {"width": 1024, "height": 1024, "batch_size": 1}, {},
+             [("LATENT", "LATENT")], {}, (0, 400), (300, 110)),
+        Node(8, "PromptMixSampler",
+             {"prompt": PHOTO_SOURCE, "object_word": "cat", "proxy_words": "dog, rabbit, fox", "suggestions": 4,
+              "preserve_words": "bicycle, street", "seed": 7, "steps": 20, "cfg": 1.0, "scheduler": "simple",
+              "mix_start": 0.14, "mix_end": 0.34, "self_injection_end": 0.8, "injection_threshold": 0.05,
+              "blend_at": 0.7, "clusters": 5, "cluster_threshold": 0.3, "nouns": "", "background_nouns": "",
+              "proxy_candidates": "word-internal pieces (official)"},
+             {"model": (1, 0), "clip": (2, 0), "negative": (6, 0), "latent_image": (7, 0), "positive": (5, 0)},
+             [("latents", "LATENT"), ("blend_masks", "MASK"), ("proxies", "STRING")],
+             {"model": "MODEL", "clip": "CLIP", "negative": "CONDITIONING", "latent_image": "LATENT",
+              "positive": "CONDITIONING"}, (800, 0), (380, 620)),
+        vae_decode(9, (8, 0), (3, 0), (1240, 0)),
+        save_image(10, (9, 0), "attention_lab_flux_mnm", (1500, 0), (420, 300),
+                   "Original, then one variation per proxy"),
+        mask_to_image(11, (8, 1), (1240, 360)),
+        preview_image(12, (11, 0), (1500, 360), (420, 260), "Blend masks (white = kept from the variation)"),
+        Node(13, "PreviewAny", {}, {"source": (8, 2)}, [], {"source": "*"}, (1240, 460), (220, 120),
+             "Proxy words used"),
+    ]
+    note = ("Prompt mixing (MnM) on Flux.1-dev. " + FLUX_FILES +
+            "Flux dev is guidance-distilled: cfg stays 1 and the guidance is FluxGuidance's on 'positive', which "
+            "must encode 'prompt' (the same text). 'object_word' must be in the prompt; one variation per proxy "
+            "word (empty: 'suggestions' words proposed from the vocabulary). On a DiT each variation is conditioned "
+            "on its proxy prompt and reads the proxy's text values only inside [mix_start, mix_end) "
+            "(docs/prompt-mixing-design.md). Window and injection are the paper's SD numbers: no window has been "
+            "measured on a trained DiT, so try wider windows if the cat hardly changes. Expected: the original, "
+            "then the cat's shape varied with the bicycle and street kept. Try it on a CPU with "
+            "prompt_mixing_shapesworld_flow.")
+    return nodes, [(note, (0, 560))]
