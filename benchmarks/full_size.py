@@ -14,9 +14,10 @@ against plain sampling of one image; DPL Token Optimizer (two nouns). Peak memor
 (/proc/self/statm, sampled every 2 ms) above its value before the run, glibc's freed heap handed back to the OS
 first (malloc_trim), so that what earlier runs freed does not hide this run's use. The weights are random (normal,
 std 0.02), so null-text's early stop and DPL's thresholds do not act as on trained weights: their times are those of
-a run that goes to the iteration limits more often than a real one would. Text encoders: SD1.5's real-size CLIP
-ViT-L; for SDXL two one-layer encoders of the real widths (a real CLIP-G would add its encoding time to every
-variant alike).
+a run that goes to the iteration limits more often than a real one would. Text encoders: the real classes and
+tokenizers (SD1.5's CLIP-L; SDXL's CLIP-L and CLIP-G) at their real widths with 3 narrow layers: the prompt encoding
+is the same in a variant and its baseline, and the real encoders' seconds per prompt on a CPU would swamp the
+reduced UNet runs (DPL's backward through the text encoder is cheaper than with the real one).
 
 On a CPU the defaults are reduced so that the run finishes in minutes (128 px, 2 steps, null-text 2 inner steps, DPL
 2 token and 3 null iterations per step; the JSON lists them under "reduced"; 11 min on one thread of a shared 2-core
@@ -121,7 +122,7 @@ def build(kind: str, dtype: torch.dtype):
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models
-    from comfy_env import sd15_clip, tiny_sdxl_clip
+    from comfy_env import tiny_sdxl_clip
     cls, cfg = (comfy.supported_models.SD15, SD15_UNET) if kind == "sd15" else (comfy.supported_models.SDXL, SDXL_UNET)
     mc = cls(dict(cfg, dtype=dtype))
     mc.set_inference_dtype(dtype, None)
@@ -131,7 +132,18 @@ def build(kind: str, dtype: torch.dtype):
         for p in model.diffusion_model.parameters():
             p.copy_((torch.randn(p.shape, generator=g) * 0.02).to(p.dtype))
     patcher = comfy.model_patcher.ModelPatcher(model, mm.get_torch_device(), mm.unet_offload_device())
-    return patcher, (sd15_clip() if kind == "sd15" else tiny_sdxl_clip())
+    return patcher, (sd15_text_encoder() if kind == "sd15" else tiny_sdxl_clip())
+
+
+def sd15_text_encoder():
+    """SD1.5's CLIP class and tokenizer at its real width (768) with 3 narrow layers, seeded random weights: the
+    real encoder's 123 M parameters take seconds per prompt on one CPU thread, which would swamp a reduced UNet
+    run, and add the same encoding to a variant and its baseline alike."""
+    import comfy.sd1_clip
+    from comfy_env import _clip
+    cfg = {"hidden_size": 768, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 3,
+           "projection_dim": 768}
+    return _clip(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel, {"clip_l_model_config": cfg}, seed=4)
 
 
 def variants(model, clip, steps: int, side: int, nt_inner: int, dpl: dict):
@@ -147,9 +159,11 @@ def variants(model, clip, steps: int, side: int, nt_inner: int, dpl: dict):
     state: dict = {}
 
     def ksampler(m, prompts, latent):
-        pos = [[torch.cat([encode(clip, p)[0][0] for p in prompts]), dict(encode(clip, prompts[0])[0][1])]]
+        """Each prompt encoded once (a CLIPTextEncode each), one row per prompt, then KSampler."""
+        enc = [encode(clip, p)[0] for p in prompts]
+        pos = [[torch.cat([e[0] for e in enc]), dict(enc[0][1])]]
         if "pooled_output" in pos[0][1]:
-            pos[0][1]["pooled_output"] = torch.cat([encode(clip, p)[0][1]["pooled_output"] for p in prompts])
+            pos[0][1]["pooled_output"] = torch.cat([e[1]["pooled_output"] for e in enc])
         noise = comfy.sample.prepare_noise(latent, 0)
         return comfy.sample.sample(m, noise, steps, CFG, "ddim", "ddim_uniform", pos, encode(clip, ""), latent,
                                    disable_pbar=True, seed=0)
