@@ -19,7 +19,7 @@ from comfy_api.latest import io
 
 from ..attention import logger
 from ..attention.direct_inversion import SourceCorrection, direct_offsets
-from ..attention.inversion import Inversion, NullTextSettings, ddim_invert, null_text_optimize, reconstruct
+from ..attention.inversion import Inversion, NullTextSettings, ddim_invert, null_text_optimize
 from ..attention.p2p import p2p_sample
 from . import rf_inversion as rf
 from .common import CATEGORY, InversionType, encode_prompt
@@ -305,11 +305,9 @@ class NullTextInvert(io.ComfyNode):
             else:
                 traj = invert(ev, x, sig, c, tick)
                 nulls = [c] * steps if mode == "negative-prompt" else None
-                plan = Inversion(sigmas=sig, trajectory=traj, cond=c, nulls=nulls, prompt=prompt, mode=mode,
-                                 guidance=guidance)
-                with torch.no_grad():
-                    rec = reconstruct(lambda x_, s_, t_: (tick(), eps_c(x_, s_, t_))[1], plan, n0, eps_null=eps_n,
-                                      device=dev, guide=ev.guide())
+                with torch.no_grad():   # guided DDIM from x_T, what an edit's source row runs: prompt and null rows
+                    rec = p2p_sample(None, traj[0], sig, c.expand(b, -1, -1), nulls, guidance, None, tick,
+                                     guide=ev.batch_guide(quiet=True))              # in one model call per step
                 counts["forward"] += 2 * steps * b
             res.update(trajectory=traj, nulls=nulls, counts=counts, rec=rec.detach())
             return res["rec"]
