@@ -69,6 +69,7 @@ class ChunkFilter(AttentionController):
     def __init__(self, inner: AttentionController, full_frame: bool = False, text_only: bool = True):
         self.inner, self.full_frame, self.text_only = inner, full_frame, text_only
         self.edits_probs = inner.edits_probs
+        self.edits_cond_grid = getattr(inner, "edits_cond_grid", False)
 
     def __deepcopy__(self, memo):
         return self

@@ -169,6 +169,8 @@ def dit_call(hook, func: Callable, args: tuple, kwargs: dict, to: dict):
     * an editor (``edits_probs``) whose ``wants_probs(ctx)`` is true gets ``edit_probs(probs, ctx, query_slice)``
       with the joint probabilities (b, h, n_chunk, L) of the joint queries ``query_slice``; the output is then
       computed explicitly from the edited probabilities (plus another override's difference, as ``run_attention``);
+      when every editor of the call sets ``edits_cond_grid`` (it edits only the image-grid query rows of the
+      positive chunks: P2P) only those are computed explicitly, on the kernel's output (``_explicit_cond_grid``);
     * readers get the image-grid rows' views of the probabilities (edited ones when an editor ran);
     * ``edit_output(out, ctx)``: the joint output (b, L, h*d).
     Without an editor the output is the model's kernel's, untouched."""
@@ -193,7 +195,10 @@ def dit_call(hook, func: Callable, args: tuple, kwargs: dict, to: dict):
     editors = [c for c in controllers if c.edits_probs and c.wants_probs(contexts[True])]
     readers = {c: [r for r in hook.controllers(layer, c) if not r.edits_probs and r.wants_probs(contexts[c])]
                for c in (True, False)}
-    if editors:
+    if editors and all(getattr(c, "edits_cond_grid", False) for c in editors) and _cond_only(readers, contexts):
+        out = _explicit_cond_grid(hook, func, args, kwargs, (qh, kh, vh), mask, layout, contexts, editors, readers,
+                                  skip_out)
+    elif editors:
         out = _explicit(qh, kh, vh, mask, layout, contexts, editors, readers, skip_out)
         if hook.previous is not None:
             out = out + (hook.forward(func, args, kwargs) - func(*args, **kwargs))
@@ -234,6 +239,75 @@ def _explicit(qh, kh, vh, mask, layout: JointLayout, contexts: dict, editors: li
                 r.observe_probs(probs[:, :, grid_rows, g], contexts[False], gsl, rows)
         out[:, :, sl] = (probs.to(vh.dtype) @ vh)
     return out if skip_out else out.transpose(1, 2).reshape(b, n, -1)
+
+
+def _cond_rows(ctx: AttnContext) -> tuple[list[int], list[int]]:
+    """(chunks, attention-batch rows) of the call's positive chunks."""
+    chunks = [i for i, c in enumerate(ctx.cond_or_uncond) if c == 0]
+    return chunks, [i * ctx.items + b for i in chunks for b in range(ctx.items)]
+
+
+def _cond_only(readers: dict, contexts: dict) -> bool:
+    """Whether every reader wants only rows of the positive chunks (what ``_explicit_cond_grid`` computes)."""
+    rows = set(_cond_rows(contexts[True])[1])
+    return all((got := r.probs_rows(contexts[c])) is not None and set(got) <= rows
+               for c, rs in readers.items() for r in rs)
+
+
+def _explicit_cond_grid(hook, func, args, kwargs, qkv: tuple, mask, layout: JointLayout, contexts: dict,
+                        editors: list, readers: dict, skip_out: bool) -> torch.Tensor:
+    """The editors' path when every editor says it edits only the image-grid query rows of the positive chunks
+    (``edits_cond_grid``, e.g. Prompt-to-Prompt): the model's kernel (and any other override) gives the whole
+    output, then those rows' image-grid queries are recomputed from the edited probabilities (plus another
+    override's difference there, as ``_explicit``). Editors see a context of the positive chunks only
+    (``cond_or_uncond`` all 0, ``uuids`` cut to match) and probabilities (rows, h, n_chunk, L) of joint queries
+    ``query_slice``; readers see the rows they asked for. Cost: the kernel plus the explicit softmax of
+    cond rows x grid queries, instead of every row and query."""
+    out = hook.forward(func, args, kwargs)
+    ctx = contexts[True]
+    chunks, rows = _cond_rows(ctx)
+    if not rows:
+        return out
+    qh, kh, vh = qkv
+    idx = torch.tensor(rows, device=qh.device)
+    uuids = ctx.extra.get("uuids")
+    extra = ctx.extra if uuids is None or len(uuids) != len(ctx.cond_or_uncond) else \
+        {**ctx.extra, "uuids": [uuids[i] for i in chunks]}
+    sub = replace(ctx, cond_or_uncond=[0] * len(chunks), extra=extra)
+    q, k, v = (x.index_select(0, idx) for x in (qh, kh, vh))
+    m = _mask4(mask)
+    if m is not None and m.shape[0] > 1:
+        m = m.index_select(0, idx)
+    b, h, _, d = q.shape
+    t, g = layout.text_keys(), layout.grid_tokens()
+    n = g.stop - g.start
+    res = torch.empty(b, h, n, v.shape[-1], dtype=qh.dtype, device=qh.device)
+    kt = k.float().transpose(-1, -2)
+    for sl in query_chunks(b, h, n, kt.shape[-1], DEFAULT_CHUNK_ELEMENTS):
+        joint_sl = slice(g.start + sl.start, g.start + sl.stop)
+        logits = q[:, :, joint_sl].float() @ kt * d ** -0.5
+        if m is not None:
+            mm = m[..., joint_sl, :]
+            logits = logits.masked_fill(~mm, float("-inf")) if mm.dtype == torch.bool else logits + mm.float()
+        probs = logits.softmax(dim=-1)
+        for c in editors:
+            probs = c.edit_probs(probs, sub, joint_sl)
+        for r in readers[True]:
+            r.observe_probs(probs[..., t], contexts[True], sl, rows)
+        for r in readers[False]:
+            r.observe_probs(probs[..., g], contexts[False], sl, rows)
+        res[:, :, sl] = probs.to(v.dtype) @ v
+    if not skip_out:
+        res = res.transpose(1, 2).reshape(b, n, -1)
+    if hook.previous is not None:          # another override's difference to plain attention on these rows
+        plain = func(*args, **kwargs)
+        diff = (out - plain).index_select(0, idx)
+        res = res + (diff[:, :, g] if skip_out else diff[:, g])
+    if skip_out:
+        out[idx, :, g.start:g.stop] = res
+    else:
+        out[idx, g.start:g.stop] = res
+    return out
 
 
 def _observe(qh, kh, mask, layout: JointLayout, contexts: dict, readers: dict) -> None:

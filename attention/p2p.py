@@ -8,6 +8,9 @@ steps in ``self_replace_steps``, an equalizer for reweighting that can sit on a 
 and LocalBlend (summed cross-attention of chosen words, 3x3 max-pool, max-normalized, threshold
 0.3, union with the source's mask, from ``start_blend`` of the steps on). Our code, their math.
 
+Over 400 lines on purpose: the port's mappers, plan, controller, LocalBlend and batch sampler read together
+against the notebook. DiT joint attention: ``p2p_joint.py``.
+
 Batch convention: item 0 is the source, items 1..k the edits; only cond rows are edited, as upstream.
 Shapes (einops legend): probs (rows, h, n, m) with m text tokens; mapper (k, m, m) for replace,
 (k, m) indices for refine; alphas (k, m); equalizer (k, m); word alpha (steps+1, k, m).
@@ -24,6 +27,7 @@ import torch.nn.functional as F
 from .context import AttnContext
 from .controller import AttentionController
 from .layers import LayerId
+from .rf_inversion import SOLVERS, fireflow_step
 from .words import PromptWords, Word, WordNotInPromptError, parse_word_values
 
 # ---- token alignment (seq_aligner) -------------------------------------------------------------
@@ -160,6 +164,21 @@ class P2PController(AttentionController):
             out = out * p.equalizer[:k].to(base)[:, None, None, :]
         return out
 
+    def cross_edit(self, base: torch.Tensor, edits: torch.Tensor, step: int) -> torch.Tensor:
+        """Upstream ``AttentionControlEdit.forward``'s cross branch: base (h, n, m) the source's cross-attention,
+        edits (k, h, n, m) the edits'; returns the edits' new maps, replace/refine/reweight blended by the step's
+        word alphas (m: the plan's length, or r whole copies of it: a context repeated r times in the batch)."""
+        h, n, m = base.shape
+        k, length = edits.shape[0], self.plan.alpha.shape[-1]
+        if m % length:
+            raise ValueError(f"cross-attention has {m} keys but the edit plan {length}; the prompts and the "
+                             f"negative must be whole 77-token chunks of one another")
+        r = m // length     # the context repeated r times (a longer negative in the batch, as ComfyUI)
+        base, edits = base.reshape(h, n * r, length), edits.reshape(k, h, n * r, length)
+        alpha = self.plan.alpha[min(step, self.plan.alpha.shape[0] - 1), :k].to(edits)[:, None, None, :]
+        new = self.replace_cross(base, edits)
+        return (new * alpha + edits * (1 - alpha)).reshape(k, h, n, m)
+
     def edit_probs(self, probs, ctx: AttnContext, query_slice: slice):
         for start, item in ctx.rows(0):
             if item != 0:
@@ -167,16 +186,7 @@ class P2PController(AttentionController):
             k = min(ctx.items - 1, len(self.plan.kind))
             base, edits = probs[start], probs[start + 1:start + 1 + k]
             if ctx.is_cross:
-                h, n, m = base.shape
-                length = self.plan.alpha.shape[-1]
-                if m % length:
-                    raise ValueError(f"cross-attention has {m} keys but the edit plan {length}; the prompts and the "
-                                     f"negative must be whole 77-token chunks of one another")
-                r = m // length     # the context repeated r times (a longer negative in the batch, as ComfyUI)
-                base, edits = base.reshape(h, n * r, length), edits.reshape(k, h, n * r, length)
-                alpha = self.plan.alpha[min(ctx.step, self.plan.alpha.shape[0] - 1), :k].to(probs)[:, None, None, :]
-                new = self.replace_cross(base, edits)
-                probs[start + 1:start + 1 + k] = (new * alpha + edits * (1 - alpha)).reshape(k, h, n, m)
+                probs[start + 1:start + 1 + k] = self.cross_edit(base, edits, ctx.step)
             else:
                 probs[start + 1:start + 1 + k] = base.expand_as(edits)
         return probs
@@ -261,6 +271,40 @@ def refine_mapper_chunks(src: list[list[int]], dst: list[list[int]], length: int
     return mapper.clamp(max=length - 1), alphas
 
 
+def _parts(pw) -> list:
+    """The ``PromptWords`` of each part of a prompt's context (one, or SD3's CLIP-L/G then T5: ``ContextWords``),
+    their words' positions global (offset by the part's start)."""
+    if not hasattr(pw, "parts"):
+        return [pw]
+    return [_Shifted(p, off) for p, off in pw.parts]
+
+
+@dataclass
+class _Shifted:
+    inner: PromptWords
+    offset: int
+
+    @property
+    def words(self) -> list[Word]:
+        return [Word(w.text, w.ids, tuple(p + self.offset for p in w.positions)) for w in self.inner.words]
+
+
+def refine_mapper_parts(src, dst, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``refine_mapper_chunks`` per part of the context (SD3: its CLIP-L/G part, then its T5 part, each aligned
+    on its own), placed at the part's offset; one part: ``refine_mapper_chunks``. src, dst: PromptWords or
+    ContextWords of the source and the target."""
+    if not hasattr(src, "parts"):
+        return refine_mapper_chunks(src.chunks, dst.chunks, length)
+    mapper, alphas = torch.arange(length), torch.ones(length)
+    for (sp, off), (dp, _) in zip(src.parts, dst.parts):
+        n = min(sum(len(c) for c in sp.chunks), length - off)
+        if n <= 0:
+            continue
+        m, a = refine_mapper_chunks(sp.chunks, dp.chunks, n)
+        mapper[off:off + n], alphas[off:off + n] = m + off, a
+    return mapper, alphas
+
+
 def parse_pairs(text: str, what: str, example: str) -> dict[str, float]:
     """'word:1.5, other:-1' -> {'word': 1.5, 'other': -1.0}."""
     return parse_word_values(text, what, example)
@@ -303,16 +347,17 @@ def build_plan(source: str, targets: list[str], edit: str, steps: int, cross_ste
         _check_in_targets(word, "cross_replace_words", tws)
     kinds, replace, refine, ref_alpha, eq, per_word = [], [], [], [], [], {}
     for b, (tgt, tw) in enumerate(zip(targets, tws)):
-        same_len = len(sw.words) == len(tw.words)
-        diff = [(s.positions, d.positions) for s, d in zip(sw.words, tw.words) if not _same(s, d)]
+        pairs = [(s, d) for sp, dp in zip(_parts(sw), _parts(tw)) for s, d in zip(sp.words, dp.words)]
+        same_len = all(len(sp.words) == len(dp.words) for sp, dp in zip(_parts(sw), _parts(tw)))
+        diff = [(s.positions, d.positions) for s, d in pairs if not _same(s, d)]
         same_tokens = all(len(x) == len(y) for x, y in diff)
         kind = ("replace" if same_len and same_tokens else "refine") if edit == "auto" else edit
         if kind == "replace" and not same_len:
             raise ValueError(f"replace needs prompts with the same number of words: {source!r} has "
-                             f"{len(sw.words)}, {tgt!r} has {len(tw.words)}; use edit 'refine' or 'auto'")
+                             f"{len(_parts(sw)[0].words)}, {tgt!r} has {len(_parts(tw)[0].words)}; use edit "
+                             f"'refine' or 'auto'")
         if kind == "replace" and not same_tokens:
-            bad = [(s.text, d.text) for s, d in zip(sw.words, tw.words)
-                   if not _same(s, d) and len(s.positions) != len(d.positions)]
+            bad = [(s.text, d.text) for s, d in pairs if not _same(s, d) and len(s.positions) != len(d.positions)]
             raise ValueError(f"replace swaps token by token, but {bad} have different token counts in this "
                              f"tokenizer; use edit 'refine' (or 'auto', which picks it)")
         kinds.append(kind)
@@ -321,7 +366,7 @@ def build_plan(source: str, targets: list[str], edit: str, steps: int, cross_ste
             refine.append(torch.arange(length))
             ref_alpha.append(torch.ones(length))
         else:
-            m, a = refine_mapper_chunks(sw.chunks, tw.chunks, length)
+            m, a = refine_mapper_parts(sw, tw, length)
             refine.append(m)
             ref_alpha.append(a)
             replace.append(torch.eye(length))
@@ -369,18 +414,28 @@ def batch_cfg(eps: BatchEps, cfg: float) -> BatchGuide:
 @torch.no_grad()
 def p2p_sample(eps: BatchEps | None, x_T: torch.Tensor, sigmas: torch.Tensor, conds: torch.Tensor | list[torch.Tensor],
                nulls: list[torch.Tensor] | torch.Tensor, cfg: float, after_step=None, on_step=None,
-               guide: BatchGuide | None = None) -> torch.Tensor:
+               guide: BatchGuide | None = None, solver: str = "euler") -> torch.Tensor:
     """DDIM (eta 0) on the batch [source, edits] from one x_T (1, c, h, w); ``conds`` (1+k, m, d), or one such
     batch per step (a DPL inversion's per-step tokens); ``nulls``: one (1, m, d) null per step (an inversion)
     or a single negative context. ``guide`` (default ``batch_cfg(eps, cfg)``) gives the rows' guided eps; the
-    nodes pass one that runs ComfyUI's sampling path, where ``nulls`` may be None (the guide's own negative)."""
+    nodes pass one that runs ComfyUI's sampling path, where ``nulls`` may be None (the guide's own negative).
+    ``solver``: "euler" (DDIM in sigma space; on a rectified-flow model eps is the velocity, so this is the Euler
+    step) or "fireflow" (``rf_inversion.fireflow_step``: retraces a FireFlow inversion of a flow model, N + 1
+    evaluations; the reused midpoint velocity is the one before ``after_step``)."""
+    if solver not in SOLVERS:
+        raise ValueError(f"solver {solver!r} is not one of {SOLVERS}")
     guide = guide or batch_cfg(eps, cfg)
     k1 = (conds[0] if isinstance(conds, list) else conds).shape[0]
     x = x_T.expand(k1, -1, -1, -1).clone()
+    v_next = None
     for i in range(len(sigmas) - 1):
         c = conds[i] if isinstance(conds, list) else conds
         u = None if nulls is None else (nulls[i] if isinstance(nulls, list) else nulls).to(c).expand(k1, -1, -1)
-        x = x + guide(x, sigmas[i], c, u) * (sigmas[i + 1] - sigmas[i])
+        if solver == "fireflow":
+            x, v_next = fireflow_step(lambda x_, s_, c=c, u=u: guide(x_, s_, c, u), x, sigmas[i], sigmas[i + 1],
+                                      v_next)
+        else:
+            x = x + guide(x, sigmas[i], c, u) * (sigmas[i + 1] - sigmas[i])
         if after_step is not None:
             x = after_step(i, x)
         if on_step is not None:

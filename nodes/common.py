@@ -17,7 +17,8 @@ AttentionStoreType = io.Custom("ATTENTION_STORE")
 InversionType = io.Custom("ATTENTION_LAB_INVERSION")
 CATEGORY = "attention_lab"
 SUPPORTED_MODELS = "SD1.x, SD2.x and SDXL UNet checkpoints, and the ShapesWorld model"
-DIT_NODES = "Attention Capture, Attention Map View and Self-Attention Cluster"
+DIT_NODES = ("Attention Capture, Attention Map View, Self-Attention Cluster, Prompt Mix Sampler and P2P Edit "
+             "Sampler")
 
 
 class UnsupportedModelError(TypeError):

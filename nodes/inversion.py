@@ -57,7 +57,8 @@ def check_guidance(node: str, model, guidance: float) -> None:
 def sample_from_inversion(model, inv: Inversion, positive: list, negative: list, texts, rows: int,
                           after_step=None, latent: dict | None = None, label: str = "",
                           batch: bool = False) -> torch.Tensor:
-    """DDIM from the inversion's x_T retracing its steps, ``rows`` rows, inside ComfyUI's sampler: the marked
+    """DDIM (Euler on a flow model; FireFlow's midpoint steps for a 'fireflow' inversion) from the inversion's x_T
+    retracing its steps, ``rows`` rows, inside ComfyUI's sampler: the marked
     text of ``positive`` per row (``texts`` (rows, m, d), or one such batch per step: DPL), guidance and null
     per step from the inversion (without nulls: ``negative`` as given). A noise mask on ``latent`` is applied as
     KSampler applies it, the inversion's trajectory standing for the noised image outside it (so outside the
@@ -78,10 +79,6 @@ def sample_from_inversion(model, inv: Inversion, positive: list, negative: list,
                          f"(put 'Latent From Batch' with length 1 before it), or edit the batch with P2P Edit "
                          f"Sampler, which edits every image from its own inversion")
     steps = len(inv.sigmas) - 1
-    if inv.extra.get(rf.SOLVER_KEY, "euler") != "euler":
-        raise ValueError(f"{label}: this inversion was made with {inv.extra[rf.SOLVER_KEY]!r} (NullTextInvert mode "
-                         f"{inv.mode!r}), and an edit must retrace it with the same solver; this editor steps with "
-                         f"Euler, so invert with mode 'rf-euler' for it")
     pbar = comfy.utils.ProgressBar(steps * b)          # image-steps
     if b == 1:
         return _sample_one(model, inv, positive, negative, texts, rows, after_step, latent, label, pbar)
@@ -132,7 +129,7 @@ def _sample_one(model, inv: Inversion, positive, negative, texts, rows, after_st
                 offsets = [o * ev.denoise_mask[:1].to(o) for o in offsets]
             after = SourceCorrection(offsets, after_step)
         return p2p_sample(None, inv.x_T.to(dev), sig, conds, nulls, inv.guidance, after, on_step,
-                          guide=ev.batch_guide(noised))
+                          guide=ev.batch_guide(noised), solver=inv.extra.get(rf.SOLVER_KEY, "euler"))
     return run_loop(model, positive, neg, inv.guidance, inv.sigmas, clean, loop, denoise_mask=mask)
 
 

@@ -1,4 +1,5 @@
-"""P2PEditSampler: Prompt-to-Prompt edits of a generated image (seed) or an inverted one.
+"""P2PEditSampler: Prompt-to-Prompt edits of a generated image (seed) or an inverted one, on UNets and on DiT
+models (Flux, SD3/3.5, ShapesWorld-Flow: ``attention/p2p_joint.py`` edits their joint attention; docs/dit-editing.md).
 
 Glue only: controllers, mappers and LocalBlend are in ``attention/p2p.py`` (ported from
 google/prompt-to-prompt, Apache-2.0; see its header). The source and every edit are sampled in one
@@ -20,16 +21,17 @@ from ..attention.inversion import Inversion
 from ..attention.p2p import (
     EDITS,
     LocalBlend,
-    P2PController,
     blend_positions,
     build_plan,
     parse_pairs,
     self_replace_limit,
 )
+from ..attention.p2p_joint import JointP2PController
 from ..attention.store import AttentionStore, StoreConfig
 from ..attention.words import split_word_list
 from . import comfy_sampling
 from .common import CATEGORY, InversionType, encode_prompt, install_controller, model_layer_ids, prompt_words
+from .dit import dit_info
 from .guided import add_chunk_wrapper, rows_conditioning
 from .inversion import sample_from_inversion
 from .learnable_tokens import encode_with_learned
@@ -63,10 +65,15 @@ class P2PEditSampler(io.ComfyNode):
                 "(ControlNet, areas, timestep ranges) and the latent's noise mask (edits only inside it) apply as in "
                 "KSampler. DDIM (eta 0) by default; connect a SAMPLER and SIGMAS (as for SamplerCustomAdvanced) to "
                 "edit a generated source with any ComfyUI sampler: the rows share one initial noise and, for "
-                "ancestral/SDE samplers, each step's noise. An inversion always retraces its DDIM steps."),
+                "ancestral/SDE samplers, each step's noise. An inversion always retraces its own steps (DDIM; Euler or "
+                "FireFlow for a rectified-flow inversion). On Flux and SD3 (DiT joint attention) the edit works on "
+                "the image-query rows of each block's joint softmax: the image->text block is replaced/refined/"
+                "reweighted, the source's image->image block is injected during the self-replace window on every "
+                "block, and each edited row is scaled back to sum 1; guidance-distilled Flux samples at cfg 1."),
             inputs=[
                 io.Model.Input("model", tooltip=(
-                    "SD1.x/SD2.x/SDXL or ShapesWorld model. Cloned; the input stays unpatched.")),
+                    "SD1.x/SD2.x/SDXL, Flux, SD3/3.5, ShapesWorld or ShapesWorld-Flow model. Cloned; the input "
+                    "stays unpatched.")),
                 io.Clip.Input("clip", tooltip="The model's CLIP."),
                 io.String.Input("source_prompt", multiline=True,
                                 default="a red circle and a blue square on a gray background",
@@ -87,13 +94,14 @@ class P2PEditSampler(io.ComfyNode):
                 io.Int.Input("steps", default=50, min=2, max=1000,
                              tooltip="DDIM steps (with an inversion: its steps; unused when 'sigmas' is connected)."),
                 io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1,
-                               tooltip="Guidance scale (with an inversion: its guidance)."),
+                               tooltip=("Guidance scale (0-100; with an inversion: its guidance). Guidance-distilled "
+                                        "Flux: 1 (its guidance comes from FluxGuidance on the conditioning).")),
                 io.Combo.Input("scheduler", options=list(comfy.samplers.SCHEDULER_NAMES), default="ddim_uniform",
                                tooltip=("Sigma schedule (with an inversion: its sigmas; unused when 'sigmas' is "
                                         "connected).")),
                 io.Float.Input("cross_replace_steps", default=0.8, min=0.0, max=1.0, step=0.01, tooltip=(
                     "Fraction of the steps in which edits take the source's cross-attention (0-1; official "
-                    "examples 0.8).")),
+                    "examples 0.8). On Flux/SD3: the image->text block of the joint attention.")),
                 io.String.Input("cross_replace_words", default="", tooltip=(
                     "Per-word overrides 'word:fraction' for words of the target prompts, e.g. 'lasagne:0.2' "
                     "(comma separated; empty = none). Case and (word:1.2) emphasis are ignored; a word in no "
@@ -101,21 +109,24 @@ class P2PEditSampler(io.ComfyNode):
                 io.Float.Input("self_replace_steps", default=0.4, min=0.0, max=1.0, step=0.01, tooltip=(
                     "Fraction of the steps in which edits take the source's self-attention (0-1; official 0.4). "
                     "Only on layers up to a quarter of the latent's size from a seed (upstream's 16x16 at 512 "
-                    "px) and up to half of it with an inversion (the null-text notebook's 32x32).")),
+                    "px) and up to half of it with an inversion (the null-text notebook's 32x32). On Flux/SD3: "
+                    "the image->image block of the joint attention, on every block (one token grid).")),
                 io.String.Input("reweight", default="", tooltip=(
                     "Attention reweighting 'word:factor' for words of the target prompts, e.g. 'smiling:5' or "
                     "'pink:-2' (comma separated; negative allowed; empty = none). Combines with replace/refine. A word "
                     "in no target prompt is an error.")),
                 io.String.Input("blend_words", default="", tooltip=(
                     "LocalBlend: words (of the source or a target) where changes are allowed, e.g. 'circle, "
-                    "triangle'; empty = no blend. A word in none of the prompts is an error.")),
+                    "triangle'; empty = no blend. A word in none of the prompts is an error. On Flux/SD3 the map "
+                    "is the words' image->text attention averaged over all blocks, at the token grid.")),
                 io.Float.Input("blend_threshold", default=0.3, min=0.0, max=1.0, step=0.01,
                                tooltip="LocalBlend mask threshold on the max-normalized map (official 0.3; 0-1)."),
                 io.Float.Input("blend_start", default=0.2, min=0.0, max=1.0, step=0.01,
                                tooltip="LocalBlend starts after this fraction of the steps (official 0.2; 0-1)."),
                 InversionType.Input("inversion", optional=True, tooltip=(
                     "From Null-Text Inversion or DPL Token Optimizer: edit a real image (with DPL, the learned noun "
-                    "tokens of each step are used in the source and in every target that keeps the noun).")),
+                    "tokens of each step are used in the source and in every target that keeps the noun). On Flux/"
+                    "SD3: modes rf-euler, fireflow (retraced with the same solver) or null-text (SD3).")),
                 io.Sampler.Input("sampler", optional=True, tooltip=(
                     "Optional, with 'sigmas' (generated sources only): any ComfyUI sampler (KSamplerSelect, "
                     "SamplerEulerAncestral...) instead of DDIM; steps and scheduler are then unused. Ancestral/SDE "
@@ -176,23 +187,29 @@ class P2PEditSampler(io.ComfyNode):
         k = len(targets)
         latent_hw = tuple((inv.x_T if inv is not None else comfy.sample.fix_empty_latent_channels(
             model, latent_image["samples"][:1])).shape[-2:])
+        dit = dit_info(model.get_model_object("diffusion_model"))
+        if dit is not None:     # one token grid on every block: self-injection and LocalBlend maps on all of them
+            grid = dit.grid(latent_hw)
+            self_limit, blend_size = grid[0] * grid[1], grid
+        else:
+            self_limit = self_replace_limit(latent_hw, inv is not None)
+            blend_size = (max(latent_hw[0] // 4, 1), max(latent_hw[1] // 4, 1))
 
         words_of = words_fn(clip)
         plan = build_plan(source_prompt, targets, edit, steps, cross_replace_steps,
                           parse_pairs(cross_replace_words, "cross_replace_words", "lasagne:0.2"),
                           self_replace_steps, parse_pairs(reweight, "reweight", "smiling:5"), length,
-                          self_replace_limit(latent_hw, inv is not None), words_of)
+                          self_limit, words_of)
         m = model.clone()
         add_chunk_wrapper(m)
-        ids = model_layer_ids(model)
-        install_controller(m, ChunkFilter(P2PController(plan, steps)), ids)   # the rows of the prompts' entries
+        ids = model_layer_ids(model, dit=True)
+        install_controller(m, ChunkFilter(JointP2PController(plan, steps)), ids)   # the rows of the prompts' entries
         blend = None
         names = split_word_list(blend_words)
         if names:
             store = AttentionStore(StoreConfig(capture_self=False))
             install_controller(m, store, ids, self_attn=False, cross_attn=True)
-            blend = LocalBlend(store, blend_positions(prompts, names, words_of),
-                               (max(latent_hw[0] // 4, 1), max(latent_hw[1] // 4, 1)), blend_threshold,
+            blend = LocalBlend(store, blend_positions(prompts, names, words_of), blend_size, blend_threshold,
                                int(blend_start * steps))
         base = positive if positive is not None else inv.extra["positive"] if inv is not None else encoded[0]
         rows = rows_conditioning("P2PEditSampler", base, encoded[0], encoded)

@@ -203,7 +203,7 @@ def test_sd35_image_only_attention_is_left_alone(sd3):
 
 def test_other_nodes_refuse_dit_models_by_name(flux, sd3):
     for model in (flux[0], sd3[0]):
-        with pytest.raises(UnsupportedModelError, match="Attention Capture, Attention Map View and Self-Attention"):
+        with pytest.raises(UnsupportedModelError, match="Self-Attention Cluster, Prompt Mix Sampler and P2P Edit"):
             model_layer_ids(model)
     with pytest.raises(ValueError, match="Flux-style model"):
         capture(sd3[0], concepts="cat, dog", clip=sd3[1])

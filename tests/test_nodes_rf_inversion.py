@@ -129,9 +129,16 @@ def test_flow_modes_on_a_unet_are_refused():
                                    latent={"samples": torch.zeros(1, 4, 8, 8)})
 
 
-def test_fireflow_inversion_is_refused_by_the_euler_editor(flux):
-    from attention_lab.nodes.inversion import sample_from_inversion
+def test_fireflow_inversion_is_retraced_with_fireflow_by_the_editor(flux):
+    """P2P Edit Sampler steps a FireFlow inversion with FireFlow (it refused one before issue 29 part 2): the
+    source row is the reconstruction (more in tests/test_nodes_dit_p2p.py)."""
+    from attention_lab.nodes.p2p import P2PEditSampler
     model, clip = flux
-    inv, _ = invert(model, clip, image_latent(8, 8), "fireflow", 3)
-    with pytest.raises(ValueError, match="made with 'fireflow'.*mode 'rf-euler'"):
-        sample_from_inversion(model, inv, [], [], None, 1, label="P2P Edit Sampler")
+    latent = image_latent(8, 8)
+    inv, rec = invert(model, clip, latent, "fireflow", 3)
+    negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+    with torch.inference_mode():
+        out = P2PEditSampler.execute(model, clip, SRC, SRC, negative, {"samples": latent}, "auto", 0, 3, 1.0,
+                                     "simple", 0.8, "", 0.4, "", "", 0.3, 0.2, inversion=inv).result[0]["samples"]
+    assert torch.allclose(out[0], rec["samples"][0], atol=1e-5, rtol=1e-5)
+    assert torch.equal(out[1], out[0])

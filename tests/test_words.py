@@ -225,6 +225,22 @@ def test_capture_size_matching_no_layer_is_refused_naming_the_sizes():
     assert ok.matches_output(torch.ones(1, 4, 16, 24)) and ok.matches_output(torch.zeros(1, 4, 16, 24)) is False
 
 
+def test_a_run_that_diverged_to_nan_still_matches_its_own_output():
+    """A sampler whose output has NaN/inf (a broken model) is the same run, not 'another sampling run'."""
+    store = AttentionStore(StoreConfig(selection=parse_layer_selection("8x12")))
+    store.wants_probs(AttnContext(LayerId("middle", 0, 0), True, 8, 12, 2, [0], 1, 1.0, 0, 4))
+    out = torch.ones(1, 4, 16, 24)
+    out[0, 0, 0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    store.finish(out)
+    assert store.matches_output(out.clone()) is True
+    other = out.clone()
+    other[0, 1] = 2.0
+    assert store.matches_output(other) is False
+    other = out.clone()
+    other[0, 0, 0, 0] = 1.0                               # a finite value where the run had NaN
+    assert store.matches_output(other) is False
+
+
 # A T5-like SentencePiece tokenizer: case-sensitive pieces with the word-start mark, no BOS, EOS 1, pad 0.
 PIECES = {"\u2581a": 5, "\u2581cat": 6, "\u2581Cat": 7, "\u2581and": 8, "\u2581dog": 9, "\u2581red": 10,
           "\u2581bicycle": 11, "\u2581Bi": 12, "cycle": 13, ",": 14, "dog": 15, "\u2581on": 16, "\u2581grass": 17}

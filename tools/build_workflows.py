@@ -22,6 +22,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 from comfy_boot import node_info  # noqa: E402
 from workflow_format import api_format, ui_format  # noqa: E402
 from workflow_graphs_dit import capture_flow_graph, capture_flux_graph, capture_sd3_graph  # noqa: E402
+from workflow_graphs_dit_edit import p2p_flow_graph  # noqa: E402
 from workflow_graphs_editing import dpl_graph, nti_p2p_graph, p2p_graph  # noqa: E402
 from workflow_graphs_generation import (  # noqa: E402
     capture_graph,
@@ -47,7 +48,8 @@ GRAPHS = (("attention_capture", capture_graph, False), ("attention_capture_shape
           ("grounding", grounding_graph, False), ("grounding_shapesworld", grounding_graph, True),
           ("flow_txt2img_shapesworld", flow_txt2img_graph, True),     # ShapesWorld-Flow only (no SD variant)
           ("attention_capture_shapesworld_flow", capture_flow_graph, True),   # DiT: ShapesWorld-Flow, Flux, SD3.5
-          ("attention_capture_flux", capture_flux_graph, False), ("attention_capture_sd3", capture_sd3_graph, False))
+          ("attention_capture_flux", capture_flux_graph, False), ("attention_capture_sd3", capture_sd3_graph, False),
+          ("p2p_edit_shapesworld_flow", p2p_flow_graph, True))           # DiT editing (workflow_graphs_dit_edit)
 
 
 def build_parser():

@@ -164,3 +164,23 @@ def loader_node(shapesworld: bool) -> Node:
                     outputs=[("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")], pos=(0, 0), size=(300, 100))
     return Node(1, "CheckpointLoaderSimple", {"ckpt_name": "v1-5-pruned-emaonly.safetensors"},
                 outputs=[("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")], pos=(0, 0), size=(300, 100))
+
+
+# The stock nodes every graph ends with. ``src`` arguments are (source node id, output slot).
+
+def vae_decode(nid: int, samples: tuple, vae: tuple, pos: tuple) -> Node:
+    return Node(nid, "VAEDecode", {}, {"samples": samples, "vae": vae}, [("IMAGE", "IMAGE")],
+                {"samples": "LATENT", "vae": "VAE"}, pos, (220, 50))
+
+
+def save_image(nid: int, images: tuple, prefix: str, pos: tuple, size: tuple, title: str | None = None) -> Node:
+    return Node(nid, "SaveImage", {"filename_prefix": prefix}, {"images": images}, [], {"images": "IMAGE"},
+                pos, size, title)
+
+
+def preview_image(nid: int, images: tuple, pos: tuple, size: tuple, title: str | None = None) -> Node:
+    return Node(nid, "PreviewImage", {}, {"images": images}, [], {"images": "IMAGE"}, pos, size, title)
+
+
+def mask_to_image(nid: int, mask: tuple, pos: tuple) -> Node:
+    return Node(nid, "MaskToImage", {}, {"mask": mask}, [("IMAGE", "IMAGE")], {"mask": "MASK"}, pos, (220, 50))

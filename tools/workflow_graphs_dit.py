@@ -5,7 +5,7 @@ Flux dev and SD3.5 templates). One function per graph: (nodes, notes).
 
 from __future__ import annotations
 
-from workflow_format import Node
+from workflow_format import Node, preview_image, save_image, vae_decode
 
 KS_TYPES = {"model": "MODEL", "positive": "CONDITIONING", "negative": "CONDITIONING", "latent_image": "LATENT"}
 VIEW_TYPES = {"store": "ATTENTION_STORE", "clip": "CLIP", "samples": "LATENT", "image": "IMAGE"}
@@ -25,8 +25,7 @@ def view_nodes(nid: int, prompt: str, words: str, store: tuple, clip: tuple, sam
                                            "batch_index": 0, "tile_size": 256, "maps": "attention"},
                  {"store": store, "clip": clip, "samples": samples, "image": image}, VIEW_OUTPUTS, VIEW_TYPES,
                  pos, (360, 380)),
-            Node(nid + 1, "PreviewImage", {}, {"images": (nid, 1)}, [], {"images": "IMAGE"},
-                 (pos[0] + 420, pos[1]), (300, 300), "Overlays")]
+            preview_image(nid + 1, (nid, 1), (pos[0] + 420, pos[1]), (300, 300), "Overlays")]
 
 
 def capture_flow_graph(_shapesworld: bool = True) -> tuple[list[Node], list]:
@@ -48,10 +47,8 @@ def capture_flow_graph(_shapesworld: bool = True) -> tuple[list[Node], list]:
                              "denoise": 1.0},
              {"model": (4, 0), "positive": (2, 0), "negative": (3, 0), "latent_image": (5, 0)},
              [("LATENT", "LATENT")], KS_TYPES, (800, 0), (320, 270)),
-        Node(7, "VAEDecode", {}, {"samples": (6, 0), "vae": (1, 2)}, [("IMAGE", "IMAGE")],
-             {"samples": "LATENT", "vae": "VAE"}, (1160, 0), (220, 50)),
-        Node(8, "SaveImage", {"filename_prefix": "attention_lab_flow_capture"}, {"images": (7, 0)}, [],
-             {"images": "IMAGE"}, (1420, 0), (300, 300)),
+        vae_decode(7, (6, 0), (1, 2), (1160, 0)),
+        save_image(8, (7, 0), "attention_lab_flow_capture", (1420, 0), (300, 300)),
         *view_nodes(9, prompt, words, (4, 1), (1, 1), (6, 0), (7, 0), (800, 330)),
         Node(11, "SelfAttnCluster", {"prompt": prompt, "words": words, "clusters": 5, "threshold": 0.3,
                                      "self_resolution": 8, "cross_resolution": 8, "seed": 1, "batch_index": 0,
@@ -96,10 +93,8 @@ def capture_flux_graph(_shapesworld: bool = False) -> tuple[list[Node], list]:
                              "denoise": 1.0},
              {"model": (7, 0), "positive": (5, 0), "negative": (6, 0), "latent_image": (8, 0)},
              [("LATENT", "LATENT")], KS_TYPES, (800, 0), (320, 270)),
-        Node(10, "VAEDecode", {}, {"samples": (9, 0), "vae": (3, 0)}, [("IMAGE", "IMAGE")],
-             {"samples": "LATENT", "vae": "VAE"}, (1160, 0), (220, 50)),
-        Node(11, "SaveImage", {"filename_prefix": "attention_lab_flux"}, {"images": (10, 0)}, [],
-             {"images": "IMAGE"}, (1420, 0), (300, 300)),
+        vae_decode(10, (9, 0), (3, 0), (1160, 0)),
+        save_image(11, (10, 0), "attention_lab_flux", (1420, 0), (300, 300)),
         *view_nodes(12, prompt, "cat, bicycle, street", (7, 1), (2, 0), (9, 0), (10, 0), (800, 330)),
     ]
     note = ("Attention maps of Flux.1-dev. Model files (ComfyUI's own Flux dev template uses the same): "
@@ -135,10 +130,8 @@ def capture_sd3_graph(_shapesworld: bool = False) -> tuple[list[Node], list]:
                              "denoise": 1.0},
              {"model": (5, 0), "positive": (3, 0), "negative": (4, 0), "latent_image": (6, 0)},
              [("LATENT", "LATENT")], KS_TYPES, (800, 0), (320, 270)),
-        Node(8, "VAEDecode", {}, {"samples": (7, 0), "vae": (1, 2)}, [("IMAGE", "IMAGE")],
-             {"samples": "LATENT", "vae": "VAE"}, (1160, 0), (220, 50)),
-        Node(9, "SaveImage", {"filename_prefix": "attention_lab_sd3"}, {"images": (8, 0)}, [],
-             {"images": "IMAGE"}, (1420, 0), (300, 300)),
+        vae_decode(8, (7, 0), (1, 2), (1160, 0)),
+        save_image(9, (8, 0), "attention_lab_sd3", (1420, 0), (300, 300)),
         *view_nodes(10, prompt, "cat, bicycle, street", (5, 1), (2, 0), (7, 0), (8, 0), (800, 330)),
     ]
     note = ("Attention maps of Stable Diffusion 3.5 (MMDiT joint attention). Model files, as in ComfyUI's SD3.5 "

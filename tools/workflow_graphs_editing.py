@@ -4,7 +4,7 @@ Learning. One function per pipeline: (nodes, notes) for the SD or the ShapesWorl
 
 from __future__ import annotations
 
-from workflow_format import Node, loader_node
+from workflow_format import Node, loader_node, mask_to_image, preview_image, save_image, vae_decode
 
 P2P_SW = ("a red circle and a blue square on a gray background",
           "a red triangle and a blue square on a gray background\n"
@@ -35,13 +35,10 @@ def p2p_graph(shapesworld: bool) -> tuple[list[Node], list]:
              [("latents", "LATENT"), ("blend_mask", "MASK")],
              {"model": "MODEL", "clip": "CLIP", "negative": "CONDITIONING", "latent_image": "LATENT"},
              (360, 0), (400, 640)),
-        Node(5, "VAEDecode", {}, {"samples": (4, 0), "vae": (1, 2)}, [("IMAGE", "IMAGE")],
-             {"samples": "LATENT", "vae": "VAE"}, (800, 0), (220, 50)),
-        Node(6, "SaveImage", {"filename_prefix": "attention_lab_p2p"}, {"images": (5, 0)}, [], {"images": "IMAGE"},
-             (1060, 0), (420, 300), "Source, then one image per target prompt"),
-        Node(7, "MaskToImage", {}, {"mask": (4, 1)}, [("IMAGE", "IMAGE")], {"mask": "MASK"}, (800, 360), (220, 50)),
-        Node(8, "PreviewImage", {}, {"images": (7, 0)}, [], {"images": "IMAGE"}, (1060, 360), (420, 260),
-             "LocalBlend masks (white = may change)"),
+        vae_decode(5, (4, 0), (1, 2), (800, 0)),
+        save_image(6, (5, 0), "attention_lab_p2p", (1060, 0), (420, 300), "Source, then one image per target prompt"),
+        mask_to_image(7, (4, 1), (800, 360)),
+        preview_image(8, (7, 0), (1060, 360), (420, 260), "LocalBlend masks (white = may change)"),
     ]
     note = ("Prompt-to-Prompt on a generated image. 'source_prompt' is sampled from 'seed'; every line of "
             "'target_prompts' is one edit: same word count = word swap (replace), otherwise refine (words added). "
@@ -70,8 +67,7 @@ def _image_to_edit(shapesworld: bool, source: str, seed: int) -> list[Node]:
                  {"model": (1, 0), "positive": (10, 0), "negative": (2, 0), "latent_image": (11, 0)},
                  [("LATENT", "LATENT")], {"model": "MODEL", "positive": "CONDITIONING", "negative": "CONDITIONING",
                                           "latent_image": "LATENT"}, (0, 630), (300, 270), "The image to edit"),
-            Node(13, "VAEDecode", {}, {"samples": (12, 0), "vae": (1, 2)}, [("IMAGE", "IMAGE")],
-                 {"samples": "LATENT", "vae": "VAE"}, (0, 940), (220, 50)),
+            vae_decode(13, (12, 0), (1, 2), (0, 940)),
         ]
     else:
         nodes.append(Node(13, "LoadImage", {"image": "example.png"}, {},
@@ -95,14 +91,11 @@ def nti_p2p_graph(shapesworld: bool) -> tuple[list[Node], list]:
              [("latents", "LATENT"), ("blend_mask", "MASK")],
              {"model": "MODEL", "clip": "CLIP", "negative": "CONDITIONING", "latent_image": "LATENT",
               "inversion": "ATTENTION_LAB_INVERSION"}, (800, 0), (400, 640)),
-        Node(5, "VAEDecode", {}, {"samples": (4, 0), "vae": (1, 2)}, [("IMAGE", "IMAGE")],
-             {"samples": "LATENT", "vae": "VAE"}, (1240, 0), (220, 50)),
-        Node(6, "SaveImage", {"filename_prefix": "attention_lab_nti_p2p"}, {"images": (5, 0)}, [],
-             {"images": "IMAGE"}, (1500, 0), (420, 300), "Reconstruction, then one edit per target"),
-        Node(7, "VAEDecode", {}, {"samples": (3, 1), "vae": (1, 2)}, [("IMAGE", "IMAGE")],
-             {"samples": "LATENT", "vae": "VAE"}, (800, 700), (220, 50)),
-        Node(8, "PreviewImage", {}, {"images": (7, 0)}, [], {"images": "IMAGE"}, (1060, 700), (300, 300),
-             "Null-text reconstruction (should match the input)"),
+        vae_decode(5, (4, 0), (1, 2), (1240, 0)),
+        save_image(6, (5, 0), "attention_lab_nti_p2p", (1500, 0), (420, 300),
+                   "Reconstruction, then one edit per target"),
+        vae_decode(7, (3, 1), (1, 2), (800, 700)),
+        preview_image(8, (7, 0), (1060, 700), (300, 300), "Null-text reconstruction (should match the input)"),
     ]
     note = ("Null-Text Inversion + Prompt-to-Prompt on a real image. The image is inverted with 'prompt' on Null-Text "
             "Inversion (which must equal P2P's 'source_prompt'); 'mode' null-text is the paper (best, slowest), "
@@ -161,14 +154,10 @@ def dpl_graph(shapesworld: bool) -> tuple[list[Node], list]:
              [("latents", "LATENT"), ("blend_mask", "MASK")],
              {"model": "MODEL", "clip": "CLIP", "negative": "CONDITIONING", "latent_image": "LATENT",
               "inversion": "ATTENTION_LAB_INVERSION"}, (1240, 0), (400, 640)),
-        Node(6, "VAEDecode", {}, {"samples": (5, 0), "vae": (1, 2)}, [("IMAGE", "IMAGE")],
-             {"samples": "LATENT", "vae": "VAE"}, (1680, 0), (220, 50)),
-        Node(7, "SaveImage", {"filename_prefix": "attention_lab_dpl"}, {"images": (6, 0)}, [],
-             {"images": "IMAGE"}, (1940, 0), (420, 300), "Reconstruction, then the edit"),
-        Node(8, "PreviewImage", {}, {"images": (4, 2)}, [], {"images": "IMAGE"}, (1240, 700), (420, 260),
-             "Optimized noun attention"),
-        Node(9, "PreviewImage", {}, {"images": (16, 2)}, [], {"images": "IMAGE"}, (800, 700), (300, 300),
-             "Self-attention clusters"),
+        vae_decode(6, (5, 0), (1, 2), (1680, 0)),
+        save_image(7, (6, 0), "attention_lab_dpl", (1940, 0), (420, 300), "Reconstruction, then the edit"),
+        preview_image(8, (4, 2), (1240, 700), (420, 260), "Optimized noun attention"),
+        preview_image(9, (16, 2), (800, 700), (300, 300), "Self-attention clusters"),
     ]
     note = ("Dynamic Prompt Learning + Prompt-to-Prompt on a real image (Wang et al. 2023, official pipeline). "
             "1) DDIM inversion of the image with Attention Capture; Self-Attention Cluster (5 clusters, threshold "

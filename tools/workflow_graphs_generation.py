@@ -5,7 +5,7 @@ variant.
 
 from __future__ import annotations
 
-from workflow_format import Node, loader_node
+from workflow_format import Node, loader_node, mask_to_image, preview_image, save_image, vae_decode
 
 
 def capture_graph(shapesworld: bool) -> tuple[list[Node], list]:
@@ -29,18 +29,15 @@ def capture_graph(shapesworld: bool) -> tuple[list[Node], list]:
              {"model": (4, 0), "positive": (2, 0), "negative": (3, 0), "latent_image": (5, 0)},
              [("LATENT", "LATENT")], {"model": "MODEL", "positive": "CONDITIONING", "negative": "CONDITIONING",
                                       "latent_image": "LATENT"}, (800, 0), (320, 270)),
-        Node(7, "VAEDecode", {}, {"samples": (6, 0), "vae": (1, 2)}, [("IMAGE", "IMAGE")],
-             {"samples": "LATENT", "vae": "VAE"}, (1160, 0), (220, 50)),
-        Node(8, "SaveImage", {"filename_prefix": "attention_lab"}, {"images": (7, 0)}, [], {"images": "IMAGE"},
-             (1420, 0), (300, 300)),
+        vae_decode(7, (6, 0), (1, 2), (1160, 0)),
+        save_image(8, (7, 0), "attention_lab", (1420, 0), (300, 300)),
         Node(9, "AttentionMapView", {"prompt": prompt, "words": words, "resolution": "all", "threshold": 0.5,
                                      "batch_index": 0, "tile_size": 256, "maps": "attention"},
              {"store": (4, 1), "clip": (1, 1), "samples": (6, 0), "image": (7, 0)},
              [("heatmaps", "IMAGE"), ("overlays", "IMAGE"), ("masks", "MASK")],
              {"store": "ATTENTION_STORE", "clip": "CLIP", "samples": "LATENT", "image": "IMAGE"},
              (800, 330), (360, 380)),
-        Node(10, "PreviewImage", {}, {"images": (9, 1)}, [], {"images": "IMAGE"}, (1220, 360), (300, 300),
-             "Overlays"),
+        preview_image(10, (9, 1), (1220, 360), (300, 300), "Overlays"),
     ]
     note = ("Attention maps. Change the positive prompt AND the 'prompt' of Attention Map View together "
             "(they must be the same text), and list the words to show in 'words'. The heatmap grid has a row "
@@ -87,13 +84,10 @@ def prompt_mix_graph(shapesworld: bool) -> tuple[list[Node], list]:
              [("latents", "LATENT"), ("blend_masks", "MASK"), ("proxies", "STRING")],
              {"model": "MODEL", "clip": "CLIP", "negative": "CONDITIONING", "latent_image": "LATENT"},
              (360, 0), (380, 620)),
-        Node(5, "VAEDecode", {}, {"samples": (4, 0), "vae": (1, 2)}, [("IMAGE", "IMAGE")],
-             {"samples": "LATENT", "vae": "VAE"}, (800, 0), (220, 50)),
-        Node(6, "SaveImage", {"filename_prefix": "attention_lab_mnm"}, {"images": (5, 0)}, [], {"images": "IMAGE"},
-             (1060, 0), (420, 300), "Original, then one variation per proxy"),
-        Node(7, "MaskToImage", {}, {"mask": (4, 1)}, [("IMAGE", "IMAGE")], {"mask": "MASK"}, (800, 360), (220, 50)),
-        Node(8, "PreviewImage", {}, {"images": (7, 0)}, [], {"images": "IMAGE"}, (1060, 360), (420, 260),
-             "Blend masks (white = kept from the variation)"),
+        vae_decode(5, (4, 0), (1, 2), (800, 0)),
+        save_image(6, (5, 0), "attention_lab_mnm", (1060, 0), (420, 300), "Original, then one variation per proxy"),
+        mask_to_image(7, (4, 1), (800, 360)),
+        preview_image(8, (7, 0), (1060, 360), (420, 260), "Blend masks (white = kept from the variation)"),
         Node(9, "PreviewAny", {}, {"source": (4, 2)}, [], {"source": "*"}, (800, 460), (220, 120),
              "Proxy words used"),
     ]
@@ -134,17 +128,13 @@ def structure_graph(shapesworld: bool) -> tuple[list[Node], list]:
         Node(5, "KSampler", dict(sampler), {"model": (2, 0), "positive": (2, 1), "negative": (3, 0),
                                             "latent_image": (4, 0)},
              [("LATENT", "LATENT")], ks_types, (800, 0), (320, 270), "With noun-phrase values"),
-        Node(6, "VAEDecode", {}, {"samples": (5, 0), "vae": (1, 2)}, [("IMAGE", "IMAGE")],
-             {"samples": "LATENT", "vae": "VAE"}, (1160, 0), (220, 50)),
-        Node(7, "SaveImage", {"filename_prefix": "attention_lab_structure"}, {"images": (6, 0)}, [],
-             {"images": "IMAGE"}, (1420, 0), (320, 320), "StructureDiffusion"),
+        vae_decode(6, (5, 0), (1, 2), (1160, 0)),
+        save_image(7, (6, 0), "attention_lab_structure", (1420, 0), (320, 320), "StructureDiffusion"),
         Node(8, "KSampler", dict(sampler), {"model": (1, 0), "positive": (2, 1), "negative": (3, 0),
                                             "latent_image": (4, 0)},
              [("LATENT", "LATENT")], ks_types, (800, 360), (320, 270), "Without (same seed)"),
-        Node(9, "VAEDecode", {}, {"samples": (8, 0), "vae": (1, 2)}, [("IMAGE", "IMAGE")],
-             {"samples": "LATENT", "vae": "VAE"}, (1160, 360), (220, 50)),
-        Node(10, "PreviewImage", {}, {"images": (9, 0)}, [], {"images": "IMAGE"}, (1420, 360), (320, 320),
-             "Plain model"),
+        vae_decode(9, (8, 0), (1, 2), (1160, 360)),
+        preview_image(10, (9, 0), (1420, 360), (320, 320), "Plain model"),
     ]
     note = ("StructureDiffusion (Feng et al. 2022): every noun phrase of the prompt is also encoded alone and its "
             "states become extra cross-attention values at its tokens (keys stay the prompt's), against attributes "
@@ -204,12 +194,9 @@ def spatext_graph(shapesworld: bool) -> tuple[list[Node], list]:
              [("output", "LATENT"), ("denoised_output", "LATENT")],
              {"noise": "NOISE", "guider": "GUIDER", "sampler": "SAMPLER", "sigmas": "SIGMAS",
               "latent_image": "LATENT"}, (1240, 0), (300, 130)),
-        Node(15, "VAEDecode", {}, {"samples": (14, 0), "vae": (1, 2)}, [("IMAGE", "IMAGE")],
-             {"samples": "LATENT", "vae": "VAE"}, (1580, 0), (220, 50)),
-        Node(16, "SaveImage", {"filename_prefix": "attention_lab_spatext"}, {"images": (15, 0)}, [],
-             {"images": "IMAGE"}, (1840, 0), (320, 320)),
-        Node(17, "PreviewImage", {}, {"images": (9, 1)}, [], {"images": "IMAGE"}, (1240, 200), (300, 300),
-             "Region map"),
+        vae_decode(15, (14, 0), (1, 2), (1580, 0)),
+        save_image(16, (15, 0), "attention_lab_spatext", (1840, 0), (320, 320)),
+        preview_image(17, (9, 1), (1240, 200), (300, 300), "Region map"),
     ]
     note = ("SpaText-style region prompts without fine-tuning: the global prompt describes the scene, each region "
             "(a MASK, here a box pasted on an empty canvas with Mask Composite) gets its own text. Pixels of a "
@@ -238,10 +225,8 @@ def flow_txt2img_graph(_shapesworld: bool = True) -> tuple[list[Node], list]:
              {"model": (1, 0), "positive": (2, 0), "negative": (3, 0), "latent_image": (4, 0)},
              [("LATENT", "LATENT")], {"model": "MODEL", "positive": "CONDITIONING", "negative": "CONDITIONING",
                                       "latent_image": "LATENT"}, (800, 0), (320, 270)),
-        Node(6, "VAEDecode", {}, {"samples": (5, 0), "vae": (1, 2)}, [("IMAGE", "IMAGE")],
-             {"samples": "LATENT", "vae": "VAE"}, (1160, 0), (220, 50)),
-        Node(7, "SaveImage", {"filename_prefix": "attention_lab_flow"}, {"images": (6, 0)}, [],
-             {"images": "IMAGE"}, (1420, 0), (320, 320)),
+        vae_decode(6, (5, 0), (1, 2), (1160, 0)),
+        save_image(7, (6, 0), "attention_lab_flow", (1420, 0), (320, 320)),
     ]
     note = ("ShapesWorld-Flow: the pack's embedded rectified-flow transformer, loaded as ComfyUI's own Flux class "
             "(double- and single-stream blocks with joint text-image attention), so every Flux hook works on it. "

@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from workflow_format import Node, loader_node
+from workflow_format import Node, loader_node, preview_image, vae_decode
 
 
 def grounding_graph(shapesworld: bool) -> tuple[list[Node], list]:
@@ -57,8 +57,7 @@ def grounding_graph(shapesworld: bool) -> tuple[list[Node], list]:
                              "denoise": 1.0},
              {"model": (1, 0), "positive": (6, 0), "negative": (7, 0), "latent_image": (8, 0)},
              [("LATENT", "LATENT")], ks_types, (760, 620), (320, 270)),
-        Node(10, "VAEDecode", {}, {"samples": (9, 0), "vae": (1, 2)}, [("IMAGE", "IMAGE")],
-             {"samples": "LATENT", "vae": "VAE"}, (1120, 620), (220, 50)),
+        vae_decode(10, (9, 0), (1, 2), (1120, 620)),
         Node(11, "GroundingFeatures", {"timestep": 1, "seed": 0, "rows": "uncond + cond"},
              {"model": (1, 0), "positive": (6, 0), "latent": (9, 0), "negative": (7, 0)},
              [("features", "GROUNDING_FEATURES")],
@@ -70,10 +69,8 @@ def grounding_graph(shapesworld: bool) -> tuple[list[Node], list]:
              [("masks", "MASK"), ("heatmaps", "IMAGE"), ("overlays", "IMAGE")],
              {"head": "GROUNDING_HEAD", "features": "GROUNDING_FEATURES", "clip": "CLIP", "image": "IMAGE"},
              (1480, 160), (360, 400)),
-        Node(13, "PreviewImage", {}, {"images": (12, 1)}, [], {"images": "IMAGE"}, (1880, 160), (300, 300),
-             "Probability heatmaps"),
-        Node(14, "PreviewImage", {}, {"images": (10, 0)}, [], {"images": "IMAGE"}, (1480, 620), (300, 300),
-             "The generated image"),
+        preview_image(13, (12, 1), (1880, 160), (300, 300), "Probability heatmaps"),
+        preview_image(14, (10, 0), (1480, 620), (300, 300), "The generated image"),
     ]
     note = ("Grounded generation (Li et al. 2023). Top: Grounding Dataset Add stores each image's latent, prompt, "
             "words and one mask per word; Grounding Head Train recomputes the frozen UNet's features of a batch of "
