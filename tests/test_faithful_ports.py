@@ -182,18 +182,23 @@ def text_eps(x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor) -> tor
     return text_unet(x / (1 + s ** 2).sqrt(), sigma_to_t(s), context)
 
 
-def official_null_optimization(unet, traj_z, sigmas, cond, null, guidance, inner, epsilon, restart=False):
+def official_null_optimization(unet, traj_z, sigmas, cond, null, guidance, inner, epsilon, restart=False,
+                               lr=1e-2, keep_best=False):
     """null_text_w_ptp.ipynb ``NullInversion.null_optimization``: per step a fresh Adam on the null at
     lr 1e-2 * (1 - i / 100); each inner iteration the guided ``prev_step`` from the current latent, MSE to the
     inverted latent, zero_grad / backward / step, then stop when loss.item() < epsilon + i * 2e-5; the null
     carries over to the next step (``restart``: DPL's re-encoded "" each step instead); the next latent is
     ``get_noise_pred(latent_cur, t, False, [null, cond])``. Returns the nulls, the final latent and the
-    iterations run per step. ``epsilon`` None: no early stop (DPL)."""
+    iterations run per step. ``epsilon`` None: no early stop (DPL). ``lr``: the notebook's 1e-2 (a test of
+    overshooting passes more). ``keep_best`` is the pack's option, not upstream: each step's null is the one of
+    the lowest loss among those the iterations evaluated (the start included) and Adam's last, the last on a
+    tie."""
     uncond, nulls, iters = null, [], []
     latent_cur = traj_z[0]
     for i in range(len(sigmas) - 1):
         uncond = (null if restart else uncond).clone().detach().requires_grad_(True)
-        optimizer = torch.optim.Adam([uncond], lr=1e-2 * (1.0 - i / 100.0))
+        optimizer = torch.optim.Adam([uncond], lr=lr * (1.0 - i / 100.0))
+        seen = []
         latent_prev = traj_z[i + 1]
         a_cur, a_prev = alphabar(sigmas[i]), alphabar(sigmas[i + 1])
         t = sigma_to_t(sigmas[i].reshape(1))
@@ -203,12 +208,21 @@ def official_null_optimization(unet, traj_z, sigmas, cond, null, guidance, inner
             noise_pred_uncond = unet(latent_cur, t, uncond)
             noise_pred = noise_pred_uncond + guidance * (noise_pred_cond - noise_pred_uncond)
             loss = F.mse_loss(official_prev_step(noise_pred, a_cur, a_prev, latent_cur), latent_prev)
+            seen.append((loss.item(), uncond.detach().clone()))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             if epsilon is not None and loss.item() < epsilon + i * 2e-5:
                 break
         iters.append(j + 1)
+        if keep_best:
+            with torch.no_grad():
+                e_u = unet(latent_cur, t, uncond)
+                last = F.mse_loss(official_prev_step(e_u + guidance * (noise_pred_cond - e_u), a_cur, a_prev,
+                                                     latent_cur), latent_prev).item()
+            low, kept = min(seen, key=lambda lv: lv[0])
+            if last > low:
+                uncond = kept.requires_grad_(True)
         nulls.append(uncond[:1].detach())
         with torch.no_grad():
             both = unet(torch.cat([latent_cur] * 2), t, torch.cat([uncond, cond]))
@@ -334,6 +348,27 @@ def test_dpl_null_text_restarts_from_the_empty_prompt_each_step(text_toy):
     assert (carried.nulls[-1] - res.nulls[-1]).abs().max() > 1e-4         # the two rules differ here
 
 
+def test_dpl_keep_best_null_option_returns_each_steps_best_null(text_toy):
+    """DPLTokenOptimizer's keep_best_null (not upstream) in ``dpl_invert``: per step the null of the lowest loss
+    evaluated (restarted from "" as DPL), one more UNet evaluation per step in the counts; with Adam overshooting
+    (lr 0.3) it picks an earlier null at some steps, so the option reaches the loop (mutants ``dpl_invert`` 212,
+    241 of issue 26's run)."""
+    sigmas, x0, cond, null, traj, traj_z = text_toy
+    settings = NullTextSettings(guidance=7.5, inner_steps=4, lr=0.3, epsilon=None, keep_best=True)
+    s = dataclasses.replace(DPL_SH, lam_at=0.0, lam_bg=0.0, lam_dj=0.0, null=settings)
+    res, _ = _dpl(text_toy, s, text_eps, traj)
+    nulls, z_end, _ = official_null_optimization(text_unet, traj_z, sigmas, cond, null, 7.5, 4, None, restart=True,
+                                                 lr=0.3, keep_best=True)
+    assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(res.nulls, nulls))
+    assert torch.allclose(res.reconstruction, z_end, atol=1e-10)
+    steps = len(sigmas) - 1
+    assert res.counts["forward"] == (2 + 4 + 1) * steps and res.counts["null_iters"] == 4 * steps
+    last, _ = _dpl(text_toy, dataclasses.replace(s, null=dataclasses.replace(settings, keep_best=False)), text_eps,
+                   traj)
+    assert last.counts["forward"] == (2 + 4) * steps
+    assert any(not torch.allclose(a, b) for a, b in zip(res.nulls, last.nulls))     # an earlier null was kept
+
+
 def test_one_token_iteration_makes_no_update_as_upstream(toy):
     """Upstream runs the token loop only ``if attn_inner_steps > 1``."""
     res, _ = _dpl(toy, dataclasses.replace(DPL_SH, attn_iters=1,
@@ -373,6 +408,26 @@ def test_background_mask_at_map_size_equals_upstream():
     # dilated: every cell touched by the bicubic kernel counts, more than an area-majority rule's
     majority = (F.adaptive_avg_pool2d(square[None, None], (16, 16))[0, 0] >= 0.5).float()
     assert background_at_size(square, (16, 16), (512, 512)).sum() > majority.sum()
+
+
+def test_background_mask_upsampled_first_and_faint_ringing_counted_as_upstream():
+    """Upstream resizes the 512 px mask, not the map-sized clusters: on these blobs the bicubic resize of the
+    upsampled mask differs from a resize of the small one, and its ringing leaves cells of value 1 (of 255), which
+    count as background (``astype(bool)``). Both are seen here, so skipping the upsampling or a threshold above 0
+    fails (mutants ``background_at_size`` 9 and 38 of issue 26's run)."""
+    g = torch.Generator().manual_seed(0)
+    upsampling_matters = faint_cells = 0
+    for _ in range(4):
+        mask = (torch.rand(32, 32, generator=g) > 0.97).float()
+        mask = F.max_pool2d(mask[None, None], 5, 1, 2)[0, 0]
+        theirs = official_background(mask, (16, 16), (512, 512))
+        assert torch.equal(background_at_size(mask, (16, 16), (512, 512)), theirs)
+        small = np.asarray(Image.fromarray(mask.mul(255).byte().numpy()).resize((16, 16)))
+        big = F.interpolate(mask[None, None], size=(512, 512), mode="nearest")[0, 0]
+        raw = np.asarray(Image.fromarray(big.mul(255).byte().numpy()).resize((16, 16)))
+        upsampling_matters += int(not np.array_equal(small > 0, raw > 0))
+        faint_cells += int((raw == 1).sum())
+    assert upsampling_matters and faint_cells, (upsampling_matters, faint_cells)
 
 
 def test_which_losses_run():

@@ -17,6 +17,7 @@ judged by a person and recorded in docs/faithful-ports.md.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import shutil
@@ -39,6 +40,9 @@ COVERING: dict[str, list[str]] = {
     "store": ["tests/test_faithful_attention.py", "tests/test_attention_core.py"],
     "cluster": ["tests/test_cluster.py", "tests/test_faithful_attention.py"],
     "grounding": ["tests/test_grounding.py"],
+    "direct_inversion": ["tests/test_direct_inversion.py"],
+    "rf_inversion": ["tests/test_rf_inversion.py"],
+    "concept_attention": ["tests/test_concept_attention.py"],
 }
 STATUSES = ("killed", "survived", "timeout", "suspicious", "no tests", "skipped", "not checked", "segfault",
             "check was interrupted by user", "caught by type check")
@@ -69,12 +73,14 @@ def prepare(module: str, workdir: Path) -> Path:
     return dest
 
 
-def results(dest: Path, mutmut: str, env: dict, show: bool = False) -> Counter:
+def results(dest: Path, mutmut: str, env: dict, show: bool = False, only: list[str] | None = None) -> Counter:
     out = subprocess.run([mutmut, "results", "--all", "true"], cwd=dest, env=env, capture_output=True, text=True)
     counts: Counter = Counter()
     survivors = []
     for line in out.stdout.splitlines():
         name, _, status = line.strip().rpartition(": ")
+        if only and not any(fnmatch.fnmatch(name, pat) for pat in only):
+            continue
         if status in STATUSES:
             counts[status] += 1
             if status == "survived":
@@ -87,6 +93,14 @@ def results(dest: Path, mutmut: str, env: dict, show: bool = False) -> Counter:
     return counts
 
 
+def mutant_glob(module: str, function: str) -> str:
+    """mutmut's name pattern for the mutants of one function: ``attention.m.x_f__mutmut_*`` for a function,
+    ``attention.m.xǁCǁm__mutmut_*`` for a method ``C.m`` (mutmut 3's naming)."""
+    cls, _, name = function.rpartition(".")
+    stem = f"x\u01c1{cls}\u01c1{name}" if cls else f"x_{name}"
+    return f"attention.{module}.{stem}__mutmut_*"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--module", action="append", choices=sorted(COVERING),
@@ -96,6 +110,9 @@ def main(argv=None) -> int:
     beside = Path(sys.executable).parent / "mutmut"
     p.add_argument("--mutmut", default=str(beside) if beside.exists() else shutil.which("mutmut"),
                    help="the mutmut executable (default: the one next to this python; requirements-test.txt pins it)")
+    p.add_argument("--only", action="append", metavar="FUNCTION",
+                   help="mutate only these functions of the module (repeatable; 'Class.method' or a glob such as "
+                        "'pixel_embedding'); the counts then cover those functions only")
     p.add_argument("--list", action="store_true", help="print the modules and their test files, run nothing")
     p.add_argument("--show", action="store_true",
                    help="also write each survivor's diff (one 'mutmut show' per survivor; else see 'mutmut show NAME')")
@@ -111,8 +128,10 @@ def main(argv=None) -> int:
         t0 = time.time()
         dest = prepare(module, Path(args.workdir))
         print(f"== attention/{module}.py in {dest} (tests: {', '.join(COVERING[module])})", flush=True)
-        run = subprocess.run([args.mutmut, "run", "--max-children", str(args.max_children)], cwd=dest, env=env)
-        counts = results(dest, args.mutmut, env, args.show)
+        only = [mutant_glob(module, f) for f in args.only or []]
+        run = subprocess.run([args.mutmut, "run", "--max-children", str(args.max_children), *only], cwd=dest,
+                             env=env)
+        counts = results(dest, args.mutmut, env, args.show, only)
         summary[module] = dict(counts, mutants=sum(counts.values()), seconds=round(time.time() - t0),
                                mutmut_exit=run.returncode)
         print(json.dumps({module: summary[module]}), flush=True)
