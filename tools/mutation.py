@@ -37,7 +37,7 @@ COVERING: dict[str, list[str]] = {
     "dpl_losses": ["tests/test_faithful_ports.py", "tests/test_dpl_losses.py"],
     "prompt_mixing": ["tests/test_faithful_attention.py"],
     "structure": ["tests/test_structure.py"],
-    "store": ["tests/test_faithful_attention.py", "tests/test_attention_core.py"],
+    "store": ["tests/test_faithful_attention.py", "tests/test_attention_core.py", "tests/test_concept_attention.py"],
     "cluster": ["tests/test_cluster.py", "tests/test_faithful_attention.py"],
     "grounding": ["tests/test_grounding.py"],
     "direct_inversion": ["tests/test_direct_inversion.py"],
