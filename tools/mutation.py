@@ -40,9 +40,9 @@ COVERING: dict[str, list[str]] = {
     "store": ["tests/test_faithful_attention.py", "tests/test_attention_core.py", "tests/test_concept_attention.py"],
     "cluster": ["tests/test_cluster.py", "tests/test_faithful_attention.py"],
     "grounding": ["tests/test_grounding.py"],
-    "direct_inversion": ["tests/test_direct_inversion.py"],
-    "rf_inversion": ["tests/test_rf_inversion.py"],
-    "concept_attention": ["tests/test_concept_attention.py"],
+    "direct_inversion": ["tests/test_direct_inversion.py", "tests/test_ported_edges.py"],
+    "rf_inversion": ["tests/test_rf_inversion.py", "tests/test_ported_edges.py"],
+    "concept_attention": ["tests/test_concept_attention.py", "tests/test_ported_edges.py"],
 }
 STATUSES = ("killed", "survived", "timeout", "suspicious", "no tests", "skipped", "not checked", "segfault",
             "check was interrupted by user", "caught by type check")
