@@ -401,6 +401,8 @@ def test_store_two_positive_entries_mixed_sizes_and_refusals(caplog):
     assert torch.allclose(word_maps(store, [(3,), (60, 63)], None, item=1, cross=False),
                           torch.stack([self_want[1, ..., 3], self_want[1, ..., [60, 63]].mean(-1)]), atol=1e-6)
     assert store.items == 2 and store.n_steps == len(SIGMAS) - 1 and store.steps_recorded == {0}
+    assert torch.equal(store.aggregate(None), store.aggregate(None, cross=True))       # cross maps by default
+    assert store.layers() == store.layers(True) and store.resolutions() == [(8, 8), (4, 4)]
     with pytest.raises(ValueError) as err:
         store.aggregate((2, 2), cross=True)
     assert str(err.value) == "no captured cross-attention layer at size (2, 2); captured sizes: [(8, 8), (4, 4)]"
@@ -425,3 +427,31 @@ def test_store_two_positive_entries_mixed_sizes_and_refusals(caplog):
         _one_call(one, ("input", 4), (2, 2), True, [1, 0], seed=6)
     assert ("attention store: layer input.4.0 changed shape (2, 16, 5) -> (2, 4, 5); restarting its sum"
             in caplog.messages), caplog.messages
+
+
+def test_store_averages_concept_maps_over_entries_and_calls():
+    """ConceptAttention's maps (upstream: averaged over the recorded blocks and steps): the positive rows of each
+    call, summed per image over the positive entries and the calls, divided by their count, (items, n, C); only
+    recorded when the store has concepts, the call is recorded and the layer is selected."""
+    from attention.context import AttnContext
+    from attention.layers import LayerId, parse_layer_selection
+    lid = LayerId("double", 3, 0)
+    store = AttentionStore(StoreConfig(concepts=("cat", "dog", "sky")))
+    g = torch.Generator().manual_seed(11)
+    want = torch.zeros(2, 6, 3)
+    for step in (0, 1):
+        ctx = AttnContext(lid, True, 2, 3, 4, [1, 0, 0], 2, float(SIGMAS[step]), step, len(SIGMAS) - 1)
+        assert store.wants_concepts(ctx)
+        scores = torch.rand(4, 3, 6, generator=g).softmax(1)          # rows 2..5: the two positive entries
+        store.observe_concepts(scores, ctx, [2, 3, 4, 5])
+        want += (scores[:2] + scores[2:]).transpose(1, 2)
+    assert torch.allclose(store.layer_map(lid, "concept"), want / 4, atol=1e-6)
+    assert store.layers("concept")[0].height == 2 and store.layers("concept")[0].width == 3
+    assert store.items == 2 and store.n_steps == len(SIGMAS) - 1 and store.steps_recorded == {0, 1}
+    ctx = AttnContext(lid, True, 2, 3, 4, [1, 0], 2, float(SIGMAS[2]), 2, len(SIGMAS) - 1)
+    assert not AttentionStore(StoreConfig()).wants_concepts(ctx)                      # no concepts
+    assert not AttentionStore(StoreConfig(concepts=("a",), step_end=0.1)).wants_concepts(ctx)   # out of range
+    for text in ("double.0-2", "4x6", "2x4"):                                        # another block / size
+        other = AttentionStore(StoreConfig(concepts=("a",), selection=parse_layer_selection(text)))
+        assert not other.wants_concepts(ctx), text
+    assert AttentionStore(StoreConfig(concepts=("a",), selection=parse_layer_selection("2x3"))).wants_concepts(ctx)
