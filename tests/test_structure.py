@@ -159,6 +159,7 @@ def test_chunker_keeps_escaped_brackets_out_textual_inversions_whole_and_coordin
     emphasis brackets); other words are lower-cased; "A or B" is a coordination like "A and B"."""
     assert noun_phrases("a \\(Red\\) cube or a (embedding:MyCat) toy, photo") == [
         "a red cube", "a embedding:MyCat toy", "a red cube or a embedding:MyCat toy"]
+    assert noun_phrases("a \\(embedding:MyCat\\) toy, photo") == ["a embedding:MyCat toy"]   # not 'MyCat\\'
 
 
 def test_aligned_values_refusals_name_the_sizes():
