@@ -35,7 +35,7 @@ COVERING: dict[str, list[str]] = {
     "inversion": ["tests/test_faithful_ports.py"],
     "dpl": ["tests/test_faithful_ports.py", "tests/test_faithful_dpl.py"],
     "dpl_losses": ["tests/test_faithful_ports.py", "tests/test_dpl_losses.py"],
-    "prompt_mixing": ["tests/test_faithful_attention.py"],
+    "prompt_mixing": ["tests/test_faithful_attention.py", "tests/test_faithful_ports.py"],
     "structure": ["tests/test_structure.py"],
     "store": ["tests/test_faithful_attention.py", "tests/test_attention_core.py", "tests/test_concept_attention.py"],
     "cluster": ["tests/test_cluster.py", "tests/test_faithful_attention.py"],
