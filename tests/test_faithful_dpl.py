@@ -227,3 +227,22 @@ def test_losses_that_do_not_run_change_nothing():
     assert not all(torch.equal(x, y) for x, y in zip(runs[0].conds, runs[2].conds))
     faster = _toy_run(dataclasses.replace(base, lr=1e-2), [(1,)], True)     # the node's lr input reaches AdamW
     assert not all(torch.equal(x, y) for x, y in zip(runs[0].conds, faster.conds))
+
+
+def test_kept_nouns_take_the_rows_of_nouns_present_with_their_token_count():
+    """The editing prompt keeps a learned noun (its rows of the stacked vectors) only where it appears with the
+    token count it was learned with (upstream's placeholders are whole tokens); rows count on past every noun."""
+    from attention.dpl import kept_nouns
+    found = {0: (2,), 1: (), 2: (5, 6), 3: (8,)}                   # noun 3 was learned as 2 tokens: dropped
+    positions, rows = kept_nouns([1, 2, 2, 2], found.__getitem__)
+    assert positions == [(2,), (5, 6)] and rows == [0, 3, 4]
+
+
+def test_initializer_ids_map_end_of_word_tokens_to_the_word_internal_piece():
+    """``tokenizer.encode(['cat', ...])`` looks each noun up as a ready token (``convert_tokens_to_ids``): the
+    word-internal piece where the vocabulary has one, else the prompt's own token; no vocabulary (a word-level
+    tokenizer): the ids as given. (Tier 2 checks the same with ComfyUI's SD1 tokenizer files.)"""
+    from attention.dpl import initializer_ids
+    vocab = {"cat": 1481, "cat</w>": 2368, "dog</w>": 1929, "<|endoftext|>": 49407, "s": 82, "s</w>": 29}
+    assert initializer_ids([2368, 1929, 29, 7], vocab) == [1481, 1929, 82, 7]
+    assert initializer_ids([2368, 1929], None) == [2368, 1929]
