@@ -134,3 +134,20 @@ def test_cluster_store_reads_the_self_maps_of_the_size_asked():
     want = label_clusters(labels, word_maps(store, [(1,), (2, 3)], (4, 8), 1), 0.2)
     assert torch.equal(got.labels, labels) and got.cluster_word == want.cluster_word
     assert torch.equal(got.scores, want.scores)
+    from attention.context import AttnContext
+    from attention.layers import LayerId
+    concepts = AttentionStore(StoreConfig(concepts=("a", "b")))   # concept maps label the clusters instead
+    concepts.self_ = store.self_
+    ctx = AttnContext(LayerId("double", 0, 0), True, 4, 8, 2, [1, 0], 2, float(sigmas[0]), 0, 4)
+    concepts.observe_concepts(torch.rand(2, 2, 32, generator=g).softmax(1), ctx, [2, 3])
+    by_concept = cluster_store(concepts, [(0,), (1,)], 1, 3, 0.2, (2, 4), (4, 8), seed=1, labels_from="concept")
+    want = label_clusters(labels, word_maps(concepts, [(0,), (1,)], (4, 8), 1, "concept"), 0.2)
+    assert torch.equal(by_concept.scores, want.scores)
+
+
+def test_nearest_size_prefers_the_larger_on_a_tie_and_names_what_to_enable():
+    from attention.cluster import nearest_size
+    assert nearest_size(12, [(8, 8), (16, 16)], "self-attention") == (16, 16)
+    assert nearest_size(12, [(16, 16), (8, 8)], "self-attention") == (16, 16)
+    with pytest.raises(ValueError, match="^no self-attention maps were captured; enable them on Attention Capture"):
+        nearest_size(12, [], "self-attention")
