@@ -28,6 +28,8 @@ def test_velocity_reads_the_first_sigma_in_float32_and_keeps_the_states_shape_an
     assert seen == [(torch.float32, (1,))] and got.shape == x.shape and got.dtype == torch.float64
     assert torch.allclose(got, (x - x * (1 - s32)) / s32, rtol=0, atol=1e-12)
     assert torch.allclose(v(x, torch.tensor([0.0, 0.0])), x, atol=1e-6)  # floored: (x - x (1 - 0.05)) / 0.05
+    half = velocity_from_denoiser(lambda x_, s_: x_ * 0.5, 0.05)(x.half(), sigma)   # an fp16 model's states
+    assert half.dtype == torch.float16 and torch.allclose(half.double(), x * 0.5 / s32, atol=1e-2)
 
 
 def test_rf_solve_reports_each_step_and_refuses_unknown_solvers():
@@ -75,8 +77,8 @@ def test_concept_maps_read_either_attention_output_layout():
     torch.manual_seed(0)
     block = DoubleBlock().eval()
     g = torch.Generator().manual_seed(3)
-    layout = JointLayout(txt=2, grid=(2, 3))
-    L, b = 2 + 6, 2
+    layout = JointLayout(txt=3, grid=(2, 3))
+    L, b = 3 + 6, 2                                                  # L differs from the head width (8)
     qh, kh, vh = (torch.randn(b, HEADS, L, HID // HEADS, generator=g) for _ in range(3))
     out4 = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh)              # (b, h, L, d)
     out3 = out4.transpose(1, 2).reshape(b, L, HID)
