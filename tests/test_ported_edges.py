@@ -102,3 +102,70 @@ def test_concept_maps_read_either_attention_output_layout():
         want = stream.tokens + mod1.gate * wide.txt_attn.proj(call.out.double())
         want = want + mod2.gate * wide.txt_mlp((1 + mod2.scale) * wide.txt_norm2(want) + mod2.shift)
     assert new.dtype == torch.float64 and torch.allclose(new, want, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- grounding head layout
+def _head(**kw):
+    from attention.grounding import HeadConfig, build_head
+    cfg = dict(channels=(8, 4), context_dim=16, dim=32, heads=4, layers=1, ffn=48)
+    cfg.update(kw)
+    return build_head(HeadConfig(**cfg), seed=0).eval()
+
+
+def test_grounding_head_layout_is_upstreams():
+    """seg_module.py's layout: every fusion block maps its concatenated input to the same width, so its shortcut is
+    the identity (a 1x1 conv only where a block changes width); its 3x3 convs are spectrally normalized unless
+    switched off; the decoder layer is pre-norm, ReLU, dropout 0, with the configured FFN width."""
+    from torch import nn
+
+    from attention.grounding import ResidualBlock
+    is_sn = nn.utils.parametrize.is_parametrized
+    head = _head()
+    for block in head.fuse:
+        assert isinstance(block.shortcut, nn.Identity) and is_sn(block.conv1) and is_sn(block.conv2)
+    assert not any(is_sn(b.conv1) or is_sn(b.conv2) for b in _head(spectral_norm=False).fuse)
+    wide = ResidualBlock(4, 6, True)
+    assert isinstance(wide.shortcut, nn.Conv2d) and wide.shortcut.kernel_size == (1, 1) and is_sn(wide.shortcut)
+    assert (wide.shortcut.in_channels, wide.shortcut.out_channels) == (4, 6)
+    assert not is_sn(ResidualBlock(4, 6, False).shortcut)
+    layer = head.decoder.layers[0]
+    assert layer.norm_first and layer.linear1.out_features == 48 and layer.dropout.p == 0.0
+    assert layer.activation is nn.functional.relu or isinstance(layer.activation, nn.ReLU)
+
+
+def test_grounding_one_level_tokens_at_odd_sizes_and_empty_rows():
+    """One feature level: its projection through the one fusion block. Patch tokens of an odd-sized embedding:
+    zero padding at the far edges to a multiple of P, then P x P patches row by row (upstream's rearrange).
+    A batch row without any word yields finite logits for the others (no NaN)."""
+    g = torch.Generator().manual_seed(5)
+    one = _head(channels=(4,))
+    x = torch.randn(1, 4, 6, 6, generator=g)
+    with torch.no_grad():
+        assert torch.allclose(one.pixel_embedding([x]), one.fuse[0](one.project[0](x)), atol=1e-6)
+        head = _head()
+        pixels = torch.randn(1, head.config.embed_dim, 9, 5, generator=g)
+        padded = torch.zeros(1, head.config.embed_dim, 12, 8)
+        padded[..., :9, :5] = pixels
+        p = head.config.patch
+        patches = padded.reshape(1, -1, 3, p, 2, p).permute(0, 2, 4, 1, 3, 5).reshape(1, 6, -1)
+        assert torch.allclose(head.tokens(pixels), head.to_k(patches), atol=1e-6)
+        levels = [torch.randn(2, 8, 4, 4, generator=g), torch.randn(2, 4, 8, 8, generator=g)]
+        queries = torch.randn(2, 3, 16, generator=g)
+        mask = torch.tensor([[True, True, False], [False, False, False]])
+        logits = head(levels, queries, mask)
+        assert torch.isfinite(logits).all()
+        alone = head([lv[:1] for lv in levels], queries[:1], mask[:1])
+        assert torch.allclose(logits[:1], alone, atol=1e-5)
+
+
+def test_grounding_refusals_name_the_counts():
+    from attention.grounding import word_query
+    head = _head()
+    levels = [torch.randn(1, 8, 4, 4), torch.randn(1, 4, 8, 8)]
+    with pytest.raises(ValueError) as err:
+        head(levels, torch.randn(2, 3, 16))
+    assert str(err.value) == "2 query rows for 1 feature images; give one row of queries per image"
+    with pytest.raises(ValueError) as err:
+        word_query(torch.randn(5, 16), [])
+    assert str(err.value) == ("the word has no token positions (the tokenizer dropped it); give a word the text "
+                              "encoder knows")

@@ -39,7 +39,7 @@ COVERING: dict[str, list[str]] = {
     "structure": ["tests/test_structure.py"],
     "store": ["tests/test_faithful_attention.py", "tests/test_attention_core.py", "tests/test_concept_attention.py"],
     "cluster": ["tests/test_cluster.py", "tests/test_faithful_attention.py"],
-    "grounding": ["tests/test_grounding.py"],
+    "grounding": ["tests/test_grounding.py", "tests/test_ported_edges.py"],
     "direct_inversion": ["tests/test_direct_inversion.py", "tests/test_ported_edges.py"],
     "rf_inversion": ["tests/test_rf_inversion.py", "tests/test_ported_edges.py"],
     "concept_attention": ["tests/test_concept_attention.py", "tests/test_ported_edges.py"],
