@@ -486,3 +486,24 @@ def test_proxy_suggestion_equals_upstream_ranking():
     # upstream keeps the object word among the candidates (then returns it plus count - 1 others); we skip it
     with_obj = vocab + ["cat"]
     assert suggest_proxies(encode, with_obj, prompt, "cat", 4) == theirs[1:]
+    # the whole shortlist (its 50 come from the template ranking, reordered by the prompt's), one, none
+    long = official_proxy_words(encode, "a {word} sitting on a mat", "cat", vocab, 50)
+    assert suggest_proxies(encode, vocab, prompt, "cat", 50) == long[1:]
+    assert suggest_proxies(encode, vocab, prompt, "cat", 1) == theirs[1:2]
+    assert suggest_proxies(encode, vocab, prompt, "cat", 0) == []
+
+
+def test_proxy_helpers_follow_upstream():
+    """``get_topk_similar_words``' cosine order (the reference normalized as a whole: a reference whose halves
+    differ in scale ranks by its direction); the alphabetic candidates of two letters or more, once each, the
+    object skipped; the object replaced once (its first occurrence, any case), or refused by name."""
+    from attention.prompt_mixing import proxy_candidates, proxy_prompt, top_similar
+    ref = torch.tensor([10.0, 0.0, 0.0, 1.0])
+    feats = torch.tensor([[0.0, 0.0, 0.0, 1.0], [1.0, 0.0, 0.0, 0.0], [0.7, 0.0, 0.0, 0.7]])
+    cos = (feats @ ref) / feats.norm(dim=-1) / ref.norm()
+    assert top_similar(ref[None], feats, 3) == np.flip(cos.numpy().argsort()).tolist() == [1, 2, 0]
+    assert proxy_candidates(["x", "ab", "Cat", "a1", "ab", "b-c", "dog"], "cat") == ["ab", "dog"]
+    assert proxy_prompt("A Cat and a cat", "cat", "dog") == "A dog and a cat"
+    with pytest.raises(ValueError) as err:
+        proxy_prompt("a dog", "cat", "cow")
+    assert str(err.value) == "object word 'cat' is not in the prompt 'a dog'; write it as it appears there"
