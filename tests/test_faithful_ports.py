@@ -262,6 +262,25 @@ def test_null_text_optimization_equals_the_official_loop(text_toy):
     assert (rec - x0).abs().max() < 0.05                                   # and it does reconstruct
 
 
+def test_null_text_optimization_through_a_guide_that_reads_the_prompt(text_toy):
+    """NullTextInvert hands ``null_text_optimize`` ComfyUI's guide, which evaluates the prompt's row from the context
+    it is given (``calc_cond_batch``), not from a precomputed eps: the optimization and the guided steps must give
+    it the source prompt and use it in place of the default CFG (here its own guidance 5, the settings' 7.5 unused):
+    the notebook's loop at guidance 5."""
+    sigmas, x0, cond, null, traj, traj_z = text_toy
+
+    def guide(x, sig, c, e_cond, u):
+        e_u = text_eps(x, sig, u)
+        return e_u + 5.0 * (text_eps(x, sig, c) - e_u)
+    settings = NullTextSettings(guidance=7.5, inner_steps=4, epsilon=None)
+    with torch.enable_grad():
+        nulls, _, rec = null_text_optimize(text_eps, [t.clone() for t in traj], sigmas, cond, null, settings,
+                                           guide=guide)
+    official, z_end, _ = official_null_optimization(text_unet, traj_z, sigmas, cond, null, 5.0, 4, None)
+    assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(nulls, official))
+    assert torch.allclose(rec, z_end, atol=1e-10)
+
+
 def test_keep_best_null_returns_the_lowest_loss_evaluated(text_toy):
     """The option keep_best_null (not upstream): per step the null of the lowest loss among those Adam evaluated
     (the starting one included) and the last one, the last on a tie; one more UNet evaluation per step. A
