@@ -423,6 +423,7 @@ def test_store_two_positive_entries_mixed_sizes_and_refusals(caplog):
     one = AttentionStore(StoreConfig(keep_heads=True))               # one call of one entry: the maps themselves
     probs = _one_call(one, ("input", 4), (4, 4), True, [1, 0], seed=5)
     assert torch.allclose(one.layer_heads(LayerId("input", 4, 0)), probs[2:], atol=1e-6)
+    assert one.resolutions() == [(4, 4)] and one.resolutions(cross=False) == []        # cross maps by default
     with caplog.at_level("WARNING", logger="attention_lab"):
         _one_call(one, ("input", 4), (2, 2), True, [1, 0], seed=6)
     assert ("attention store: layer input.4.0 changed shape (2, 16, 5) -> (2, 4, 5); restarting its sum"
