@@ -245,4 +245,6 @@ def test_initializer_ids_map_end_of_word_tokens_to_the_word_internal_piece():
     from attention.dpl import initializer_ids
     vocab = {"cat": 1481, "cat</w>": 2368, "dog</w>": 1929, "<|endoftext|>": 49407, "s": 82, "s</w>": 29}
     assert initializer_ids([2368, 1929, 29, 7], vocab) == [1481, 1929, 82, 7]
+    pieces = {"catsup": 5, "ca": 6}                                 # a word-internal piece stays itself
+    assert initializer_ids([5], pieces) == [5]
     assert initializer_ids([2368, 1929], None) == [2368, 1929]
