@@ -124,6 +124,7 @@ def test_grounding_head_layout_is_upstreams():
     for block in head.fuse:
         assert isinstance(block.shortcut, nn.Identity) and is_sn(block.conv1) and is_sn(block.conv2)
     assert not any(is_sn(b.conv1) or is_sn(b.conv2) for b in _head(spectral_norm=False).fuse)
+    assert is_sn(_head(channels=(4,)).fuse[0].conv1)                # a one-level head's single block too
     wide = ResidualBlock(4, 6, True)
     assert isinstance(wide.shortcut, nn.Conv2d) and wide.shortcut.kernel_size == (1, 1) and is_sn(wide.shortcut)
     assert (wide.shortcut.in_channels, wide.shortcut.out_channels) == (4, 6)
