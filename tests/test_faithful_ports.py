@@ -279,6 +279,12 @@ def test_null_text_optimization_through_a_guide_that_reads_the_prompt(text_toy):
     official, z_end, _ = official_null_optimization(text_unet, traj_z, sigmas, cond, null, 5.0, 4, None)
     assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(nulls, official))
     assert torch.allclose(rec, z_end, atol=1e-10)
+    best = NullTextSettings(guidance=7.5, inner_steps=4, lr=0.3, epsilon=None, keep_best=True)   # its last check too
+    with torch.enable_grad():
+        nulls, _, rec = null_text_optimize(text_eps, [t.clone() for t in traj], sigmas, cond, null, best, guide=guide)
+    official, z_end, _ = official_null_optimization(text_unet, traj_z, sigmas, cond, null, 5.0, 4, None, lr=0.3,
+                                                    keep_best=True)
+    assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(nulls, official))
 
 
 def test_keep_best_null_returns_the_lowest_loss_evaluated(text_toy):
