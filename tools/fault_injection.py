@@ -2,9 +2,10 @@
 
 The re-check that opened issue 26 found tests that passed under these faults; this script proves the rewritten
 tests fail. Each fault is a literal text replacement in one module, applied to a copy of the repository's tracked
-files under --workdir (the checkout is never touched); the faithful-port test files plus the module's own test file
-then run with pytest. Prints, per fault, the failing tests and pytest's summary line; exits 1 when a fault leaves
-every test passing (or its text is no longer in the module). Tier 1 only; about a minute on one thread:
+files under --workdir (the checkout is never touched); the equality test files (every tests/test_faithful_*.py)
+plus the module's own test file then run with pytest. Prints, per fault, the failing tests and pytest's summary
+line; exits 1 when a fault leaves every test passing (or its text is no longer in the module). Tier 1 only; about
+a minute on one thread:
 
     OMP_NUM_THREADS=1 python tools/fault_injection.py
 """
@@ -20,8 +21,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FAITHFUL = ["tests/test_faithful_ports.py", "tests/test_faithful_attention.py", "tests/test_faithful_p2p.py",
-            "tests/test_faithful_dpl.py"]
+FAITHFUL = sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("tests/test_faithful_*.py"))   # the equality tests
 # name, module, original text, faulty text, extra test file
 FAULTS = [
     ("null-text early-stop threshold x10", "attention/inversion.py",
