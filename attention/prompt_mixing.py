@@ -8,6 +8,8 @@ implementation of the published procedure, see docs/prompt-mixing-design.md).
 
 Batch convention: latent item 0 is the original, items 1..k the variations (same x_T).
 Shapes: value (rows, m, c) pre-projection text states; probs (rows, h, n_chunk, n); masks (n, n).
+On DiT joint attention (``JointProxyValues``, ``JointSelfAttentionInjection``): q, k, v (b, h, L, d) with L = T
+text + I image tokens; probs (b, h, n_chunk, L); masks (N, N) over the image grid.
 """
 
 from __future__ import annotations
@@ -276,6 +278,72 @@ class SelfAttentionInjection(AttentionController):
         for chunk_start in sorted(orig):
             for row in range(chunk_start + 1, chunk_start + ctx.items):
                 probs[row] = probs[row] * (1 - mask) + probs[chunk_start] * mask
+        return probs
+
+
+class JointProxyValues(AttentionController):
+    """MnM's proxy values on a DiT's joint attention (``joint.dit_call``'s ``edit_qkv``): the counterpart of
+    ``ProxyValuePatch`` where text keys and values are made by every block from its text stream.
+
+    The variation rows are conditioned on their proxy prompts (their own text streams; the pooled vector stays
+    the original's, see ``nodes/prompt_mix.py``). In every block this makes each variation row's text *keys* the
+    original row's (item 0 of the same chunk), and its text *values* the original's too outside the window
+    [start, end) of the steps' progress: inside it they stay the variation's own, i.e. the proxy prompt's. Image
+    tokens meet the text only in this attention (the other layers are per token, modulated by the pooled vector),
+    so outside the window a variation's image tokens are computed exactly as the original's. Not a port: the
+    official code (UNet) takes the values from the proxy prompt's context in cross-attention; this is that rule
+    where a context has no fixed values. q, k, v: (b, h, L, d); text keys ``ctx.joint.text_keys()``.
+    """
+
+    edits_probs = True          # edits k and v only: ``wants_probs`` is always False
+
+    def __init__(self, start: float, end: float):
+        self.start, self.end = start, end
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def wants_probs(self, ctx: AttnContext) -> bool:
+        return False
+
+    def edit_qkv(self, q, k, v, ctx: AttnContext):
+        if ctx.joint is None or ctx.items < 2:
+            return q, k, v
+        p = ctx.progress
+        in_window = p is not None and self.start <= p < self.end
+        t = ctx.joint.text_keys()
+        k = k.clone()
+        v = v if in_window else v.clone()
+        for row, item in ctx.rows(0):
+            if item >= 1:
+                k[row, :, t] = k[row - item, :, t]                 # row - item: the chunk's item 0
+                if not in_window:
+                    v[row, :, t] = v[row - item, :, t]
+        return q, k, v
+
+
+class JointSelfAttentionInjection(SelfAttentionInjection):
+    """``SelfAttentionInjection`` on a DiT's joint attention: the image->image block of the joint probabilities
+    (image-grid queries over image-grid keys) of every variation row takes the original row's where the layer's
+    (N, N) mask is 1, until ``end``; the image->text part of the rows stays the variation's (so a row may no longer
+    sum to exactly 1, as the joint softmax's image part is swapped alone). probs: (b, h, n_chunk, L) of the joint
+    queries ``query_slice``."""
+
+    def wants_probs(self, ctx: AttnContext) -> bool:
+        p = ctx.progress
+        return (ctx.joint is not None and ctx.layer in self.masks and p is not None and p < self.end
+                and 0 in ctx.cond_or_uncond and ctx.items > 1)
+
+    def edit_probs(self, probs, ctx: AttnContext, query_slice: slice):
+        g = ctx.joint.grid_tokens()
+        lo, hi = max(query_slice.start, g.start), min(query_slice.stop, g.stop)
+        if lo >= hi:
+            return probs
+        mask = self.masks[ctx.layer].to(probs)[lo - g.start:hi - g.start]          # (n, N)
+        qs = slice(lo - query_slice.start, hi - query_slice.start)
+        for row, item in ctx.rows(0):
+            if item >= 1:
+                probs[row, :, qs, g] = probs[row, :, qs, g] * (1 - mask) + probs[row - item, :, qs, g] * mask
         return probs
 
 

@@ -1,4 +1,4 @@
-"""PromptMixSampler: shape variations of one object by prompt mixing (MnM), localized.
+"""PromptMixSampler: shape variations of one object by prompt mixing (MnM), localized; UNets and DiTs (Flux, SD3).
 
 Glue only: the controllers, the blend and the proxy suggestion live in
 ``attention/prompt_mixing.py`` (procedure and defaults of orpatashnik/local-prompt-mixing, see its
@@ -7,6 +7,8 @@ from an inversion its DDIM steps, ``inversion.sample_from_inversion``):
 1. the original prompt alone, capturing its attention (injection masks, background clusters);
 2. the batch [original, variation per proxy] from the same noise, with proxy values in the window,
    the original's self-attention injected on preserved objects and one background blend.
+On a DiT the variation rows carry their proxy prompts and ``JointProxyValues`` / ``JointSelfAttentionInjection``
+edit the joint attention through the DiT hook (``attention/joint.py``'s ``edit_qkv`` / ``edit_probs``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from ..attention import logger
 from ..attention.chunks import ChunkFilter
 from ..attention.prompt_mixing import (
     BackgroundBlend,
+    JointProxyValues,
+    JointSelfAttentionInjection,
     MixSettings,
     ProxyValuePatch,
     SelfAttentionInjection,
@@ -43,6 +47,7 @@ from .common import (
     token_key,
     word_ids,
 )
+from .dit import dit_info
 from .guided import add_chunk_wrapper, rows_conditioning
 from .inversion import sample_from_inversion
 from .model_identity import check_inversion_model
@@ -71,6 +76,17 @@ def _check_proxy(clip, key: str, word: str, proxy: str):
             f"(single words of common nouns are usually one token).")
 
 
+def _check_dit(info, latent_image: dict, inversion) -> None:
+    if inversion is not None:
+        raise ValueError("PromptMixSampler: varying an inversion is not supported on Flux/SD3 (DiT) models yet; "
+                         "disconnect 'inversion' and vary a generated image (seed + latent_image)")
+    gh, gw = info.grid(tuple(latent_image["samples"].shape[-2:]))
+    if gh * gw > SELF_MAX:
+        raise ValueError(f"PromptMixSampler on Flux/SD3: the image is {gh}x{gw} = {gh * gw} tokens, above the "
+                         f"{SELF_MAX} whose image-to-image attention the clusters and injection masks keep (32x32 "
+                         f"tokens: 512x512 px); lower the latent's size to at most 512x512 px (or the same area)")
+
+
 class PromptMixSampler(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -87,11 +103,13 @@ class PromptMixSampler(io.ComfyNode):
                 "inside ComfyUI's sampler: the MODEL's patches, wrappers and CFG functions, every conditioning entry "
                 "and the latent's noise mask (variations only inside it) apply as in KSampler. DDIM (eta 0) by "
                 "default; connect a SAMPLER and SIGMAS (as for SamplerCustomAdvanced) to use any ComfyUI sampler for "
-                "a generated image (ancestral/SDE samplers share each step's noise across the rows). Output batch: "
-                "original first, then variations."),
+                "a generated image (ancestral/SDE samplers share each step's noise across the rows). On Flux/SD3 the "
+                "variations carry their proxy prompts and see the original's text keys (and its values outside the "
+                "window) in the joint attention. Output batch: original first, then variations."),
             inputs=[
                 io.Model.Input("model", tooltip=(
-                    "SD1.x/SD2.x/SDXL or ShapesWorld model. Cloned; the input stays unpatched.")),
+                    "SD1.x/SD2.x/SDXL, Flux, SD3/3.5, ShapesWorld or ShapesWorld-Flow model (Flux/SD3: images up "
+                    "to 512x512 px). Cloned; the input stays unpatched.")),
                 io.Clip.Input("clip", tooltip="The model's CLIP; encodes the prompt and the proxy prompts."),
                 io.String.Input("prompt", multiline=True, default="a red circle and a blue square on a gray background",
                                 tooltip="The positive prompt, containing the object word."),
@@ -214,6 +232,10 @@ class PromptMixSampler(io.ComfyNode):
         if proxy_ctx.shape[1:] != encoded[0][0].shape[1:]:
             raise ValueError(f"proxy prompts encode to {tuple(proxy_ctx.shape[1:])} but the prompt to "
                              f"{tuple(encoded[0][0].shape[1:])}; keep the prompts within the same 77-token chunks")
+        info = dit_info(model.get_model_object("diffusion_model"))
+        dit = info is not None
+        if dit:
+            _check_dit(info, latent_image, inversion)
 
         inv = inversion
         custom_sigmas = comfy_sampling.check_pair("PromptMixSampler", sampler, sigmas, inv)
@@ -227,12 +249,15 @@ class PromptMixSampler(io.ComfyNode):
             check_inversion_model(inv, model, "PromptMixSampler")   # object, weight patches, options (by name)
             steps = len(inv.sigmas) - 1
         base = positive if positive is not None else inv.extra["positive"] if inv is not None else encoded
-        positive = rows_conditioning("PromptMixSampler", base, encoded, [encoded])
+        # DiT: the variation rows carry their proxy prompts (text streams) with the original's pooled vector
+        rows = [encoded] + [[[c[None], dict(encoded[0][1])]] for c in proxy_ctx]
+        positive, positive_rows = (rows_conditioning("PromptMixSampler", base, encoded, r) for r in
+                                   ([encoded], rows if dit else [encoded]))
         if custom_sigmas is not None:
             sigmas, steps = custom_sigmas, len(custom_sigmas) - 1
         else:
             sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).cpu()
-        ids = model_layer_ids(model)
+        ids = model_layer_ids(model, dit=True)
         k = len(proxies)
 
         # 1. the original, with its attention
@@ -250,16 +275,21 @@ class PromptMixSampler(io.ComfyNode):
         step = s.blend_step(steps)
         m2 = model.clone()
         add_chunk_wrapper(m2)
-        m2.set_model_attn2_patch(ProxyValuePatch(proxy_ctx, *s.window))
+        if dit:
+            install_controller(m2, ChunkFilter(JointProxyValues(*s.window)), ids)
+        else:
+            m2.set_model_attn2_patch(ProxyValuePatch(proxy_ctx, *s.window))
         masks = injection_masks(orig_store, keep, obj, s.injection_threshold, SELF_MAX)
         if keep and s.self_injection_end > 0:
-            install_controller(m2, ChunkFilter(SelfAttentionInjection(masks, s.self_injection_end), full_frame=True),
-                               [lid for lid in ids if lid in masks], self_attn=True, cross_attn=False)
+            injection = (JointSelfAttentionInjection if dit else SelfAttentionInjection)(masks, s.self_injection_end)
+            install_controller(m2, ChunkFilter(injection, full_frame=True), [lid for lid in ids if lid in masks],
+                               self_attn=True, cross_attn=False)
         var_store = AttentionStore(StoreConfig(self_max_tokens=SELF_MAX, step_end=((step or steps) + 1) / steps))
         blend = BackgroundBlend(var_store, orig_fg, labels.positions, s, step, labels.background, labels.obj)
         if step is not None:
             install_controller(m2, var_store, ids)
         var_store.reset()
+        run = (positive_rows,) + run[1:]
         out = _sample(m2, 1 + k, *run, after_step=blend, label="variations", sampler=sampler)
         var_store.finish()
         hw = tuple(out.shape[-2:])

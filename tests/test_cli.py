@@ -70,6 +70,8 @@ BAD = [
      "argument --weights: missing.safetensors does not exist"),
     ("tools/build_workflows.py", ["--out", "README.md"], "argument --out: README.md is a file, not a folder"),
     ("tools/queue_workflow.py", ["missing_api.json"], "argument workflow: missing_api.json does not exist"),
+    ("tools/random_dit_checkpoints.py", ["out_dir", "--size", "250", "192"],
+     "argument --size: [250, 192] are not multiples of 16: give e.g. 256 192"),
 ]
 
 
