@@ -144,7 +144,9 @@ class P2PEditSampler(io.ComfyNode):
                 io.Latent.Output(display_name="latents", tooltip=(
                     "Batch: the source (reconstruction), then each edit; from an inversion of several images, "
                     "that group for each image in turn.")),
-                io.Mask.Output(display_name="blend_mask", tooltip="The last LocalBlend mask per edit (latent size)."),
+                io.Mask.Output(display_name="blend_mask", tooltip=(
+                    "The last LocalBlend mask per edit (latent size); from an inversion of several images, "
+                    "every image's masks in turn.")),
             ],
         )
 
