@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from standins import through_hook
 
-from attention.dpl import DPL_SH, CrossMapRecorder, dpl_invert
+from attention.dpl import DPL_SH, CrossMapRecorder, background_at_size, dpl_invert
 from attention.inversion import NullTextSettings, cfg_guide, ddim_invert
 from attention.schedule import sigma_to_t, simple_sigmas
 
@@ -227,3 +228,88 @@ def test_losses_that_do_not_run_change_nothing():
     assert not all(torch.equal(x, y) for x, y in zip(runs[0].conds, runs[2].conds))
     faster = _toy_run(dataclasses.replace(base, lr=1e-2), [(1,)], True)     # the node's lr input reaches AdamW
     assert not all(torch.equal(x, y) for x, y in zip(runs[0].conds, faster.conds))
+
+
+def test_kept_nouns_take_the_rows_of_nouns_present_with_their_token_count():
+    """The editing prompt keeps a learned noun (its rows of the stacked vectors) only where it appears with the
+    token count it was learned with (upstream's placeholders are whole tokens); rows count on past every noun."""
+    from attention.dpl import kept_nouns
+    found = {0: (2,), 1: (), 2: (5, 6), 3: (8,)}                   # noun 3 was learned as 2 tokens: dropped
+    positions, rows = kept_nouns([1, 2, 2, 2], found.__getitem__)
+    assert positions == [(2,), (5, 6)] and rows == [0, 3, 4]
+
+
+def test_initializer_ids_map_end_of_word_tokens_to_the_word_internal_piece():
+    """``tokenizer.encode(['cat', ...])`` looks each noun up as a ready token (``convert_tokens_to_ids``): the
+    word-internal piece where the vocabulary has one, else the prompt's own token; no vocabulary (a word-level
+    tokenizer): the ids as given. (Tier 2 checks the same with ComfyUI's SD1 tokenizer files.)"""
+    from attention.dpl import initializer_ids
+    vocab = {"cat": 1481, "cat</w>": 2368, "dog</w>": 1929, "<|endoftext|>": 49407, "s": 82, "s</w>": 29}
+    assert initializer_ids([2368, 1929, 29, 7], vocab) == [1481, 1929, 82, 7]
+    pieces = {"catsup": 5, "ca": 6}                                 # a word-internal piece stays itself
+    assert initializer_ids([5], pieces) == [5]
+    assert initializer_ids([2368, 1929], None) == [2368, 1929]
+
+
+# ----------------------------------------------------------------------------- 4. DPL background at map size
+def official_background(mask: torch.Tensor, size=(16, 16), image=(512, 512)) -> torch.Tensor:
+    """_2_DDIM_inv.py: clusters nearest to the image size, rounded, saved by ToPILImage (8-bit 'L', 0/255);
+    _3_dpl_inv.py ``read_segfile``: ``Image.open(...).resize((w, h))`` (Pillow's default bicubic), ``astype(bool)``.
+    (Upstream's masks are 0/1; the pack's one MASK rule counts a soft value >= 0.5 as set, which ``mask`` has
+    applied here.)"""
+    big = F.interpolate(mask.float()[None, None], size=image, mode="nearest").round().bool()[0, 0]
+    pil = Image.fromarray(big.float().mul(255).byte().numpy())
+    return torch.from_numpy(np.asarray(pil.resize((size[1], size[0]))).astype(bool)).float()
+
+
+def test_background_mask_at_map_size_equals_upstream():
+    """Sparse blobs (so the dilated mask is neither empty nor full), square and non-square maps, a mask already at
+    the image's size (image_size None), and the MASK rule's 0.5."""
+    g = torch.Generator().manual_seed(2)
+    for shape, size, image in (((32, 32), (16, 16), (512, 512)), ((24, 32), (12, 16), (384, 512)),
+                               ((32, 32), (16, 16), (512, 512)), ((64, 48), (16, 12), None)):
+        mask = (torch.rand(*shape, generator=g) > 0.97).float()
+        mask = F.max_pool2d(mask[None, None], 5, 1, 2)[0, 0]                           # blobby, like clusters
+        ours = background_at_size(mask, size, image)
+        theirs = official_background(mask, size, image or shape)
+        assert torch.equal(ours, theirs) and 0 < theirs.mean() < 1, (shape, size, image)
+    soft = torch.full((32, 32), 0.5)
+    soft[:, 16:] = 0.49
+    assert torch.equal(background_at_size(soft, (16, 16), (512, 512)), official_background((soft >= 0.5).float()))
+    square = torch.zeros(32, 32)
+    square[8:24, 8:24] = 1
+    # dilated: every cell touched by the bicubic kernel counts, more than an area-majority rule's
+    majority = (F.adaptive_avg_pool2d(square[None, None], (16, 16))[0, 0] >= 0.5).float()
+    assert background_at_size(square, (16, 16), (512, 512)).sum() > majority.sum()
+
+
+def test_background_mask_upsampled_first_and_faint_ringing_counted_as_upstream():
+    """Upstream resizes the 512 px mask, not the map-sized clusters: on these blobs the bicubic resize of the
+    upsampled mask differs from a resize of the small one, and its ringing leaves cells of value 1 (of 255), which
+    count as background (``astype(bool)``). Both are seen here, so skipping the upsampling or a threshold above 0
+    fails (mutants ``background_at_size`` 9 and 38 of issue 26's run)."""
+    g = torch.Generator().manual_seed(0)
+    upsampling_matters = faint_cells = 0
+    for _ in range(4):
+        mask = (torch.rand(32, 32, generator=g) > 0.97).float()
+        mask = F.max_pool2d(mask[None, None], 5, 1, 2)[0, 0]
+        theirs = official_background(mask, (16, 16), (512, 512))
+        assert torch.equal(background_at_size(mask, (16, 16), (512, 512)), theirs)
+        small = np.asarray(Image.fromarray(mask.mul(255).byte().numpy()).resize((16, 16)))
+        big = F.interpolate(mask[None, None], size=(512, 512), mode="nearest")[0, 0]
+        raw = np.asarray(Image.fromarray(big.mul(255).byte().numpy()).resize((16, 16)))
+        upsampling_matters += int(not np.array_equal(small > 0, raw > 0))
+        faint_cells += int((raw == 1).sum())
+    assert upsampling_matters and faint_cells, (upsampling_matters, faint_cells)
+
+
+def test_which_losses_run():
+    """DPL's losses with a weight > 0; with one noun only L_bg (nothing to balance or separate), and L_bg only
+    with a background mask."""
+    from attention.dpl import active_losses
+    s = dataclasses.replace(DPL_SH, lam_at=1.0, lam_bg=1.0, lam_dj=1.0)
+    assert active_losses(s, 2, True) == (True, True, True)
+    assert active_losses(s, 1, True) == (False, True, False)
+    assert active_losses(s, 2, False) == (True, False, True)
+    assert active_losses(dataclasses.replace(s, lam_bg=0.0), 2, True) == (True, False, True)
+    assert active_losses(dataclasses.replace(s, lam_at=0.0, lam_dj=0.0), 2, True) == (False, True, False)

@@ -15,9 +15,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from attention.dpl import DPL_SH, CrossMapRecorder, background_at_size, dpl_invert
+from attention.dpl import DPL_SH, CrossMapRecorder, dpl_invert
 from attention.dpl_losses import attend_excite_loss, gaussian_kernel
 from attention.inversion import NullTextSettings, ddim_invert, null_text_optimize
 from attention.schedule import sigma_to_t, simple_sigmas
@@ -182,18 +181,23 @@ def text_eps(x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor) -> tor
     return text_unet(x / (1 + s ** 2).sqrt(), sigma_to_t(s), context)
 
 
-def official_null_optimization(unet, traj_z, sigmas, cond, null, guidance, inner, epsilon, restart=False):
+def official_null_optimization(unet, traj_z, sigmas, cond, null, guidance, inner, epsilon, restart=False,
+                               lr=1e-2, keep_best=False):
     """null_text_w_ptp.ipynb ``NullInversion.null_optimization``: per step a fresh Adam on the null at
     lr 1e-2 * (1 - i / 100); each inner iteration the guided ``prev_step`` from the current latent, MSE to the
     inverted latent, zero_grad / backward / step, then stop when loss.item() < epsilon + i * 2e-5; the null
     carries over to the next step (``restart``: DPL's re-encoded "" each step instead); the next latent is
     ``get_noise_pred(latent_cur, t, False, [null, cond])``. Returns the nulls, the final latent and the
-    iterations run per step. ``epsilon`` None: no early stop (DPL)."""
+    iterations run per step. ``epsilon`` None: no early stop (DPL). ``lr``: the notebook's 1e-2 (a test of
+    overshooting passes more). ``keep_best`` is the pack's option, not upstream: each step's null is the one of
+    the lowest loss among those the iterations evaluated (the start included) and Adam's last, the last on a
+    tie."""
     uncond, nulls, iters = null, [], []
     latent_cur = traj_z[0]
     for i in range(len(sigmas) - 1):
         uncond = (null if restart else uncond).clone().detach().requires_grad_(True)
-        optimizer = torch.optim.Adam([uncond], lr=1e-2 * (1.0 - i / 100.0))
+        optimizer = torch.optim.Adam([uncond], lr=lr * (1.0 - i / 100.0))
+        seen = []
         latent_prev = traj_z[i + 1]
         a_cur, a_prev = alphabar(sigmas[i]), alphabar(sigmas[i + 1])
         t = sigma_to_t(sigmas[i].reshape(1))
@@ -203,12 +207,21 @@ def official_null_optimization(unet, traj_z, sigmas, cond, null, guidance, inner
             noise_pred_uncond = unet(latent_cur, t, uncond)
             noise_pred = noise_pred_uncond + guidance * (noise_pred_cond - noise_pred_uncond)
             loss = F.mse_loss(official_prev_step(noise_pred, a_cur, a_prev, latent_cur), latent_prev)
+            seen.append((loss.item(), uncond.detach().clone()))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             if epsilon is not None and loss.item() < epsilon + i * 2e-5:
                 break
         iters.append(j + 1)
+        if keep_best:
+            with torch.no_grad():
+                e_u = unet(latent_cur, t, uncond)
+                last = F.mse_loss(official_prev_step(e_u + guidance * (noise_pred_cond - e_u), a_cur, a_prev,
+                                                     latent_cur), latent_prev).item()
+            low, kept = min(seen, key=lambda lv: lv[0])
+            if last > low:
+                uncond = kept.requires_grad_(True)
         nulls.append(uncond[:1].detach())
         with torch.no_grad():
             both = unet(torch.cat([latent_cur] * 2), t, torch.cat([uncond, cond]))
@@ -246,6 +259,31 @@ def test_null_text_optimization_equals_the_official_loop(text_toy):
         assert torch.allclose(ours, theirs, atol=1e-10), i
     assert torch.allclose(rec, z_end, atol=1e-10)                        # last sigma 0: x = z
     assert (rec - x0).abs().max() < 0.05                                   # and it does reconstruct
+
+
+def test_null_text_optimization_through_a_guide_that_reads_the_prompt(text_toy):
+    """NullTextInvert hands ``null_text_optimize`` ComfyUI's guide, which evaluates the prompt's row from the context
+    it is given (``calc_cond_batch``), not from a precomputed eps: the optimization and the guided steps must give
+    it the source prompt and use it in place of the default CFG (here its own guidance 5, the settings' 7.5 unused):
+    the notebook's loop at guidance 5."""
+    sigmas, x0, cond, null, traj, traj_z = text_toy
+
+    def guide(x, sig, c, e_cond, u):
+        e_u = text_eps(x, sig, u)
+        return e_u + 5.0 * (text_eps(x, sig, c) - e_u)
+    settings = NullTextSettings(guidance=7.5, inner_steps=4, epsilon=None)
+    with torch.enable_grad():
+        nulls, _, rec = null_text_optimize(text_eps, [t.clone() for t in traj], sigmas, cond, null, settings,
+                                           guide=guide)
+    official, z_end, _ = official_null_optimization(text_unet, traj_z, sigmas, cond, null, 5.0, 4, None)
+    assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(nulls, official))
+    assert torch.allclose(rec, z_end, atol=1e-10)
+    best = NullTextSettings(guidance=7.5, inner_steps=4, lr=0.3, epsilon=None, keep_best=True)   # its last check too
+    with torch.enable_grad():
+        nulls, _, rec = null_text_optimize(text_eps, [t.clone() for t in traj], sigmas, cond, null, best, guide=guide)
+    official, z_end, _ = official_null_optimization(text_unet, traj_z, sigmas, cond, null, 5.0, 4, None, lr=0.3,
+                                                    keep_best=True)
+    assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(nulls, official))
 
 
 def test_keep_best_null_returns_the_lowest_loss_evaluated(text_toy):
@@ -334,6 +372,27 @@ def test_dpl_null_text_restarts_from_the_empty_prompt_each_step(text_toy):
     assert (carried.nulls[-1] - res.nulls[-1]).abs().max() > 1e-4         # the two rules differ here
 
 
+def test_dpl_keep_best_null_option_returns_each_steps_best_null(text_toy):
+    """DPLTokenOptimizer's keep_best_null (not upstream) in ``dpl_invert``: per step the null of the lowest loss
+    evaluated (restarted from "" as DPL), one more UNet evaluation per step in the counts; with Adam overshooting
+    (lr 0.3) it picks an earlier null at some steps, so the option reaches the loop (mutants ``dpl_invert`` 212,
+    241 of issue 26's run)."""
+    sigmas, x0, cond, null, traj, traj_z = text_toy
+    settings = NullTextSettings(guidance=7.5, inner_steps=4, lr=0.3, epsilon=None, keep_best=True)
+    s = dataclasses.replace(DPL_SH, lam_at=0.0, lam_bg=0.0, lam_dj=0.0, null=settings)
+    res, _ = _dpl(text_toy, s, text_eps, traj)
+    nulls, z_end, _ = official_null_optimization(text_unet, traj_z, sigmas, cond, null, 7.5, 4, None, restart=True,
+                                                 lr=0.3, keep_best=True)
+    assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(res.nulls, nulls))
+    assert torch.allclose(res.reconstruction, z_end, atol=1e-10)
+    steps = len(sigmas) - 1
+    assert res.counts["forward"] == (2 + 4 + 1) * steps and res.counts["null_iters"] == 4 * steps
+    last, _ = _dpl(text_toy, dataclasses.replace(s, null=dataclasses.replace(settings, keep_best=False)), text_eps,
+                   traj)
+    assert last.counts["forward"] == (2 + 4) * steps
+    assert any(not torch.allclose(a, b) for a, b in zip(res.nulls, last.nulls))     # an earlier null was kept
+
+
 def test_one_token_iteration_makes_no_update_as_upstream(toy):
     """Upstream runs the token loop only ``if attn_inner_steps > 1``."""
     res, _ = _dpl(toy, dataclasses.replace(DPL_SH, attn_iters=1,
@@ -341,93 +400,3 @@ def test_one_token_iteration_makes_no_update_as_upstream(toy):
     assert res.counts["token_updates"] == 0 and all(m is None for m in res.maps)
     assert all(loss[:3] == (0.0, 0.0, 0.0) for loss in res.losses)             # no loss was computed
     assert all(torch.equal(p[0], toy[2]) for p in res.params)
-
-
-# ----------------------------------------------------------------------------- 4. DPL background at map size
-def official_background(mask: torch.Tensor, size=(16, 16), image=(512, 512)) -> torch.Tensor:
-    """_2_DDIM_inv.py: clusters nearest to the image size, rounded, saved by ToPILImage (8-bit 'L', 0/255);
-    _3_dpl_inv.py ``read_segfile``: ``Image.open(...).resize((w, h))`` (Pillow's default bicubic), ``astype(bool)``.
-    (Upstream's masks are 0/1; the pack's one MASK rule counts a soft value >= 0.5 as set, which ``mask`` has
-    applied here.)"""
-    big = F.interpolate(mask.float()[None, None], size=image, mode="nearest").round().bool()[0, 0]
-    pil = Image.fromarray(big.float().mul(255).byte().numpy())
-    return torch.from_numpy(np.asarray(pil.resize((size[1], size[0]))).astype(bool)).float()
-
-
-def test_background_mask_at_map_size_equals_upstream():
-    """Sparse blobs (so the dilated mask is neither empty nor full), square and non-square maps, a mask already at
-    the image's size (image_size None), and the MASK rule's 0.5."""
-    g = torch.Generator().manual_seed(2)
-    for shape, size, image in (((32, 32), (16, 16), (512, 512)), ((24, 32), (12, 16), (384, 512)),
-                               ((32, 32), (16, 16), (512, 512)), ((64, 48), (16, 12), None)):
-        mask = (torch.rand(*shape, generator=g) > 0.97).float()
-        mask = F.max_pool2d(mask[None, None], 5, 1, 2)[0, 0]                           # blobby, like clusters
-        ours = background_at_size(mask, size, image)
-        theirs = official_background(mask, size, image or shape)
-        assert torch.equal(ours, theirs) and 0 < theirs.mean() < 1, (shape, size, image)
-    soft = torch.full((32, 32), 0.5)
-    soft[:, 16:] = 0.49
-    assert torch.equal(background_at_size(soft, (16, 16), (512, 512)), official_background((soft >= 0.5).float()))
-    square = torch.zeros(32, 32)
-    square[8:24, 8:24] = 1
-    # dilated: every cell touched by the bicubic kernel counts, more than an area-majority rule's
-    majority = (F.adaptive_avg_pool2d(square[None, None], (16, 16))[0, 0] >= 0.5).float()
-    assert background_at_size(square, (16, 16), (512, 512)).sum() > majority.sum()
-
-
-def test_which_losses_run():
-    """DPL's losses with a weight > 0; with one noun only L_bg (nothing to balance or separate), and L_bg only
-    with a background mask."""
-    from attention.dpl import active_losses
-    s = dataclasses.replace(DPL_SH, lam_at=1.0, lam_bg=1.0, lam_dj=1.0)
-    assert active_losses(s, 2, True) == (True, True, True)
-    assert active_losses(s, 1, True) == (False, True, False)
-    assert active_losses(s, 2, False) == (True, False, True)
-    assert active_losses(dataclasses.replace(s, lam_bg=0.0), 2, True) == (True, False, True)
-    assert active_losses(dataclasses.replace(s, lam_at=0.0, lam_dj=0.0), 2, True) == (False, True, False)
-
-
-# ----------------------------------------------------------------------------- 5. MnM proxy suggestion
-def official_topk_similar(encode, template, base_word, vocab, k):
-    """``prompt_utils.get_topk_similar_words``: pooled features of ``template`` with each vocabulary word and with
-    the base word, L2-normalized; vocabulary words by descending cosine (numpy argsort, flipped), first k."""
-    ref = encode([template.format(word=base_word)])
-    ref = ref / ref.norm(p=2, dim=-1, keepdim=True)
-    feats = encode([template.format(word=w) for w in vocab])
-    feats = feats / feats.norm(p=2, dim=-1, keepdim=True)
-    order = np.flip(feats.matmul(ref.view(-1, 1)).numpy().reshape(-1).argsort())
-    return [vocab[i] for i in order[:k]]
-
-
-def official_proxy_words(encode, prompt_template, obj, vocab, variations):
-    """``prompt_utils.get_proxy_words``: alphabetic entries of two letters or more; 50 closest by 'a photo of a
-    {word}', then the closest by the prompt; the object word is put first when it is not already."""
-    vocab = [w for w in vocab if w.isalpha() and len(w) > 1]
-    short = official_topk_similar(encode, "a photo of a {word}", obj, vocab, 50)
-    words = official_topk_similar(encode, prompt_template, obj, short, variations)
-    return words if words[0] == obj else [obj] + words
-
-
-def test_proxy_suggestion_equals_upstream_ranking():
-    """Ours (the ranking the node runs, with the vocabulary's features computed inline or looked up as from the
-    cache) against upstream's, on a random text encoder whose pooled features depend on every character."""
-    from attention.prompt_mixing import suggest_proxies
-    g = torch.Generator().manual_seed(6)
-    table, pos = torch.randn(128, 16, generator=g), torch.randn(64, 16, generator=g)
-
-    def encode(texts):                                  # (n, 16) pooled features, nonlinear in the text
-        rows = [torch.tanh(sum(table[ord(c) % 128] * (1 + pos[i % 64]) for i, c in enumerate(t))) for t in texts]
-        return torch.stack(rows) + 0.1
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    vocab = ["".join(letters[int(j)] for j in torch.randint(0, 26, (int(n),), generator=g))
-             for n in torch.randint(2, 7, (400,), generator=g)] + ["x", "a1", "b-c"]      # the last 3 are dropped
-    vocab = list(dict.fromkeys(vocab))
-    prompt = "a cat sitting on a mat"
-    theirs = official_proxy_words(encode, "a {word} sitting on a mat", "cat", vocab, 4)
-    assert theirs[0] == "cat" and len(theirs) == 5             # the object is not in this vocabulary
-    cached = {w: encode([f"a photo of a {w}"])[0] for w in vocab}
-    for features in (None, lambda ws: torch.stack([cached[w] for w in ws])):
-        assert suggest_proxies(encode, vocab, prompt, "cat", 4, vocab_features=features) == theirs[1:]
-    # upstream keeps the object word among the candidates (then returns it plus count - 1 others); we skip it
-    with_obj = vocab + ["cat"]
-    assert suggest_proxies(encode, with_obj, prompt, "cat", 4) == theirs[1:]

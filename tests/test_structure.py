@@ -152,3 +152,69 @@ def test_the_first_phrase_of_a_causal_encoder_keeps_its_states(model):
 def test_a_phrase_not_in_the_prompt_is_refused(model):
     with pytest.raises(ValueError, match="not in the prompt"):
         structured_patch(model, PROMPT, ["a green star"])
+
+
+def test_chunker_keeps_escaped_brackets_out_textual_inversions_whole_and_coordinates_or():
+    """Escaped brackets are text, not words; an ``embedding:Name`` is one word with its case (also inside
+    emphasis brackets); other words are lower-cased; "A or B" is a coordination like "A and B"."""
+    assert noun_phrases("a \\(Red\\) cube or a (embedding:MyCat) toy, photo") == [
+        "a red cube", "a embedding:MyCat toy", "a red cube or a embedding:MyCat toy"]
+    assert noun_phrases("a \\(embedding:MyCat\\) toy, photo") == ["a embedding:MyCat toy"]   # not 'MyCat\\'
+
+
+def test_aligned_values_refusals_name_the_sizes():
+    """A phrase must fit the prompt (last position < its tokens) and its own encoding (BOS + one state per
+    position); either failure alone is refused, with both sizes in the text."""
+    g = torch.Generator().manual_seed(1)
+    full = torch.randn(6, 9, generator=g)
+    fits = torch.randn(3, 9, generator=g)                           # BOS + 2 states: exactly enough for 2 positions
+    assert torch.equal(aligned_values(full, [fits], [(4, 5)])[1, 4:6], fits[1:3])
+    for phrase, pos in ((fits, (5, 6)), (torch.randn(2, 9, generator=g), (1, 2)), (fits[:1], (3,))):
+        with pytest.raises(ValueError) as err:
+            aligned_values(full, [phrase], [pos])
+        assert str(err.value) == (f"phrase positions {pos} do not fit the prompt (6 tokens) or the phrase encoding "
+                                  f"({phrase.shape[0]} tokens)")
+
+
+def test_patch_of_several_prompts_matching_tolerance_and_hits():
+    """Keys of two prompts (p, m, c): each row takes its own prompt's values; a row matches within
+    ``rtol`` x the prompt's largest |state| + 1e-6 (at 0.9 of it yes, at 1.1 no), the prompt's own scale, not
+    another prompt's; a prompt of zero states still matches itself; in fp16 the tolerance is 2 eps (a row exactly
+    at it matches, 1.25 x it does not); a context of another width is left alone; a value edited by an earlier
+    patch in one row leaves the others to this one; ``hits`` counts the rows changed over the calls."""
+    g = torch.Generator().manual_seed(4)
+    keys = torch.randn(2, 5, 3, generator=g)
+    keys[0, 1, 0], keys[1] = 8.0, keys[1].clamp(-3, 3)
+    keys[1, 2, 2] = 4.0                                              # prompt 1's largest |state|: 4
+    values = torch.randn(2, 5, 3, generator=g)
+    with pytest.raises(ValueError) as err:
+        StructuredValuePatch(keys, values[:, :4])
+    assert str(err.value) == "key states (2, 5, 3) and value states (2, 4, 3) differ"
+    patch = StructuredValuePatch(keys, values)
+    assert patch.hits == 0
+    tol = 1e-3 * 4.0 + 1e-6
+    near, far = keys[1].clone(), keys[1].clone()
+    near[0, 0] += 0.9 * tol
+    far[0, 0] += 1.1 * tol
+    ctx = torch.stack([keys[1], keys[0], near, far])
+    _, _, v = patch(None, ctx, ctx, {})
+    assert torch.equal(v[0], values[1]) and torch.equal(v[1], values[0]) and torch.equal(v[2], values[1])
+    assert torch.equal(v[3], far) and patch.hits == 3
+    edited = ctx.clone()
+    edited[0] = 0.0                                                  # an earlier patch swapped row 0's values
+    _, _, v = patch(None, ctx, edited, {})
+    assert torch.equal(v[0], edited[0]) and torch.equal(v[1], values[0]) and patch.hits == 5
+    wide = torch.randn(2, 5, 6, generator=g)                        # another encoder's width, same token count
+    assert torch.equal(patch(None, wide, wide, {})[2], wide) and patch.hits == 5
+    zero = StructuredValuePatch(torch.zeros(5, 3), values[0])
+    _, _, v = zero(None, torch.zeros(1, 5, 3), torch.zeros(1, 5, 3), {})
+    assert torch.equal(v[0], values[0])
+    half = torch.zeros(5, 3)
+    half[0, 0] = 4.0                                                 # fp16 tolerance: 2 * 2**-10 * 4 = 2**-7
+    low = StructuredValuePatch(half, values[0])
+    for delta, hit in ((2 ** -7, True), (1.25 * 2 ** -7, False)):
+        row = half.clone()
+        row[1, 1] = delta
+        row = row.half()[None]
+        got = low(None, row, row, {})[2]
+        assert torch.equal(got[0], values[0].half()) if hit else torch.equal(got, row), delta
