@@ -139,6 +139,11 @@ def test_proxy_values_with_a_longer_negative_and_the_prompts_entries_only():
     expect[4:6] = proxies
     assert torch.equal(val, expect)
 
+    # a batch with more items than proxies (four items, two proxies): the extra item keeps its values
+    ctx4 = torch.cat([neg.expand(4, -1, -1), prompt.expand(4, -1, -1)])
+    _, _, val = patch(torch.zeros(8, 4, 6), ctx4, ctx4, options([1, 0], 10))
+    assert torch.equal(val[5:7], proxies) and torch.equal(val[7], prompt[0]) and torch.equal(val[:5], ctx4[:5])
+
     with pytest.raises(ValueError, match=r"^proxy prompts have 5 tokens but the prompt has 7; the prompts must "
                                          r"tokenize to the same length$"):
         patch(x, torch.zeros(6, 7, 6), torch.zeros(6, 7, 6), options([1, 0], 10))
@@ -208,7 +213,8 @@ def test_self_attention_injection_equals_upstream_mask_self_attn_patches(cou):
 def test_self_attention_injection_calls_it_leaves_and_a_query_chunk():
     """Which calls are edited (``wants_probs``): not without sigmas, not a negative-only call, not one item, not a
     cross-attention call, not a layer without a mask; and ``edit_probs`` on a chunk of queries (as the explicit
-    attention calls it on long sequences) uses the mask's rows of that chunk, as upstream's full mask does there."""
+    attention calls it on long sequences) uses the mask's rows of that chunk, as upstream's full mask does there,
+    on the probabilities' device."""
     g = torch.Generator().manual_seed(4)
     n, heads = 16, 2
     mask = (torch.rand(n, n, generator=g) > 0.5).float()
@@ -219,6 +225,7 @@ def test_self_attention_injection_calls_it_leaves_and_a_query_chunk():
         opts = options(cou, step, block=block, heads=heads, hw=(4, 4), rows=items or 6)
         return context_from_extra_options(opts, cross, torch.zeros(items or 6, n, 8))
     assert ctl.wants_probs(ctx([1, 0], 39)) and ctl.wants_probs(ctx([0], 0, items=3))
+    assert ctl.wants_probs(ctx([1, 0], 39, items=4))                 # [orig, one variation] x 2 chunks
     for c in (ctx([1, 0], None), ctx([1], 5, items=3), ctx([0], 5, items=1), ctx([1, 0], 5, cross=True),
               ctx([1, 0], 5, block=("input", 1)), ctx([1, 0], 40)):
         assert not ctl.wants_probs(c), c
@@ -226,6 +233,8 @@ def test_self_attention_injection_calls_it_leaves_and_a_query_chunk():
     ours = ctl.edit_probs(probs[:, :, sl].clone(), ctx([1, 0], 5), sl)
     theirs = official_self_attn(probs, mask, [1, 0], 5)[:, :, sl]
     assert torch.equal(ours, theirs) and not torch.equal(ours, probs[:, :, sl])
+    # probabilities on another device than the (CPU) masks, as on a GPU: the mask follows them (meta stands in)
+    assert ctl.edit_probs(torch.zeros(6, heads, 8, n, device="meta"), ctx([1, 0], 5), sl).device.type == "meta"
     assert ctl.masks == {LAYER: mask} and ctl.end == S.self_injection_end
 
 
@@ -337,5 +346,11 @@ def test_background_blend_equals_upstream_post_background():
         fg = [foreground(store, b, positions, s, other_bg, other_obj) for b in (1, 2)]
         assert torch.equal(again, official_post_background(x, fg, orig_fg, x[0])[0])
         assert not torch.equal(again, ours), (other_bg, other_obj)
+    # a latent with a frame axis (b, C, T, H, W): the (H, W) mask blends every frame alike
+    video = torch.randn(3, 4, 2, 16, 16, generator=g)
+    blended = BackgroundBlend(store, orig_fg, positions, s, step, bg, obj)(step, video)
+    for f in range(2):
+        assert torch.equal(blended[:, :, f], official_post_background(video[:, :, f], obj_masks, orig_fg,
+                                                                      video[0, :, f])[0])
     off = BackgroundBlend(store, orig_fg, positions, s, MixSettings(blend_at=None).blend_step(STEPS), bg, obj)
     assert all(torch.equal(off(i, x), x) for i in range(STEPS)) and off.masks == []
