@@ -328,7 +328,7 @@ def test_background_blend_equals_upstream_post_background():
     x = torch.randn(3, 4, 16, 16, generator=g, dtype=torch.float64)
     before = x.clone()
     step = s.blend_step(STEPS)
-    assert step == 35
+    assert step == 35 and MixSettings(blend_at=1.0).blend_step(STEPS) == STEPS - 1    # at most after the last step
     blend = BackgroundBlend(store, orig_fg, positions, s, step, bg, obj)
     for i in (0, 34, 36, 49):
         assert torch.equal(blend(i, x), before) and blend.masks == []

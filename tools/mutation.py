@@ -36,7 +36,7 @@ COVERING: dict[str, list[str]] = {
     "dpl": ["tests/test_faithful_ports.py", "tests/test_faithful_dpl.py"],
     "dpl_losses": ["tests/test_faithful_ports.py", "tests/test_dpl_losses.py"],
     "prompt_mixing": ["tests/test_faithful_attention.py", "tests/test_faithful_proxies.py",
-                      "tests/test_faithful_prompt_mixing.py"],
+                      "tests/test_faithful_prompt_mixing.py", "tests/test_prompt_mixing_dit.py"],
     "structure": ["tests/test_structure.py"],
     "store": ["tests/test_faithful_attention.py", "tests/test_faithful_store.py", "tests/test_attention_core.py",
               "tests/test_concept_attention.py"],
