@@ -197,6 +197,7 @@ def test_one_chunk_refine_mapper_and_pairs_equal_upstream():
             mapper, alphas = refine_mapper(src, dst, length)
             want_m, want_a = official_get_mapper(src, dst, length)
             assert torch.equal(mapper, want_m) and torch.equal(alphas, want_a), (src, dst, length)
+            assert mapper.dtype == want_m.dtype == torch.int64 and alphas.dtype == want_a.dtype   # an index
         short = len(dst) - 2
         mapper, alphas = refine_mapper(src, dst, short)
         want_m, want_a = official_get_mapper(src, dst, len(dst))
