@@ -29,7 +29,8 @@ upstream's z-space offset times sqrt(1 + sigma_{i+1}^2); the time grid's departu
 documented for NTI in docs/faithful-ports.md. Not upstream (it has no noise mask): the nodes multiply the offsets
 by a noise mask of the edit, whose outside the inpainting keeps equal to the image (nodes/inversion.py).
 
-Shapes (einops legend): b batch rows (1 for one image), c latent channels, h w latent size, m tokens, d width;
+Shapes (einops legend): b batch rows (images inverted together; one edit's source row: 1), c latent channels,
+h w latent size, m tokens, d width;
 trajectory[i] (b, c, h, w); offsets[i] (b, c, h, w), one per sampling step.
 """
 
@@ -66,12 +67,14 @@ def direct_offsets(eps: BatchEps | None, trajectory: list[torch.Tensor], sigmas:
 
     ``eps(x, sigma, context, cond_or_uncond)`` is the batch eps of ``p2p.p2p_sample`` (the same loop the edit
     runs, so the source row of the edit sees what this pass saw); ``trajectory`` from ``ddim_invert`` (N+1
-    states, [0] = x_T); ``cond`` (1, m, d) the source prompt; ``null`` (1, m, d) the null context the edit will
+    states (b, c, h, w), [0] = x_T: b images inverted with one prompt, each row its own source branch, row-wise
+    independent); ``cond`` (1, m, d) the source prompt; ``null`` (1, m, d) the null context the edit will
     use (upstream: the empty prompt); ``guidance`` the edit's guidance (upstream 7.5). ``sample_kwargs`` go to
-    ``p2p_sample`` (e.g. a ``guide``). Returns N offsets (1, c, h, w) and the reconstruction (1, c, h, w).
-    Costs N guided evaluations (2N rows)."""
+    ``p2p_sample`` (e.g. a ``guide``). Returns N offsets (b, c, h, w) and the reconstruction (b, c, h, w).
+    Costs N guided evaluations (2Nb rows)."""
     recorder = OffsetRecorder(trajectory)
-    x = p2p_sample(eps, trajectory[0], sigmas, cond, null, guidance, recorder, on_step, **sample_kwargs)
+    rows = cond.expand(trajectory[0].shape[0], -1, -1)       # b images: every row is a source branch
+    x = p2p_sample(eps, trajectory[0], sigmas, rows, null, guidance, recorder, on_step, **sample_kwargs)
     return recorder.offsets, x
 
 

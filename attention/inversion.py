@@ -26,7 +26,8 @@ papers' classifier-free guidance e_u + g (e_c - e_u) (the default, exactly as be
 that runs the MODEL's own CFG hooks (``nodes/guided.py``), so a RescaleCFG or a post-CFG function shapes the
 inversion as it shapes the sampler.
 
-Shapes: x (1, c, h, w); embeddings (1, m, d); trajectory[i] is the state at s_i (trajectory[N] = x_0).
+Shapes: x (b, c, h, w), b images inverted together (the loops are row-wise; null-text optimizes one image at a
+time, b = 1); embeddings (1, m, d); trajectory[i] is the state at s_i (trajectory[N] = x_0).
 """
 
 from __future__ import annotations
@@ -62,24 +63,50 @@ class NullTextSettings:
 
 @dataclass
 class Inversion:
-    """What an inversion hands to the editors."""
+    """What an inversion hands to the editors: one image (b = 1) or a batch of b images inverted with one prompt
+    (``item(k)`` is image k's own inversion, what an editor retraces for it)."""
 
     sigmas: torch.Tensor                     # (N+1,) descending, last 0
-    trajectory: list[torch.Tensor]           # N+1 states (1, c, h, w); [0] is x_T, [N] the clean latent
+    trajectory: list[torch.Tensor]           # N+1 states (b, c, h, w); [0] is x_T, [N] the clean latent
     cond: torch.Tensor                       # (1, m, d) the source prompt's context
-    nulls: list[torch.Tensor] | None         # per step (1, m, d) null embeddings, or None (use the negative)
+    nulls: list[torch.Tensor] | None         # per step (1 or b, m, d) null embeddings (b: one per image, null-text),
+                                             # or None (use the negative)
     prompt: str
     mode: str
     guidance: float
-    offsets: list[torch.Tensor] | None = None  # Direct Inversion: per step (1, c, h, w) added to the source row
+    offsets: list[torch.Tensor] | None = None  # Direct Inversion: per step (b, c, h, w) added to the source row
                                              # after each DDIM step of an edit (direct_inversion.py); else None
-    unet_forward: int = 0                    # UNet evaluations (one per batch row)
+    unet_forward: int = 0                    # UNet evaluations (one per batch row), all images together
     unet_backward: int = 0
     extra: dict = field(default_factory=dict)
 
     @property
     def x_T(self) -> torch.Tensor:
         return self.trajectory[0]
+
+    @property
+    def items(self) -> int:
+        """b, the number of images inverted."""
+        return int(self.trajectory[0].shape[0])
+
+    def item(self, k: int) -> "Inversion":
+        """Image ``k``'s inversion (b = 1): its trajectory, nulls and offsets; prompt, sigmas and ``extra``
+        (a shallow copy) shared; the evaluation counts are ``extra["counts_items"][k]`` (forward, backward) where
+        the inverter measured them per image (null-text), else the batch's divided by b. IndexError outside
+        0..b-1."""
+        b = self.items
+        if not 0 <= k < b:
+            raise IndexError(f"item {k} of an inversion of {b} image(s); valid 0..{b - 1}")
+
+        def pick(t: torch.Tensor) -> torch.Tensor:
+            return t[k:k + 1] if t.shape[0] == b and b > 1 else t
+        fw, bw = self.extra.get("counts_items", [(self.unet_forward // b, self.unet_backward // b)] * b)[k]
+        return Inversion(sigmas=self.sigmas, trajectory=[pick(t) for t in self.trajectory], cond=self.cond,
+                         nulls=None if self.nulls is None else [pick(n) for n in self.nulls], prompt=self.prompt,
+                         mode=self.mode, guidance=self.guidance,
+                         offsets=None if self.offsets is None else [pick(o) for o in self.offsets],
+                         unet_forward=fw, unet_backward=bw,
+                         extra=dict(self.extra))
 
 
 def z_scale(sigma: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from comfy_api.latest import io
 
 from ..attention import logger
 from ..attention.direct_inversion import SourceCorrection, direct_offsets
-from ..attention.inversion import Inversion, NullTextSettings, ddim_invert, null_text_optimize, reconstruct
+from ..attention.inversion import Inversion, NullTextSettings, ddim_invert, null_text_optimize
 from ..attention.p2p import p2p_sample
 from . import rf_inversion as rf
 from .common import CATEGORY, InversionType, encode_prompt
@@ -37,11 +37,11 @@ MODES += list(rf.RF_MODES)          # rectified-flow models (Flux, SD3): nodes/r
 
 
 def source_latent(latent, image, vae) -> torch.Tensor:
-    """The first item of LATENT, or of the IMAGE encoded with the VAE: raw (1, c, h, w) latent samples."""
+    """Every item of LATENT, or of the IMAGE encoded with the VAE: raw (b, c, h, w) latent samples."""
     if latent is not None:
-        return latent["samples"][:1].float()
+        return latent["samples"].float()
     if image is not None and vae is not None:
-        return vae.encode(_croppable(image[:1, :, :, :3], vae)).float()
+        return vae.encode(_croppable(image[:, :, :, :3], vae)).float()
     raise ValueError("NullTextInvert needs an image to invert: connect 'latent' (a LATENT) or both 'image' "
                      "and 'vae' (e.g. LoadImage and the checkpoint's VAE)")
 
@@ -55,7 +55,8 @@ def check_guidance(node: str, model, guidance: float) -> None:
 
 
 def sample_from_inversion(model, inv: Inversion, positive: list, negative: list, texts, rows: int,
-                          after_step=None, latent: dict | None = None, label: str = "") -> torch.Tensor:
+                          after_step=None, latent: dict | None = None, label: str = "",
+                          batch: bool = False) -> torch.Tensor:
     """DDIM (Euler on a flow model; FireFlow's midpoint steps for a 'fireflow' inversion) from the inversion's x_T
     retracing its steps, ``rows`` rows, inside ComfyUI's sampler: the marked
     text of ``positive`` per row (``texts`` (rows, m, d), or one such batch per step: DPL), guidance and null
@@ -64,12 +65,47 @@ def sample_from_inversion(model, inv: Inversion, positive: list, negative: list,
     mask every row is the inverted image). A Direct Inversion (``inv.offsets``) adds its per-step offsets to row 0
     (the source) after each step, before ``after_step`` (LocalBlend), as upstream; under a noise mask only inside
     it (upstream has no mask; outside it the inpainting keeps the image). Returns raw LATENT samples
-    (rows, c, h, w)."""
+    (rows, c, h, w).
+
+    An inversion of b > 1 images (NullTextInvert on a LATENT batch) needs ``batch=True``, else ValueError naming
+    the fix: each image is then edited from its own inversion (``inv.item(k)``) in a run of its own, an
+    ``after_step`` that reads an attention store (LocalBlend's ``store``) starting empty for each, and the result
+    is (b * rows, c, h, w), image by image; LocalBlend's ``last_mask`` becomes every image's masks
+    (b * rows, 1, h, w). A noise mask of b items masks each image with its own, of 1 item all alike."""
+    b = inv.items
+    if b > 1 and not batch:
+        raise ValueError(f"{label}: the inversion holds {b} images (NullTextInvert inverted a LATENT batch of {b}), "
+                         f"and this node edits one image from one inversion; invert one image per NullTextInvert "
+                         f"(put 'Latent From Batch' with length 1 before it), or edit the batch with P2P Edit "
+                         f"Sampler, which edits every image from its own inversion")
+    steps = len(inv.sigmas) - 1
+    pbar = comfy.utils.ProgressBar(steps * b)          # image-steps
+    if b == 1:
+        return _sample_one(model, inv, positive, negative, texts, rows, after_step, latent, label, pbar)
+    store = getattr(after_step, "store", None)
+    full = None if latent is None else latent.get("noise_mask")
+    outs, masks = [], []
+    for k in range(b):
+        logger.info("%s: image %d of %d", label, k + 1, b)
+        if store is not None:
+            store.reset()                               # LocalBlend: this image's attention only
+        item_latent = None
+        if full is not None:
+            item_latent = {"noise_mask": full[k:k + 1] if full.shape[0] == b else full[:1]}
+        outs.append(_sample_one(model, inv.item(k), positive, negative, texts, rows, after_step, item_latent, label,
+                                pbar))
+        masks.append(getattr(after_step, "last_mask", None))
+    if masks[0] is not None and all(m is not None for m in masks):
+        after_step.last_mask = torch.cat(masks)
+    return torch.cat(outs)
+
+
+def _sample_one(model, inv: Inversion, positive, negative, texts, rows, after_step, latent, label, pbar):
+    """``sample_from_inversion`` of one image's inversion (b = 1), ticking ``pbar``."""
     steps = len(inv.sigmas) - 1
     neg = mark_text(inv.extra["negative"], "negative") if inv.nulls is not None else negative
     mask = noise_mask_of(latent)
     clean = model.model.process_latent_out(inv.trajectory[-1]).expand(rows, -1, -1, -1).clone()
-    pbar = comfy.utils.ProgressBar(steps)
     logger.info("%s from an inversion (%d rows, %d steps%s)", label, rows, steps,
                 ", noise mask" if mask is not None else "")
 
@@ -129,7 +165,8 @@ class NullTextInvert(io.ComfyNode):
                 "source row, exact reconstruction without optimization). Rectified-flow models (Flux, SD3): Euler "
                 "inversion or FireFlow (Deng et al. 2024), reconstructed with the same solver. Runs inside ComfyUI's "
                 "sampler: the MODEL's patches, wrappers and CFG functions and every entry of 'positive' apply as in "
-                "KSampler. Feed the result to P2P Edit Sampler; the reconstruction output shows how faithful it is."),
+                "KSampler. A LATENT batch inverts every image (batched where the mode allows, one by one in "
+                "null-text). Feed the result to P2P Edit Sampler; the reconstruction output shows how faithful it is."),
             inputs=[
                 io.Model.Input("model", tooltip="SD1.x/SD2.x/SDXL or ShapesWorld model (modes null-text, ddim, "
                                                 "negative-prompt); Flux, SD3 or ShapesWorld-Flow (modes rf-euler, "
@@ -164,9 +201,12 @@ class NullTextInvert(io.ComfyNode):
                     "(official 1e-5; 0 = always run inner_steps).")),
                 io.Boolean.Input("keep_best_null", default=False, optional=True, tooltip=KEEP_BEST_TOOLTIP),
                 io.Latent.Input("latent", optional=True, tooltip=(
-                    "The image as a LATENT (first item). Or give image+vae. A noise mask on it is refused: the "
-                    "whole image is inverted (give the mask to the editing node instead).")),
-                io.Image.Input("image", optional=True, tooltip="The image to invert (first item), with 'vae'."),
+                    "The image(s) as a LATENT: every item of a batch is inverted, together through the model in "
+                    "modes ddim, negative-prompt, direct, rf-euler and fireflow, one image after another in "
+                    "null-text; P2P Edit Sampler then edits each from its own inversion. Or give image+vae. A noise "
+                    "mask on it is refused: the whole image is inverted (give the mask to the editing node instead).")),
+                io.Image.Input("image", optional=True,
+                               tooltip="The image(s) to invert (every item, as 'latent'), with 'vae'."),
                 io.Vae.Input("vae", optional=True, tooltip="Encodes 'image'."),
                 io.Conditioning.Input("positive", optional=True, tooltip=(
                     "Optional: the prompt's CONDITIONING with what is attached to it (ControlNet, area, timestep "
@@ -174,9 +214,12 @@ class NullTextInvert(io.ComfyNode):
                     "it too. Default: 'prompt' encoded.")),
             ],
             outputs=[
-                InversionType.Output(display_name="inversion", tooltip="x_T, trajectory, null embeddings, sigmas."),
+                InversionType.Output(display_name="inversion", tooltip=(
+                    "x_T, trajectory, null embeddings, sigmas, of every image of the batch (P2P Edit Sampler edits "
+                    "each from its own; Prompt Mix Sampler takes one image).")),
                 io.Latent.Output(display_name="reconstruction",
-                                 tooltip="Guided DDIM from x_T with the learned nulls: should equal the input."),
+                                 tooltip="Guided DDIM from x_T with the learned nulls, every image: should equal "
+                                         "the input."),
             ],
         )
 
@@ -209,19 +252,22 @@ class NullTextInvert(io.ComfyNode):
         m = model.clone()
         if optimize:
             add_full_load(m)
-        pbar = comfy.utils.ProgressBar(2 * steps)  # inversion, then optimization or reconstruction
-        tick = lambda *_: pbar.update(1)  # noqa: E731  (also raises on interruption)
+        b = raw.shape[0]
+        pbar = comfy.utils.ProgressBar(2 * steps * b)  # image-steps: inversion, then optimization or reconstruction
+        tick = lambda *_: pbar.update(b)  # noqa: E731  a step of the batch (also raises on interruption)
         x0 = m.model.process_latent_in(raw)
         res: dict = {}
+
+        def invert(ev, x, sig, c, on_step):
+            return (rf.cond_euler_inversion(ev, x, sig, rf.sigma_floor(m), on_step) if flow   # what a capture records
+                    else ddim_invert(ev.eps("positive"), x, sig, c, on_step=on_step))
 
         def loop(ev):
             dev = ev.device
             x, c, n0, sig = x0.to(dev), cond.to(dev), null0.to(dev), sigmas.to(dev)
-            traj = (rf.cond_euler_inversion(ev, x, sig, rf.sigma_floor(m), tick) if flow     # what a capture records
-                    else ddim_invert(ev.eps("positive"), x, sig, c, on_step=tick))
             eps_c, eps_n = ev.eps("positive", quiet=True), ev.eps("negative", quiet=True)
-            counts = {"forward": steps, "backward": 0}
-            if optimize:
+            counts = {"forward": steps * b, "backward": 0}
+            if optimize:          # image by image (the optimization fits one image's null), its inversion too
                 settings = NullTextSettings(guidance=guidance, inner_steps=inner_steps, epsilon=early_stop,
                                             keep_best=keep_best_null)
 
@@ -229,27 +275,37 @@ class NullTextInvert(io.ComfyNode):
                     mm.throw_exception_if_processing_interrupted()
                     if j == 0:
                         pbar.update(1)
-                with ev.trainable():
-                    nulls, cnt, rec = null_text_optimize(eps_c, [t.clone() for t in traj], sig.clone(), c.clone(),
-                                                         n0.clone(), settings, on_inner, eps_null=eps_n,
-                                                         guide=ev.guide())
-                counts["forward"] += cnt["forward"]
-                counts["backward"] += cnt["backward"]
+                items = []
+                for k in range(b):
+                    if b > 1:
+                        logger.info("NullTextInvert: image %d of %d", k + 1, b)
+                    traj_k = invert(ev, x[k:k + 1], sig, c, lambda *_: pbar.update(1))
+                    with ev.trainable():
+                        nulls_k, cnt, rec_k = null_text_optimize(eps_c, [t.clone() for t in traj_k], sig.clone(),
+                                                                 c.clone(), n0.clone(), settings, on_inner,
+                                                                 eps_null=eps_n, guide=ev.guide())
+                    items.append((traj_k, nulls_k, rec_k.detach(), (steps + cnt["forward"], cnt["backward"])))
+                traj = [torch.cat([it[0][i] for it in items]) for i in range(steps + 1)]
+                nulls = [torch.cat([it[1][i] for it in items]) for i in range(steps)]
+                rec = torch.cat([it[2] for it in items])
+                res["counts_items"] = [it[3] for it in items]
+                counts["forward"] = sum(f for f, _ in res["counts_items"])
+                counts["backward"] = sum(bw for _, bw in res["counts_items"])
             elif mode == "direct":      # Direct Inversion: the source branch's per-step offsets (attention/direct_...)
+                traj = invert(ev, x, sig, c, tick)
                 with torch.no_grad():
                     offsets, rec = direct_offsets(None, traj, sig, c, n0, guidance, on_step=tick,
                                                   guide=ev.batch_guide(quiet=True))
                 nulls = [n0] * steps                     # the edit guides with the null the offsets were made with
                 res["offsets"] = offsets
-                counts["forward"] += 2 * steps
+                counts["forward"] += 2 * steps * b
             else:
+                traj = invert(ev, x, sig, c, tick)
                 nulls = [c] * steps if mode == "negative-prompt" else None
-                plan = Inversion(sigmas=sig, trajectory=traj, cond=c, nulls=nulls, prompt=prompt, mode=mode,
-                                 guidance=guidance)
-                with torch.no_grad():
-                    rec = reconstruct(lambda x_, s_, t_: (tick(), eps_c(x_, s_, t_))[1], plan, n0, eps_null=eps_n,
-                                      device=dev, guide=ev.guide())
-                counts["forward"] += 2 * steps
+                with torch.no_grad():   # guided DDIM from x_T, what an edit's source row runs: prompt and null rows
+                    rec = p2p_sample(None, traj[0], sig, c.expand(b, -1, -1), nulls, guidance, None, tick,
+                                     guide=ev.batch_guide(quiet=True))              # in one model call per step
+                counts["forward"] += 2 * steps * b
             res.update(trajectory=traj, nulls=nulls, counts=counts, rec=rec.detach())
             return res["rec"]
         out = run_loop(m, rows_conditioning("NullTextInvert", base, encoded, [encoded]),
@@ -260,11 +316,15 @@ class NullTextInvert(io.ComfyNode):
                         guidance=guidance, offsets=None if offsets is None else [o.detach().cpu() for o in offsets],
                         unet_forward=res["counts"]["forward"],
                         unet_backward=res["counts"]["backward"])
-        mse = float(((res["rec"].cpu() - x0.cpu()) ** 2).mean())
+        err = ((res["rec"].cpu() - x0.cpu()) ** 2).flatten(1).mean(1)                  # (b,) per image
         inv.extra[IDENTITY_KEY] = identify(model)               # checked by the editors (model_identity.py)
         if flow:
             inv.extra[rf.SOLVER_KEY] = "euler"
-        inv.extra.update(positive=base, negative=null_cond, reconstruction_mse=mse)
-        logger.info("NullTextInvert (%s, %d steps): UNet forward %d, backward %d, reconstruction MSE %.2e, %.1f s",
-                    mode, steps, inv.unet_forward, inv.unet_backward, mse, time.time() - t0)
+        if "counts_items" in res:
+            inv.extra["counts_items"] = res["counts_items"]
+        inv.extra.update(positive=base, negative=null_cond, reconstruction_mse=float(err.mean()),
+                         reconstruction_mse_items=[float(e) for e in err])
+        logger.info("NullTextInvert (%s, %d steps, %d image(s)): UNet forward %d, backward %d, reconstruction MSE "
+                    "%.2e, %.1f s", mode, steps, b, inv.unet_forward, inv.unet_backward, float(err.mean()),
+                    time.time() - t0)
         return io.NodeOutput(inv, {"samples": out})

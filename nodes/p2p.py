@@ -141,8 +141,12 @@ class P2PEditSampler(io.ComfyNode):
                     "(with an inversion: the inversion's).")),
             ],
             outputs=[
-                io.Latent.Output(display_name="latents", tooltip="Batch: the source (reconstruction), then each edit."),
-                io.Mask.Output(display_name="blend_mask", tooltip="The last LocalBlend mask per edit (latent size)."),
+                io.Latent.Output(display_name="latents", tooltip=(
+                    "Batch: the source (reconstruction), then each edit; from an inversion of several images, "
+                    "that group for each image in turn.")),
+                io.Mask.Output(display_name="blend_mask", tooltip=(
+                    "The last LocalBlend mask per edit (latent size); from an inversion of several images, "
+                    "every image's masks in turn.")),
             ],
         )
 
@@ -220,9 +224,11 @@ class P2PEditSampler(io.ComfyNode):
                 learned = inv.extra["dpl"]
                 texts = [torch.cat([inv.extra["conds"][i]] + [encode_with_learned(clip, t, learned, i)
                                                               for t in targets]) for i in range(steps)]
-            out = sample_from_inversion(m, inv, rows, negative, texts, 1 + k, blend, latent_image, "P2PEditSampler")
-        mask = blend.last_mask[1:, 0].cpu() if blend is not None and blend.last_mask is not None \
-            else torch.ones(k, *latent_hw)
+            out = sample_from_inversion(m, inv, rows, negative, texts, 1 + k, blend, latent_image, "P2PEditSampler",
+                                        batch=True)   # an inversion of b images: each edited from its own
+        images = 1 if inv is None else inv.items
+        mask = blend.last_mask.unflatten(0, (images, 1 + k))[:, 1:, 0].flatten(0, 1).cpu() \
+            if blend is not None and blend.last_mask is not None else torch.ones(images * k, *latent_hw)
         logger.info("P2PEditSampler: %d edits (%s) of %r, %d steps%s", k, ", ".join(plan.kind), source_prompt, steps,
                     " from an inversion" if inv is not None else "")
         return io.NodeOutput({"samples": out}, mask, ui=ui.PreviewMask(mask, cls=cls))

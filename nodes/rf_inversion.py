@@ -88,21 +88,22 @@ def sigma_floor(model) -> float:
 
 def rf_inversion(model, mode: str, prompt: str, guidance: float, sigmas: torch.Tensor, raw: torch.Tensor,
                  cond: torch.Tensor, positive: list, negative: list) -> tuple[Inversion, torch.Tensor]:
-    """Invert the raw LATENT samples ``raw`` (1, c, h, w) with ``mode``'s solver along ``sigmas`` (N+1,) at cfg
-    ``guidance`` inside ComfyUI's sampler (``positive``: the marked rows conditioning, ``negative`` the marked
-    negative; at cfg 1 the negative is not evaluated), then sample back with the same solver. Returns the
-    Inversion (trajectory in model space, ``extra[SOLVER_KEY]`` the solver; the caller adds the CONDITIONING an
-    edit reuses) and the reconstruction (raw LATENT)."""
+    """Invert the raw LATENT samples ``raw`` (b, c, h, w), b images together, with ``mode``'s solver along
+    ``sigmas`` (N+1,) at cfg ``guidance`` inside ComfyUI's sampler (``positive``: the marked rows conditioning,
+    ``negative`` the marked negative; at cfg 1 the negative is not evaluated), then sample back with the same
+    solver. Returns the Inversion (trajectory in model space, ``extra[SOLVER_KEY]`` the solver; the caller adds the
+    CONDITIONING an edit reuses) and the reconstruction (raw LATENT)."""
     solver, steps = RF_MODES[mode], len(sigmas) - 1
     t0 = time.time()
     m = model.clone()
     x0 = m.model.process_latent_in(raw)
     floor = sigma_floor(m)
-    pbar = comfy.utils.ProgressBar(2 * steps)      # inversion, then reconstruction
+    b = raw.shape[0]                               # images, inverted together (the solvers are row-wise)
+    pbar = comfy.utils.ProgressBar(2 * steps * b)  # image-steps: inversion, then reconstruction
 
     def tick(*_):
         mm.throw_exception_if_processing_interrupted()
-        pbar.update(1)
+        pbar.update(b)
     res: dict = {}
 
     def loop(ev):
@@ -117,12 +118,13 @@ def rf_inversion(model, mode: str, prompt: str, guidance: float, sigmas: torch.T
     out = run_loop(m, positive, negative, guidance, sigmas, raw, loop)
     skip_uncond = math.isclose(guidance, 1.0) and not m.model_options.get("disable_cfg1_optimization", False)
     rows = 1 if skip_uncond else 2                      # ComfyUI skips the unconditional rows at cfg 1
-    forward = 2 * evaluations(solver, steps) * rows
+    forward = 2 * evaluations(solver, steps) * rows * b
     inv = Inversion(sigmas=sigmas.cpu(), trajectory=[t.detach().cpu() for t in res["trajectory"]], cond=cond.cpu(),
                     nulls=None, prompt=prompt, mode=mode, guidance=guidance, unet_forward=forward)
-    mse = float(((res["rec"].cpu() - x0.cpu()) ** 2).mean())
+    err = ((res["rec"].cpu() - x0.cpu()) ** 2).flatten(1).mean(1)                  # (b,) per image
     inv.extra[IDENTITY_KEY] = identify(model)
-    inv.extra.update(reconstruction_mse=mse, sigma_floor=floor, **{SOLVER_KEY: solver})
-    logger.info("NullTextInvert (%s, %d steps, %s): model rows %d, reconstruction MSE %.2e, %.1f s", mode, steps,
-                sampling_name(m), forward, mse, time.time() - t0)
+    inv.extra.update(reconstruction_mse=float(err.mean()), reconstruction_mse_items=[float(e) for e in err],
+                     sigma_floor=floor, **{SOLVER_KEY: solver})
+    logger.info("NullTextInvert (%s, %d steps, %d image(s), %s): model rows %d, reconstruction MSE %.2e, %.1f s",
+                mode, steps, b, sampling_name(m), forward, float(err.mean()), time.time() - t0)
     return inv, out
