@@ -7,7 +7,7 @@ import torch
 from attention.cluster import cluster_self_attention, label_clusters
 from attention.context import AttnContext
 from attention.layers import LayerId, LayerSelectionError, parse_layer_selection
-from attention.p2p import EditPlan, P2PController, build_plan, word_alpha
+from attention.p2p import EditPlan, P2PController, batch_cfg, build_plan, parse_pairs, refine_mapper, word_alpha
 from attention.store import AttentionStore, StoreConfig
 from attention.words import (
     ContextWords,
@@ -182,6 +182,46 @@ def test_refine_mapper_equals_upstream_get_mapper(src, tgt, chunk_len):
     if len(t_chunks) == 1:                                        # one chunk: get_mapper's own output exactly
         m1, a1 = official_get_mapper([i for _, i in s], [i for _, i in t], length)
         assert torch.equal(plan.refine[0], m1) and torch.equal(plan.refine_alphas[0], a1)
+
+
+def test_one_chunk_refine_mapper_and_pairs_equal_upstream():
+    """``refine_mapper`` (one chunk of token ids) against ``get_mapper`` on random sequences sharing tokens; a
+    ``length`` under the source's or the target's token count (upstream's is 77, above both; it fails under the
+    target's) keeps the first ``length`` entries, clamped to the length (the pack's guard).
+    ``parse_pairs`` (P2PEditSampler's cross_replace_words / reweight) reads 'word:number' lists and refuses others."""
+    g = torch.Generator().manual_seed(8)
+    for _ in range(12):
+        src = [1] + torch.randint(3, 9, (int(torch.randint(1, 7, (1,), generator=g)),), generator=g).tolist() + [2]
+        dst = [1] + torch.randint(3, 9, (int(torch.randint(1, 7, (1,), generator=g)),), generator=g).tolist() + [2]
+        for length in (max(len(src), len(dst)), max(len(src), len(dst)) + 3):     # upstream: 77 >= both
+            mapper, alphas = refine_mapper(src, dst, length)
+            want_m, want_a = official_get_mapper(src, dst, length)
+            assert torch.equal(mapper, want_m) and torch.equal(alphas, want_a), (src, dst, length)
+            assert mapper.dtype == want_m.dtype == torch.int64 and alphas.dtype == want_a.dtype   # an index
+        short = len(dst) - 2
+        mapper, alphas = refine_mapper(src, dst, short)
+        want_m, want_a = official_get_mapper(src, dst, len(dst))
+        assert torch.equal(mapper, want_m[:short].clamp(max=short - 1)) and torch.equal(alphas, want_a[:short])
+    assert parse_pairs("red:2, big dog : -1.5", "reweight", "red:2") == {"red": 2.0, "big dog": -1.5}
+    with pytest.raises(ValueError, match=r"^cross_replace_words entry 'red=2' is not 'word:number'; write e\.g\. "
+                                         r"'lasagne:0\.2'$"):
+        parse_pairs("red=2", "cross_replace_words", "lasagne:0.2")
+
+
+def test_batch_guidance_equals_upstream_diffusion_step():
+    """``batch_cfg`` (the ShapesWorld P2P loops' guide) against upstream's ``diffusion_step``: the latents twice,
+    contexts [uncond, cond] in one call, ``uncond + guidance * (text - uncond)``. The toy eps reads each row's
+    context, sigma and chunk label (as the controllers read cond_or_uncond)."""
+    g = torch.Generator().manual_seed(9)
+    x, c, u = torch.randn(3, 4, 2, 2, generator=g), torch.randn(3, 5, 6, generator=g), torch.randn(3, 5, 6, generator=g)
+    sigma = torch.tensor(1.7)
+
+    def eps(xs, s, ctx, cou):
+        label = torch.tensor(cou, dtype=xs.dtype).repeat_interleave(xs.shape[0] // len(cou))
+        return xs * s * ctx.mean((1, 2))[:, None, None, None] + (0.3 + label[:, None, None, None]) * xs.flip(-1)
+    for cfg in (1.0, 7.5):
+        e_u, e_c = eps(torch.cat([x, x]), sigma, torch.cat([u, c]), [1, 0]).chunk(2)
+        assert torch.allclose(batch_cfg(eps, cfg)(x, sigma, c, u), e_u + cfg * (e_c - e_u), atol=1e-6), cfg
 
 
 def test_p2p_edit_on_a_context_repeated_for_a_longer_negative_equals_the_plain_edit():

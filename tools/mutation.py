@@ -31,11 +31,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # module -> the tier-1 test files that exercise it (fast ones; the slow figure-like tests stay out)
 COVERING: dict[str, list[str]] = {
-    "p2p": ["tests/test_faithful_attention.py", "tests/test_words.py", "tests/test_faithful_p2p.py"],
+    "p2p": ["tests/test_faithful_attention.py", "tests/test_words.py", "tests/test_faithful_p2p.py",
+            "tests/test_faithful_p2p_rows.py"],
     "inversion": ["tests/test_faithful_ports.py"],
     "dpl": ["tests/test_faithful_ports.py", "tests/test_faithful_dpl.py"],
     "dpl_losses": ["tests/test_faithful_ports.py", "tests/test_dpl_losses.py"],
-    "prompt_mixing": ["tests/test_faithful_attention.py", "tests/test_faithful_proxies.py"],
+    "prompt_mixing": ["tests/test_faithful_attention.py", "tests/test_faithful_proxies.py",
+                      "tests/test_faithful_prompt_mixing.py", "tests/test_prompt_mixing_dit.py"],
     "structure": ["tests/test_structure.py"],
     "store": ["tests/test_faithful_attention.py", "tests/test_faithful_store.py", "tests/test_attention_core.py",
               "tests/test_concept_attention.py"],
