@@ -76,6 +76,9 @@ EXTRA = {   # in the order they run: cheap first
     "dpl_edit_shapesworld": {"90": preview(("13", 0))},
     "flow_txt2img_shapesworld": {},                    # ShapesWorld-Flow (needs the shipped flow weights)
     "attention_capture_shapesworld_flow": {},          # node 10 previews the overlays, node 11 shows the clusters
+    "p2p_edit_shapesworld_flow": {},                   # DiT editing (tools/workflow_graphs_dit_edit.py)
+    "rf_p2p_edit_shapesworld_flow": {"90": preview(("13", 0))},                          # the image to edit
+    "prompt_mixing_shapesworld_flow": {},
 }
 
 # help-page picture (node id) -> the entry of EXTRA whose run makes it
@@ -90,7 +93,11 @@ PICTURES = {"SelfAttnCluster": "dpl_cluster", "AttentionCapture": "attention_cap
 THUMB_FROM_PICTURE = {"grounding_shapesworld": "GroundedSegment"}
 # templates for weights that do not exist here: their thumbnail is a drawing of the graph, with this caption
 DRAWN = {"attention_capture_flux": "graph for Flux.1-dev weights (green: Attention Lab nodes)",
-         "attention_capture_sd3": "graph for SD3.5 weights (green: Attention Lab nodes)"}
+         "attention_capture_sd3": "graph for SD3.5 weights (green: Attention Lab nodes)",
+         "p2p_edit_flux": "graph for Flux.1-dev weights (green: Attention Lab nodes)",
+         "p2p_edit_sd3": "graph for SD3.5 weights (green: Attention Lab nodes)",
+         "rf_p2p_edit_flux": "graph for Flux.1-dev weights (green: Attention Lab nodes)",
+         "prompt_mixing_flux": "graph for Flux.1-dev weights (green: Attention Lab nodes)"}
 
 
 class _Server:
@@ -299,6 +306,12 @@ def main(argv=None):
         elif name == "attention_capture_shapesworld_flow":
             rows = [np.asarray(strip(r["8"] + r["10"])) / 255.0, np.asarray(strip(r["11"])) / 255.0]
             thumb(name, strip(rows, scale=1, cols=1))     # the image and the overlays; the clusters and masks
+        elif name == "p2p_edit_shapesworld_flow":
+            thumb(name, strip(r["6"]))
+        elif name == "rf_p2p_edit_shapesworld_flow":
+            thumb(name, strip(r["90"] + r["6"], cols=2))   # the image to edit, its reconstruction, the two edits
+        elif name == "prompt_mixing_shapesworld_flow":
+            thumb(name, strip(r["6"], cols=2))
         elif name == "flow_txt2img_shapesworld":
             save(strip(r["7"], cols=4), "ShapesWorldFlowLoader")
             thumb(name, strip(r["7"], cols=4))

@@ -22,7 +22,15 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 from comfy_boot import node_info  # noqa: E402
 from workflow_format import api_format, ui_format  # noqa: E402
 from workflow_graphs_dit import capture_flow_graph, capture_flux_graph, capture_sd3_graph  # noqa: E402
-from workflow_graphs_dit_edit import p2p_flow_graph  # noqa: E402
+from workflow_graphs_dit_edit import (  # noqa: E402
+    p2p_flow_graph,
+    p2p_flux_graph,
+    p2p_sd3_graph,
+    prompt_mix_flow_graph,
+    prompt_mix_flux_graph,
+    rf_p2p_flow_graph,
+    rf_p2p_flux_graph,
+)
 from workflow_graphs_editing import dpl_graph, nti_p2p_graph, p2p_graph  # noqa: E402
 from workflow_graphs_generation import (  # noqa: E402
     capture_graph,
@@ -49,7 +57,11 @@ GRAPHS = (("attention_capture", capture_graph, False), ("attention_capture_shape
           ("flow_txt2img_shapesworld", flow_txt2img_graph, True),     # ShapesWorld-Flow only (no SD variant)
           ("attention_capture_shapesworld_flow", capture_flow_graph, True),   # DiT: ShapesWorld-Flow, Flux, SD3.5
           ("attention_capture_flux", capture_flux_graph, False), ("attention_capture_sd3", capture_sd3_graph, False),
-          ("p2p_edit_shapesworld_flow", p2p_flow_graph, True))           # DiT editing (workflow_graphs_dit_edit)
+          ("p2p_edit_shapesworld_flow", p2p_flow_graph, True),           # DiT editing (workflow_graphs_dit_edit)
+          ("p2p_edit_flux", p2p_flux_graph, False), ("p2p_edit_sd3", p2p_sd3_graph, False),
+          ("rf_p2p_edit_shapesworld_flow", rf_p2p_flow_graph, True), ("rf_p2p_edit_flux", rf_p2p_flux_graph, False),
+          ("prompt_mixing_shapesworld_flow", prompt_mix_flow_graph, True),
+          ("prompt_mixing_flux", prompt_mix_flux_graph, False))
 
 
 def build_parser():

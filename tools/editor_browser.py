@@ -69,8 +69,15 @@ JS_TEMPLATE = r"""
   const nav = await __alc.until(() => [...dlg.querySelectorAll('span')].find(e => e.textContent.trim() === pack));
   if (!nav) return {problem: `no "${pack}" entry in the template browser's Extensions`};
   nav.click();
-  const card = await __alc.until(() => dlg.querySelector(`[data-testid="template-workflow-${name}"]`));
-  if (!card) return {problem: 'no card in the template browser'};
+  // the browser shows 24 cards per page and loads the next page when its end scrolls into view (frontend 1.35)
+  const card = await __alc.until(() => {
+    const c = dlg.querySelector(`[data-testid="template-workflow-${name}"]`);
+    if (!c) dlg.querySelectorAll('*').forEach(e => {
+      if (e.scrollHeight > e.clientHeight) e.scrollTop = e.scrollHeight;
+    });
+    return c;
+  });
+  if (!card) return {problem: 'no card in the template browser (scrolled to its end)'};
   const listed = [...dlg.querySelectorAll('[data-testid^="template-workflow-"]')]
       .map(e => e.getAttribute('data-testid').slice('template-workflow-'.length))
       .filter(n => n !== 'workflows-content');

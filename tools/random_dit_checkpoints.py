@@ -23,9 +23,9 @@ vae/random_flux_ae           16-channel KL VAE, ch 128 x [1, 2, 4, 4] fixed     
 ==========================  ======================================================  ========================
 
 T5 is stored in float8 (ComfyUI casts per layer, as for the common ``t5xxl_fp8_e4m3fn`` file) to halve its
-memory. Also written: ``OUT_DIR/attention_capture_{flux,sd3}_random_api.json``, the shipped API workflows with
-these file names and ``--size`` / ``--steps`` substituted (the only changes), and
-``OUT_DIR/prompt_mixing_flux_random_api.json`` (Prompt Mix Sampler on the Flux workflow's loaders). Serve them with
+memory. Also written: ``OUT_DIR/<name>_random_api.json`` for each of ``SHIPPED`` (the capture, P2P,
+rectified-flow P2P and prompt-mixing workflows of Flux and SD3), the shipped API workflows with these file names and
+``--size`` / ``--steps`` substituted (the only changes). Serve them with
 ``python main.py --cpu --base-directory OUT_DIR`` (``OUT_DIR/custom_nodes`` linking this pack) and queue them
 with ``tools/queue_workflow.py``. The images are noise; the run exercises the loaders, the DiT hook and the nodes.
 Refuses to overwrite a file. Never commit the output.
@@ -56,6 +56,9 @@ SD3 = {"in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": 2, "adm_
        "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": 128}},
        "pos_embed_max_size": 192, "num_patches": 192 * 192, "pos_embed_scaling_factor": None, "qk_norm": "rms",
        "x_block_self_attn_layers": []}
+# the shipped API workflows on Flux's or SD3's stock loaders (workflows/api/<name>_api.json)
+SHIPPED = ("attention_capture_flux", "attention_capture_sd3", "p2p_edit_flux", "p2p_edit_sd3", "rf_p2p_edit_flux",
+           "prompt_mixing_flux")
 VAE = {"double_z": True, "z_channels": 16, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
        "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
 # The shipped workflows' model file names -> ours.
@@ -119,8 +122,9 @@ def diffusion_model(kind: str, g: torch.Generator) -> dict:
 
 
 def workflows(out: Path, size: tuple[int, int], steps: int) -> None:
-    """The shipped capture workflows with our file names, ``size`` (width, height) and ``steps`` substituted."""
-    for name in ("attention_capture_flux", "attention_capture_sd3"):
+    """The shipped Flux/SD3 workflows with our file names, ``size`` (width, height; Load Image's photo is scaled
+    to that many pixels) and ``steps`` (of every sampler and inversion) substituted."""
+    for name in SHIPPED:
         wf = json.loads((ROOT / "workflows" / "api" / f"{name}_api.json").read_text())
         for node in wf.values():
             inputs = node["inputs"]
@@ -129,36 +133,13 @@ def workflows(out: Path, size: tuple[int, int], steps: int) -> None:
                     inputs[k] = NAMES[v]
             if node["class_type"] == "EmptySD3LatentImage":
                 inputs["width"], inputs["height"] = size
-            if node["class_type"] == "KSampler":
+            if node["class_type"] in ("KSampler", "P2PEditSampler", "NullTextInvert", "PromptMixSampler"):
                 inputs["steps"] = steps
+            if node["class_type"] == "ImageScaleToTotalPixels":
+                inputs["megapixels"] = max(0.01, round(size[0] * size[1] / 2 ** 20, 3))
         dest = out / f"{name}_random_api.json"
         dest.write_text(json.dumps(wf, indent=1))
         print(f"wrote {dest} ({size[0]}x{size[1]}, {steps} steps)")
-        if name == "attention_capture_flux":
-            dest = out / "prompt_mixing_flux_random_api.json"
-            dest.write_text(json.dumps(prompt_mixing_flux(wf, steps), indent=1))
-            print(f"wrote {dest} (Prompt Mix Sampler on the Flux loaders, {size[0]}x{size[1]}, {steps} steps)")
-
-
-def prompt_mixing_flux(capture: dict, steps: int) -> dict:
-    """Prompt Mix Sampler on the Flux capture workflow's loaders, prompt, guidance and latent: 'cat' varied into
-    'dog', 'bicycle' preserved, Euler on the simple schedule (the node's defaults otherwise)."""
-    wf = {k: capture[k] for k in ("1", "2", "3", "4", "5", "6", "8")}    # loaders, prompt, guidance, negative, latent
-    wf["20"] = {"class_type": "PromptMixSampler", "inputs": {
-        "model": ["1", 0], "clip": ["2", 0], "prompt": capture["4"]["inputs"]["text"], "negative": ["6", 0],
-        "latent_image": ["8", 0], "object_word": "cat", "proxy_words": "dog", "suggestions": 4,
-        "preserve_words": "bicycle", "seed": 7, "steps": steps, "cfg": 1.0, "scheduler": "simple",
-        "mix_start": 0.14, "mix_end": 0.34, "self_injection_end": 0.8, "injection_threshold": 0.05,
-        "blend_at": 0.7, "clusters": 5, "cluster_threshold": 0.3, "nouns": "", "background_nouns": "",
-        "proxy_candidates": "word-internal pieces (official)", "positive": ["5", 0],
-        "sampler": ["21", 0], "sigmas": ["22", 0]}}
-    wf["21"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}}
-    wf["22"] = {"class_type": "BasicScheduler", "inputs": {"model": ["1", 0], "scheduler": "simple",
-                                                           "steps": steps, "denoise": 1.0}}
-    wf["23"] = {"class_type": "VAEDecode", "inputs": {"samples": ["20", 0], "vae": ["3", 0]}}
-    wf["24"] = {"class_type": "SaveImage", "inputs": {"filename_prefix": "attention_lab_mnm_flux",
-                                                      "images": ["23", 0]}}
-    return wf
 
 
 def check(models: Path) -> None:

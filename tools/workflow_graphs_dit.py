@@ -12,6 +12,28 @@ VIEW_TYPES = {"store": "ATTENTION_STORE", "clip": "CLIP", "samples": "LATENT", "
 VIEW_OUTPUTS = [("heatmaps", "IMAGE"), ("overlays", "IMAGE"), ("masks", "MASK")]
 
 
+def flux_loaders() -> list[Node]:
+    """Flux.1-dev's three stock loaders as ComfyUI's Flux dev template has them: UNETLoader (id 1, MODEL),
+    DualCLIPLoader type flux (id 2, CLIP), VAELoader (id 3, VAE)."""
+    return [Node(1, "UNETLoader", {"unet_name": "flux1-dev.safetensors", "weight_dtype": "default"},
+                 outputs=[("MODEL", "MODEL")], pos=(0, 0), size=(320, 90)),
+            Node(2, "DualCLIPLoader", {"clip_name1": "clip_l.safetensors", "clip_name2": "t5xxl_fp16.safetensors",
+                                       "type": "flux", "device": "default"},
+                 outputs=[("CLIP", "CLIP")], pos=(0, 130), size=(320, 130)),
+            Node(3, "VAELoader", {"vae_name": "ae.safetensors"}, outputs=[("VAE", "VAE")], pos=(0, 300),
+                 size=(320, 60))]
+
+
+def sd3_loaders() -> list[Node]:
+    """SD3.5 Large as ComfyUI's SD3.5 example loads it: the checkpoint (id 1: MODEL, its CLIP unused, VAE) and
+    TripleCLIPLoader (id 2: clip_l + clip_g + t5xxl)."""
+    return [Node(1, "CheckpointLoaderSimple", {"ckpt_name": "sd3.5_large.safetensors"},
+                 outputs=[("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")], pos=(0, 0), size=(320, 100)),
+            Node(2, "TripleCLIPLoader", {"clip_name1": "clip_l.safetensors", "clip_name2": "clip_g.safetensors",
+                                         "clip_name3": "t5xxl_fp16.safetensors"},
+                 outputs=[("CLIP", "CLIP")], pos=(0, 140), size=(320, 130))]
+
+
 def capture_node(nid: int, model: tuple, capture_self: bool, pos: tuple) -> Node:
     return Node(nid, "AttentionCapture", {"layers": "all", "capture_self": capture_self, "self_max_size": 32,
                                           "start": 0.0, "end": 1.0, "concepts": ""}, {"model": model},
@@ -73,13 +95,7 @@ def capture_flux_graph(_shapesworld: bool = False) -> tuple[list[Node], list]:
     FluxGuidance 3.5, KSampler euler/simple at cfg 1), with Attention Capture on the model."""
     prompt = "a photo of a cat riding a bicycle on a sunny street"
     nodes = [
-        Node(1, "UNETLoader", {"unet_name": "flux1-dev.safetensors", "weight_dtype": "default"},
-             outputs=[("MODEL", "MODEL")], pos=(0, 0), size=(320, 90)),
-        Node(2, "DualCLIPLoader", {"clip_name1": "clip_l.safetensors", "clip_name2": "t5xxl_fp16.safetensors",
-                                   "type": "flux", "device": "default"},
-             outputs=[("CLIP", "CLIP")], pos=(0, 130), size=(320, 130)),
-        Node(3, "VAELoader", {"vae_name": "ae.safetensors"}, outputs=[("VAE", "VAE")], pos=(0, 300),
-             size=(320, 60)),
+        *flux_loaders(),
         Node(4, "CLIPTextEncode", {"text": prompt}, {"clip": (2, 0)}, [("CONDITIONING", "CONDITIONING")],
              {"clip": "CLIP"}, (360, 0), (400, 160), "Positive prompt"),
         Node(5, "FluxGuidance", {"guidance": 3.5}, {"conditioning": (4, 0)}, [("CONDITIONING", "CONDITIONING")],
@@ -114,11 +130,7 @@ def capture_sd3_graph(_shapesworld: bool = False) -> tuple[list[Node], list]:
     clip_l + clip_g + t5xxl), with Attention Capture on the model; sampler settings of ComfyUI's SD3.5 template."""
     prompt = "a photo of a cat riding a bicycle on a sunny street"
     nodes = [
-        Node(1, "CheckpointLoaderSimple", {"ckpt_name": "sd3.5_large.safetensors"},
-             outputs=[("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")], pos=(0, 0), size=(320, 100)),
-        Node(2, "TripleCLIPLoader", {"clip_name1": "clip_l.safetensors", "clip_name2": "clip_g.safetensors",
-                                     "clip_name3": "t5xxl_fp16.safetensors"},
-             outputs=[("CLIP", "CLIP")], pos=(0, 140), size=(320, 130)),
+        *sd3_loaders(),
         Node(3, "CLIPTextEncode", {"text": prompt}, {"clip": (2, 0)}, [("CONDITIONING", "CONDITIONING")],
              {"clip": "CLIP"}, (360, 0), (400, 160), "Positive prompt"),
         Node(4, "CLIPTextEncode", {"text": ""}, {"clip": (2, 0)}, [("CONDITIONING", "CONDITIONING")],
