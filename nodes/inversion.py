@@ -168,9 +168,10 @@ class NullTextInvert(io.ComfyNode):
                 "KSampler. A LATENT batch inverts every image (batched where the mode allows, one by one in "
                 "null-text). Feed the result to P2P Edit Sampler; the reconstruction output shows how faithful it is."),
             inputs=[
-                io.Model.Input("model", tooltip="SD1.x/SD2.x/SDXL or ShapesWorld model (modes null-text, ddim, "
-                                                "negative-prompt); Flux, SD3 or ShapesWorld-Flow (modes rf-euler, "
-                                                "fireflow)."),
+                io.Model.Input("model", tooltip="SD1.x/SDXL or ShapesWorld model (modes null-text, ddim, "
+                                                "negative-prompt, direct; SD2.x untested); Flux, SD3 or "
+                                                "ShapesWorld-Flow (modes rf-euler, fireflow; null-text also on CFG "
+                                                "flow models such as SD3, not on guidance-distilled Flux)."),
                 io.Clip.Input("clip", tooltip="The model's CLIP."),
                 io.String.Input("prompt", multiline=True, default="a red circle and a blue square on a gray background",
                                 tooltip="Source prompt describing the image (the edits start from it)."),

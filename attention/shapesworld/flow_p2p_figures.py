@@ -1,4 +1,4 @@
-"""Prompt-to-Prompt on ShapesWorld-Flow (DiT joint attention, issue 29): a colour swap from a seed and from a
+"""Prompt-to-Prompt on ShapesWorld-Flow (DiT joint attention): a colour swap from a seed and from a
 rectified-flow inversion, with and without LocalBlend, both joint-row modes, and the cost of an edit.
 
     python -m attention.shapesworld.flow_p2p_figures [--images 8] [--steps 20] [--cfg 4] [--inversion-steps 16]
