@@ -34,6 +34,17 @@ def sd3_loaders() -> list[Node]:
                  outputs=[("CLIP", "CLIP")], pos=(0, 140), size=(320, 130))]
 
 
+def flux_conditioning(guidance: float, y: int) -> list[Node]:
+    """FluxGuidance (node 5) on the prompt's conditioning (node 4) and its ConditioningZeroOut as the negative (node
+    6), at x 360 from ``y`` down: what every Flux-dev graph wires (cfg 1, no negative pass)."""
+    return [
+        Node(5, "FluxGuidance", {"guidance": guidance}, {"conditioning": (4, 0)}, [("CONDITIONING", "CONDITIONING")],
+             {"conditioning": "CONDITIONING"}, (360, y), (300, 60)),
+        Node(6, "ConditioningZeroOut", {}, {"conditioning": (4, 0)}, [("CONDITIONING", "CONDITIONING")],
+             {"conditioning": "CONDITIONING"}, (360, y + 100), (300, 30), "Negative (unused at cfg 1)"),
+    ]
+
+
 def capture_node(nid: int, model: tuple, capture_self: bool, pos: tuple) -> Node:
     return Node(nid, "AttentionCapture", {"layers": "all", "capture_self": capture_self, "self_max_size": 32,
                                           "start": 0.0, "end": 1.0, "concepts": ""}, {"model": model},
@@ -98,10 +109,7 @@ def capture_flux_graph(_shapesworld: bool = False) -> tuple[list[Node], list]:
         *flux_loaders(),
         Node(4, "CLIPTextEncode", {"text": prompt}, {"clip": (2, 0)}, [("CONDITIONING", "CONDITIONING")],
              {"clip": "CLIP"}, (360, 0), (400, 160), "Positive prompt"),
-        Node(5, "FluxGuidance", {"guidance": 3.5}, {"conditioning": (4, 0)}, [("CONDITIONING", "CONDITIONING")],
-             {"conditioning": "CONDITIONING"}, (360, 200), (300, 60)),
-        Node(6, "ConditioningZeroOut", {}, {"conditioning": (4, 0)}, [("CONDITIONING", "CONDITIONING")],
-             {"conditioning": "CONDITIONING"}, (360, 300), (300, 30), "Negative (unused at cfg 1)"),
+        *flux_conditioning(3.5, 200),
         capture_node(7, (1, 0), False, (360, 380)),
         Node(8, "EmptySD3LatentImage", {"width": 1024, "height": 1024, "batch_size": 1}, {},
              [("LATENT", "LATENT")], {}, (0, 400), (300, 110)),

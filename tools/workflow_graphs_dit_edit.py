@@ -7,7 +7,7 @@ templates, tools/workflow_graphs_dit.py). One function per graph: (nodes, notes)
 from __future__ import annotations
 
 from workflow_format import Node, mask_to_image, preview_image, save_image, vae_decode
-from workflow_graphs_dit import KS_TYPES, flux_loaders, sd3_loaders
+from workflow_graphs_dit import KS_TYPES, flux_conditioning, flux_loaders, sd3_loaders
 
 FLOW_SOURCE = "a red circle and a blue square on a gray background"
 FLOW_TARGETS = ("a green circle and a blue square on a gray background\n"
@@ -86,10 +86,7 @@ def p2p_flux_graph(_shapesworld: bool = False) -> tuple[list[Node], list]:
     nodes = [
         *flux_loaders(),
         text(4, PHOTO_SOURCE, (2, 0), (360, 0), "Source prompt (= P2P's source_prompt)"),
-        Node(5, "FluxGuidance", {"guidance": 3.5}, {"conditioning": (4, 0)}, [("CONDITIONING", "CONDITIONING")],
-             {"conditioning": "CONDITIONING"}, (360, 180), (300, 60)),
-        Node(6, "ConditioningZeroOut", {}, {"conditioning": (4, 0)}, [("CONDITIONING", "CONDITIONING")],
-             {"conditioning": "CONDITIONING"}, (360, 280), (300, 30), "Negative (unused at cfg 1)"),
+        *flux_conditioning(3.5, 180),
         Node(7, "EmptySD3LatentImage", {"width": 1024, "height": 1024, "batch_size": 1}, {},
              [("LATENT", "LATENT")], {}, (0, 400), (300, 110)),
         Node(8, "P2PEditSampler", p2p_widgets(PHOTO_SOURCE, PHOTO_TARGETS, PHOTO_BLEND, 7, 20, 1.0),
@@ -175,10 +172,7 @@ def rf_p2p_flux_graph(_shapesworld: bool = False) -> tuple[list[Node], list]:
     nodes = [
         *flux_loaders(),
         text(4, PHOTO_SOURCE, (2, 0), (360, 0), "Image prompt (= both nodes' prompt)"),
-        Node(5, "FluxGuidance", {"guidance": 1.0}, {"conditioning": (4, 0)}, [("CONDITIONING", "CONDITIONING")],
-             {"conditioning": "CONDITIONING"}, (360, 180), (300, 60)),
-        Node(6, "ConditioningZeroOut", {}, {"conditioning": (4, 0)}, [("CONDITIONING", "CONDITIONING")],
-             {"conditioning": "CONDITIONING"}, (360, 280), (300, 30), "Negative (unused at cfg 1)"),
+        *flux_conditioning(1.0, 180),
         Node(13, "LoadImage", {"image": "example.png"}, {}, [("IMAGE", "IMAGE"), ("MASK", "MASK")], {},
              (0, 400), (300, 320), "The image to edit"),
         Node(14, "ImageScaleToTotalPixels", {"upscale_method": "lanczos", "megapixels": 1.0, "resolution_steps": 64},
@@ -254,10 +248,7 @@ def prompt_mix_flux_graph(_shapesworld: bool = False) -> tuple[list[Node], list]
     nodes = [
         *flux_loaders(),
         text(4, PHOTO_SOURCE, (2, 0), (360, 0), "Prompt (= Prompt Mix's prompt)"),
-        Node(5, "FluxGuidance", {"guidance": 3.5}, {"conditioning": (4, 0)}, [("CONDITIONING", "CONDITIONING")],
-             {"conditioning": "CONDITIONING"}, (360, 180), (300, 60)),
-        Node(6, "ConditioningZeroOut", {}, {"conditioning": (4, 0)}, [("CONDITIONING", "CONDITIONING")],
-             {"conditioning": "CONDITIONING"}, (360, 280), (300, 30), "Negative (unused at cfg 1)"),
+        *flux_conditioning(3.5, 180),
         Node(7, "EmptySD3LatentImage", {"width": 1024, "height": 1024, "batch_size": 1}, {},
              [("LATENT", "LATENT")], {}, (0, 400), (300, 110)),
         Node(8, "PromptMixSampler",
