@@ -24,3 +24,20 @@ def sd():
     from comfy_env import tiny_clip, tiny_sd15
     with torch.inference_mode():
         return tiny_sd15(), tiny_clip()
+
+
+@pytest.fixture(scope="module")
+def flux():
+    """Tier 2: a tiny random guidance-distilled Flux MODEL and its CLIP (tests/comfy_env.py), under inference mode.
+    Modules that need another Flux (no guidance embedding, tensors made outside inference mode) define their own."""
+    from comfy_env import tiny_flux, tiny_flux_clip
+    with torch.inference_mode():
+        return tiny_flux(guidance_embed=True), tiny_flux_clip()
+
+
+@pytest.fixture(scope="module")
+def sd3():
+    """Tier 2: a tiny random SD3 MODEL and its CLIP-L/G + T5 CLIP (tests/comfy_env.py), under inference mode."""
+    from comfy_env import tiny_sd3, tiny_sd3_clip
+    with torch.inference_mode():
+        return tiny_sd3(), tiny_sd3_clip()

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from comfy_env import comfy_or_skip, encode, sample, tiny_flux, tiny_flux_clip, tiny_sd3, tiny_sd3_clip
+from comfy_env import comfy_or_skip, encode, sample, tiny_flux
 from compare import assert_same_samples, rel
 
 pack = comfy_or_skip()
@@ -23,18 +23,6 @@ SRC = "a photo of a cat riding a red bicycle"
 CHANGED = 5e-6
 SWAP = "a photo of a dog riding a red bicycle"
 ADD = "a photo of a fluffy cat riding a red bicycle"
-
-
-@pytest.fixture(scope="module")
-def flux():
-    with torch.inference_mode():
-        return tiny_flux(guidance_embed=True), tiny_flux_clip()
-
-
-@pytest.fixture(scope="module")
-def sd3():
-    with torch.inference_mode():
-        return tiny_sd3(), tiny_sd3_clip()
 
 
 def latent(h=8, w=12):

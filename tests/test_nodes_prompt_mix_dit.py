@@ -11,10 +11,6 @@ from comfy_env import (
     encode,
     rel,
     sample,
-    tiny_flux,
-    tiny_flux_clip,
-    tiny_sd3,
-    tiny_sd3_clip,
 )
 
 pack = comfy_or_skip()
@@ -28,18 +24,6 @@ from attention_lab.nodes.shapesworld_flow import load_shapesworld_flow  # noqa: 
 
 PROMPT = "a photo of a cat and a dog in a garden"
 SW_PROMPT = "a red circle and a blue square on a gray background"
-
-
-@pytest.fixture(scope="module")
-def flux():
-    with torch.inference_mode():
-        return tiny_flux(guidance_embed=True), tiny_flux_clip()
-
-
-@pytest.fixture(scope="module")
-def sd3():
-    with torch.inference_mode():
-        return tiny_sd3(), tiny_sd3_clip()
 
 
 def run(model, clip, prompt, latent, obj, proxies, keep, negative="", **kw):
