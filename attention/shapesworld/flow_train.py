@@ -58,7 +58,7 @@ def model_config(args) -> dict:
     head = args.hidden_size // args.num_heads
     flux = FlowConfig(hidden_size=args.hidden_size, num_heads=args.num_heads, depth=args.depth,
                       depth_single_blocks=args.depth_single_blocks, patch_size=args.patch_size,
-                      axes_dim=axes_for(head), mlp_ratio=args.mlp_ratio)
+                      axes_dim=axes_for(head), mlp_ratio=args.mlp_ratio, theta=args.theta)
     return {"flux": flux.flux_params(), "text_width": 128, "text_layers": 3, "image_size": IMAGE_SIZE,
             "sampling": dict(SAMPLING), "parameterization": "velocity (CONST: x0 = x - sigma v)"}
 
@@ -192,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mlp-ratio", type=cli.float_range(0.5, 8), default=4.0, help="MLP width / D")
     p.add_argument("--patch-size", type=cli.int_range(1, 8), default=4,
                    help="patch side in pixels (a divisor of 32; 4 gives 8x8 = 64 image tokens, 2 gives 16x16 = 256)")
+    p.add_argument("--theta", type=cli.int_range(2, 100_000), default=10000,
+                   help="RoPE base period (Flux: 10000); smaller spreads the rotation frequencies over the short "
+                        "8x8 token grid")
     p.add_argument("--text-weights", type=cli.weights_file, default=str(TEXT_WEIGHTS), metavar="FILE",
                    help="ShapesWorld weights file whose text encoder conditions the model (frozen)")
     p.add_argument("--seed", type=cli.int_range(0), default=0, help="seed of the weights, batches, noise and times")
