@@ -200,7 +200,9 @@ class LocalBlend:
     ``store``: an AttentionStore on the cross-attention layers (mean maps so far; upstream sums, the
     max-normalization makes that the same); ``words``: per batch item, the token positions of its
     blend words; the maps are those of the layers at ``size`` (upstream: the 16x16 layers of SD 1.x
-    at 512 px, i.e. a quarter of the latent), or the nearest captured size.
+    at 512 px, i.e. a quarter of the latent), or the nearest captured size. A store that has recorded nothing
+    yet is narrowed to the blend words' keys (``AttentionStore.keep_keys``): the words' columns are all the mask
+    reads, so the other keys' maps are never reduced nor kept (the same mask, bit for bit).
     """
 
     def __init__(self, store, words: list[list[int]], size: tuple[int, int], threshold: float = 0.3,
@@ -209,6 +211,7 @@ class LocalBlend:
         self.threshold, self.start = threshold, start
         self.layers: list[LayerId] = []
         self.last_mask: torch.Tensor | None = None
+        store.keep_keys(p for w in words for p in w)
 
     def _resolve(self) -> None:
         sizes = self.store.resolutions(cross=True)
@@ -220,7 +223,7 @@ class LocalBlend:
         if not self.layers:
             self._resolve()
         avg = self.store.aggregate(self.size, cross=True, layers=set(self.layers))  # (items, h, w, m)
-        per_item = torch.stack([avg[b, ..., w].sum(-1) if w else torch.zeros(self.size)
+        per_item = torch.stack([avg[b, ..., self.store.key_index(w)].sum(-1) if w else torch.zeros(self.size)
                                 for b, w in enumerate(self.words)])               # (items, h, w)
         pooled = F.max_pool2d(per_item[:, None], 3, 1, 1)
         up = F.interpolate(pooled, size=hw, mode="nearest")

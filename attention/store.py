@@ -5,6 +5,7 @@ of steps. Shapes:
     cross[layer]: (items, n, m)   n = h*w query pixels, m = text tokens (77*k)
     self[layer]:  (items, n, n)   only for layers with n <= self_max_tokens
     cross_heads[layer]: (items, heads, n, m)   only with ``keep_heads`` (MnM's injection mask needs the heads)
+    with ``keys`` set, m is len(keys): only those key positions of the cross maps are kept (``key_index``)
     concepts[layer]: (items, n, C)   ConceptAttention maps of C concepts (DiT double blocks, ``concept_attention``)
 Maps are averaged over heads, over the calls in the step range and over the positive
 conditioning chunks (several positive entries are averaged together). Only chunks of the full frame are
@@ -17,7 +18,7 @@ Reading methods take ``cross``: True (cross maps), False (self maps) or "concept
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +53,7 @@ class StoreConfig:
     keep_heads: bool = False           # also sum cross maps per head, for layers with n <= self_max_tokens
     concepts: tuple[str, ...] = ()     # ConceptAttention concept names (DiT double blocks)
     concept_embeddings: torch.Tensor | None = None   # (C, context width): each concept's token, encoded alone
+    keys: tuple[int, ...] | None = None                # cross maps: only these key positions (ascending); None: all
 
 
 class AttentionStore(AttentionController):
@@ -78,6 +80,38 @@ class AttentionStore(AttentionController):
             self.sizes_seen: dict[LayerId, tuple[int, int]] = {}   # cross layers of this run: (h, w)
             self._checked = False
             self.run_output: torch.Tensor | None = None   # the LATENT this run produced (when known)
+
+    def keep_keys(self, keys) -> bool:
+        """Keep only the key positions ``keys`` of the cross maps from now on (a reader that needs a few words'
+        columns, LocalBlend: the maps of the other keys are then never reduced nor stored). Only on a store that
+        has recorded nothing and keeps every key; returns whether the store was narrowed (else it is unchanged)."""
+        keys = tuple(sorted({int(k) for k in keys}))
+        if not keys or keys[0] < 0 or self.config.keys is not None or not self.empty:
+            return False
+        self.config = replace(self.config, keys=keys)
+        return True
+
+    def key_index(self, positions) -> list[int]:
+        """Indices in the cross maps' last dimension of the key ``positions`` (themselves when every key is kept).
+        Raises IndexError for a position the store does not keep."""
+        keys = self.config.keys
+        if keys is None:
+            return list(positions)
+        where = {k: i for i, k in enumerate(keys)}
+        missing = [p for p in positions if p not in where]
+        if missing:
+            raise IndexError(f"token positions {missing} are not among the keys {list(keys)} this store keeps")
+        return [where[p] for p in positions]
+
+    def _narrow(self, probs: torch.Tensor) -> torch.Tensor:
+        """The kept keys of cross probabilities (..., m): a view for a run of consecutive keys."""
+        keys = self.config.keys
+        if keys[-1] >= probs.shape[-1]:
+            raise IndexError(f"the store keeps key positions {list(keys)} but the attention has {probs.shape[-1]} "
+                             f"keys; was it set up for a different prompt?")
+        if keys[-1] - keys[0] + 1 == len(keys):
+            return probs[..., keys[0]:keys[-1] + 1]
+        return probs.index_select(-1, torch.tensor(keys, device=probs.device))
 
     def finish(self, output=None) -> None:
         """End of a sampling run; ``output``: the samples it produced (a tensor), which ties the maps to them."""
@@ -173,6 +207,8 @@ class AttentionStore(AttentionController):
     def observe_probs(self, probs: torch.Tensor, ctx: AttnContext, query_slice: slice, rows: list[int]) -> None:
         ctx = visible(ctx)
         cond = [r for r, _ in ctx.rows(0)]
+        if ctx.is_cross and self.config.keys is not None:
+            probs = self._narrow(probs)                                     # (rows, h, n_chunk, len(keys))
         if rows != cond:  # probabilities of every row (an editor ran): pick the cond rows
             pos = {r: i for i, r in enumerate(rows)}
             probs = probs.index_select(0, torch.tensor([pos[r] for r in cond], device=probs.device))
@@ -276,9 +312,10 @@ def word_maps(store: AttentionStore, positions: list[tuple[int, ...]], size: tup
     m = agg.shape[-1]
     out = []
     for pos in positions:
-        bad = [p for p in pos if p >= m]
+        bad = [p for p in pos if p >= m] if cross is not True or store.config.keys is None else []
         if bad:
             raise IndexError(f"token positions {bad} are beyond the {m} keys that were captured; was the "
                              f"store filled with a different prompt?")
-        out.append(agg[item, :, :, list(pos)].mean(-1))
+        cols = store.key_index(pos) if cross is True else list(pos)
+        out.append(agg[item, :, :, cols].mean(-1))
     return torch.stack(out)

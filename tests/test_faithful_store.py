@@ -110,3 +110,33 @@ def test_store_averages_concept_maps_over_entries_and_calls():
         other = AttentionStore(StoreConfig(concepts=("a",), selection=parse_layer_selection(text)))
         assert not other.wants_concepts(ctx), text
     assert AttentionStore(StoreConfig(concepts=("a",), selection=parse_layer_selection("2x3"))).wants_concepts(ctx)
+
+
+@pytest.mark.parametrize("keys", [(1, 2), (0, 3)])           # a run of keys (a view) and scattered keys (a gather)
+def test_store_narrowed_to_keys_keeps_those_columns_bit_for_bit(keys):
+    """``keep_keys`` (LocalBlend's store): the cross maps of the kept keys equal, bit for bit, those columns of a
+    store that keeps every key (per-head maps too); ``key_index``/``word_maps`` read them by key position; a store
+    that has recorded, or is narrowed already, is left as it is; a kept key beyond the attention's keys and a
+    position the store does not keep are refused by name."""
+    from attention.layers import LayerId
+    full = AttentionStore(StoreConfig(self_max_tokens=64, keep_heads=True))
+    narrow = AttentionStore(StoreConfig(self_max_tokens=64, keep_heads=True))
+    assert narrow.keep_keys(reversed(keys)) and narrow.config.keys == keys
+    assert not narrow.keep_keys((4,)) and narrow.config.keys == keys                # narrowed already
+    for store in (full, narrow):
+        for step, seed in ((0, 1), (1, 2)):
+            _one_call(store, ("output", 0), (4, 4), True, [1, 0, 0], step=step, seed=seed)
+        _one_call(store, ("output", 1), (4, 4), False, [1, 0], seed=3)
+    lid = LayerId("output", 0, 0)
+    assert torch.equal(narrow.layer_map(lid), full.layer_map(lid)[..., list(keys)])
+    assert torch.equal(narrow.layer_heads(lid), full.layer_heads(lid)[..., list(keys)])
+    assert torch.equal(narrow.layer_map(LayerId("output", 1, 0), False), full.layer_map(LayerId("output", 1, 0), False))
+    assert narrow.key_index([keys[1], keys[0]]) == [1, 0] and full.key_index([3, 1]) == [3, 1]
+    assert torch.equal(word_maps(narrow, [keys], (4, 4), item=1), word_maps(full, [keys], (4, 4), item=1))
+    with pytest.raises(IndexError, match="not among the keys"):
+        narrow.key_index([4])
+    assert not full.keep_keys(keys) and full.config.keys is None                     # it has recorded
+    late = AttentionStore(StoreConfig())
+    late.keep_keys((7,))
+    with pytest.raises(IndexError, match=r"keeps key positions \[7\] but the attention has 5 keys"):
+        _one_call(late, ("output", 0), (4, 4), True, [0])

@@ -153,3 +153,45 @@ def test_cond_grid_fast_path_equals_the_full_explicit_path(monkeypatch):
     monkeypatch.setattr(JointP2PController, "edits_cond_grid", False)
     full = edit(model, x_T, sigmas, 3.0, TARGETS, blend=True)
     assert (fast - full).abs().max() < 1e-5
+
+
+def test_localblend_mask_of_the_fast_path_equals_the_explicit_one(monkeypatch):
+    """LocalBlend on the DiT as the node and the figure wire it: its store narrowed to the blend words' keys and
+    filled from joint._explicit_cond_grid (cond rows' grid queries only) and joint._observe (steps past the edit
+    windows) gives, at every step, the mask of a store that keeps every key filled by joint._explicit (every row
+    and query explicit): the same mask bit for bit, and the same word maps to float rounding (5e-6: the explicit
+    path's probabilities come from another matmul order)."""
+    from attention.p2p import LocalBlend
+    from attention.shapesworld.flow_model import DEFAULT_FLOW_WEIGHTS, ShapesWorldFlowModel
+    from attention.shapesworld.flow_p2p_figures import TARGETS, edit
+    from attention.store import AttentionStore
+    if not DEFAULT_FLOW_WEIGHTS.is_file():
+        pytest.skip("no shipped ShapesWorld-Flow weights")
+    model = ShapesWorldFlowModel()
+    sigmas = model.sigmas(6)                    # cross-replace ends at step 4: steps 4 and 5 are read by _observe
+    x_T = model.noise(1, 0) * sigmas[0]
+    masks: dict = {"fast": [], "explicit": []}
+    call = LocalBlend.__call__
+
+    def record(name):
+        def hook(self, i, x):
+            out = call(self, i, x)
+            masks[name].append(None if self.last_mask is None else self.last_mask.clone())
+            return out
+        return hook
+    runs = {}
+    for name in ("fast", "explicit"):
+        if name == "explicit":
+            monkeypatch.setattr(JointP2PController, "edits_cond_grid", False)
+            monkeypatch.setattr(AttentionStore, "keep_keys", lambda self, keys: False)
+        monkeypatch.setattr(LocalBlend, "__call__", record(name))
+        keep: dict = {}
+        edit(model, x_T, sigmas, 4.0, TARGETS, blend=True, keep=keep)
+        runs[name] = keep["blend"]
+    fast, full = runs["fast"], runs["explicit"]
+    assert fast.store.config.keys is not None and full.store.config.keys is None
+    assert len(masks["fast"]) == 6 and masks["fast"][-1] is not None and 0 < masks["fast"][-1][1].mean() < 1
+    assert all(a is None and b is None or torch.equal(a, b) for a, b in zip(masks["fast"], masks["explicit"]))
+    cols = list(fast.store.config.keys)
+    for lid in full.store.cross:
+        assert (fast.store.layer_map(lid) - full.store.layer_map(lid)[..., cols]).abs().max() < 5e-6
