@@ -41,7 +41,7 @@ from typing import Callable
 
 import torch
 
-from .calls import split_args, warn_once
+from .calls import kernel_except, split_args, warn_once
 from .context import AttnContext, batch_and_step
 from .explicit import DEFAULT_CHUNK_ELEMENTS, query_chunks
 from .layers import LayerId
@@ -142,8 +142,9 @@ def joint_probs(qh: torch.Tensor, kh: torch.Tensor, layout: JointLayout, mask: t
         yield sl, logits.softmax(dim=-1)
 
 
-def dit_context(layer: LayerId, is_cross: bool, layout: JointLayout, heads: int, rows: int, to: dict) -> AttnContext:
-    cou, items, sigma, step, n_steps = batch_and_step(to, rows)
+def dit_context(layer: LayerId, is_cross: bool, layout: JointLayout, heads: int, rows: int, to: dict,
+                batch: tuple | None = None) -> AttnContext:       # batch: batch_and_step(to, rows), if known
+    cou, items, sigma, step, n_steps = batch or batch_and_step(to, rows)
     gh, gw = layout.grid
     return AttnContext(layer=layer, is_cross=is_cross, height=gh, width=gw, heads=heads, cond_or_uncond=cou,
                        items=items, sigma=sigma, step=step, n_steps=n_steps, extra=to, joint=layout)
@@ -185,7 +186,8 @@ def dit_call(hook, func: Callable, args: tuple, kwargs: dict, to: dict):
     controllers = tuple(dict.fromkeys(hook.controllers(layer, True) + hook.controllers(layer, False)))
     if (q.shape[2] if skip else q.shape[1]) != layout.length or not (jb.concepts or controllers):
         return hook.forward(func, args, kwargs)     # not this block's joint attention, or nothing to do
-    contexts = {c: dit_context(layer, c, layout, heads, q.shape[0], to) for c in (True, False)}
+    batch = batch_and_step(to, q.shape[0])
+    contexts = {c: dit_context(layer, c, layout, heads, q.shape[0], to, batch) for c in (True, False)}
     given = tuple(joint_heads(t, heads, skip) for t in (q, k, v))
     qh, kh, vh = given
     for c in controllers:
@@ -257,17 +259,20 @@ def _cond_only(readers: dict, contexts: dict) -> bool:
 def _explicit_cond_grid(hook, func, args, kwargs, qkv: tuple, mask, layout: JointLayout, contexts: dict,
                         editors: list, readers: dict, skip_out: bool) -> torch.Tensor:
     """The editors' path when every editor says it edits only the image-grid query rows of the positive chunks
-    (``edits_cond_grid``, e.g. Prompt-to-Prompt): the model's kernel (and any other override) gives the whole
-    output, then those rows' image-grid queries are recomputed from the edited probabilities (plus another
-    override's difference there, as ``_explicit``). Editors see a context of the positive chunks only
-    (``cond_or_uncond`` all 0, ``uuids`` cut to match) and probabilities (rows, h, n_chunk, L) of joint queries
-    ``query_slice``; readers see the rows they asked for. Cost: the kernel plus the explicit softmax of
-    cond rows x grid queries, instead of every row and query."""
-    out = hook.forward(func, args, kwargs)
+    (``edits_cond_grid``, e.g. Prompt-to-Prompt): the model's kernel gives the output of every other row and query
+    (``calls.kernel_except``: it never computes those rows' grid queries; with another override or a mask it runs
+    on the whole call, the override included), then those rows' image-grid queries are computed from the edited
+    probabilities (plus another override's difference there, as ``_explicit``). Editors see a context of the
+    positive chunks only (``cond_or_uncond`` all 0, ``uuids`` cut to match) and probabilities (rows, h, n_chunk, L)
+    of joint queries ``query_slice``; readers see the rows they asked for. Cost: the kernel on the rest plus the
+    explicit softmax of cond rows x grid queries, instead of every row and query."""
     ctx = contexts[True]
     chunks, rows = _cond_rows(ctx)
     if not rows:
-        return out
+        return hook.forward(func, args, kwargs)
+    g = layout.grid_tokens()
+    out = kernel_except(func, args, kwargs, rows, g) if hook.previous is None and mask is None else \
+        hook.forward(func, args, kwargs)
     qh, kh, vh = qkv
     idx = torch.tensor(rows, device=qh.device)
     uuids = ctx.extra.get("uuids")
@@ -279,8 +284,7 @@ def _explicit_cond_grid(hook, func, args, kwargs, qkv: tuple, mask, layout: Join
     if m is not None and m.shape[0] > 1:
         m = m.index_select(0, idx)
     b, h, _, d = q.shape
-    t, g = layout.text_keys(), layout.grid_tokens()
-    n = g.stop - g.start
+    t, n = layout.text_keys(), g.stop - g.start
     res = torch.empty(b, h, n, v.shape[-1], dtype=qh.dtype, device=qh.device)
     kt = k.float().transpose(-1, -2)
     for sl in query_chunks(b, h, n, kt.shape[-1], DEFAULT_CHUNK_ELEMENTS):

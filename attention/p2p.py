@@ -153,6 +153,9 @@ class P2PController(AttentionController):
     def replace_cross(self, base: torch.Tensor, edits: torch.Tensor) -> torch.Tensor:
         """base (h, n, m), edits (k, h, n, m) -> (k, h, n, m) from the source's map (the plan's first k edits)."""
         p, k = self.plan, edits.shape[0]
+        if all(kind == "replace" for kind in p.kind[:k]):      # every map is the mapped source's: no copy first
+            out = torch.stack([torch.einsum("hpw,wn->hpn", base, p.replace[b].to(base)) for b in range(k)])
+            return out if p.equalizer is None else out * p.equalizer[:k].to(base)[:, None, None, :]
         out = edits.clone()
         for b, kind in enumerate(p.kind[:k]):
             if kind == "replace":
@@ -175,8 +178,11 @@ class P2PController(AttentionController):
                              f"negative must be whole 77-token chunks of one another")
         r = m // length     # the context repeated r times (a longer negative in the batch, as ComfyUI)
         base, edits = base.reshape(h, n * r, length), edits.reshape(k, h, n * r, length)
-        alpha = self.plan.alpha[min(step, self.plan.alpha.shape[0] - 1), :k].to(edits)[:, None, None, :]
+        alpha = self.plan.alpha[min(step, self.plan.alpha.shape[0] - 1), :k]
         new = self.replace_cross(base, edits)
+        if bool(alpha.all()):       # new * 1 + edits * 0 is new (up to the sign of an exact zero): skip the blend
+            return new.reshape(k, h, n, m)
+        alpha = alpha.to(edits)[:, None, None, :]
         return (new * alpha + edits * (1 - alpha)).reshape(k, h, n, m)
 
     def edit_probs(self, probs, ctx: AttnContext, query_slice: slice):
@@ -223,8 +229,12 @@ class LocalBlend:
         if not self.layers:
             self._resolve()
         avg = self.store.aggregate(self.size, cross=True, layers=set(self.layers))  # (items, h, w, m)
-        per_item = torch.stack([avg[b, ..., self.store.key_index(w)].sum(-1) if w else torch.zeros(self.size)
-                                for b, w in enumerate(self.words)])               # (items, h, w)
+        cols = [self.store.key_index(w) for w in self.words]
+        if all(c == cols[0] for c in cols) and cols[0]:                          # the same keys in every item
+            per_item = avg[..., cols[0]].sum(-1)                                  # (items, h, w)
+        else:
+            per_item = torch.stack([avg[b, ..., c].sum(-1) if c else torch.zeros(self.size)
+                                    for b, c in enumerate(cols)])                 # (items, h, w)
         pooled = F.max_pool2d(per_item[:, None], 3, 1, 1)
         up = F.interpolate(pooled, size=hw, mode="nearest")
         up = up / up.amax((2, 3), keepdim=True).clamp(min=1e-12)

@@ -213,8 +213,9 @@ class AttentionStore(AttentionController):
             pos = {r: i for i, r in enumerate(rows)}
             probs = probs.index_select(0, torch.tensor([pos[r] for r in cond], device=probs.device))
         mean_heads = probs.detach().mean(dim=1)                            # (cond rows, n_chunk, m)
-        mean_heads = mean_heads.view(-1, ctx.items, *mean_heads.shape[1:]).sum(0)  # (items, n_chunk, m)
         n_cond_chunks = len(cond) // ctx.items
+        if n_cond_chunks > 1:
+            mean_heads = mean_heads.view(-1, ctx.items, *mean_heads.shape[1:]).sum(0)  # (items, n_chunk, m)
         target = self.cross if ctx.is_cross else self.self_
         with self._lock:
             acc = target.get(ctx.layer)

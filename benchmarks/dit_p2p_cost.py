@@ -1,17 +1,23 @@
 """Cost of a Prompt-to-Prompt edit on a DiT (ShapesWorld-Flow) against plain sampling of the same batch, one run.
 
     OMP_NUM_THREADS=1 python benchmarks/dit_p2p_cost.py [--steps 20] [--cfg 4] [--repeats 15] [--threads 1]
+                                                        [--baseline OTHER_CHECKOUT]
 
 The runs of ``attention.shapesworld.flow_p2p_figures.cost`` (its ``edit``: the 3-row batch [source, 2 targets]
 sampled plainly with no hook, edited, edited with LocalBlend; same seed, sigmas and CFG), interleaved round by
-round. Printed as JSON: per variant the median wall seconds (``time.perf_counter``, what ``cost()`` reports) and
-the median CPU seconds of this process (``time.process_time``, less moved by other jobs on a shared machine, with
-one thread); the ratios of the medians to plain sampling, and the spread (min, max) of the per-round ratios (each
-round times the three variants back to back); LocalBlend's store bytes after the run.
+round. ``--baseline DIR``: the same three runs of another checkout's ``attention`` package (e.g. ``git worktree add
+/tmp/base main``), loaded beside this one and timed in the same rounds, for a before/after from one run on a
+shared machine. Printed as JSON: per variant the median wall seconds (``time.perf_counter``, what ``cost()``
+reports) and the median CPU seconds of this process (``time.process_time``, less moved by other jobs, with one
+thread); each edit's ratio of medians to its own checkout's plain sampling, and the spread (min, max) of its
+per-round ratios (a round times every variant back to back, every other round in reverse order); LocalBlend's
+store bytes after a run.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 import statistics
 import sys
@@ -26,7 +32,23 @@ from attention import cli  # noqa: E402
 from attention.shapesworld import flow_p2p_figures as figures  # noqa: E402
 from attention.shapesworld.flow_evaluate import add_weights, load_model  # noqa: E402
 
-VARIANTS = {"plain": dict(hooked=False), "edit": {}, "edit + LocalBlend": dict(blend=True)}
+EDITS = {"plain": dict(hooked=False), "edit": {}, "edit + LocalBlend": dict(blend=True)}
+
+
+def load_baseline(root: Path):
+    """(flow_p2p_figures, flow_evaluate) of the ``attention`` package under ``root``, imported as
+    ``attention_baseline`` (the package's own imports are relative)."""
+    pkg = root / "attention"
+    if not (pkg / "shapesworld" / "flow_p2p_figures.py").is_file():
+        raise SystemExit(f"--baseline {root}: no attention/shapesworld/flow_p2p_figures.py there; give the root of "
+                         f"another checkout of this pack")
+    name = "attention_baseline"
+    spec = importlib.util.spec_from_file_location(name, pkg / "__init__.py", submodule_search_locations=[str(pkg)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return (importlib.import_module(f"{name}.shapesworld.flow_p2p_figures"),
+            importlib.import_module(f"{name}.shapesworld.flow_evaluate"))
 
 
 def main(argv=None):
@@ -36,31 +58,47 @@ def main(argv=None):
     p.add_argument("--cfg", type=cli.float_range(0), default=4.0, help="classifier-free guidance (>= 0)")
     p.add_argument("--repeats", type=cli.int_range(1), default=15, help="interleaved timed rounds (1 or more)")
     p.add_argument("--threads", type=cli.int_range(1), default=1, help="torch CPU threads (1 or more)")
+    p.add_argument("--baseline", type=Path, default=None,
+                   help="root of another checkout whose edits are timed in the same rounds (before/after)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model = load_model(p, args.weights)
-    sigmas = model.sigmas(args.steps)
-    x_T = model.noise(1, 0) * sigmas[0]
+    sides = {"": (figures, load_model(p, args.weights))}
+    if args.baseline is not None:
+        base_figures, base_evaluate = load_baseline(args.baseline.resolve())
+        sides["baseline "] = (base_figures, base_evaluate.load_model(p, args.weights))
+    runs = {prefix + name: (mod, model, kw) for prefix, (mod, model) in sides.items() for name, kw in EDITS.items()}
+    sigmas = sides[""][1].sigmas(args.steps)
+    x_T = sides[""][1].noise(1, 0) * sigmas[0]
     keep: dict = {}
-    for kw in VARIANTS.values():                          # warm-up
-        figures.edit(model, x_T, sigmas, args.cfg, figures.TARGETS, keep=keep, **kw)
-    wall: dict[str, list] = {k: [] for k in VARIANTS}
-    cpu: dict[str, list] = {k: [] for k in VARIANTS}
-    for _ in range(args.repeats):
-        for name, kw in VARIANTS.items():
+    for mod, model, kw in runs.values():                  # warm-up
+        mod.edit(model, x_T, sigmas, args.cfg, mod.TARGETS, **kw)
+    wall: dict[str, list] = {k: [] for k in runs}
+    cpu: dict[str, list] = {k: [] for k in runs}
+    for r in range(args.repeats):
+        for name, (mod, model, kw) in list(runs.items())[::-1 if r % 2 else 1]:   # every other round reversed
             w, c = time.perf_counter(), time.process_time()
-            figures.edit(model, x_T, sigmas, args.cfg, figures.TARGETS, keep=keep, **kw)
+            mod.edit(model, x_T, sigmas, args.cfg, mod.TARGETS, keep=keep, **kw)
             cpu[name].append(time.process_time() - c)
             wall[name].append(time.perf_counter() - w)
-    out = {"rows": 3, "steps": args.steps, "cfg": args.cfg, "repeats": args.repeats, "threads": args.threads}
+            if kw.get("blend"):
+                keep[name] = keep.pop("blend").store.nbytes()
+    out = {"rows": 3, "steps": args.steps, "cfg": args.cfg, "repeats": args.repeats, "threads": args.threads,
+           "baseline": None if args.baseline is None else str(args.baseline)}
     for label, times in (("wall", wall), ("cpu", cpu)):
         med = {k: statistics.median(v) for k, v in times.items()}
-        rounds = {k: [a / b for a, b in zip(v, times["plain"])] for k, v in times.items() if k != "plain"}
-        out[label] = {"median_seconds": {k: round(v, 4) for k, v in med.items()},
-                      "over_plain": {k: round(med[k] / med["plain"], 3) for k in rounds},
-                      "per_round_over_plain_min_max": {k: [round(min(r), 3), round(max(r), 3)]
-                                                       for k, r in rounds.items()}}
-    out["localblend_store_bytes"] = keep["blend"].store.nbytes()
+        over, spread = {}, {}
+        for prefix in sides:
+            ref = times[prefix + "plain"]
+            for name in EDITS:
+                if name == "plain":
+                    continue
+                key = prefix + name
+                over[key] = round(med[key] / med[prefix + "plain"], 3)
+                rounds = [a / b for a, b in zip(times[key], ref)]
+                spread[key] = [round(min(rounds), 3), round(max(rounds), 3)]
+        out[label] = {"median_seconds": {k: round(v, 4) for k, v in med.items()}, "over_plain": over,
+                      "per_round_over_plain_min_max": spread}
+    out["localblend_store_bytes"] = {k: v for k, v in keep.items() if isinstance(v, int)}
     print(json.dumps(out, indent=1), flush=True)
 
 

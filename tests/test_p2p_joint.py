@@ -195,3 +195,39 @@ def test_localblend_mask_of_the_fast_path_equals_the_explicit_one(monkeypatch):
     cols = list(fast.store.config.keys)
     for lid in full.store.cross:
         assert (fast.store.layer_map(lid) - full.store.layer_map(lid)[..., cols]).abs().max() < 5e-6
+
+
+@pytest.mark.parametrize("skip_reshape, skip_out", [(True, False), (False, False), (True, True)])
+def test_kernel_except_is_the_whole_calls_output_outside_the_skipped_rows_and_queries(skip_reshape, skip_out):
+    """calls.kernel_except (the fast path's kernel: every row and query but the cond rows' grid queries) equals, bit
+    for bit with PyTorch's SDPA, the kernel on the whole call there, in Flux's (b, h, L, d) and SD3's (b, L, h*d)
+    layouts and both output layouts; its gaps are left for the caller. A mask is refused."""
+    import torch.nn.functional as F
+
+    from attention.calls import kernel_except
+
+    def kernel(q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False, skip_output_reshape=False):
+        if not skip_reshape:
+            q, k, v = (t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v)
+        return out if skip_output_reshape else out.transpose(1, 2).flatten(2)
+
+    g = torch.Generator().manual_seed(5)
+    b, h, L, d, heads = 6, 2, 13, 4, 2
+    qkv = [torch.randn(b, h, L, d, generator=g) for _ in range(3)]
+    if not skip_reshape:
+        qkv = [t.transpose(1, 2).flatten(2) for t in qkv]
+    args, kwargs = (*qkv, heads), dict(skip_reshape=skip_reshape, skip_output_reshape=skip_out)
+    full = kernel(*args, **kwargs)
+    grid = slice(4, 10)                                   # text 0..3, grid 4..9, 3 reference tokens after it
+    for rows in ([3, 4, 5], list(range(b))):              # CFG's positive chunk; guidance-distilled: every row
+        got = kernel_except(kernel, args, kwargs, rows, grid)
+        keep = torch.ones_like(full, dtype=torch.bool)
+        if skip_out:
+            keep[rows, :, grid] = False
+        else:
+            keep[rows, grid] = False
+        assert int((~keep).sum()) == len(rows) * 6 * full[0].numel() // L
+        assert got.shape == full.shape and torch.equal(got[keep], full[keep])
+    with pytest.raises(ValueError, match="no attention mask"):
+        kernel_except(kernel, args, {**kwargs, "mask": torch.ones(L, L)}, rows, grid)
