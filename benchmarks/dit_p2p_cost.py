@@ -11,7 +11,10 @@ shared machine. Printed as JSON: per variant the median wall seconds (``time.per
 reports) and the median CPU seconds of this process (``time.process_time``, less moved by other jobs, with one
 thread); each edit's ratio of medians to its own checkout's plain sampling, and the spread (min, max) of its
 per-round ratios (a round times every variant back to back, every other round in reverse order); LocalBlend's
-store bytes after a run.
+store bytes after a run. Then ``store_observe_ms``: one ``AttentionStore.observe_probs`` call on probabilities of
+``--store-shape`` (cond rows, heads, grid queries, text keys; default a 512 px Flux: 3 rows, 24 heads, 32x32
+tokens, 512 T5 keys) keeping every key, as LocalBlend's store did, against one narrowed to a word's key
+(``keep_keys``), median of ``--store-repeats`` calls each.
 """
 
 from __future__ import annotations
@@ -29,8 +32,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attention import cli  # noqa: E402
+from attention.context import AttnContext  # noqa: E402
+from attention.layers import LayerId  # noqa: E402
 from attention.shapesworld import flow_p2p_figures as figures  # noqa: E402
 from attention.shapesworld.flow_evaluate import add_weights, load_model  # noqa: E402
+from attention.store import AttentionStore, StoreConfig  # noqa: E402
 
 EDITS = {"plain": dict(hooked=False), "edit": {}, "edit + LocalBlend": dict(blend=True)}
 
@@ -58,6 +64,9 @@ def main(argv=None):
     p.add_argument("--cfg", type=cli.float_range(0), default=4.0, help="classifier-free guidance (>= 0)")
     p.add_argument("--repeats", type=cli.int_range(1), default=15, help="interleaved timed rounds (1 or more)")
     p.add_argument("--threads", type=cli.int_range(1), default=1, help="torch CPU threads (1 or more)")
+    p.add_argument("--store-shape", type=int, nargs=4, default=(3, 24, 1024, 512), metavar=("ROWS", "HEADS", "N", "M"),
+                   help="probabilities of the store timing: cond rows, heads, grid queries (a square), text keys")
+    p.add_argument("--store-repeats", type=cli.int_range(1), default=5, help="timed store calls per variant")
     p.add_argument("--baseline", type=Path, default=None,
                    help="root of another checkout whose edits are timed in the same rounds (before/after)")
     args = p.parse_args(argv)
@@ -99,7 +108,29 @@ def main(argv=None):
         out[label] = {"median_seconds": {k: round(v, 4) for k, v in med.items()}, "over_plain": over,
                       "per_round_over_plain_min_max": spread}
     out["localblend_store_bytes"] = {k: v for k, v in keep.items() if isinstance(v, int)}
+    out["store_observe_ms"] = store_observe(args.store_shape, args.store_repeats)
     print(json.dumps(out, indent=1), flush=True)
+
+
+def store_observe(shape: tuple[int, ...], repeats: int) -> dict:
+    """Median ms of one observe_probs call of a store keeping every key and of one keeping a single key."""
+    rows, heads, n, m = shape
+    side = int(n ** 0.5)
+    probs = torch.rand(rows, heads, n, m, generator=torch.Generator().manual_seed(0))
+    ctx = AttnContext(layer=LayerId("double", 0, 0), is_cross=True, height=side, width=n // side, heads=heads,
+                      cond_or_uncond=[0], items=rows, sigma=None, step=0, n_steps=1)
+    out = {"shape": list(shape)}
+    for name, keys in (("every key", None), ("one word's key", (5,))):
+        store = AttentionStore(StoreConfig(capture_self=False))
+        if keys:
+            store.keep_keys(keys)
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            store.observe_probs(probs, ctx, slice(0, n), list(range(rows)))
+            times.append((time.perf_counter() - t) * 1000)
+        out[name] = round(statistics.median(times), 2)
+    return out
 
 
 if __name__ == "__main__":
