@@ -14,7 +14,9 @@ per-round ratios (a round times every variant back to back, every other round in
 store bytes after a run. Then ``store_observe_ms``: one ``AttentionStore.observe_probs`` call on probabilities of
 ``--store-shape`` (cond rows, heads, grid queries, text keys; default a 512 px Flux: 3 rows, 24 heads, 32x32
 tokens, 512 T5 keys) keeping every key, as LocalBlend's store did, against one narrowed to a word's key
-(``keep_keys``), median of ``--store-repeats`` calls each.
+(``keep_keys``), median of ``--store-repeats`` calls each. ``--profile N``: instead, N edits with LocalBlend under
+cProfile, printing the share of the run (and ms per run) spent in each piece of the edit and of LocalBlend
+(cProfile's own per-call cost inflates the Python-heavy pieces; the ratios above are without it).
 """
 
 from __future__ import annotations
@@ -37,6 +39,18 @@ from attention.layers import LayerId  # noqa: E402
 from attention.shapesworld import flow_p2p_figures as figures  # noqa: E402
 from attention.shapesworld.flow_evaluate import add_weights, load_model  # noqa: E402
 from attention.store import AttentionStore, StoreConfig  # noqa: E402
+
+PIECES = {   # (file, function) -> what it is
+    ("joint.py", "dit_call"): "hook on every DiT attention call (all below that runs inside attention)",
+    ("calls.py", "kernel_except"): "model kernel on the rows/queries not recomputed (edit steps)",
+    ("joint.py", "_explicit_cond_grid"): "edit steps: kernel_except + cond rows' grid queries explicit + edit + store",
+    ("p2p_joint.py", "edit_probs"): "P2P edit of the probabilities (cross replace, self injection, renormalize)",
+    ("joint.py", "_observe"): "LocalBlend maps of the steps with no edit due (explicit softmax of the cond rows)",
+    ("store.py", "observe_probs"): "LocalBlend store: head mean + running sum of the words' columns",
+    ("store.py", "wants_probs"): "LocalBlend store: which calls it reads",
+    ("p2p.py", "__call__"): "LocalBlend after each step: mask (aggregate, pool, upsample, threshold) + blend",
+    ("context.py", "batch_and_step"): "step and batch layout of each call",
+}
 
 EDITS = {"plain": dict(hooked=False), "edit": {}, "edit + LocalBlend": dict(blend=True)}
 
@@ -67,10 +81,14 @@ def main(argv=None):
     p.add_argument("--store-shape", type=int, nargs=4, default=(3, 24, 1024, 512), metavar=("ROWS", "HEADS", "N", "M"),
                    help="probabilities of the store timing: cond rows, heads, grid queries (a square), text keys")
     p.add_argument("--store-repeats", type=cli.int_range(1), default=5, help="timed store calls per variant")
+    p.add_argument("--profile", type=cli.int_range(1), default=None, metavar="N",
+                   help="instead: N edits with LocalBlend under cProfile, the share of each piece (1 or more)")
     p.add_argument("--baseline", type=Path, default=None,
                    help="root of another checkout whose edits are timed in the same rounds (before/after)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.profile:
+        return profile(load_model(p, args.weights), args)
     sides = {"": (figures, load_model(p, args.weights))}
     if args.baseline is not None:
         base_figures, base_evaluate = load_baseline(args.baseline.resolve())
@@ -109,6 +127,29 @@ def main(argv=None):
                       "per_round_over_plain_min_max": spread}
     out["localblend_store_bytes"] = {k: v for k, v in keep.items() if isinstance(v, int)}
     out["store_observe_ms"] = store_observe(args.store_shape, args.store_repeats)
+    print(json.dumps(out, indent=1), flush=True)
+
+
+def profile(model, args) -> None:
+    """The share of ``args.profile`` edits with LocalBlend (cumulative time under cProfile) in each of PIECES."""
+    import cProfile
+    import pstats
+    sigmas = model.sigmas(args.steps)
+    x_T = model.noise(1, 0) * sigmas[0]
+    figures.edit(model, x_T, sigmas, args.cfg, figures.TARGETS, blend=True)
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(args.profile):
+        figures.edit(model, x_T, sigmas, args.cfg, figures.TARGETS, blend=True)
+    prof.disable()
+    stats = pstats.Stats(prof).stats
+    total = sum(tt for (_, _, _), (_, _, tt, _, _) in stats.items())
+    out = {"runs": args.profile, "ms_per_run_under_cprofile": round(total / args.profile * 1000, 1), "pieces": {}}
+    for (file, func), what in PIECES.items():
+        cum = sum(ct for (f, _, fn), (_, _, _, ct, _) in stats.items()
+                  if f.endswith("attention/" + file) and fn == func)
+        out["pieces"][f"{file}:{func}"] = {"share": round(cum / total, 4),
+                                           "ms_per_run": round(cum / args.profile * 1000, 2), "what": what}
     print(json.dumps(out, indent=1), flush=True)
 
 
