@@ -95,3 +95,15 @@ def test_prompt_mix_zero_length_window_reproduces_the_original(model):
     full = variations(model, orig, steps, 4.0, MixSettings(window=(0.0, 1.0), self_injection_end=0.0,
                                                            blend_at=None), proxies=["triangle"])
     assert (full[1] - full[0]).abs().max() > 0.05
+
+
+def test_window_front_keeps_only_settings_nothing_beats_on_both():
+    """A setting beaten on shape changes and on PSNR outside the object leaves the front; a tie on both keeps both;
+    the front is ordered by shape changes."""
+    from attention.shapesworld.flow_prompt_mix_figures import front
+
+    def row(c, q):
+        return {"changes_shape": c, "psnr_outside_object_db": q}
+    table = {"ceiling": {}, "window a": row(0.5, 24.0), "window b": row(0.4, 31.0), "window c": row(0.4, 27.0),
+             "window d": row(0.1, 34.0), "window e": row(0.5, 23.0), "window f": row(0.1, 34.0)}
+    assert front(table) == ["window a", "window b", "window d", "window f"]
