@@ -41,6 +41,8 @@ def kernel_except(func, args: tuple, kwargs: dict, rows: list[int], skip: slice)
         raise ValueError("kernel_except takes no attention mask")
     qdim, length, b = (2 if skip_reshape else 1), q.shape[2 if skip_reshape else 1], q.shape[0]
     keep = [i for i in range(length) if not skip.start <= i < skip.stop]
+    if not keep or not rows:                                      # nothing to leave out, or nothing else
+        return func(*args, **kwargs)
     others = [r for r in range(b) if r not in set(rows)]
     ridx, kidx = torch.tensor(rows, device=q.device), torch.tensor(keep, device=q.device)
     rest = args[3:]

@@ -8,7 +8,7 @@ steps in ``self_replace_steps``, an equalizer for reweighting that can sit on a 
 and LocalBlend (summed cross-attention of chosen words, 3x3 max-pool, max-normalized, threshold
 0.3, union with the source's mask, from ``start_blend`` of the steps on). Our code, their math.
 
-Over 400 lines on purpose: the port's mappers, plan, controller, LocalBlend and batch sampler read together
+Long because the port's mappers, plan, controller, LocalBlend and batch sampler read together
 against the notebook. DiT joint attention: ``p2p_joint.py``.
 
 Batch convention: item 0 is the source, items 1..k the edits; only cond rows are edited, as upstream.
@@ -217,7 +217,8 @@ class LocalBlend:
         self.threshold, self.start = threshold, start
         self.layers: list[LayerId] = []
         self.last_mask: torch.Tensor | None = None
-        store.keep_keys(p for w in words for p in w)
+        if hasattr(store, "keep_keys"):
+            store.keep_keys(p for w in words for p in w)
 
     def _resolve(self) -> None:
         sizes = self.store.resolutions(cross=True)
@@ -229,7 +230,7 @@ class LocalBlend:
         if not self.layers:
             self._resolve()
         avg = self.store.aggregate(self.size, cross=True, layers=set(self.layers))  # (items, h, w, m)
-        cols = [self.store.key_index(w) for w in self.words]
+        cols = [self.store.key_index(w) if hasattr(self.store, "key_index") else list(w) for w in self.words]
         if all(c == cols[0] for c in cols) and cols[0]:                          # the same keys in every item
             per_item = avg[..., cols[0]].sum(-1)                                  # (items, h, w)
         else:
