@@ -352,7 +352,6 @@ def build_plan(source: str, targets: list[str], edit: str, steps: int, cross_ste
         pairs = [(s, d, n) for n, (sp, dp) in enumerate(parts) for s, d in zip(sp.words, dp.words)]
         same_len = all(len(sp.words) == len(dp.words) for sp, dp in parts)
         diff = [(s.positions, d.positions) for s, d, _ in pairs if not _same(s, d)]
-        # swapped words whose token counts differ in some part (SD3's T5: 'cat' 1 piece, 'tiger' 3)
         uneven = [(s, d, n) for s, d, n in pairs if not _same(s, d) and len(s.positions) != len(d.positions)]
         kind = ("replace" if same_len and not uneven else "refine") if edit == "auto" else edit
         if kind == "replace" and not same_len:
@@ -360,16 +359,13 @@ def build_plan(source: str, targets: list[str], edit: str, steps: int, cross_ste
                              f"{len(_parts(sw)[0].words)}, {tgt!r} has {len(_parts(tw)[0].words)}; use edit "
                              f"'refine' or 'auto'")
         if kind == "replace" and uneven:
-            bad = [(s.text, d.text) for s, d, _ in uneven]
-            raise ValueError(f"replace swaps token by token, but {bad} have different token counts in this "
-                             f"tokenizer; use edit 'refine' (or 'auto', which picks it)")
-        if edit == "auto" and same_len and uneven:
-            counts = "; ".join(f"{s.text!r} is {len(s.positions)} token(s), {d.text!r} {len(d.positions)}"
-                               + (f" in part {n + 1} of {len(parts)} of the context" if len(parts) > 1 else "")
-                               for s, d, n in uneven)
-            logger.info("P2P edit 'auto' chose refine for %r, a word swap of different token counts: %s (replace "
-                        "maps token to token; upstream's mapper misaligns the tokens after such a swap, "
-                        "docs/faithful-ports.md)", tgt, counts)
+            raise ValueError(f"replace swaps token by token, but {[(s.text, d.text) for s, d, _ in uneven]} have "
+                             f"different token counts in this tokenizer; use edit 'refine' (or 'auto', which picks it)")
+        if edit == "auto" and same_len and uneven:   # e.g. SD3's T5: 'tiger' is 3 pieces, 'cat' 1
+            logger.info("P2P edit 'auto' chose refine for %r: swapped words of different token counts (%s); replace "
+                        "maps token to token (docs/faithful-ports.md)", tgt, "; ".join(
+                            f"{s.text!r} {len(s.positions)}, {d.text!r} {len(d.positions)} in part {n + 1} of "
+                            f"{len(parts)}" for s, d, n in uneven))
         kinds.append(kind)
         if kind == "replace":
             replace.append(replace_mapper([x for x, _ in diff], [y for _, y in diff], length))

@@ -47,9 +47,8 @@ def test_auto_picks_replace_for_even_swaps_and_refine_for_uneven_ones(sd3, caplo
         p = plan(clip, [SRC, DOG, TIGER])
     assert p.kind == ["replace", "replace", "refine"]
     said = [r.getMessage() for r in caplog.records if "chose refine" in r.getMessage()]
-    assert said == [f"P2P edit 'auto' chose refine for {TIGER!r}, a word swap of different token counts: 'cat' is "
-                    "1 token(s), 'tiger' 3 in part 2 of 2 of the context (replace maps token to token; upstream's "
-                    "mapper misaligns the tokens after such a swap, docs/faithful-ports.md)"]
+    assert said == [f"P2P edit 'auto' chose refine for {TIGER!r}: swapped words of different token counts ('cat' "
+                    "1, 'tiger' 3 in part 2 of 2); replace maps token to token (docs/faithful-ports.md)"]
     # the even swap's replace maps cat's key onto dog's in both parts: CLIP position 5 and T5 position 77 + 5
     assert p.replace[1][5, 5] == 1 and p.replace[1][82, 82] == 1 and torch.equal(p.replace[0], torch.eye(77 + 256))
     with pytest.raises(ValueError, match=r"\[\('cat', 'tiger'\)\] have different token counts"):
