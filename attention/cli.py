@@ -165,7 +165,7 @@ def add_overwrite_shipped(p: argparse.ArgumentParser) -> None:
 def refuse_shipped(p: argparse.ArgumentParser, out: str, allowed: bool, flag: str = "--out") -> None:
     """parser.error unless ``out`` is a new file or ``allowed`` (the --overwrite-shipped flag) is set."""
     if is_shipped(Path(out)) and not allowed:
-        p.error(f"argument {flag}: {out} is a shipped file (the docs' figures were measured on it): give a new "
+        p.error(f"argument {flag}: {out} is the shipped file (the docs' figures were measured on it): give a new "
                 f"file name, or add {OVERWRITE_FLAG} to replace it on purpose")
 
 

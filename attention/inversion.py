@@ -92,8 +92,9 @@ class Inversion:
     def item(self, k: int) -> "Inversion":
         """Image ``k``'s inversion (b = 1): its trajectory, nulls and offsets; prompt, sigmas and ``extra``
         (a shallow copy) shared; the evaluation counts are ``extra["counts_items"][k]`` (forward, backward) where
-        the inverter measured them per image (null-text), else the batch's divided by b. IndexError outside
-        0..b-1."""
+        the inverter measured them per image (null-text), else the batch's divided by b. A ``cond`` of b rows gives
+        row k, and ``extra["items"][k]`` (an inverter's per-image entries, DPL's learned tokens) replaces the shared
+        entries of the same names. IndexError outside 0..b-1."""
         b = self.items
         if not 0 <= k < b:
             raise IndexError(f"item {k} of an inversion of {b} image(s); valid 0..{b - 1}")
@@ -101,12 +102,13 @@ class Inversion:
         def pick(t: torch.Tensor) -> torch.Tensor:
             return t[k:k + 1] if t.shape[0] == b and b > 1 else t
         fw, bw = self.extra.get("counts_items", [(self.unet_forward // b, self.unet_backward // b)] * b)[k]
-        return Inversion(sigmas=self.sigmas, trajectory=[pick(t) for t in self.trajectory], cond=self.cond,
+        extra = {name: v for name, v in self.extra.items() if name != "items"}
+        extra.update(self.extra["items"][k] if "items" in self.extra else {})
+        return Inversion(sigmas=self.sigmas, trajectory=[pick(t) for t in self.trajectory], cond=pick(self.cond),
                          nulls=None if self.nulls is None else [pick(n) for n in self.nulls], prompt=self.prompt,
                          mode=self.mode, guidance=self.guidance,
                          offsets=None if self.offsets is None else [pick(o) for o in self.offsets],
-                         unet_forward=fw, unet_backward=bw,
-                         extra=dict(self.extra))
+                         unet_forward=fw, unet_backward=bw, extra=extra)
 
 
 def z_scale(sigma: torch.Tensor) -> torch.Tensor:

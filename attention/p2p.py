@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from . import logger
 from .context import AttnContext
 from .controller import AttentionController
 from .layers import LayerId
@@ -361,19 +362,24 @@ def build_plan(source: str, targets: list[str], edit: str, steps: int, cross_ste
         _check_in_targets(word, "cross_replace_words", tws)
     kinds, replace, refine, ref_alpha, eq, per_word = [], [], [], [], [], {}
     for b, (tgt, tw) in enumerate(zip(targets, tws)):
-        pairs = [(s, d) for sp, dp in zip(_parts(sw), _parts(tw)) for s, d in zip(sp.words, dp.words)]
-        same_len = all(len(sp.words) == len(dp.words) for sp, dp in zip(_parts(sw), _parts(tw)))
-        diff = [(s.positions, d.positions) for s, d in pairs if not _same(s, d)]
-        same_tokens = all(len(x) == len(y) for x, y in diff)
-        kind = ("replace" if same_len and same_tokens else "refine") if edit == "auto" else edit
+        parts = list(zip(_parts(sw), _parts(tw)))
+        pairs = [(s, d, n) for n, (sp, dp) in enumerate(parts) for s, d in zip(sp.words, dp.words)]
+        same_len = all(len(sp.words) == len(dp.words) for sp, dp in parts)
+        diff = [(s.positions, d.positions) for s, d, _ in pairs if not _same(s, d)]
+        uneven = [(s, d, n) for s, d, n in pairs if not _same(s, d) and len(s.positions) != len(d.positions)]
+        kind = ("replace" if same_len and not uneven else "refine") if edit == "auto" else edit
         if kind == "replace" and not same_len:
             raise ValueError(f"replace needs prompts with the same number of words: {source!r} has "
                              f"{len(_parts(sw)[0].words)}, {tgt!r} has {len(_parts(tw)[0].words)}; use edit "
                              f"'refine' or 'auto'")
-        if kind == "replace" and not same_tokens:
-            bad = [(s.text, d.text) for s, d in pairs if not _same(s, d) and len(s.positions) != len(d.positions)]
-            raise ValueError(f"replace swaps token by token, but {bad} have different token counts in this "
-                             f"tokenizer; use edit 'refine' (or 'auto', which picks it)")
+        if kind == "replace" and uneven:
+            raise ValueError(f"replace swaps token by token, but {[(s.text, d.text) for s, d, _ in uneven]} have "
+                             f"different token counts in this tokenizer; use edit 'refine' (or 'auto', which picks it)")
+        if edit == "auto" and same_len and uneven:   # e.g. SD3's T5: 'tiger' is 3 pieces, 'cat' 1
+            logger.info("P2P edit 'auto' chose refine for %r: swapped words of different token counts (%s); replace "
+                        "maps token to token (docs/faithful-ports.md)", tgt, "; ".join(
+                            f"{s.text!r} {len(s.positions)}, {d.text!r} {len(d.positions)} in part {n + 1} of "
+                            f"{len(parts)}" for s, d, n in uneven))
         kinds.append(kind)
         if kind == "replace":
             replace.append(replace_mapper([x for x, _ in diff], [y for _, y in diff], length))

@@ -33,9 +33,9 @@ NULL_STARTS = ("empty prompt each step (official DPL)", "previous step (NTI)")
 
 
 def background_at(mask: torch.Tensor, size: tuple[int, int], latent_hw: tuple[int, int]) -> torch.Tensor:
-    """The MASK's first item as {0, 1} at the attention map ``size``, by upstream's rule (Pillow bicubic from the
-    mask's own size to the map size, nonzero = background; ``attention/dpl.background_at_size``). Upstream resizes
-    a mask at the image's pixel size (512 px), so a mask at the image size reproduces it exactly."""
+    """One image's MASK (its first item) as {0, 1} at the attention map ``size``, by upstream's rule (Pillow bicubic
+    from the mask's own size to the map size, nonzero = background; ``attention/dpl.background_at_size``). Upstream
+    resizes a mask at the image's pixel size (512 px), so a mask at the image size reproduces it exactly."""
     m = mask_batch(mask, "DPLTokenOptimizer", "background")[0]           # the pack's one MASK rule
     h, w = m.shape
     check_aspect((h, w), latent_hw, "DPLTokenOptimizer", "background", "image latent")
@@ -79,8 +79,9 @@ class DPLTokenOptimizer(io.ComfyNode):
                                                 "unpatched."),
                 io.Clip.Input("clip", tooltip="The model's CLIP; its text transformer is differentiated through."),
                 io.Latent.Input("latent", tooltip=(
-                    "The image as a LATENT (first item), e.g. from VAE Encode. A noise mask on it is refused: the "
-                    "whole image is inverted (give the mask to P2P Edit Sampler instead).")),
+                    "The image as a LATENT, e.g. from VAE Encode; every item of a batch is optimized, one after "
+                    "another, each as alone. A noise mask on it is refused: the whole image is inverted (give the "
+                    "mask to P2P Edit Sampler instead).")),
                 io.String.Input("prompt", multiline=True, default="a red circle and a blue square on a gray background",
                                 tooltip="Source prompt describing the image, without (word:weight) emphasis."),
                 io.String.Input("nouns", default="circle, square", tooltip=(
@@ -131,7 +132,8 @@ class DPLTokenOptimizer(io.ComfyNode):
                 io.Mask.Input("background", optional=True, tooltip=(
                     "Background MASK of the image (any size within 2 % of the image's aspect; resized to the maps "
                     "as upstream: bicubic, any nonzero cell is background, so give it at the image's pixel size, e.g. "
-                    "Self-Attention Cluster with its image input). Without it L_bg is off.")),
+                    "Self-Attention Cluster with its image input). One mask per image of a LATENT batch, or one for "
+                    "all. Without it L_bg is off.")),
             ],
             outputs=[
                 InversionType.Output(display_name="inversion", tooltip=(
@@ -150,70 +152,116 @@ class DPLTokenOptimizer(io.ComfyNode):
         refuse_noise_mask("DPLTokenOptimizer", latent)
         check_guidance("DPLTokenOptimizer", model, guidance)
         t0 = time.time()
-        a, b = _triple(alphas, "alphas", positive=True), _triple(betas, "betas")
-        settings = DPLSettings(lam_at, lam_bg, lam_dj, *a, *b, attn_iters, lr,
+        alpha3, beta3 = _triple(alphas, "alphas", positive=True), _triple(betas, "betas")
+        settings = DPLSettings(lam_at, lam_bg, lam_dj, *alpha3, *beta3, attn_iters, lr,
                                NullTextSettings(guidance=guidance, inner_steps=null_iters, lr=S.null.lr,
                                                epsilon=null_early_stop or None, keep_best=keep_best_null),
                                null_carry_over=(null_start or NULL_STARTS[0]) == NULL_STARTS[1])
         nt = locate(clip, prompt, nouns)
-        raw = latent["samples"][:1].float()
-        x0 = model.model.process_latent_in(raw)
-        latent_hw = tuple(x0.shape[-2:])
+        raw = latent["samples"].float()                                    # (b, c, h, w): each image in turn
+        b = raw.shape[0]
         positive = encode_prompt(clip, prompt)
-        cond0 = positive[0][0]
         empty = encode_prompt(clip, "")
-        null0 = fit_context(empty[0][0], cond0.shape[1])
         sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).cpu()
-
-        wanted = (map_size, map_size) if map_size else (max(latent_hw[0] // 4, 1), max(latent_hw[1] // 4, 1))
-        recorder = CrossMapRecorder(wanted)
-        m = model.clone()
-        add_full_load(m)
-        install_controller(m, recorder, model_layer_ids(model), self_attn=False, cross_attn=True)
-        mm.load_models_gpu([clip.patcher], force_full_load=True)
-        pbar = comfy.utils.ProgressBar(2 * steps)      # DDIM inversion, then one tick per optimized step
-
-        def on_inner(i, phase, j):
-            mm.throw_exception_if_processing_interrupted()
-
-        bg = None if background is None else (lambda size: background_at(background, size, latent_hw))
-        out: dict = {}
-
-        def loop(ev):
-            dev = ev.device
-            eps_c, eps_n = ev.eps("positive", quiet=True), ev.eps("negative", quiet=True)
-            x, c0, n0, sig = x0.to(dev), cond0.to(dev), null0.to(dev), sigmas.to(dev)
-            out["trajectory"] = trajectory = ddim_invert(eps_c, x, sig, c0, on_step=lambda i: pbar.update(1))
-            with ev.trainable(), autograd_safe_clip(clip):
-                params0 = [v.to(dev) for v in initial_values(clip, prompt, nt, token_init)]
-
-                def encode_tokens(params):
-                    return encode(clip, splice(clip, prompt, nt.positions, nt.keys, params)).to(dev)
-                out["res"] = res = dpl_invert(eps_c, encode_tokens, params0, recorder, [t.clone() for t in trajectory],
-                                              sig.clone(), nt.positions, bg, n0.clone(), settings,
-                                              on_step=lambda i: pbar.update_absolute(steps + i + 1),
-                                              on_inner=on_inner, eps_null=eps_n, guide=ev.guide())
-            return res.reconstruction.detach()
-        rec = run_loop(m, mark_text(positive, "positive"), mark_text(empty, "negative"), guidance, sigmas, raw, loop)
-        trajectory, res = out["trajectory"], out["res"]
-        learned = DPLTokens(nouns=nt.nouns, counts=[len(p) for p in nt.positions], keys=nt.keys,
-                            values=[[v.cpu() for v in step] for step in res.params])
-        counts = {"forward": steps + res.counts["forward"], "backward": res.counts["backward"]}
-        inv = Inversion(sigmas=sigmas, trajectory=[t.detach().cpu() for t in trajectory], cond=res.conds[0].cpu(),
-                        nulls=[n.cpu() for n in res.nulls], prompt=prompt, mode="dpl", guidance=guidance,
-                        unet_forward=counts["forward"], unet_backward=counts["backward"])
-        mse = float(((res.reconstruction.cpu() - x0.cpu()) ** 2).mean())
-        inv.extra[IDENTITY_KEY] = identify(model)               # checked by the editors (model_identity.py)
-        inv.extra.update(positive=positive, negative=empty,
-                         reconstruction_mse=mse,
-                         dpl=learned, conds=[c.cpu() for c in res.conds], dpl_losses=res.losses,
-                         map_size=res.map_size, token_updates=res.counts["token_updates"])
-        logger.info("DPLTokenOptimizer (%s; maps %s): %d token updates, %d null iterations, UNet forward %d, "
-                    "backward %d, reconstruction MSE %.2e, %.1f s", ", ".join(nt.nouns), res.map_size,
-                    res.counts["token_updates"], res.counts["null_iters"], counts["forward"], counts["backward"],
-                    mse, time.time() - t0)
-        preview = maps_preview(res.maps, nt.positions, (latent_hw[0] * 8, latent_hw[1] * 8))
+        backgrounds = None if background is None else mask_batch(background, "DPLTokenOptimizer", "background")
+        if backgrounds is not None and backgrounds.shape[0] not in (1, b):
+            raise ValueError(f"DPLTokenOptimizer: 'background' holds {backgrounds.shape[0]} masks for a LATENT of {b} "
+                             f"images; give one mask per image ({b}) or one for all")
+        pbar = comfy.utils.ProgressBar(2 * steps * b)  # per image: DDIM inversion, then one tick per optimized step
+        items = []
+        for k in range(b):
+            if b > 1:
+                logger.info("DPLTokenOptimizer: image %d of %d", k + 1, b)
+            bg = None if backgrounds is None else backgrounds[k if backgrounds.shape[0] == b else 0]
+            items.append(_optimize_image(model, clip, raw[k:k + 1], prompt, nt, steps, guidance, map_size,
+                                         token_init, settings, positive, empty, sigmas, bg, pbar, 2 * steps * k))
+        logger.info("DPLTokenOptimizer (%s): %d image(s), %.1f s", ", ".join(nt.nouns), b, time.time() - t0)
+        if b == 1:
+            inv, rec, preview = items[0]
+        else:
+            inv = batch_inversion([it[0] for it in items])
+            rec, preview = torch.cat([it[1] for it in items]), torch.cat([it[2] for it in items])
         return io.NodeOutput(inv, {"samples": rec}, preview, ui=ui.PreviewImage(preview, cls=cls))
+
+
+def _optimize_image(model, clip, raw, prompt, nt, steps, guidance, map_size, token_init, settings, positive, empty,
+                    sigmas, background, pbar, tick0):
+    """DPL on one image (raw LATENT (1, c, h, w)), its own recorder and model clone: (Inversion, reconstruction
+    (1, c, h, w) raw, noun-map preview (1, H, W * nouns, 3)). ``tick0``: where this image's ticks start."""
+    t0 = time.time()
+    x0 = model.model.process_latent_in(raw)
+    latent_hw = tuple(x0.shape[-2:])
+    cond0 = positive[0][0]
+    null0 = fit_context(empty[0][0], cond0.shape[1])
+    wanted = (map_size, map_size) if map_size else (max(latent_hw[0] // 4, 1), max(latent_hw[1] // 4, 1))
+    recorder = CrossMapRecorder(wanted)
+    m = model.clone()
+    add_full_load(m)
+    install_controller(m, recorder, model_layer_ids(model), self_attn=False, cross_attn=True)
+    mm.load_models_gpu([clip.patcher], force_full_load=True)
+
+    def on_inner(i, phase, j):
+        mm.throw_exception_if_processing_interrupted()
+
+    bg = None if background is None else (lambda size: background_at(background, size, latent_hw))
+    out: dict = {}
+
+    def loop(ev):
+        dev = ev.device
+        eps_c, eps_n = ev.eps("positive", quiet=True), ev.eps("negative", quiet=True)
+        x, c0, n0, sig = x0.to(dev), cond0.to(dev), null0.to(dev), sigmas.to(dev)
+        out["trajectory"] = trajectory = ddim_invert(eps_c, x, sig, c0,
+                                                     on_step=lambda i: pbar.update_absolute(tick0 + i + 1))
+        with ev.trainable(), autograd_safe_clip(clip):
+            params0 = [v.to(dev) for v in initial_values(clip, prompt, nt, token_init)]
+
+            def encode_tokens(params):
+                return encode(clip, splice(clip, prompt, nt.positions, nt.keys, params)).to(dev)
+            out["res"] = res = dpl_invert(eps_c, encode_tokens, params0, recorder, [t.clone() for t in trajectory],
+                                          sig.clone(), nt.positions, bg, n0.clone(), settings,
+                                          on_step=lambda i: pbar.update_absolute(tick0 + steps + i + 1),
+                                          on_inner=on_inner, eps_null=eps_n, guide=ev.guide())
+        return res.reconstruction.detach()
+    rec = run_loop(m, mark_text(positive, "positive"), mark_text(empty, "negative"), guidance, sigmas, raw, loop)
+    trajectory, res = out["trajectory"], out["res"]
+    learned = DPLTokens(nouns=nt.nouns, counts=[len(p) for p in nt.positions], keys=nt.keys,
+                        values=[[v.cpu() for v in step] for step in res.params])
+    counts = {"forward": steps + res.counts["forward"], "backward": res.counts["backward"]}
+    inv = Inversion(sigmas=sigmas, trajectory=[t.detach().cpu() for t in trajectory], cond=res.conds[0].cpu(),
+                    nulls=[n.cpu() for n in res.nulls], prompt=prompt, mode="dpl", guidance=guidance,
+                    unet_forward=counts["forward"], unet_backward=counts["backward"])
+    mse = float(((res.reconstruction.cpu() - x0.cpu()) ** 2).mean())
+    inv.extra[IDENTITY_KEY] = identify(model)               # checked by the editors (model_identity.py)
+    inv.extra.update(positive=positive, negative=empty,
+                     reconstruction_mse=mse,
+                     dpl=learned, conds=[c.cpu() for c in res.conds], dpl_losses=res.losses,
+                     map_size=res.map_size, token_updates=res.counts["token_updates"])
+    logger.info("DPLTokenOptimizer (%s; maps %s): %d token updates, %d null iterations, UNet forward %d, "
+                "backward %d, reconstruction MSE %.2e, %.1f s", ", ".join(nt.nouns), res.map_size,
+                res.counts["token_updates"], res.counts["null_iters"], counts["forward"], counts["backward"],
+                mse, time.time() - t0)
+    preview = maps_preview(res.maps, nt.positions, (latent_hw[0] * 8, latent_hw[1] * 8))
+    return inv, rec, preview
+
+
+PER_IMAGE = ("reconstruction_mse", "dpl", "conds", "dpl_losses", "map_size", "token_updates")   # extra, per image
+
+
+def batch_inversion(invs: list[Inversion]) -> Inversion:
+    """One Inversion of b images from b single-image DPL inversions: trajectories, nulls and the step-0 contexts
+    stacked on the batch axis, each image's learned tokens and contexts in ``extra["items"]`` (``item(k)`` gives
+    image k's inversion back, the one DPL made for it alone), evaluation counts summed and kept per image."""
+    first = invs[0]
+    inv = Inversion(sigmas=first.sigmas, trajectory=[torch.cat(ts) for ts in zip(*(i.trajectory for i in invs))],
+                    cond=torch.cat([i.cond for i in invs]),
+                    nulls=[torch.cat(ns) for ns in zip(*(i.nulls for i in invs))], prompt=first.prompt, mode="dpl",
+                    guidance=first.guidance, unet_forward=sum(i.unet_forward for i in invs),
+                    unet_backward=sum(i.unet_backward for i in invs))
+    inv.extra = {k: v for k, v in first.extra.items() if k not in PER_IMAGE}
+    inv.extra.update(items=[{k: i.extra[k] for k in PER_IMAGE} for i in invs],
+                     counts_items=[(i.unet_forward, i.unet_backward) for i in invs],
+                     reconstruction_mse_items=[i.extra["reconstruction_mse"] for i in invs])
+    return inv
 
 
 def _triple(text: str, name: str, positive: bool = False) -> tuple[float, float, float]:

@@ -59,7 +59,8 @@ def sample_from_inversion(model, inv: Inversion, positive: list, negative: list,
                           batch: bool = False) -> torch.Tensor:
     """DDIM (Euler on a flow model; FireFlow's midpoint steps for a 'fireflow' inversion) from the inversion's x_T
     retracing its steps, ``rows`` rows, inside ComfyUI's sampler: the marked
-    text of ``positive`` per row (``texts`` (rows, m, d), or one such batch per step: DPL), guidance and null
+    text of ``positive`` per row (``texts`` (rows, m, d), or one such batch per step, or a function of the image's
+    single-image inversion giving either: DPL's learned tokens, image by image), guidance and null
     per step from the inversion (without nulls: ``negative`` as given). A noise mask on ``latent`` is applied as
     KSampler applies it, the inversion's trajectory standing for the noised image outside it (so outside the
     mask every row is the inverted image). A Direct Inversion (``inv.offsets``) adds its per-step offsets to row 0
@@ -103,6 +104,7 @@ def sample_from_inversion(model, inv: Inversion, positive: list, negative: list,
 def _sample_one(model, inv: Inversion, positive, negative, texts, rows, after_step, latent, label, pbar):
     """``sample_from_inversion`` of one image's inversion (b = 1), ticking ``pbar``."""
     steps = len(inv.sigmas) - 1
+    texts = texts(inv) if callable(texts) else texts
     neg = mark_text(inv.extra["negative"], "negative") if inv.nulls is not None else negative
     mask = noise_mask_of(latent)
     clean = model.model.process_latent_out(inv.trajectory[-1]).expand(rows, -1, -1, -1).clone()

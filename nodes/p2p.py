@@ -220,10 +220,11 @@ class P2PEditSampler(io.ComfyNode):
                                              blend, "P2PEditSampler")
         else:
             texts = torch.cat(conds)
-            if inv.mode == "dpl":   # per-step learned noun tokens, in the targets too
-                learned = inv.extra["dpl"]
-                texts = [torch.cat([inv.extra["conds"][i]] + [encode_with_learned(clip, t, learned, i)
-                                                              for t in targets]) for i in range(steps)]
+            if inv.mode == "dpl":   # per-step learned noun tokens, in the targets too; each image its own
+                def texts(item: Inversion) -> list[torch.Tensor]:
+                    learned = item.extra["dpl"]
+                    return [torch.cat([item.extra["conds"][i]] + [encode_with_learned(clip, t, learned, i)
+                                                                  for t in targets]) for i in range(steps)]
             out = sample_from_inversion(m, inv, rows, negative, texts, 1 + k, blend, latent_image, "P2PEditSampler",
                                         batch=True)   # an inversion of b images: each edited from its own
         images = 1 if inv is None else inv.items

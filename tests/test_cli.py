@@ -121,6 +121,8 @@ def test_weight_hints_fit_the_path(tmp_path, monkeypatch, capsys, no_model):
     monkeypatch.chdir(ROOT)
     shipped = weight_files.weights_fix(weight_files.SHIPPED_WEIGHTS)
     assert "git checkout -- assets/shapesworld.safetensors" in shipped and "--out assets" not in shipped
+    for other in (weight_files.SHIPPED_CLASSIFIER, weight_files.SHIPPED_FLOW):   # not a ShapesWorld model's weights:
+        assert "git checkout" not in weight_files.weights_fix(other)            # restoring it would not help
     for path in ("README.md", str(tmp_path / "mine.safetensors")):
         with pytest.raises(SystemExit):
             entry("attention.shapesworld.structure").main(["--weights", path])
@@ -134,15 +136,17 @@ def test_weight_hints_fit_the_path(tmp_path, monkeypatch, capsys, no_model):
 
 def test_no_default_writes_a_shipped_file_and_shipped_files_need_the_flag(tmp_path, monkeypatch, capsys, no_model):
     monkeypatch.chdir(ROOT)
-    for name in ("attention.shapesworld.train", "attention.shapesworld.recipe", "attention.shapesworld.classifier"):
+    assert {p.name for p in weight_files.SHIPPED_FILES} >= {p.name for p in weight_files.ASSETS.glob("*.safetensors")}
+    for name in ("attention.shapesworld.train", "attention.shapesworld.recipe", "attention.shapesworld.classifier",
+                 "attention.shapesworld.flow_train"):
         module = entry(name)
         default = Path(module.build_parser().parse_args([]).out)
         assert default.resolve().parent != weight_files.ASSETS.resolve()
-        for shipped in (weight_files.SHIPPED_WEIGHTS, weight_files.SHIPPED_CLASSIFIER):
+        for shipped in weight_files.SHIPPED_FILES:
             with pytest.raises(SystemExit) as exit_:
                 module.main(["--out", str(shipped.relative_to(ROOT))])
             err = capsys.readouterr().err
-            assert exit_.value.code == 2 and "is a shipped file" in err and "add --overwrite-shipped" in err
+            assert exit_.value.code == 2 and "is the shipped file" in err and "add --overwrite-shipped" in err
     p = cli.parser(None)
     cli.refuse_shipped(p, str(weight_files.SHIPPED_WEIGHTS), allowed=True)   # the flag lets it through
     with pytest.raises(SystemExit):

@@ -31,6 +31,11 @@ def boot():
         comfy.options.enable_args_parsing()
         import comfy.model_management  # noqa: F401  (parses the arguments)
 
+        # ComfyUI's own `utils` package before `nodes`, as main.py does (line 11, `import utils.extra_config`):
+        # nodes.py puts comfy/ first on sys.path, after which `utils` would be comfy/utils.py and
+        # comfy_extras/nodes_images.py's `from server import PromptServer` (server -> utils.install_util) fails
+        import utils.extra_config  # noqa: F401
+
         import nodes
     finally:
         sys.argv = argv

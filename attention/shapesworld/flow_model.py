@@ -25,9 +25,9 @@ from safetensors.torch import save_file
 from .flow import FlowConfig, FluxTwin
 from .model import ShapesWorldModel, read_weights
 from .text import EOS, ShapesTokenizer, TextEncoder
-from .weights import ASSETS, SHIPPED_WEIGHTS
+from .weights import SHIPPED_FLOW, SHIPPED_WEIGHTS
 
-DEFAULT_FLOW_WEIGHTS = ASSETS / "shapesworld_flow.safetensors"
+DEFAULT_FLOW_WEIGHTS = SHIPPED_FLOW
 TEXT_WEIGHTS = SHIPPED_WEIGHTS      # the text encoder the flow model was trained on (frozen)
 FLOW_PREFIX, TEXT_PREFIX = "flow.", "text."
 

@@ -166,8 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=cli.output_file, default="shapesworld_flow_trained.safetensors",
                    help="weights file to write (EMA weights, fp16, with the frozen text encoder), rewritten at every "
                         "checkpoint")
-    p.add_argument("--overwrite-shipped", action="store_true",
-                   help="allow --out to replace the shipped assets/shapesworld_flow.safetensors")
+    cli.add_overwrite_shipped(p)
     p.add_argument("--steps", type=cli.int_range(1), default=6000, help="training steps (length of the lr schedule)")
     p.add_argument("--stop-at", type=cli.int_range(0), default=0,
                    help="stop after this many steps, keeping the learning-rate schedule of --steps (0: run all); "
@@ -211,7 +210,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(p: argparse.ArgumentParser, args) -> None:
     """Checks that need two flags or the file system."""
-    from .flow_model import DEFAULT_FLOW_WEIGHTS
     head = args.hidden_size // args.num_heads
     if args.hidden_size % args.num_heads or head % 2 or head < 8:
         p.error(f"argument --num-heads: {args.num_heads} heads do not split --hidden-size {args.hidden_size} into "
@@ -226,13 +224,7 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
     if args.warmup >= args.steps:
         p.error(f"argument --warmup: {args.warmup} is out of range: give an integer in [0, --steps) = "
                 f"[0, {args.steps})")
-    try:
-        shipped = Path(args.out).resolve() == DEFAULT_FLOW_WEIGHTS.resolve()
-    except OSError:
-        shipped = False
-    if shipped and not args.overwrite_shipped:
-        p.error(f"argument --out: {args.out} is the shipped file (the docs' figures were measured on it): give a "
-                "new file name, or add --overwrite-shipped to replace it on purpose")
+    cli.refuse_shipped(p, args.out, args.overwrite_shipped)
     if args.ckpt:
         try:
             cli.output_file(args.ckpt)

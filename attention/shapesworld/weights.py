@@ -14,17 +14,26 @@ REPO = Path(__file__).resolve().parents[2]
 ASSETS = REPO / "assets"
 SHIPPED_WEIGHTS = ASSETS / "shapesworld.safetensors"
 SHIPPED_CLASSIFIER = ASSETS / "shapes_classifier.safetensors"
+SHIPPED_FLOW = ASSETS / "shapesworld_flow.safetensors"
+SHIPPED_GROUNDING = ASSETS / "shapesworld_grounding.safetensors"
+# every weights file in assets/: no training command's --out may replace one without --overwrite-shipped
+SHIPPED_FILES = (SHIPPED_WEIGHTS, SHIPPED_CLASSIFIER, SHIPPED_FLOW, SHIPPED_GROUNDING)
 
 
 class WeightsError(RuntimeError):
     """A ShapesWorld weights file that is missing, corrupt or of another model; the message names the fix."""
 
 
-def is_shipped(path: Path) -> bool:
+def _same_file(path: Path, other: Path) -> bool:
     try:
-        return path.resolve() in (SHIPPED_WEIGHTS.resolve(), SHIPPED_CLASSIFIER.resolve())
+        return path.resolve() == other.resolve()
     except OSError:
         return False
+
+
+def is_shipped(path: Path) -> bool:
+    """Whether ``path`` is one of the files shipped in assets/ (``SHIPPED_FILES``)."""
+    return any(_same_file(path, shipped) for shipped in SHIPPED_FILES)
 
 
 def shown_path(path: Path) -> str:
@@ -64,7 +73,7 @@ def _git_restore(path: Path) -> str:
 def weights_fix(path: Path | str) -> str:
     """What to do about a bad ShapesWorld weights file: restore (the shipped file only) or pick another."""
     path = Path(path)
-    if is_shipped(path):
+    if _same_file(path, SHIPPED_WEIGHTS):
         return (f"restore the shipped file with `{_git_restore(SHIPPED_WEIGHTS)}`, or retrain into a new file with "
                 f"`python -m attention.shapesworld.recipe --out shapesworld_recipe.safetensors` (106 minutes on 2 CPU "
                 f"cores) and pass --weights shapesworld_recipe.safetensors")
