@@ -11,7 +11,6 @@ or uncond may be absent (cfg = 1), so nothing here assumes both are present.
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -50,35 +49,14 @@ class AttnContext:
         return self.step / self.n_steps
 
 
-# per live schedule tensor (by id, checked through a weak reference and its version): {sigma: (step, n_steps)}
-_STEPS: dict[int, tuple[weakref.ref, int, dict]] = {}
-
-
 def step_from_sigma(sigma: float, sample_sigmas: torch.Tensor | None) -> tuple[int | None, int | None]:
     """Index ``i`` of the schedule with sigmas[i] >= sigma > sigmas[i+1] (nearest for exact hits).
 
     Multi-evaluation samplers (Heun, DPM++ SDE) evaluate between two schedule points; they get
-    the index of the step they belong to. Returns (None, None) when no schedule is known. Remembered per
-    schedule tensor (the same live object at the same version; not for inference tensors, which have no version)
-    and sigma: every attention call of a step asks the same.
+    the index of the step they belong to. Returns (None, None) when no schedule is known.
     """
     if sample_sigmas is None or len(sample_sigmas) < 2:
         return None, None
-    if sample_sigmas.is_inference() or not isinstance(sigma, float):    # no version counter to tell a change by
-        return _step_from_sigma(sigma, sample_sigmas)
-    key = id(sample_sigmas)
-    entry = _STEPS.get(key)
-    if entry is None or entry[0]() is not sample_sigmas or entry[1] != sample_sigmas._version:
-        if len(_STEPS) > 64:
-            _STEPS.clear()
-        entry = _STEPS[key] = (weakref.ref(sample_sigmas), sample_sigmas._version, {})
-    found = entry[2].get(sigma)
-    if found is None:
-        found = entry[2][sigma] = _step_from_sigma(sigma, sample_sigmas)
-    return found
-
-
-def _step_from_sigma(sigma: float, sample_sigmas: torch.Tensor) -> tuple[int, int]:
     s = sample_sigmas.detach().float().cpu()
     n = len(s) - 1
     rel = 1e-4 * max(float(sigma), 1e-8)
