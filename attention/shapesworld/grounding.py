@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from .. import cli
 from .grounding_ablations import ABLATIONS, ablations
 from .grounding_asset import HEAD_ASSET, train_asset
 from .grounding_data import (
@@ -206,8 +207,8 @@ def render(results: list[dict]) -> list[str]:
 
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = cli.parser(__doc__, "attention.shapesworld.grounding")
     p.add_argument("--quick", action="store_true", help="one split, smaller sets, no ablations (the demo's size)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--part", choices=("all", "main", "ablations"), default="all",
@@ -227,7 +228,11 @@ def main(argv=None):
                    "the same numbers up to float rounding, in far less time on a GPU")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default; 1 is much faster "
                    "than 2 when other processes share the 2 cores)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.combine:
         log.info("\n".join(render([json.loads(Path(f).read_text()) for f in args.combine])))
