@@ -221,7 +221,7 @@ def test_loader_samples_with_the_stock_samplers(comfy_nodes, sampler_node):
     entries = out["8"]["images"]
     assert len(entries) == 2
     for e in entries:
-        img = np.asarray(Image.open(comfy_nodes / "temp" / e["subfolder"] / e["filename"]))
+        img = np.array(Image.open(comfy_nodes / "temp" / e["subfolder"] / e["filename"]))
         assert img.shape[:2] == (32, 32)
         picture = torch.from_numpy(img).permute(2, 0, 1).float() / 255
         assert colour_blobs(picture, "red") and colour_blobs(picture, "blue"), "the graph drew no named shapes"
