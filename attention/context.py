@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy
 import torch
 
 from .layers import LayerId
@@ -57,15 +58,17 @@ def step_from_sigma(sigma: float, sample_sigmas: torch.Tensor | None) -> tuple[i
     """
     if sample_sigmas is None or len(sample_sigmas) < 2:
         return None, None
-    s = sample_sigmas.detach().float().cpu()
+    # a plain-Python search over the schedule's float32 values: every attention call of every step asks, and a
+    # handful of tensor operations per call cost more than the whole search
+    s = sample_sigmas.detach().float().cpu().tolist()
     n = len(s) - 1
-    rel = 1e-4 * max(float(sigma), 1e-8)
-    exact = (s - sigma).abs() <= rel
-    if exact.any():
-        return min(int(exact.nonzero()[0]), n - 1), n
-    above = (s >= sigma).nonzero()
-    i = int(above[-1]) if len(above) else 0
-    return min(i, n - 1), n
+    sigma = float(numpy.float32(sigma))
+    rel = 1e-4 * max(sigma, 1e-8)
+    exact = [i for i, v in enumerate(s) if abs(v - sigma) <= rel]
+    if exact:
+        return min(exact[0], n - 1), n
+    above = [i for i, v in enumerate(s) if v >= sigma]
+    return min(above[-1] if above else 0, n - 1), n
 
 
 def batch_and_step(extra_options: dict, rows: int) -> tuple[list[int], int, float | None, int | None, int | None]:

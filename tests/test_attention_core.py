@@ -129,6 +129,29 @@ def test_step_from_sigma():
     assert step_from_sigma(1.0, None) == (None, None)
 
 
+def test_step_from_sigma_equals_the_tensor_search():
+    """The plain-Python search gives what the former tensor search gave (float32 schedule, 1e-4 relative exact
+    hits first, else the last point at or above sigma) on schedules and sigmas at, between and beside the points."""
+    def tensor_search(sigma, sched):
+        s = sched.detach().float().cpu()
+        n = len(s) - 1
+        exact = (s - sigma).abs() <= 1e-4 * max(float(sigma), 1e-8)
+        if exact.any():
+            return min(int(exact.nonzero()[0]), n - 1), n
+        above = (s >= sigma).nonzero()
+        return min(int(above[-1]) if len(above) else 0, n - 1), n
+
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 2, 5, 20, 50):
+        sched = torch.cat([torch.rand(n, generator=g).sort(descending=True).values * 14.6, torch.zeros(1)])
+        sched = sched.to(torch.float64 if n % 2 else torch.float32)
+        points = sched.tolist()
+        mids = [(a + b) / 2 for a, b in zip(points, points[1:])]
+        near = [p * (1 + d) for p in points for d in (5e-5, -5e-5, 2e-4, -2e-4)]
+        for sigma in points + mids + near + [20.0, 1e-9]:
+            assert step_from_sigma(sigma, sched) == tensor_search(sigma, sched), (n, sigma)
+
+
 def test_context_rows_follow_cond_or_uncond():
     q = torch.zeros(6, 64, 16)
     ctx = context_from_extra_options(opts(cou=(1, 0, 0)), True, q)
