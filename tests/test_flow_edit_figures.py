@@ -53,7 +53,8 @@ def test_shape_swap_scores_the_red_object_with_the_classifier(clf):
 
 
 def test_shape_swap_identical_target_is_the_source_row_with_localblend(model):
-    """A 'swap' to the source prompt itself, with LocalBlend on the shape words, gives the source row bit for bit."""
+    """A 'swap' to the source prompt itself, with LocalBlend on the shape words, gives the source row (bit for bit at
+    one thread; with several, rows of one batch may round apart, so to 1e-4)."""
     from dataclasses import replace
 
     from attention.shapesworld.flow_p2p_figures import SHAPE_SWAP, SOURCE, edit
@@ -61,7 +62,7 @@ def test_shape_swap_identical_target_is_the_source_row_with_localblend(model):
     x_T = model.noise(1, 5) * sigmas[0]
     swap = replace(SHAPE_SWAP, targets=(SOURCE, SHAPE_SWAP.targets[0]), new=("circle", "triangle"))
     out = edit(model, x_T, sigmas, 4.0, swap.targets, blend=True, swap=swap)
-    assert torch.equal(out[1], out[0])
+    assert (out[1] - out[0]).abs().max() < 1e-4
     assert (out[2] - out[0]).abs().max() > 0.05                       # the circle -> triangle row is edited
 
 
@@ -90,7 +91,7 @@ def test_prompt_mix_zero_length_window_reproduces_the_original(model):
     s = MixSettings(window=(0.0, 0.0), self_injection_end=0.8, blend_at=0.5)
     orig = original(model, 2, steps, 4.0, s)
     imgs = variations(model, orig, steps, 4.0, s, proxies=["triangle", "star"])
-    assert (imgs[1:] - imgs[0]).abs().max() < 1e-5
+    assert (imgs[1:] - imgs[0]).abs().max() < 1e-4                 # rows of one batch: rounding (several threads)
     assert (imgs[0] - orig.image).abs().max() < 1e-4               # pass 1's image, up to batch rounding
     full = variations(model, orig, steps, 4.0, MixSettings(window=(0.0, 1.0), self_injection_end=0.0,
                                                            blend_at=None), proxies=["triangle"])
