@@ -243,7 +243,7 @@ def test_the_flow_workflow_runs_and_draws_the_named_shapes(comfy_nodes):
     assert len(entries) == 4
     drawn = 0
     for e in entries:
-        img = np.asarray(Image.open(comfy_nodes / "output" / e["subfolder"] / e["filename"]))
+        img = np.array(Image.open(comfy_nodes / "output" / e["subfolder"] / e["filename"]))
         assert img.shape[:2] == (32, 32)
         picture = torch.from_numpy(img).permute(2, 0, 1).float() / 255
         drawn += bool(colour_blobs(picture, "red")) and bool(colour_blobs(picture, "blue"))
