@@ -120,10 +120,11 @@ def p2p_sd3_graph(_shapesworld: bool = False) -> tuple[list[Node], list]:
     ]
     note = ("Prompt-to-Prompt on Stable Diffusion 3.5 (MMDiT joint attention) from a seed. " + SD3_FILES +
             "CFG model: 32 steps on the simple schedule at cfg 4.5 as ComfyUI's SD3.5 Large template; the edit "
-            "works on the positive rows, the negative rows are left alone. One target per line (a word swap here, "
-            "LocalBlend on 'blend_words'). SD3's context is its CLIP-L/G part then its T5 part: the words are "
-            "found in both (docs/dit-editing.md). Expected: the source image, then the cat turned into a dog and "
-            "a tiger with the street kept.")
+            "works on the positive rows, the negative rows are left alone. One target per line, LocalBlend on "
+            "'blend_words'; edit 'auto' runs cat -> dog as a word swap and cat -> tiger as refine, because T5 "
+            "reads 'tiger' as 3 tokens where 'cat' is one (the log says so). SD3's context is its CLIP-L/G part "
+            "then its T5 part: the words are found in both (docs/dit-editing.md). Expected: the source image, then "
+            "the cat turned into a dog and a tiger with the street kept.")
     return nodes, [(note, (0, 560))]
 
 
