@@ -41,3 +41,18 @@ def test_scores_use_each_scene_and_its_own_objects():
     assert err[0.2] < err[0.8]
     for pic in pictures.values():
         assert pic.shape == images.shape and pic.min() >= 0 and pic.max() <= 1
+
+
+def test_word_sensitivity_is_zero_when_the_words_do_not_reach_the_model(monkeypatch):
+    """Captions that encode alike move nothing (exactly 0); the real captions move both models' predictions, the
+    colour word more than nothing. Both models are asked at the same signal-to-noise ratios."""
+    from attention.shapesworld.flow_trajectory import SENSITIVITY, word_sensitivity
+    from attention.shapesworld.model import ShapesWorldModel
+    for model in (ShapesWorldFlowModel(), ShapesWorldModel()):
+        real = word_sensitivity(model, n=2, seed=3)
+        assert list(real) == [str(s) for s in SENSITIVITY]
+        assert all(v["colour"] > 0.01 and v["shape"] > 0 for v in real.values())
+        encode = model.encode
+        monkeypatch.setattr(model, "encode", lambda prompts, enc=encode: enc([prompts[0]] * len(prompts)))
+        blind = word_sensitivity(model, n=2, seed=3)
+        assert all(v == {"shape": 0.0, "colour": 0.0} for v in blind.values())
