@@ -124,15 +124,6 @@ def load_model(p: argparse.ArgumentParser, weights: str | None) -> ShapesWorldFl
         p.error(f"argument --weights: {e}")
 
 
-def start(p: argparse.ArgumentParser, argv=None) -> tuple[argparse.Namespace, ShapesWorldFlowModel]:
-    """The start of a ShapesWorld-Flow figure command: ``argv`` parsed by ``p``, INFO logging, the torch threads of
-    ``--threads`` and the model of ``--weights`` (parser.error if it does not load)."""
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cli.set_threads(args.threads)
-    return args, load_model(p, args.weights)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = cli.parser(__doc__, "attention.shapesworld.flow_evaluate")
     add_weights(p)
@@ -152,7 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None):
     from .evaluate import generation_quality
-    args, model = start(build_parser(), argv)
+    p = build_parser()
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cli.set_threads(args.threads)
+    model = load_model(p, args.weights)
     if args.shift is not None:
         model.shift = args.shift
     out: dict = {"weights": args.weights or "shipped", "shift": model.shift, "cfg": args.cfg,
