@@ -52,7 +52,7 @@ from ..prompt_mixing import (
 )
 from ..sampling import sample_euler
 from ..store import AttentionStore, StoreConfig
-from .flow_evaluate import add_weights, load_model
+from .flow_evaluate import add_weights, load_model, open_command
 from .flow_word_maps import dit_info
 from .harness import colour_blobs, load_classifier, psnr
 from .prompt_mix import PROXIES, _centroid, _dilate
@@ -215,10 +215,7 @@ def build_parser():
 
 
 def main(argv=None):
-    p = build_parser()
-    args = p.parse_args(argv)
-    cli.set_threads(args.threads)
-    model = load_model(p, args.weights)
+    args, model = open_command(build_parser(), argv, load_model, log_info=False)
     out = {"prompt": PROMPT, "proxies": PROXIES, "seeds": args.seeds, "steps": args.steps, "cfg": args.cfg,
            "blend_at": BLEND_AT}
     out.update(sweep(model, args.seeds, args.steps, args.cfg))
