@@ -43,13 +43,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from attention import cli  # noqa: E402
+from tools.random_sd15_checkpoint import UNET as SD15_UNET  # noqa: E402
+from tools.random_sd15_checkpoint import random_model  # noqa: E402
 
-SD15_UNET = {'use_checkpoint': False, 'image_size': 32, 'out_channels': 4, 'use_spatial_transformer': True,
-             'legacy': False, 'adm_in_channels': None, 'in_channels': 4, 'model_channels': 320,
-             'num_res_blocks': [2, 2, 2, 2], 'transformer_depth': [1, 1, 1, 1, 1, 1, 0, 0],
-             'channel_mult': [1, 2, 4, 4], 'transformer_depth_middle': 1, 'use_linear_in_transformer': False,
-             'context_dim': 768, 'num_heads': 8, 'transformer_depth_output': [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-             'use_temporal_attention': False, 'use_temporal_resblock': False}
 SDXL_UNET = {'use_checkpoint': False, 'image_size': 32, 'out_channels': 4, 'use_spatial_transformer': True,
              'legacy': False, 'num_classes': 'sequential', 'adm_in_channels': 2816, 'in_channels': 4,
              'model_channels': 320, 'num_res_blocks': [2, 2, 2], 'transformer_depth': [0, 0, 2, 2, 10, 10],
@@ -119,19 +115,10 @@ class PeakMemory:
 
 def build(kind: str, dtype: torch.dtype):
     """(MODEL, CLIP) of ``kind`` ('sd15', 'sdxl') with random weights, ComfyUI's own classes."""
-    import comfy.model_management as mm
-    import comfy.model_patcher
     import comfy.supported_models
     from comfy_env import tiny_sdxl_clip
     cls, cfg = (comfy.supported_models.SD15, SD15_UNET) if kind == "sd15" else (comfy.supported_models.SDXL, SDXL_UNET)
-    mc = cls(dict(cfg, dtype=dtype))
-    mc.set_inference_dtype(dtype, None)
-    model = mc.get_model({})
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.diffusion_model.parameters():
-            p.copy_((torch.randn(p.shape, generator=g) * 0.02).to(p.dtype))
-    patcher = comfy.model_patcher.ModelPatcher(model, mm.get_torch_device(), mm.unet_offload_device())
+    patcher = random_model(cls, cfg, dtype, torch.Generator().manual_seed(0))
     return patcher, (sd15_text_encoder() if kind == "sd15" else tiny_sdxl_clip())
 
 

@@ -413,13 +413,20 @@ def test_every_cond_chunk_is_edited_in_any_batch_order(cou, is_cross):
     assert torch.allclose(ours, want, atol=1e-6)
 
 
-def test_a_batch_with_fewer_items_than_edits_edits_those_it_has():
-    """A plan of two edits on a batch of the source and one edit: that edit is the plan's first."""
+def two_edits_official_one():
+    """A refine plan of two edits and upstream's controller of the source and the FIRST edit only (a batch with
+    fewer items than the plan has edits): (plan, official)."""
     src, targets = "a cat and a dog", ["a fluffy cat and a dog", "a cat and a dog in a garden"]
     plan = build_plan(src, targets, "refine", STEPS, 0.8, {}, 0.4, {}, M, 0, pw)
     mapper, alphas = official_refinement(src, targets[:1])
     official = OfficialEdit("refine", mapper, official_time_words_alpha([src] + targets[:1], STEPS, 0.8, {}, M),
                             alphas)
+    return plan, official
+
+
+def test_a_batch_with_fewer_items_than_edits_edits_those_it_has():
+    """A plan of two edits on a batch of the source and one edit: that edit is the plan's first."""
+    plan, official = two_edits_official_one()
     q, kk = qk(torch.Generator().manual_seed(8), 4, 6)
     assert torch.allclose(ours_layer([P2PController(plan, STEPS)], q, kk, 2), official_layer(official, q, kk, 2),
                           atol=1e-6)

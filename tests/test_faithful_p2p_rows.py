@@ -8,30 +8,15 @@ from __future__ import annotations
 import torch
 from standins import through_hook
 from test_faithful_attention import SIGMAS, official_probs
-from test_faithful_p2p import (
-    HEADS,
-    STEPS,
-    M,
-    OfficialEdit,
-    identity_values,
-    official_layer,
-    official_refinement,
-    official_time_words_alpha,
-    pw,
-    qk,
-)
+from test_faithful_p2p import HEADS, STEPS, M, identity_values, official_layer, qk, two_edits_official_one
 
-from attention.p2p import P2PController, build_plan
+from attention.p2p import P2PController
 
 
 def test_fewer_items_than_edits_with_the_positive_chunk_first():
     """Two edits planned, a batch of the source and one edit, rows [cond source, cond edit, uncond, uncond]: the
     edit row equals upstream's with the first edit, and the negative rows stay plain attention."""
-    src, targets = "a cat and a dog", ["a fluffy cat and a dog", "a cat and a dog in a garden"]
-    plan = build_plan(src, targets, "refine", STEPS, 0.8, {}, 0.4, {}, M, 0, pw)
-    mapper, alphas = official_refinement(src, targets[:1])
-    official = OfficialEdit("refine", mapper, official_time_words_alpha([src] + targets[:1], STEPS, 0.8, {}, M),
-                            alphas)
+    plan, official = two_edits_official_one()
     q, kk = qk(torch.Generator().manual_seed(8), 4, 6)
     flip = [2, 3, 0, 1]                                 # upstream's [uncond, cond] rows -> ComfyUI's [cond, uncond]
     opts = {"block": ("input", 4), "block_index": 0, "n_heads": HEADS, "cond_or_uncond": [0, 1],

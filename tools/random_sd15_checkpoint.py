@@ -37,6 +37,19 @@ def randomize(module: torch.nn.Module, g: torch.Generator) -> None:
             p.copy_((torch.randn(p.shape, generator=g) * 0.02).to(p.dtype))
 
 
+def random_model(model_class, unet: dict, dtype: torch.dtype, g: torch.Generator):
+    """A ComfyUI ModelPatcher of ``model_class`` (a ``comfy.supported_models`` class, e.g. SD15) built from the UNet
+    config ``unet`` in ``dtype``, its diffusion model's weights normal(0, 0.02) drawn from ``g`` (which then goes on
+    to whatever the caller draws next). Used by this tool and benchmarks/full_size.py."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    mc = model_class(dict(unet, dtype=dtype))
+    mc.set_inference_dtype(dtype, None)
+    model = mc.get_model({})
+    randomize(model.diffusion_model, g)
+    return comfy.model_patcher.ModelPatcher(model, mm.get_torch_device(), mm.unet_offload_device())
+
+
 def main(argv=None):
     p = cli.parser(__doc__)
     p.add_argument("out", type=Path, help="the checkpoint to write (.safetensors), outside the repository")
@@ -50,8 +63,6 @@ def main(argv=None):
     from comfy_boot import boot
     boot()
     import comfy.ldm.models.autoencoder
-    import comfy.model_management as mm
-    import comfy.model_patcher
     import comfy.sd
     import comfy.sd1_clip
     import comfy.supported_models
@@ -59,11 +70,7 @@ def main(argv=None):
 
     t0 = time.perf_counter()
     g = torch.Generator().manual_seed(args.seed)
-    mc = comfy.supported_models.SD15(dict(UNET, dtype=torch.float16))
-    mc.set_inference_dtype(torch.float16, None)
-    model = mc.get_model({})
-    randomize(model.diffusion_model, g)
-    patcher = comfy.model_patcher.ModelPatcher(model, mm.get_torch_device(), mm.unet_offload_device())
+    patcher = random_model(comfy.supported_models.SD15, UNET, torch.float16, g)
     clip = comfy.sd.CLIP(target=comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer,
                                                                        comfy.sd1_clip.SD1ClipModel),
                          model_options={"dtype": torch.float16})

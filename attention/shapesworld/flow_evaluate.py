@@ -124,6 +124,22 @@ def load_model(p: argparse.ArgumentParser, weights: str | None) -> ShapesWorldFl
         p.error(f"argument --weights: {e}")
 
 
+def open_command(p: argparse.ArgumentParser, argv: list[str] | None, load,
+                 check=None, log_info: bool = True) -> tuple[argparse.Namespace, ShapesWorldFlowModel]:
+    """The opening of a ShapesWorld-Flow figure command: ``argv`` parsed by ``p``, then ``check(p, args)`` (checks
+    that need two flags, refused through ``p.error``), INFO logging to stderr (unless ``log_info`` is False: the
+    commands that print their JSON keep their stderr as it was), the torch threads of ``--threads`` and the model
+    ``load(p, args.weights)`` returns. ``load`` is the CALLER's module-global ``load_model``, passed at call time so
+    that tests patching that module's ``load_model`` see the bad values refused before the model loads."""
+    args = p.parse_args(argv)
+    if check is not None:
+        check(p, args)
+    if log_info:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cli.set_threads(args.threads)
+    return args, load(p, args.weights)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = cli.parser(__doc__, "attention.shapesworld.flow_evaluate")
     add_weights(p)
@@ -143,11 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None):
     from .evaluate import generation_quality
-    p = build_parser()
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cli.set_threads(args.threads)
-    model = load_model(p, args.weights)
+    args, model = open_command(build_parser(), argv, load_model)
     if args.shift is not None:
         model.shift = args.shift
     out: dict = {"weights": args.weights or "shipped", "shift": model.shift, "cfg": args.cfg,

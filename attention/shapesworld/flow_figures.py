@@ -19,7 +19,7 @@ from PIL import Image
 
 from .. import cli
 from ..render import grid, normalize, overlay, upsample
-from .flow_evaluate import GATE_MAPS, add_weights, capture_noised, load_model
+from .flow_evaluate import GATE_MAPS, add_weights, capture_noised, load_model, open_command
 from .world import SHAPES, Scene
 
 log = logging.getLogger("attention_lab.flow_figures")
@@ -73,11 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None):
-    p = build_parser()
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cli.set_threads(args.threads)
-    model = load_model(p, args.weights)
+    args, model = open_command(build_parser(), argv, load_model)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     save_png(samples_figure(model, PROMPTS, args.seeds, args.steps, args.cfg), out / "shapesworld_flow_samples.png")

@@ -45,7 +45,7 @@ from ..p2p import LocalBlend, blend_positions, build_plan, p2p_sample
 from ..p2p_joint import JOINT_ROWS, JointP2PController
 from ..rf_inversion import rf_invert, velocity_from_denoiser
 from ..store import AttentionStore, StoreConfig
-from .flow_evaluate import add_weights, load_model
+from .flow_evaluate import add_weights, load_model, open_command
 from .flow_word_maps import dit_info
 from .harness import colour_blobs, load_classifier, psnr
 from .rf_inversion_figures import scenes, table_sigma_min
@@ -282,11 +282,7 @@ def build_parser():
 
 
 def main(argv=None):
-    p = build_parser()
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model = load_model(p, args.weights)
+    args, model = open_command(build_parser(), argv, load_model, log_info=False)
     swap = SWAPS[args.swap]
     out = {"swap": f"{swap.old} -> {' / '.join(swap.new)}", "images": args.images, "steps": args.steps,
            "cfg": args.cfg, "inversion_steps": args.inversion_steps, "inversion_cfg": args.inversion_cfg}

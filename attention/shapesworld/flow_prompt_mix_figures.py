@@ -52,10 +52,10 @@ from ..prompt_mixing import (
 )
 from ..sampling import sample_euler
 from ..store import AttentionStore, StoreConfig
-from .flow_evaluate import add_weights, load_model
+from .flow_evaluate import add_weights, load_model, open_command
 from .flow_word_maps import dit_info
-from .harness import colour_blobs, load_classifier, psnr
-from .prompt_mix import PROXIES, _centroid, _dilate
+from .harness import colour_blobs, load_classifier
+from .prompt_mix import PROXIES, score, summarize
 
 PROMPT = "a red circle and a blue square on a gray background"
 OBJECT, PRESERVE = "circle", ("square",)
@@ -133,35 +133,6 @@ def variations(model, orig: Original, steps: int, cfg: float, s: MixSettings,
     return ((x + 1) / 2).clamp(0, 1)
 
 
-def score(orig: torch.Tensor, var: torch.Tensor, proxy: str, clf) -> dict:
-    """One variation ``var`` (3, S, S) of ``orig`` against the proxy word: the metrics of the module doc."""
-    ob, vb = colour_blobs(orig, "red"), colour_blobs(var, "red")
-    other = colour_blobs(orig, "blue")
-    other = _dilate(other[0]) if other else None
-    region = torch.zeros(orig.shape[1:], dtype=torch.bool)
-    for b in ob[:1] + vb[:1]:
-        region |= b
-    region = _dilate(region) & ~(other if other is not None else torch.zeros_like(region))
-    was = clf.predict(orig[None], ob[0][None])[0][0] if ob else None
-    now = clf.predict(var[None], vb[0][None])[0][0] if vb else None
-    return {"proxy_shape": now == proxy, "changed": now is not None and now != was, "kept": bool(vb),
-            "shift": float((_centroid(vb[0]) - _centroid(ob[0])).norm()) if ob and vb else None,
-            "object_change": float((var - orig).abs()[:, region].mean()) if region.any() else 0.0,
-            "psnr_outside": psnr(var, orig, ~region),
-            "psnr_other": psnr(var, orig, other) if other is not None else None}
-
-
-def summarize(scores: list[dict]) -> dict:
-    def mean(key):
-        vals = [d[key] for d in scores if d[key] is not None]
-        return sum(vals) / max(len(vals), 1)
-    return {"variations": len(scores), "takes_proxy_shape": round(mean("proxy_shape"), 3),
-            "changes_shape": round(mean("changed"), 3), "red_object_kept": round(mean("kept"), 3),
-            "centroid_shift_px": round(mean("shift"), 2), "object_change_abs": round(mean("object_change"), 3),
-            "psnr_outside_object_db": round(mean("psnr_outside"), 2),
-            "psnr_other_object_db": round(mean("psnr_other"), 2)}
-
-
 @torch.no_grad()
 def ceiling(model, origs: list[Original], steps: int, cfg: float, clf, proxies: list[str] = PROXIES) -> dict:
     """Plain generations of each proxy prompt from each seed's noise (no hook): share whose red object is the
@@ -215,10 +186,7 @@ def build_parser():
 
 
 def main(argv=None):
-    p = build_parser()
-    args = p.parse_args(argv)
-    cli.set_threads(args.threads)
-    model = load_model(p, args.weights)
+    args, model = open_command(build_parser(), argv, load_model, log_info=False)
     out = {"prompt": PROMPT, "proxies": PROXIES, "seeds": args.seeds, "steps": args.steps, "cfg": args.cfg,
            "blend_at": BLEND_AT}
     out.update(sweep(model, args.seeds, args.steps, args.cfg))

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from .. import cli
 from ..render import grid
-from .flow_evaluate import add_weights, load_model
+from .flow_evaluate import add_weights, load_model, open_command
 from .flow_figures import save_png
 from .flow_model import sample_euler_flow
 from .harness import load_classifier, object_scores
@@ -128,11 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None):
-    p = build_parser()
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cli.set_threads(args.threads)
-    model = load_model(p, args.weights)
+    args, model = open_command(build_parser(), argv, load_model)
     scores, pictures = trajectory_figures(model, args.scenes, args.seed, args.steps, args.cfg)
     sensitivity = {"this model": word_sensitivity(model, args.scenes, args.seed),
                    "ShapesWorld UNet": word_sensitivity(ShapesWorldModel(), args.scenes, args.seed)}

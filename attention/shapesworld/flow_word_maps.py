@@ -50,7 +50,7 @@ from ..hook import AttentionHook, Install
 from ..joint import DitInfo, JointLayout, dit_options
 from ..store import AttentionStore, StoreConfig, word_maps
 from .flow import timestep_embedding
-from .flow_evaluate import add_weights, load_model
+from .flow_evaluate import add_weights, load_model, open_command
 from .harness import IoUReport, iou_curve
 from .world import SceneSpec, ShapesWorld
 
@@ -231,11 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None):
-    p = build_parser()
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cli.set_threads(args.threads)
-    model = load_model(p, args.weights)
+    args, model = open_command(build_parser(), argv, load_model)
     out = {"weights": args.weights or "shipped", "scenes": args.scenes, "seed": args.seed,
            "grid": [model.size // model.flow_config.patch_size] * 2, "bands": list(BANDS),
            "iou": word_map_iou(model, args.scenes, args.seed, clusters=args.clusters,

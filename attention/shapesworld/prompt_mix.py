@@ -110,6 +110,41 @@ def _centroid(mask: torch.Tensor) -> torch.Tensor:
     return torch.stack([ys.float().mean(), xs.float().mean()])
 
 
+def score(orig: torch.Tensor, var: torch.Tensor, proxy: str, clf) -> dict:
+    """One variation ``var`` (3, S, S) in [0, 1] of ``orig`` against the proxy word, on their largest red blobs,
+    read by the region classifier ``clf``: takes the proxy's shape, changes shape (the classified shape differs from
+    the original's), keeps a red object, centroid shift (px), mean absolute pixel change on the object (original and
+    variation blobs, dilated 3x3), PSNR (dB) outside the object and on the other object (the original's blue blob,
+    dilated 3x3). The UNet's and ShapesWorld-Flow's prompt-mixing figures both score with it."""
+    from .harness import colour_blobs, psnr
+    ob, vb = colour_blobs(orig, "red"), colour_blobs(var, "red")
+    other = colour_blobs(orig, "blue")
+    other = _dilate(other[0]) if other else None
+    region = torch.zeros(orig.shape[1:], dtype=torch.bool)
+    for b in ob[:1] + vb[:1]:
+        region |= b
+    region = _dilate(region) & ~(other if other is not None else torch.zeros_like(region))
+    was = clf.predict(orig[None], ob[0][None])[0][0] if ob else None
+    now = clf.predict(var[None], vb[0][None])[0][0] if vb else None
+    return {"proxy_shape": now == proxy, "changed": now is not None and now != was, "kept": bool(vb),
+            "shift": float((_centroid(vb[0]) - _centroid(ob[0])).norm()) if ob and vb else None,
+            "object_change": float((var - orig).abs()[:, region].mean()) if region.any() else 0.0,
+            "psnr_outside": psnr(var, orig, ~region),
+            "psnr_other": psnr(var, orig, other) if other is not None else None}
+
+
+def summarize(scores: list[dict]) -> dict:
+    """Means of :func:`score`'s rows (None = not measured, left out), rounded."""
+    def mean(key):
+        vals = [d[key] for d in scores if d[key] is not None]
+        return sum(vals) / max(len(vals), 1)
+    return {"variations": len(scores), "takes_proxy_shape": round(mean("proxy_shape"), 3),
+            "changes_shape": round(mean("changed"), 3), "red_object_kept": round(mean("kept"), 3),
+            "centroid_shift_px": round(mean("shift"), 2), "object_change_abs": round(mean("object_change"), 3),
+            "psnr_outside_object_db": round(mean("psnr_outside"), 2),
+            "psnr_other_object_db": round(mean("psnr_other"), 2)}
+
+
 def mixing_quality(model: ShapesWorldModel, seeds: int = 8, steps: int = 50, cfg: float = 5.0,
                    window: tuple[float, float] = MixSettings().window, blend_at: float | None = 35 / 50,
                    self_injection_end: float = 40 / 50) -> dict:
@@ -118,45 +153,20 @@ def mixing_quality(model: ShapesWorldModel, seeds: int = 8, steps: int = 50, cfg
     proxy's shape (classifier), share that keep a red object, its centroid shift in pixels, PSNR
     outside the object (original and variation blobs, dilated 3x3) and PSNR on the other object (the
     original's blue blob, dilated 3x3) against the original."""
-    from .harness import colour_blobs, load_classifier, psnr
+    from .harness import load_classifier
     clf = load_classifier()
     prompt, proxies = "a red circle and a blue square on a gray background", PROXIES
-    stats = {name: {"proxy_shape": 0, "colour_kept": 0, "psnr_outside": [], "psnr_other": [], "shift": [], "n": 0}
-             for name in ("mnm", "switch")}
+    scores: dict[str, list[dict]] = {"mnm": [], "switch": []}
     for seed in range(seeds):
         out = prompt_mix(model, prompt, "circle", proxies, ["square"], seed=seed, steps=steps, cfg=cfg,
                          settings=MixSettings(window=window, blend_at=blend_at,
                                               self_injection_end=self_injection_end))
-        orig = out["original"]
-        orig_blob = colour_blobs(orig, "red")
-        other = colour_blobs(orig, "blue")
-        other = _dilate(other[0]) if other else None
         for j, proxy in enumerate(proxies):
-            candidates = {"mnm": out["images"][1 + j],
-                          "switch": prompt_switch(model, prompt, "circle", proxy, seed, steps, cfg,
-                                                  window)}
-            for name, img in candidates.items():
-                st = stats[name]
-                st["n"] += 1
-                blobs = colour_blobs(img, "red")
-                if blobs:
-                    st["colour_kept"] += 1
-                    st["proxy_shape"] += clf.predict(img[None], blobs[0][None])[0][0] == proxy
-                    if orig_blob:
-                        st["shift"].append(float((_centroid(blobs[0]) - _centroid(orig_blob[0])).norm()))
-                region = torch.zeros(orig.shape[1:], dtype=torch.bool)
-                for b in (orig_blob[:1] + blobs[:1]):
-                    region |= b
-                region = _dilate(region) & ~(other if other is not None else torch.zeros_like(region))
-                st["psnr_outside"].append(psnr(img, orig, ~region))
-                if other is not None:
-                    st["psnr_other"].append(psnr(img, orig, other))
-    return {name: {"variations": st["n"], "takes_proxy_shape": round(st["proxy_shape"] / st["n"], 3),
-                   "red_object_kept": round(st["colour_kept"] / st["n"], 3),
-                   "centroid_shift_px": round(sum(st["shift"]) / max(len(st["shift"]), 1), 2),
-                   "psnr_outside_object_db": round(sum(st["psnr_outside"]) / len(st["psnr_outside"]), 2),
-                   "psnr_other_object_db": round(sum(st["psnr_other"]) / max(len(st["psnr_other"]), 1), 2)}
-            for name, st in stats.items()}
+            switch = prompt_switch(model, prompt, "circle", proxy, seed, steps, cfg, window)
+            for name, img in (("mnm", out["images"][1 + j]), ("switch", switch)):
+                scores[name].append(score(out["original"], img, proxy, clf))
+    unet_table = ("changes_shape", "object_change_abs")   # measured since, for ShapesWorld-Flow; not in this table
+    return {name: {k: v for k, v in summarize(rows).items() if k not in unet_table} for name, rows in scores.items()}
 
 
 def window_probe(model: ShapesWorldModel, windows: list[tuple[float, float]], seeds: int, steps: int,

@@ -20,6 +20,8 @@ import torch
 
 from .. import cli
 from ..rf_inversion import evaluations, rf_invert, rf_reconstruct, velocity_from_denoiser
+from .flow_evaluate import add_weights, load_model, open_command
+from .flow_model import DEFAULT_FLOW_WEIGHTS
 from .harness import psnr
 from .world import SceneSpec, ShapesWorld
 
@@ -89,8 +91,7 @@ def null_text_psnr(model, images: int, steps: int, cfg: float) -> dict:
 
 def build_parser():
     p = cli.parser(__doc__, "attention.shapesworld.rf_inversion_figures")
-    p.add_argument("--weights", type=cli.existing_file, default=None, metavar="FILE",
-                   help="ShapesWorld-Flow weights file (default: the shipped assets/shapesworld_flow.safetensors)")
+    add_weights(p)
     p.add_argument("--images", type=cli.int_range(1), default=20, help="generator scenes to invert (1 or more)")
     p.add_argument("--steps", type=cli.int_range(1), nargs="+", default=[4, 8, 16],
                    help="FireFlow step counts n (Euler gets n + 1: the same model evaluations)")
@@ -103,23 +104,15 @@ def build_parser():
     return p
 
 
-def main(argv=None):
-    p = build_parser()
-    args = p.parse_args(argv)
+def check_null_text(p, args) -> None:
+    """parser.error unless --null-text-steps comes with --cfg > 1."""
     if args.null_text_steps and args.cfg <= 1:
         p.error(f"argument --null-text-steps: null-text needs --cfg > 1 (got {args.cfg}): at cfg 1 the null "
                 f"embedding has no effect")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        from .flow_model import DEFAULT_FLOW_WEIGHTS, FlowWeightsError, ShapesWorldFlowModel
-    except ImportError as e:
-        p.error(f"this checkout has no ShapesWorld-Flow model ({e}); it comes with attention/shapesworld/flow_model.py "
-                f"(issue 28's ShapesWorld-Flow): merge it, or run from a checkout that has it")
-    try:
-        model = ShapesWorldFlowModel(args.weights) if args.weights else ShapesWorldFlowModel()
-    except FlowWeightsError as e:
-        p.error(f"argument --weights: {e}")
+
+
+def main(argv=None):
+    args, model = open_command(build_parser(), argv, load_model, check=check_null_text, log_info=False)
     path = args.weights or DEFAULT_FLOW_WEIGHTS
     weights = {"file": str(path), "sha256": hashlib.sha256(open(path, "rb").read()).hexdigest()[:16],
                "training_steps": model.training.get("steps"), "schedule_steps": model.training.get("schedule_steps")}
