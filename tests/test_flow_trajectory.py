@@ -3,8 +3,15 @@
 import torch
 
 from attention.shapesworld.flow_model import ShapesWorldFlowModel, flow_sigmas, sample_euler_flow
-from attention.shapesworld.flow_trajectory import ONE_STEP, TRAJECTORY, trailing_sigmas, trajectory_figures
+from attention.shapesworld.flow_trajectory import (
+    ONE_STEP,
+    TRAJECTORY,
+    one_step_scores,
+    trailing_sigmas,
+    trajectory_figures,
+)
 from attention.shapesworld.harness import load_classifier, object_scores
+from attention.shapesworld.model import ShapesWorldModel
 from attention.shapesworld.world import ShapesWorld
 
 
@@ -56,3 +63,14 @@ def test_word_sensitivity_is_zero_when_the_words_do_not_reach_the_model(monkeypa
         monkeypatch.setattr(model, "encode", lambda prompts, enc=encode: enc([prompts[0]] * len(prompts)))
         blind = word_sensitivity(model, n=2, seed=3)
         assert all(v == {"shape": 0.0, "colour": 0.0} for v in blind.values())
+
+
+def test_one_step_scores_of_the_flow_model_equal_its_trajectory_row_and_the_unet_draws_the_shapes():
+    """one_step_scores asks a model the way trajectory_figures does (same scenes, same noise): on the flow model the
+    two agree exactly; the UNet's column is the reference a shape-drawing denoiser gives at sigma 0.2."""
+    model = ShapesWorldFlowModel()
+    scores, _ = trajectory_figures(model, n=4, seed=321, steps=4, cfg=4.0)
+    ours = one_step_scores(model, 4, 321)
+    assert ours == {k: scores[k] for k in ours}
+    unet = one_step_scores(ShapesWorldModel(), 4, 321)
+    assert list(unet) == [f"x0@{s}" for s in ONE_STEP] and unet["x0@0.2"]["shape_agreement"] >= 0.8

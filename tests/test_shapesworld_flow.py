@@ -237,8 +237,48 @@ def test_time_laws_give_the_rectified_flow_interpolation():
         assert 0 < t.min() and t.max() < 1 and abs(t.mean() - 0.5) < 0.02 and abs(t.std() - std) < 0.02, law
 
 
+def test_min_snr_weight_is_the_unet_recipes_x0_weighting_written_for_the_velocity():
+    """Hang et al.'s min-SNR-gamma weights the x0-space MSE by min(SNR, gamma); for rectified flow SNR = ((1 - t) /
+    t)^2 and x0 = x_t - t v, so the weighted velocity MSE must equal min(SNR, gamma) times the x0 MSE of the same
+    prediction, sample by sample."""
+    g = torch.Generator().manual_seed(2)
+    x0, v_hat = torch.randn(64, 3, 4, 4, generator=g), torch.randn(64, 3, 4, 4, generator=g)
+    xt, t, v = flow_train.flow_targets(x0, g, 0.0, 1.0, "uniform")
+    tt = t.view(-1, 1, 1, 1)
+    x0_hat = xt - tt * v_hat
+    snr = ((1 - t) / t) ** 2
+    for gamma in (5.0, 1.0):
+        ours = flow_train.loss_weight(t, "min-snr", gamma) * (v_hat - v).pow(2).mean(dim=(1, 2, 3))
+        official = torch.minimum(snr, torch.full_like(snr, gamma)) * (x0_hat - x0).pow(2).mean(dim=(1, 2, 3))
+        assert torch.allclose(ours, official, rtol=1e-4, atol=1e-6)
+    assert torch.equal(flow_train.loss_weight(t, "none", 5.0), torch.ones_like(t))
+
+
+def test_teacher_target_is_the_unets_one_step_prediction_inside_the_window_and_the_data_target_outside():
+    """Inside the window the target velocity is (x_t - x0) / t with x0 the UNet's one-step prediction at the same
+    signal-to-noise ratio (as flow_trajectory.one_step_x0 asks it: x0 + k eps at k-diffusion sigma k = t / (1 - t));
+    outside it the sampled data target is kept."""
+    from attention.shapesworld.flow_trajectory import one_step_x0
+    from attention.shapesworld.model import ShapesWorldModel
+    teacher = ShapesWorldModel()
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.rand(4, 3, 32, 32, generator=g) * 2 - 1
+    eps = torch.randn(4, 3, 32, 32, generator=g)
+    t = torch.tensor([0.1, 0.3, 0.6, 0.95])
+    tt = t.view(-1, 1, 1, 1)
+    xt, data = (1 - tt) * x0 + tt * eps, eps - x0
+    context = teacher.encode(["a red circle", "a blue star", "a green square and a cyan cross", ""])
+    out = flow_train.teacher_velocity(teacher, xt, t, context, data, (0.25, 0.9))
+    assert torch.equal(out[[0, 3]], data[[0, 3]])
+    for i in (1, 2):
+        official = one_step_x0(teacher, x0[i:i + 1], eps[i:i + 1], float(t[i]), context[i:i + 1])
+        assert torch.allclose(out[i], (xt[i] - official[0]) / t[i], atol=1e-4)
+        assert not torch.allclose(out[i], data[i], atol=1e-2)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--steps", "0"], "--steps: 0 is out of range"),
+    (["--min-snr-gamma", "0"], "--min-snr-gamma: 0 is out of range"),
     (["--num-heads", "3"], "--num-heads: 3 heads do not split --hidden-size 128"),
     (["--patch-size", "3"], "--patch-size: 3 does not divide"),
     (["--stop-at", "9", "--steps", "5", "--warmup", "1"], "--stop-at: 9 is out of range"),

@@ -41,10 +41,12 @@ from .flow_model import (
     save_flow_weights,
     split_state,
 )
+from .model import ShapesWorldModel
 from .train import BatchStream
 
 log = logging.getLogger("attention_lab.flow_train")
 IMAGE_SIZE = 32
+TEACHER_WINDOW = (0.25, 0.9)   # flow times where --teacher's prediction is the target (UNet sigma 0.33 to 9)
 SAMPLING = {"shift": 1.0, "multiplier": 1.0}   # ComfyUI ModelSamplingDiscreteFlow settings (FluxSchnell's)
 
 
@@ -90,12 +92,41 @@ def flow_targets(x0: torch.Tensor, gen: torch.Generator, t_mean: float, t_std: f
     return (1 - tt) * x0 + tt * eps, t, eps - x0
 
 
+def teacher_velocity(teacher, xt: torch.Tensor, t: torch.Tensor, context: torch.Tensor, data_target: torch.Tensor,
+                     window: tuple[float, float]) -> torch.Tensor:
+    """The velocity target with the teacher's posterior mean in place of the sampled image where t lies in
+    ``window``: v = (x_t - x0_teacher) / t, x0_teacher the ShapesWorld UNet's conditional one-step prediction at the
+    same signal-to-noise ratio (k-diffusion state x_t / (1 - t) at sigma t / (1 - t); ``context`` from the
+    teacher's own text encoder). Elsewhere (low noise, where 1 / t would amplify the teacher's error, and beyond the
+    UNet's largest sigma) the data target stays. (B, C, H, W) tensors, t (B,)."""
+    inside = (t >= window[0]) & (t <= window[1])
+    if not bool(inside.any()):
+        return data_target
+    ti = t[inside].view(-1, 1, 1, 1)
+    with torch.no_grad():
+        x0 = teacher.denoiser(context[inside], None, 1.0)(xt[inside] / (1 - ti), (ti / (1 - ti)).flatten())
+    out = data_target.clone()
+    out[inside] = (xt[inside] - x0) / ti
+    return out
+
+
+def loss_weight(t: torch.Tensor, law: str, gamma: float) -> torch.Tensor:
+    """Per-sample weight of the velocity MSE at times t (B,). "none": 1. "min-snr": min-SNR-gamma (Hang et al.,
+    ICCV 2023), the weighting of the ShapesWorld UNet's recipe, written for the velocity: the x0-space MSE weighted
+    by min(SNR, gamma), SNR = ((1 - t) / t)^2, is the velocity MSE (x0 error = t * velocity error) weighted by
+    min((1 - t)^2, gamma t^2), which peaks at t = 1 / (1 + sqrt(gamma)) (0.31 for gamma 5) and fades at both ends."""
+    if law == "none":
+        return torch.ones_like(t)
+    return torch.minimum((1 - t) ** 2, gamma * t ** 2)
+
+
 def train(args) -> None:
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     config = model_config(args)
     model = FluxTwin(FlowConfig.from_dict(config["flux"])).init_weights().to(device)
     text = load_text_encoder(args.text_weights).to(device)
+    teacher = ShapesWorldModel(args.teacher, device=str(device)) if args.teacher else None
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     out = Path(args.out)
@@ -129,9 +160,14 @@ def train(args) -> None:
             context = text(ids)
             pooled = pooled_from_context(context, ids)
         xt, t, target = flow_targets(x0, step_generator(args.seed, step), args.t_mean, args.t_std, args.t_law)
+        if teacher is not None:
+            with torch.no_grad():
+                teacher_context = teacher.text(ids)
+            target = teacher_velocity(teacher, xt, t, teacher_context, target, TEACHER_WINDOW)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
-        loss = (model(xt, t, context, y=pooled) - target).pow(2).mean()
+        mse = (model(xt, t, context, y=pooled) - target).pow(2).mean(dim=(1, 2, 3))      # (B,)
+        loss = (mse * loss_weight(t, args.loss_weight, args.min_snr_gamma)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -153,6 +189,9 @@ def train(args) -> None:
             meta = {"steps": done, "schedule_steps": args.steps, "stop_at": args.stop_at, "batch": args.batch,
                     "seed": args.seed, "lr": args.lr, "warmup": args.warmup, "ema": args.ema, "p_uncond": args.p_uncond,
                     "t_law": args.t_law, "t_mean": args.t_mean, "t_std": args.t_std,
+                    "teacher": Path(args.teacher).name if args.teacher else None,
+                    "teacher_window": list(TEACHER_WINDOW) if args.teacher else None,
+                    "loss_weight": args.loss_weight, "min_snr_gamma": args.min_snr_gamma,
                     "init": Path(args.init).name if args.init else None, "text_weights": Path(args.text_weights).name,
                     "device": str(device), "threads": torch.get_num_threads(), "seconds": round(total, 1),
                     "torch": torch.__version__}
@@ -183,6 +222,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--t-mean", type=cli.float_range(-4, 4), default=0.0, help="mean of the logit-normal time law")
     p.add_argument("--t-std", type=cli.float_range(0, 4, lo_open=True), default=1.0,
                    help="std of the logit-normal time law (1 = SD3's rf/lognorm(0, 1))")
+    p.add_argument("--loss-weight", choices=("none", "min-snr"), default="none",
+                   help="per-sample weight of the velocity MSE: none, or min-SNR-gamma (the UNet recipe's weighting; "
+                        "favours the middle times where shapes are decided)")
+    p.add_argument("--min-snr-gamma", type=cli.float_range(0, 100, lo_open=True), default=5.0,
+                   help="gamma of --loss-weight min-snr (the UNet recipe's 5)")
+    p.add_argument("--teacher", type=cli.weights_file, default=None, metavar="FILE",
+                   help="ShapesWorld UNet weights file: its one-step x0 prediction replaces the sampled image in the "
+                        f"velocity target for t in {TEACHER_WINDOW} (distillation; the teacher reads the caption "
+                        "with its own text encoder)")
     p.add_argument("--hidden-size", type=cli.int_range(16, 1024, multiple_of=8), default=128,
                    help="transformer width D (a multiple of 8; D / num-heads is the head size, even, >= 8)")
     p.add_argument("--num-heads", type=cli.int_range(1, 64), default=4, help="attention heads")

@@ -14,7 +14,9 @@ ShapesWorld scenes with their exact captions, scored with the gate's region clas
 * ``from_noise``: the gate's own protocol, the caption sampled from pure noise (Euler, ``--steps``, ``--cfg``).
 
 Prints one JSON object: per setting the shape agreement (share of objects), the colour presence (share of scenes)
-and, for the clean scenes, the classifier's own agreement (its ceiling here). Then ``word_sensitivity``, for this
+and, for the clean scenes, the classifier's own agreement (its ceiling here); ``ShapesWorld UNet one-step``: the
+UNet's ``x0@s`` on the same scenes and noise at the same signal-to-noise ratios (what a denoiser that draws the
+shapes keeps). Then ``word_sensitivity``, for this
 model and for the ShapesWorld UNet at the same signal-to-noise ratios: on ``--scenes`` one-object scenes, how much
 the one-step x0 prediction near the object (the object's mask dilated by 3 pixels; mean absolute value, pixels in
 [-1, 1]) moves when the caption's shape word is swapped for another shape, and when its colour word is swapped
@@ -80,6 +82,21 @@ def trajectory_figures(model, n: int, seed: int, steps: int, cfg: float) -> tupl
     return scores, pictures
 
 
+@torch.no_grad()
+def one_step_scores(model, n: int, seed: int) -> dict:
+    """{"x0@s": {shape_agreement, colour_presence}} of ``model``'s one-step predictions on the ``n`` scenes of
+    ``seed`` with the noise :func:`trajectory_figures` draws (for the UNet: at the same signal-to-noise ratios)."""
+    images, captions, scenes = ShapesWorld(seed=seed, size=model.size).batch(n)
+    sets = [[(o.colour, o.shape) for o in s.objects] for s in scenes]
+    x0 = images.to(model.device) * 2 - 1
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed + 1)).to(model.device)
+    cond, clf, out = model.encode(captions), load_classifier(), {}
+    for s in ONE_STEP:
+        r = object_scores(((one_step_x0(model, x0, eps, s, cond) + 1) / 2).clamp(0, 1).cpu(), sets, clf)
+        out[f"x0@{s}"] = {key: round(r[key], 3) for key in ("shape_agreement", "colour_presence")}
+    return out
+
+
 def one_step_x0(model, x0: torch.Tensor, eps: torch.Tensor, s: float, cond) -> torch.Tensor:
     """The conditional one-step x0 prediction at flow sigma ``s`` (B, 3, S, S); the UNet (k-diffusion sigma) is
     asked at the same signal-to-noise ratio, x0 + s / (1 - s) eps."""
@@ -130,10 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     args, model = open_command(build_parser(), argv, load_model)
     scores, pictures = trajectory_figures(model, args.scenes, args.seed, args.steps, args.cfg)
+    unet = ShapesWorldModel()
     sensitivity = {"this model": word_sensitivity(model, args.scenes, args.seed),
-                   "ShapesWorld UNet": word_sensitivity(ShapesWorldModel(), args.scenes, args.seed)}
+                   "ShapesWorld UNet": word_sensitivity(unet, args.scenes, args.seed)}
     log.info(json.dumps({"weights": args.weights or "shipped", "scenes": args.scenes, "seed": args.seed,
                          "steps": args.steps, "cfg": args.cfg, "scores": scores,
+                         "ShapesWorld UNet one-step": one_step_scores(unet, args.scenes, args.seed),
                          "word_sensitivity": sensitivity}, indent=1))
     if args.out:
         out = Path(args.out)
