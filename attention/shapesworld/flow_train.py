@@ -5,7 +5,10 @@
 Objective: rectified flow (Liu et al. 2022; SD3, Esser et al. 2024): x_t = (1 - t) x0 + t eps, the transformer
 predicts the velocity eps - x0 with a plain MSE; t drawn uniform in (0, 1) (``--t-law uniform``, the default, as
 Liu et al.) or logit-normal (SD3's rf/lognorm(0, 1), mean and std settable). ``--init`` starts the model and its
-EMA from an earlier weights file (a later stage of a run; the optimizer starts afresh).
+EMA from an earlier weights file (a later stage of a run; the optimizer starts afresh). Two measured options
+that the shipped recipe does not use (docs/shapesworld-flow.md, second round of pilots): ``--loss-weight min-snr``
+(the UNet recipe's min-SNR-gamma, written for the velocity) and ``--teacher FILE`` (a ShapesWorld UNet's one-step
+prediction as the target at mid noise, i.e. distillation).
 The text encoder is ShapesWorld's, frozen (read from --text-weights and copied into the output so the file
 is self-contained): the transformer reads its per-token context and its pooled (end-token) vector, the same tensors
 ComfyUI's CLIP interface of the ShapesWorld loader returns. 10 % of captions are dropped to the empty
