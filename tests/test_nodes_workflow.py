@@ -91,6 +91,9 @@ def test_loader_refuses_missing_and_corrupt_weights(tmp_path):
     bad.write_bytes(b"not a safetensors file")
     with pytest.raises(Exception, match="corrupt"):
         ShapesWorldLoader.execute(str(bad))
+    # the ShapesWorld-Flow file is named as what it is, with the loader that takes it
+    with pytest.raises(Exception, match=r"is a ShapesWorld-Flow weights file .*ShapesWorld-Flow Loader"):
+        ShapesWorldLoader.execute(str(ROOT / "assets" / "shapesworld_flow.safetensors"))
 
 
 WORKFLOWS = ROOT / "workflows"

@@ -6,6 +6,7 @@ from compare import assert_same_samples
 
 from attention.controller import AttentionController
 from attention.shapesworld.model import ShapesWorldModel, WeightsError, patches_for
+from attention.shapesworld.weights import ASSETS
 from attention.shapesworld.world import BACKGROUNDS, COLOURS, SHAPES, ImpossibleSceneError, SceneSpec, ShapesWorld
 from attention.store import AttentionStore, StoreConfig
 
@@ -57,6 +58,12 @@ def test_weights_errors_name_the_file_and_the_fix(tmp_path):
     bad.write_bytes(b"\x00" * 64)
     with pytest.raises(WeightsError, match=r"bad.safetensors is corrupt"):
         ShapesWorldModel(bad)
+    # the other kinds of file the pack ships are named as what they are, not a KeyError of a missing config entry
+    with pytest.raises(WeightsError, match=r"shapesworld_flow.safetensors is a ShapesWorld-Flow weights file.*"
+                                           r"ShapesWorld-Flow Loader"):
+        ShapesWorldModel(ASSETS / "shapesworld_flow.safetensors")
+    with pytest.raises(WeightsError, match=r"holds no ShapesWorld UNet config"):
+        ShapesWorldModel(ASSETS / "shapesworld_grounding.safetensors")
 
 
 def test_identity_and_capture_patches_leave_sampling_unchanged(model):

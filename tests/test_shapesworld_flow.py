@@ -228,6 +228,19 @@ def test_init_starts_model_and_ema_from_a_weights_file_and_refuses_another_confi
                          "--init", str(tmp_path / "a.safetensors")])
 
 
+def test_resuming_with_other_training_options_is_refused(tmp_path):
+    """A checkpoint resumes only under the options it was written with: a changed --lr (or teacher, loss weight,
+    seed, ...) would otherwise mix two recipes into one file whose metadata names only the last."""
+    common = ["--out", str(tmp_path / "a.safetensors"), "--batch", "2", "--warmup", "0", "--hidden-size", "32",
+              "--num-heads", "2", "--depth", "1", "--depth-single-blocks", "1", "--steps", "3"]
+    flow_train.main([*common, "--stop-at", "1"])
+    with pytest.raises(SystemExit, match=r"other training options \(\{'lr': '0.0008 -> 0.0001'\}\).*--fresh"):
+        flow_train.main([*common, "--lr", "1e-4"])
+    flow_train.main(common)                                   # the same options resume and finish
+    with safe_open(str(tmp_path / "a.safetensors"), framework="pt") as f:
+        assert json.loads(f.metadata()["training"])["steps"] == 3
+
+
 def test_time_laws_give_the_rectified_flow_interpolation():
     x0 = torch.randn(4096, 3, 2, 2, generator=torch.Generator().manual_seed(0))
     for law, std in (("uniform", 1 / math.sqrt(12)), ("logit-normal", 0.21)):
@@ -279,6 +292,13 @@ def test_teacher_target_is_the_unets_one_step_prediction_inside_the_window_and_t
 @pytest.mark.parametrize("argv, message", [
     (["--steps", "0"], "--steps: 0 is out of range"),
     (["--min-snr-gamma", "0"], "--min-snr-gamma: 0 is out of range"),
+    (["--min-snr-gamma", "3"], "--min-snr-gamma: 3.0 has no effect with --loss-weight none"),
+    (["--teacher", "assets/shapesworld_flow.safetensors"], "--teacher: assets/shapesworld_flow.safetensors is a "
+                                                           "ShapesWorld-Flow weights file"),
+    (["--teacher", "nope.safetensors"], "nope.safetensors does not exist: give a ShapesWorld UNet weights file as "
+                                        "the teacher"),
+    (["--init", "assets/shapesworld.safetensors"], "--init: assets/shapesworld.safetensors is not a ShapesWorld-Flow "
+                                                   "weights file"),
     (["--num-heads", "3"], "--num-heads: 3 heads do not split --hidden-size 128"),
     (["--patch-size", "3"], "--patch-size: 3 does not divide"),
     (["--stop-at", "9", "--steps", "5", "--warmup", "1"], "--stop-at: 9 is out of range"),

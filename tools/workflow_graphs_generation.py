@@ -233,5 +233,7 @@ def flow_txt2img_graph(_shapesworld: bool = True) -> tuple[list[Node], list]:
             "Stock nodes only: change the prompt (colours red, green, blue, yellow, purple, orange, cyan; shapes "
             "circle, square, triangle, star, diamond, cross; backgrounds gray, black, white). Pixel-space: the 256x256 "
             "empty latent gives 32x32 images; euler + simple at cfg 4 is what the model card measures "
-            "(docs/shapesworld-flow.md). Runs on a CPU in seconds.")
+            "(docs/shapesworld-flow.md). It draws the named colours but the named shape only about one time in "
+            "four (its shape gate fails, see the model card): expect coloured blobs more often than crisp shapes. "
+            "Runs on a CPU in seconds.")
     return nodes, [(note, (0, 380))]

@@ -16,7 +16,8 @@ prompt for classifier-free guidance, as for the UNet. AdamW, linear warm-up then
 clipping at 1, EMA of the weights (the EMA weights are saved, fp16). Batch ``i`` and the noise and times of step
 ``i`` come from generators seeded with (seed, i), so a resumed run computes exactly what an uninterrupted run
 does. A checkpoint (``<out>.ckpt``) is written every ``--save-every`` steps and at the end; rerunning the same
-command resumes from it.
+command resumes from it (a rerun with other training options or another model config is refused; --fresh starts
+over).
 
 The defaults are the recipe of the shipped assets/shapesworld_flow.safetensors (docs/shapesworld-flow.md).
 """
@@ -38,6 +39,7 @@ from .flow import FlowConfig, FluxTwin
 from .flow_model import (
     FLOW_PREFIX,
     TEXT_WEIGHTS,
+    FlowWeightsError,
     load_text_encoder,
     pooled_from_context,
     read_flow_weights,
@@ -46,6 +48,7 @@ from .flow_model import (
 )
 from .model import ShapesWorldModel
 from .train import BatchStream
+from .weights import SHIPPED_WEIGHTS, shown_path, weights_problem
 
 log = logging.getLogger("attention_lab.flow_train")
 IMAGE_SIZE = 32
@@ -66,6 +69,25 @@ def model_config(args) -> dict:
                       axes_dim=axes_for(head), mlp_ratio=args.mlp_ratio, theta=args.theta)
     return {"flux": flux.flux_params(), "text_width": 128, "text_layers": 3, "image_size": IMAGE_SIZE,
             "sampling": dict(SAMPLING), "parameterization": "velocity (CONST: x0 = x - sigma v)"}
+
+
+def teacher_file(text: str) -> str:
+    """argparse type of --teacher: a ShapesWorld UNet weights file."""
+    fix = None if Path(text).resolve() == SHIPPED_WEIGHTS.resolve() else (
+        f"give a ShapesWorld UNet weights file as the teacher, e.g. the shipped {shown_path(SHIPPED_WEIGHTS)}")
+    problem = weights_problem(text, fix)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
+def recipe_of(args) -> dict:
+    """The training options a checkpoint must be resumed with (all but the model config, checked apart)."""
+    keys = ("steps", "batch", "lr", "warmup", "ema", "p_uncond", "t_law", "t_mean", "t_std", "loss_weight",
+            "min_snr_gamma", "seed")
+    out = {k: getattr(args, k) for k in keys}
+    out.update(teacher=Path(args.teacher).name if args.teacher else None, text_weights=Path(args.text_weights).name)
+    return out
 
 
 def lr_at(step: int, total: int, base: float, warmup: int) -> float:
@@ -140,6 +162,12 @@ def train(args) -> None:
         if state["config"] != json.dumps(config):
             raise SystemExit(f"{ckpt} holds a run of another model config; give --fresh to start over or another "
                              f"--out / --ckpt")
+        saved = state.get("recipe")     # absent in checkpoints written before the recipe was stored
+        if saved is not None and saved != recipe_of(args):
+            changed = {k: f"{saved.get(k)} -> {v}" for k, v in recipe_of(args).items() if saved.get(k) != v}
+            raise SystemExit(f"{ckpt} holds a run with other training options ({changed}): rerun with the "
+                             "checkpoint's options to resume it, or give --fresh to start over, or another --out / "
+                             "--ckpt")
         model.load_state_dict(state["model"]), ema.load_state_dict(state["ema"]), opt.load_state_dict(state["opt"])
         start, elapsed = state["step"], state["elapsed"]
         log.info("resumed from %s at step %d", ckpt, start)
@@ -188,7 +216,7 @@ def train(args) -> None:
         if done % args.save_every == 0 or done == stop:
             total = elapsed + time.time() - t0
             torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": done,
-                        "elapsed": total, "config": json.dumps(config)}, ckpt)
+                        "elapsed": total, "config": json.dumps(config), "recipe": recipe_of(args)}, ckpt)
             meta = {"steps": done, "schedule_steps": args.steps, "stop_at": args.stop_at, "batch": args.batch,
                     "seed": args.seed, "lr": args.lr, "warmup": args.warmup, "ema": args.ema, "p_uncond": args.p_uncond,
                     "t_law": args.t_law, "t_mean": args.t_mean, "t_std": args.t_std,
@@ -230,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "favours the middle times where shapes are decided)")
     p.add_argument("--min-snr-gamma", type=cli.float_range(0, 100, lo_open=True), default=5.0,
                    help="gamma of --loss-weight min-snr (the UNet recipe's 5)")
-    p.add_argument("--teacher", type=cli.weights_file, default=None, metavar="FILE",
+    p.add_argument("--teacher", type=teacher_file, default=None, metavar="FILE",
                    help="ShapesWorld UNet weights file: its one-step x0 prediction replaces the sampled image in the "
                         f"velocity target for t in {TEACHER_WINDOW} (distillation; the teacher reads the caption "
                         "with its own text encoder)")
@@ -259,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_args(p: argparse.ArgumentParser, args) -> None:
+def check_args(p: argparse.ArgumentParser, args, argv=None) -> None:
     """Checks that need two flags or the file system."""
     head = args.hidden_size // args.num_heads
     if args.hidden_size % args.num_heads or head % 2 or head < 8:
@@ -275,6 +303,14 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
     if args.warmup >= args.steps:
         p.error(f"argument --warmup: {args.warmup} is out of range: give an integer in [0, --steps) = "
                 f"[0, {args.steps})")
+    if "min_snr_gamma" in cli.given(p, argv) and args.loss_weight != "min-snr":
+        p.error(f"argument --min-snr-gamma: {args.min_snr_gamma} has no effect with --loss-weight {args.loss_weight}: "
+                "add --loss-weight min-snr, or leave --min-snr-gamma out")
+    if args.init:
+        try:
+            read_flow_weights(args.init)
+        except FlowWeightsError as e:
+            p.error(f"argument --init: {e}")
     cli.refuse_shipped(p, args.out, args.overwrite_shipped)
     if args.ckpt:
         try:
@@ -286,7 +322,7 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
 def main(argv=None) -> None:
     p = build_parser()
     args = p.parse_args(argv)
-    check_args(p, args)
+    check_args(p, args, argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     cli.set_threads(args.threads)
     train(args)

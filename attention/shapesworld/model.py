@@ -19,7 +19,7 @@ from ..schedule import sigma_to_t, simple_sigmas, train_sigmas
 from ..words import PromptWords
 from .text import ShapesTokenizer, TextEncoder
 from .unet import ShapesUNet
-from .weights import SHIPPED_WEIGHTS, WeightsError, weights_fix
+from .weights import SHIPPED_WEIGHTS, WeightsError, unet_config_problem, weights_fix
 
 DEFAULT_WEIGHTS = SHIPPED_WEIGHTS
 # the architecture a training run builds and records in its weights file ("config"); a file's own config wins
@@ -48,6 +48,9 @@ def read_weights(path: Path | str = DEFAULT_WEIGHTS) -> tuple[dict, dict, dict]:
     except Exception as e:  # noqa: BLE001 - any parse failure means a corrupt file
         raise WeightsError(f"ShapesWorld weights file {path} is corrupt or not a ShapesWorld file ({e}): "
                            + weights_fix(path)) from e
+    problem = unet_config_problem(path, config, weights_fix(path))
+    if problem:
+        raise WeightsError(problem)
     return sd, config, training
 
 

@@ -96,7 +96,18 @@ def weights_problem(path: Path | str, fix: str | None = None) -> str | None:
     except (OSError, ValueError) as e:
         return f"{path} is not a safetensors file ({e}): {fix}"
     try:
-        json.loads(meta["config"])
+        config = json.loads(meta["config"])
     except (KeyError, TypeError, json.JSONDecodeError):
         return f"{path} is a safetensors file without a ShapesWorld model config: {fix}"
-    return None
+    return unet_config_problem(path, config, fix)
+
+
+def unet_config_problem(path: Path | str, config, fix: str) -> str | None:
+    """Why a parsed ``config`` is not a ShapesWorld UNet's (a ShapesWorld-Flow or grounding-head file has its own
+    config), or None."""
+    if isinstance(config, dict) and "channels" in config and "text_width" in config:
+        return None
+    if isinstance(config, dict) and "flux" in config:
+        return (f"{path} is a ShapesWorld-Flow weights file (the Flux-class transformer), not a ShapesWorld UNet "
+                f"file: load it with the ShapesWorld-Flow Loader or a flow command's --weights; here {fix}")
+    return f"{path} holds no ShapesWorld UNet config (no 'channels' / 'text_width'; another kind of file?): {fix}"
