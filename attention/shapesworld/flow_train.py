@@ -48,7 +48,7 @@ from .flow_model import (
 )
 from .model import ShapesWorldModel
 from .train import BatchStream
-from .weights import SHIPPED_WEIGHTS, shown_path, weights_problem
+from .weights import SHIPPED_WEIGHTS, same_file, shown_path, weights_problem
 
 log = logging.getLogger("attention_lab.flow_train")
 IMAGE_SIZE = 32
@@ -73,7 +73,7 @@ def model_config(args) -> dict:
 
 def teacher_file(text: str) -> str:
     """argparse type of --teacher: a ShapesWorld UNet weights file."""
-    fix = None if Path(text).resolve() == SHIPPED_WEIGHTS.resolve() else (
+    fix = None if same_file(Path(text), SHIPPED_WEIGHTS) else (
         f"give a ShapesWorld UNet weights file as the teacher, e.g. the shipped {shown_path(SHIPPED_WEIGHTS)}")
     problem = weights_problem(text, fix)
     if problem:
@@ -82,7 +82,8 @@ def teacher_file(text: str) -> str:
 
 
 def recipe_of(args) -> dict:
-    """The training options a checkpoint must be resumed with (all but the model config, checked apart)."""
+    """The training options a checkpoint must be resumed with (all but the model config, checked apart); the
+    weights file's training metadata starts from them ("steps" there is the step reached, "schedule_steps" this)."""
     keys = ("steps", "batch", "lr", "warmup", "ema", "p_uncond", "t_law", "t_mean", "t_std", "loss_weight",
             "min_snr_gamma", "seed")
     out = {k: getattr(args, k) for k in keys}
@@ -217,13 +218,9 @@ def train(args) -> None:
             total = elapsed + time.time() - t0
             torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": done,
                         "elapsed": total, "config": json.dumps(config), "recipe": recipe_of(args)}, ckpt)
-            meta = {"steps": done, "schedule_steps": args.steps, "stop_at": args.stop_at, "batch": args.batch,
-                    "seed": args.seed, "lr": args.lr, "warmup": args.warmup, "ema": args.ema, "p_uncond": args.p_uncond,
-                    "t_law": args.t_law, "t_mean": args.t_mean, "t_std": args.t_std,
-                    "teacher": Path(args.teacher).name if args.teacher else None,
+            meta = {**recipe_of(args), "steps": done, "schedule_steps": args.steps, "stop_at": args.stop_at,
                     "teacher_window": list(TEACHER_WINDOW) if args.teacher else None,
-                    "loss_weight": args.loss_weight, "min_snr_gamma": args.min_snr_gamma,
-                    "init": Path(args.init).name if args.init else None, "text_weights": Path(args.text_weights).name,
+                    "init": Path(args.init).name if args.init else None,
                     "device": str(device), "threads": torch.get_num_threads(), "seconds": round(total, 1),
                     "torch": torch.__version__}
             save_flow_weights(out, ema, text, config, meta)

@@ -56,45 +56,56 @@ def trailing_sigmas(sigmas: torch.Tensor, start: float) -> torch.Tensor:
     return torch.cat([sigmas.new_tensor([start]), sigmas[sigmas < start]])
 
 
+def held_out(model, n: int, seed: int):
+    """(captions, objects per scene [(colour, shape)], x0 (n, 3, S, S) in [-1, 1], noise eps of seed + 1): the
+    ``n`` held-out scenes of ``seed`` every setting below is scored on."""
+    images, captions, scenes = ShapesWorld(seed=seed, size=model.size).batch(n)
+    sets = [[(o.colour, o.shape) for o in s.objects] for s in scenes]
+    x0 = images.to(model.device) * 2 - 1
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed + 1)).to(model.device)
+    return captions, sets, x0, eps
+
+
+def scored(pictures: dict, sets: list, clf) -> dict:
+    """{setting: {shape_agreement, colour_presence}} of pictures (n, 3, S, S) in [0, 1] (the gate's region
+    classifier on each named colour's largest blob)."""
+    out = {}
+    for k, pic in pictures.items():
+        r = object_scores(pic, sets, clf)
+        out[k] = {key: round(r[key], 3) for key in ("shape_agreement", "colour_presence")}
+    return out
+
+
+def to_picture(x: torch.Tensor) -> torch.Tensor:
+    return ((x + 1) / 2).clamp(0, 1).cpu()
+
+
 @torch.no_grad()
 def trajectory_figures(model, n: int, seed: int, steps: int, cfg: float) -> tuple[dict, dict]:
     """({setting: scores}, {setting: images (n, 3, S, S) in [0, 1]}) over ``n`` held-out scenes of ``seed``."""
-    images, captions, scenes = ShapesWorld(seed=seed, size=model.size).batch(n)
-    sets = [[(o.colour, o.shape) for o in s.objects] for s in scenes]
-    x0 = images.to(model.device) * 2 - 1                                              # (n, 3, S, S) in [-1, 1]
-    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed + 1)).to(model.device)
+    captions, sets, x0, eps = held_out(model, n, seed)
     cond, uncond = model.encode(captions), model.encode([""] * n)
     plain = model.denoiser(cond)
     sigmas = model.sigmas(steps)
     out = {"clean": x0}
     for s in ONE_STEP:
-        out[f"x0@{s}"] = plain((1 - s) * x0 + s * eps, torch.full((n,), s, device=model.device))
+        out[f"x0@{s}"] = one_step_x0(model, x0, eps, s, cond)
     for s in TRAJECTORY:
         out[f"euler_from@{s}"] = sample_euler_flow(plain, (1 - s) * x0 + s * eps, trailing_sigmas(sigmas, s))
     out["from_noise"] = sample_euler_flow(model.denoiser(cond, uncond, cfg, sample_sigmas=sigmas), eps.clone(),
                                           sigmas)
-    pictures = {k: ((v + 1) / 2).clamp(0, 1).cpu() for k, v in out.items()}
-    clf = load_classifier()
-    scores = {}
-    for k, pic in pictures.items():
-        r = object_scores(pic, sets, clf)
-        scores[k] = {key: round(r[key], 3) for key in ("shape_agreement", "colour_presence")}
-    return scores, pictures
+    pictures = {k: to_picture(v) for k, v in out.items()}
+    return scored(pictures, sets, load_classifier()), pictures
 
 
 @torch.no_grad()
 def one_step_scores(model, n: int, seed: int) -> dict:
-    """{"x0@s": {shape_agreement, colour_presence}} of ``model``'s one-step predictions on the ``n`` scenes of
-    ``seed`` with the noise :func:`trajectory_figures` draws (for the UNet: at the same signal-to-noise ratios)."""
-    images, captions, scenes = ShapesWorld(seed=seed, size=model.size).batch(n)
-    sets = [[(o.colour, o.shape) for o in s.objects] for s in scenes]
-    x0 = images.to(model.device) * 2 - 1
-    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed + 1)).to(model.device)
-    cond, clf, out = model.encode(captions), load_classifier(), {}
-    for s in ONE_STEP:
-        r = object_scores(((one_step_x0(model, x0, eps, s, cond) + 1) / 2).clamp(0, 1).cpu(), sets, clf)
-        out[f"x0@{s}"] = {key: round(r[key], 3) for key in ("shape_agreement", "colour_presence")}
-    return out
+    """{"x0@s": {shape_agreement, colour_presence}} of ``model``'s one-step predictions on the scenes and noise of
+    :func:`held_out` (for the UNet: at the same signal-to-noise ratios), as :func:`trajectory_figures` scores them."""
+    captions, sets, x0, eps = held_out(model, n, seed)
+    cond = model.encode(captions)
+    return scored({f"x0@{s}": to_picture(one_step_x0(model, x0, eps, s, cond)) for s in ONE_STEP}, sets,
+                  load_classifier())
 
 
 def one_step_x0(model, x0: torch.Tensor, eps: torch.Tensor, s: float, cond) -> torch.Tensor:

@@ -24,7 +24,8 @@ class WeightsError(RuntimeError):
     """A ShapesWorld weights file that is missing, corrupt or of another model; the message names the fix."""
 
 
-def _same_file(path: Path, other: Path) -> bool:
+def same_file(path: Path, other: Path) -> bool:
+    """Whether two paths name the same file (False where either cannot be resolved)."""
     try:
         return path.resolve() == other.resolve()
     except OSError:
@@ -33,7 +34,7 @@ def _same_file(path: Path, other: Path) -> bool:
 
 def is_shipped(path: Path) -> bool:
     """Whether ``path`` is one of the files shipped in assets/ (``SHIPPED_FILES``)."""
-    return any(_same_file(path, shipped) for shipped in SHIPPED_FILES)
+    return any(same_file(path, shipped) for shipped in SHIPPED_FILES)
 
 
 def shown_path(path: Path) -> str:
@@ -73,7 +74,7 @@ def _git_restore(path: Path) -> str:
 def weights_fix(path: Path | str) -> str:
     """What to do about a bad ShapesWorld weights file: restore (the shipped file only) or pick another."""
     path = Path(path)
-    if _same_file(path, SHIPPED_WEIGHTS):
+    if same_file(path, SHIPPED_WEIGHTS):
         return (f"restore the shipped file with `{_git_restore(SHIPPED_WEIGHTS)}`, or retrain into a new file with "
                 f"`python -m attention.shapesworld.recipe --out shapesworld_recipe.safetensors` (106 minutes on 2 CPU "
                 f"cores) and pass --weights shapesworld_recipe.safetensors")
