@@ -74,3 +74,6 @@ def test_one_step_scores_of_the_flow_model_equal_its_trajectory_row_and_the_unet
     assert ours == {k: scores[k] for k in ours}
     unet = one_step_scores(ShapesWorldModel(), 4, 321)
     assert list(unet) == [f"x0@{s}" for s in ONE_STEP] and unet["x0@0.2"]["shape_agreement"] >= 0.8
+    # the empty caption takes the words away: colours can then only come from the noisy image
+    empty = one_step_scores(model, 4, 321, empty_caption=True)
+    assert list(empty) == list(ours) and empty != ours

@@ -16,7 +16,8 @@ ShapesWorld scenes with their exact captions, scored with the gate's region clas
 Prints one JSON object: per setting the shape agreement (share of objects), the colour presence (share of scenes)
 and, for the clean scenes, the classifier's own agreement (its ceiling here); ``ShapesWorld UNet one-step``: the
 UNet's ``x0@s`` on the same scenes and noise at the same signal-to-noise ratios (what a denoiser that draws the
-shapes keeps). Then ``word_sensitivity``, for this
+shapes keeps); ``one-step, empty caption``: both models' ``x0@s`` conditioned on the empty prompt (what each reads
+from the noisy image alone). Then ``word_sensitivity``, for this
 model and for the ShapesWorld UNet at the same signal-to-noise ratios: on ``--scenes`` one-object scenes, how much
 the one-step x0 prediction near the object (the object's mask dilated by 3 pixels; mean absolute value, pixels in
 [-1, 1]) moves when the caption's shape word is swapped for another shape, and when its colour word is swapped
@@ -99,11 +100,12 @@ def trajectory_figures(model, n: int, seed: int, steps: int, cfg: float) -> tupl
 
 
 @torch.no_grad()
-def one_step_scores(model, n: int, seed: int) -> dict:
+def one_step_scores(model, n: int, seed: int, empty_caption: bool = False) -> dict:
     """{"x0@s": {shape_agreement, colour_presence}} of ``model``'s one-step predictions on the scenes and noise of
-    :func:`held_out` (for the UNet: at the same signal-to-noise ratios), as :func:`trajectory_figures` scores them."""
+    :func:`held_out` (for the UNet: at the same signal-to-noise ratios), as :func:`trajectory_figures` scores them;
+    with ``empty_caption`` conditioned on the empty prompt instead (what the denoiser reads from the image alone)."""
     captions, sets, x0, eps = held_out(model, n, seed)
-    cond = model.encode(captions)
+    cond = model.encode([""] * n if empty_caption else captions)
     return scored({f"x0@{s}": to_picture(one_step_x0(model, x0, eps, s, cond)) for s in ONE_STEP}, sets,
                   load_classifier())
 
@@ -164,6 +166,9 @@ def main(argv=None):
     log.info(json.dumps({"weights": args.weights or "shipped", "scenes": args.scenes, "seed": args.seed,
                          "steps": args.steps, "cfg": args.cfg, "scores": scores,
                          "ShapesWorld UNet one-step": one_step_scores(unet, args.scenes, args.seed),
+                         "one-step, empty caption": {
+                             "this model": one_step_scores(model, args.scenes, args.seed, empty_caption=True),
+                             "ShapesWorld UNet": one_step_scores(unet, args.scenes, args.seed, empty_caption=True)},
                          "word_sensitivity": sensitivity}, indent=1))
     if args.out:
         out = Path(args.out)
